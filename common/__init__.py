@@ -1,0 +1,1 @@
+"""Code shared by the ServerApp and the ClientApp: configuration, model, data, features, training."""

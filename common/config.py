@@ -1,0 +1,42 @@
+"""One place that turns conf/ (Hydra) plus a run's overrides into the resolved configuration."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(overrides: str | list[str] = "") -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo"."""
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    for key, env in (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS")):
+        if os.environ.get(env):
+            cfg[key] = os.environ[env]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def config_from_run(run_config: Mapping) -> DictConfig:
+    """The configuration of a Flower run: conf/ plus the run config's `overrides` string."""
+    return load_config(str(run_config.get("overrides", "")))
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA when it is there, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but CUDA is not available here; use device=cpu or device=auto")
+    return device

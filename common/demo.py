@@ -1,0 +1,307 @@
+"""The embedded demo: a 4-domain image folder and a small CLIP pretrained on it, built offline.
+
+No multi-domain image set and no pretrained CLIP install offline, so the project makes its
+own from real images that installed packages ship: scikit-learn's 1,797 handwritten digits,
+drawn in four styles (photo, sketch, cartoon, painting on scikit-image's sample photos).
+The digits are split once: one pool pretrains the CLIP, the other (never seen in
+pretraining) becomes the federated dataset in the usual ``ROOT/<domain>/<class>/`` layout.
+The CLIP is saved as a normal Hugging Face folder and loaded with ``from_pretrained`` like
+``openai/clip-vit-base-patch32``.
+
+Run ``python -m common.demo`` to build both ahead of time; the apps build them on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image, ImageFilter
+
+log = logging.getLogger(__name__)
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+STYLES = ("photo", "sketch", "cartoon", "painting")
+# ink colours of the coloured styles, named so that captions can say them (hue in degrees)
+COLORS = {"red": 0, "orange": 30, "yellow": 55, "green": 120, "cyan": 180, "blue": 230, "purple": 275, "pink": 320}
+GENERIC_CAPTION = "a picture of a {digit}"  # the prompt FedCLIP uses at inference
+STYLE_CAPTION = "a {style} of a {color}{digit}"  # what pretraining captions say beside it
+_BACKGROUND_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _backgrounds() -> list[np.ndarray]:
+    import skimage.data
+
+    return [np.asarray(getattr(skimage.data, name)()[..., :3], np.float32) / 255 for name in _BACKGROUND_PHOTOS]
+
+
+def _digit_mask(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An 8x8 digit (0..16) scaled, rotated and placed at random on a size x size canvas."""
+    side = int(round(size * rng.uniform(0.6, 0.9)))
+    img = Image.fromarray(np.uint8(digit * (255 / 16))).resize((side, side), Image.BICUBIC)
+    img = img.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
+    canvas = Image.new("L", (size, size))
+    x, y = rng.integers(0, size - side + 1, size=2)
+    canvas.paste(img, (int(x), int(y)))
+    return np.asarray(canvas, np.float32) / 255
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    gy, gx = np.gradient(mask)
+    edge = np.hypot(gx, gy)
+    return np.clip(edge / (edge.max() + 1e-6) * 1.5, 0, 1)
+
+
+def _color(name: str, rng: np.random.Generator) -> np.ndarray:
+    """A named colour with some jitter in hue, saturation and value."""
+    hue = (COLORS[name] + rng.uniform(-8, 8)) % 360
+    hsv = np.array([[[hue * 255 / 360, rng.uniform(170, 255), rng.uniform(190, 255)]]], np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)[0, 0] / 255
+
+
+def render(
+    digit: np.ndarray, style: str, size: int, rng: np.random.Generator, backgrounds: list[np.ndarray]
+) -> tuple[np.ndarray, str]:
+    """One digit drawn in one style, as an RGB uint8 array, and its ink colour's name ("" if grey)."""
+    m = _digit_mask(digit, size, rng)[..., None]
+    names = list(COLORS)
+    ink_name, bg_name = (names[i] for i in rng.choice(len(names), size=2, replace=False))
+    ink = _color(ink_name, rng)
+    if style == "photo":  # light digit on a dark, slightly noisy background
+        out = 0.1 + 0.8 * m + rng.normal(0, 0.03, m.shape)
+        out, ink_name = np.repeat(out, 3, axis=2), ""
+    elif style == "sketch":  # dark pencil outline on white paper
+        out = 1 - 0.9 * _edges(m[..., 0])[..., None] + rng.normal(0, 0.04, m.shape)
+        out, ink_name = np.repeat(out, 3, axis=2), ""
+    elif style == "cartoon":  # flat colours, hard shape, black outline
+        bg = _color(bg_name, rng)
+        hard = (m > 0.35).astype(np.float32)
+        out = bg * (1 - hard) + ink * hard
+        out = out * (1 - _edges(hard[..., 0])[..., None])
+    elif style == "painting":  # coloured strokes over a blurred crop of a real photo
+        photo = backgrounds[rng.integers(len(backgrounds))]
+        h, w = photo.shape[:2]
+        crop = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+        y, x = rng.integers(0, h - crop), rng.integers(0, w - crop)
+        patch = Image.fromarray(np.uint8(photo[y : y + crop, x : x + crop] * 255)).resize((size, size), Image.BILINEAR)
+        bg = np.asarray(patch.filter(ImageFilter.GaussianBlur(1.2)), np.float32) / 255
+        alpha = m * rng.uniform(0.7, 0.95) * (1 + rng.normal(0, 0.15, m.shape))
+        out = bg * (1 - alpha) + ink * alpha
+    else:
+        raise ValueError(f"unknown demo style {style!r}; valid styles: {', '.join(STYLES)}")
+    return np.uint8(np.clip(out, 0, 1) * 255), ink_name
+
+
+def _digit_pools(num_pretrain: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Disjoint (images, labels) pools: one to pretrain the CLIP, one for the federation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    pre, fed = order[:num_pretrain], order[num_pretrain:]
+    return (digits.images[pre], digits.target[pre]), (digits.images[fed], digits.target[fed])
+
+
+def write_dataset(root: Path, cfg: DictConfig) -> None:
+    """Write every federated digit in every style as ROOT/<style>/<class>/<index>.png."""
+    _, (images, labels) = _digit_pools(cfg.num_pretrain_digits, cfg.seed)
+    backgrounds = _backgrounds()
+    for d, style in enumerate(STYLES):
+        rng = np.random.default_rng([cfg.seed, d])
+        for name in DIGIT_NAMES:
+            (root / style / name).mkdir(parents=True, exist_ok=True)
+        for i, (digit, label) in enumerate(zip(images, labels)):
+            rgb, _ = render(digit, style, cfg.image_size, rng, backgrounds)
+            Image.fromarray(rgb).save(root / style / DIGIT_NAMES[label] / f"{i:04d}.png")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(words: list[str]):
+    """A CLIP BPE tokenizer whose merges spell out `words`; any other text falls back to bytes."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words)):
+        tokens = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(tokens) > 1:
+            pair, merged = (tokens[0], tokens[1]), tokens[0] + tokens[1]
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(merged)
+            tokens = [merged] + tokens[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges=merges)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def pretraining_captions() -> tuple[list[str], list[str]]:
+    """The generic captions (one per digit) and the descriptive ones (style, ink colour, digit)."""
+    generic = [GENERIC_CAPTION.format(digit=n) for n in DIGIT_NAMES]
+    descriptive = [
+        STYLE_CAPTION.format(style=style, color=color, digit=n)
+        for style in STYLES
+        for color in ([""] if style in ("photo", "sketch") else [c + " " for c in COLORS])
+        for n in DIGIT_NAMES
+    ]
+    return generic, descriptive
+
+
+def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
+    """Contrastively pretrain a small CLIP on captioned digits (pretraining pool only) and save it.
+
+    Each image is matched against a set of captions: with probability `generic_caption_prob`
+    the generic ones ("a picture of a three"), else the descriptive ones ("a cartoon of a red
+    three"). The descriptive captions make the image features carry style and colour as well
+    as the digit, as a real CLIP's do; that is what the adapter learns to weigh.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(cfg.seed)
+    generic, descriptive = pretraining_captions()
+    tokenizer = build_tokenizer(sorted({w for c in generic + descriptive for w in c.split()}))
+    p = cfg.pretrain
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=p.width, intermediate_size=2 * p.width,
+            num_hidden_layers=p.layers, num_attention_heads=p.heads, max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=p.width, intermediate_size=2 * p.width, num_hidden_layers=p.layers,
+            num_attention_heads=p.heads, image_size=cfg.image_size, patch_size=p.patch_size,
+        ),
+        projection_dim=p.projection_dim,
+    )
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
+    )
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    text = tokenizer(generic + descriptive, padding=True, return_tensors="pt")
+    desc_index = {c: i for i, c in enumerate(descriptive)}
+
+    (images, labels), _ = _digit_pools(cfg.num_pretrain_digits, cfg.seed)
+    images, labels = np.tile(images, (p.renders_per_epoch, 1, 1)), np.tile(labels, p.renders_per_epoch)
+    backgrounds = _backgrounds()
+    rng = np.random.default_rng([cfg.seed, 99])
+    style_p = np.array([p.style_mix[s] for s in STYLES], np.float64)
+    style_p /= style_p.sum()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.1)
+    steps_per_epoch = -(-len(labels) // p.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.epochs * steps_per_epoch, pct_start=0.1)
+    t0 = time.time()
+    for epoch in range(p.epochs):
+        # fresh renders every epoch: photo-only warm-up, then the configured style mix
+        probs = np.eye(len(STYLES))[0] if epoch < p.photo_only_epochs else style_p
+        styles = rng.choice(len(STYLES), size=len(labels), p=probs)
+        drawn = [render(im, STYLES[s], cfg.image_size, rng, backgrounds) for im, s in zip(images, styles)]
+        pixels = (torch.from_numpy(np.stack([d[0] for d in drawn])).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        digit = torch.as_tensor(labels)
+        described = torch.tensor([
+            desc_index[STYLE_CAPTION.format(style=STYLES[s], color=color + " " if color else "", digit=DIGIT_NAMES[y])]
+            for (_, color), s, y in zip(drawn, styles, labels)
+        ])
+        use_generic = torch.as_tensor(rng.random(len(labels)) < p.generic_caption_prob)
+        perm = torch.randperm(len(labels))
+        total = 0.0
+        for i in range(0, len(labels), p.batch_size):
+            idx = perm[i : i + p.batch_size]
+            img = F.normalize(model.get_image_features(pixel_values=pixels[idx]).pooler_output, dim=-1)
+            txt = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
+            logits = model.logit_scale.exp() * img @ txt.T
+            g = use_generic[idx]
+            loss = (
+                F.cross_entropy(logits[g, : len(generic)], digit[idx][g], reduction="sum")
+                + F.cross_entropy(logits[~g, len(generic) :], described[idx][~g], reduction="sum")
+            ) / len(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        if epoch % 10 == 0 or epoch == p.epochs - 1:
+            log.info("demo CLIP pretraining: epoch %d/%d loss %.3f (%.0fs)", epoch + 1, p.epochs, total / len(labels), time.time() - t0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return {"seconds": time.time() - t0, "final_loss": total / len(labels)}
+
+
+# ----------------------------------------------------------------------------- build on first use
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive file lock, so concurrent clients build the demo once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build `target` into a temporary folder and rename it, under a lock; reuse it if present."""
+    with _locked(target.with_name(target.name + ".lock")):
+        if not target.exists():
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("building %s (first use; later runs reuse it)", target)
+            build(tmp)
+            tmp.rename(target)
+    return target
+
+
+def demo_dataset_root(cfg: DictConfig) -> Path:
+    """The demo image folder for `cfg` (the `demo` config group), built if missing."""
+    return _build_once(Path(cfg.cache_dir).expanduser() / f"demo-digits-v{cfg.version}-s{cfg.seed}", lambda p: write_dataset(p, cfg))
+
+
+def demo_model_path(cfg: DictConfig) -> Path:
+    """The demo CLIP folder for `cfg`, pretrained if missing."""
+    return _build_once(Path(cfg.cache_dir).expanduser() / f"demo-clip-v{cfg.version}-s{cfg.seed}", lambda p: pretrain_clip(p, cfg))
+
+
+if __name__ == "__main__":
+    from common.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = load_config()
+    print("dataset:", demo_dataset_root(cfg.demo))
+    print("model:", demo_model_path(cfg.demo))

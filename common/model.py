@@ -1,0 +1,93 @@
+"""The model: a frozen Hugging Face CLIP and the FedCLIP attention adapter on its image features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+
+class AttentionAdapter(nn.Module):
+    """FedCLIP's adapter: a = Softmax(Linear(Tanh(Linear(f)))) over the feature dim; output a * f.
+
+    This is the only part that trains and the only part that is sent: 2 * (d*d + d) parameters.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        attention = torch.softmax(self.fc2(torch.tanh(self.fc1(features))), dim=-1)
+        return attention * features
+
+
+def class_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, adapter: nn.Module | None
+) -> torch.Tensor:
+    """CLIP logits of images against one prompt per class; adapter=None is zero-shot CLIP."""
+    if adapter is not None:
+        image_features = adapter(image_features)
+    image_features = F.normalize(image_features, dim=-1)
+    return logit_scale.exp() * image_features @ F.normalize(text_features, dim=-1).T
+
+
+def adapter_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """The training loss, from the class logits of a batch.
+
+    cross_entropy: over the C class prompts, exactly what inference does.
+    contrastive: the reference code's symmetric CLIP loss between the batch's images and the
+    batch's own prompts with targets arange(batch), so two images of one class in a batch
+    count each other's (identical) prompt as a negative.
+    """
+    if kind == "cross_entropy":
+        return F.cross_entropy(logits, labels)
+    if kind == "contrastive":
+        per_image = logits[:, labels]  # image i against the prompt of every image j in the batch
+        targets = torch.arange(len(labels), device=logits.device)
+        return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_image.T, targets)) / 2
+    raise ValueError(f"unknown loss {kind!r}; choose cross_entropy or contrastive")
+
+
+def class_prompts(class_names: list[str], template: str) -> list[str]:
+    """One prompt per class, e.g. "a picture of a art painting" from "art_painting"."""
+    return [template.format(name.replace("_", " ")) for name in class_names]
+
+
+def model_unavailable(name_or_path: str, err: Exception) -> RuntimeError:
+    """The error for a CLIP that is neither a local folder nor a hub id reachable now."""
+    return RuntimeError(
+        f"could not load the CLIP {name_or_path!r}: {err}\n"
+        "It is neither a local folder with a saved CLIP nor a Hugging Face hub id that can be "
+        "downloaded now (no network, or HF_HUB_OFFLINE=1?). On a machine with the hub, save it once with "
+        "CLIPModel.from_pretrained(ID).save_pretrained(DIR) and CLIPProcessor.from_pretrained(ID).save_pretrained(DIR), "
+        "copy DIR here and run with --run-config 'overrides=\"model.name_or_path=DIR\"'."
+    )
+
+
+def model_name_or_path(cfg: DictConfig) -> str:
+    """The CLIP of a run: the built demo CLIP for name_or_path=demo, else the hub id or folder as given."""
+    if cfg.model.name_or_path == "demo":
+        from common.demo import demo_model_path
+
+        return str(demo_model_path(cfg.demo))
+    return str(cfg.model.name_or_path)
+
+
+def load_clip(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A frozen CLIPModel and its CLIPProcessor, from a hub id or a local folder.
+
+    Raises a RuntimeError that says how to use a local copy when a hub id cannot be fetched
+    (no network, HF_HUB_OFFLINE=1, or a typo).
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
+        processor = CLIPProcessor.from_pretrained(name_or_path)
+    except OSError as err:
+        raise model_unavailable(name_or_path, err) from err
+    model.requires_grad_(False).eval().to(device)
+    return model, processor

@@ -1,0 +1,67 @@
+"""The training step and evaluation of the adapter, on cached frozen features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from common.features import DomainFeatures
+from common.model import adapter_loss, class_logits
+
+
+def make_optimizer(adapter: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """The paper's Adam settings with decoupled weight decay (AdamW), not the reference's L2 penalty."""
+    return torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat tensors, so a client keeps it between rounds."""
+    return {f"{i}.{name}": torch.as_tensor(value) for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_state`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def train_adapter(
+    adapter: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats: DomainFeatures,
+    indices: torch.Tensor,
+    cfg: DictConfig,
+    generator: torch.Generator,
+) -> float:
+    """`cfg.local_epochs` epochs of minibatch training on the given examples; returns the mean loss."""
+    device = next(adapter.parameters()).device
+    x, y = feats.image[indices].to(device), feats.labels[indices].to(device)
+    text, scale = feats.text.to(device), feats.logit_scale.to(device)
+    adapter.train()
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(y), generator=generator).to(device)
+        for start in range(0, len(y), cfg.batch_size):  # the last, smaller batch is kept
+            batch = order[start : start + cfg.batch_size]
+            loss = adapter_loss(class_logits(x[batch], text, scale, adapter), y[batch], cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, indices: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(top-1 accuracy, cross-entropy) over the class prompts; adapter=None is zero-shot CLIP."""
+    if adapter is not None:
+        adapter.eval()
+    x, y = feats.image[indices].to(device), feats.labels[indices].to(device)
+    logits = class_logits(x, feats.text.to(device), feats.logit_scale.to(device), adapter)
+    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()

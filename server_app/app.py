@@ -1,0 +1,87 @@
+"""The FedCLIP ServerApp: learn which node holds which domain, then the leave-one-domain-out rounds."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from common.config import config_from_run
+from common.model import AttentionAdapter
+from server_app.report import RunReport
+from server_app.strategy import FedClipStrategy
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord]]:
+    """Ask every connected node for its domain (a query message); nodes encode their features now."""
+    expected = len(cfg.dataset.domains) if cfg.dataset.domains else 2
+    deadline = time.time() + cfg.strategy.round_timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
+        log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
+        time.sleep(2)
+    log.info("asking %d node(s) for their domain; each encodes its images once with the frozen CLIP", len(node_ids))
+    queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    node_domains, info = {}, {}
+    for reply in grid.send_and_receive(queries, timeout=cfg.strategy.round_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.error("node %d left out: its query failed: %s", node, reply.error.reason)
+            continue
+        domain = str(reply.content["info"]["domain"])
+        if domain in info:
+            log.error("node %d left out: domain %r is already held by another node", node, domain)
+            continue
+        node_domains[node], info[domain] = domain, reply.content["metrics"]
+        m = info[domain]
+        log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, domain, m["num-images"],
+                 m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
+    if not any(d != cfg.dataset.held_out for d in info):
+        raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
+    if cfg.dataset.held_out not in info:
+        log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
+    return node_domains, info
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run(context.run_config)
+    node_domains, info = discover_nodes(grid, cfg)
+    dims = {int(m["feature-dim"]) for m in info.values()}
+    if len(dims) != 1:
+        raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
+
+    torch.manual_seed(cfg.seed)
+    adapter = AttentionAdapter(dims.pop())
+    arrays = ArrayRecord(adapter.state_dict())
+    template = {k: v.numpy() for k, v in arrays.items()}
+    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes)
+    strategy.summary()
+    domains = sorted(d for d in info if d != cfg.dataset.held_out) + [d for d in info if d == cfg.dataset.held_out]
+    report = RunReport(cfg, domains, sum(len(a.data) for a in arrays.values()), sum(p.numel() for p in adapter.parameters()))
+    timeout = cfg.strategy.round_timeout
+
+    t0 = time.time()
+    zero_shot = strategy.aggregate_evaluate(0, grid.send_and_receive(
+        strategy.configure_evaluate(0, arrays, ConfigRecord({"zero-shot": True}), grid), timeout=timeout))
+    report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
+
+    for server_round in range(1, cfg.training.rounds + 1):
+        t0 = time.time()
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout))
+        report.add_round(server_round, train_metrics, evaluation, time.time() - t0, arrays)
+
+    report.finish(arrays)

@@ -1,0 +1,111 @@
+"""FedCLIP's server strategy: FedAvg over the adapter's tensors only, with every reply checked first."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+log = logging.getLogger(__name__)
+
+
+def check_adapter_reply(content: RecordDict, template: dict[str, np.ndarray]) -> str | None:
+    """Why a training reply cannot be aggregated, or None if it is a well-formed adapter update."""
+    if "arrays" not in content.array_records:
+        return "no 'arrays' record"
+    if "metrics" not in content.metric_records or "num-examples" not in content["metrics"]:
+        return "no 'metrics' record with 'num-examples'"
+    num_examples = content["metrics"]["num-examples"]
+    if not isinstance(num_examples, int | float) or not num_examples > 0:
+        return f"num-examples must be positive, got {num_examples!r}"
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(template):
+        missing, extra = sorted(set(template) - set(arrays.keys())), sorted(set(arrays.keys()) - set(template))
+        return f"adapter keys differ (missing {missing}, unexpected {extra})"
+    for key, expected in template.items():
+        array = arrays[key]
+        if tuple(array.shape) != expected.shape:
+            return f"{key} has shape {tuple(array.shape)}, expected {expected.shape}"
+        if array.dtype != str(expected.dtype):
+            return f"{key} has dtype {array.dtype}, expected {expected.dtype}"
+        if not np.isfinite(array.numpy()).all():
+            return f"{key} holds NaN or Inf"
+    return None
+
+
+def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """The weighted average of adapter tensors, key by key, in the adapter's own dtype."""
+    total = float(sum(weights))
+    return {
+        key: (sum(w / total * state[key].astype(np.float64) for state, w in zip(states, weights))).astype(states[0][key].dtype)
+        for key in states[0]
+    }
+
+
+class FedClipStrategy(FedAvg):
+    """Sends the global adapter to the training domains' nodes only and averages what comes back.
+
+    `node_domains` maps node id -> domain; the held-out domain's node is evaluated, never trained.
+    Malformed replies (wrong keys, shapes or dtype, NaN/Inf, no example count) are dropped and
+    logged with the node id; if fewer than `min_train_nodes` remain, the adapter is not changed.
+    """
+
+    def __init__(
+        self, node_domains: dict[int, str], held_out: str, template: dict[str, np.ndarray], weighting: str, min_train_nodes: int
+    ) -> None:
+        if weighting not in ("equal", "examples"):
+            raise ValueError(f"strategy.weighting must be 'equal' or 'examples', got {weighting!r}")
+        super().__init__(min_train_nodes=min_train_nodes, arrayrecord_key="arrays", configrecord_key="config")
+        self.node_domains = node_domains
+        self.held_out = held_out
+        self.template = template
+        self.weighting = weighting
+
+    def summary(self) -> None:
+        train = sorted(d for d in self.node_domains.values() if d != self.held_out)
+        log.info("FedClipStrategy: train on %s, hold out %s, %s weighting", train, self.held_out, self.weighting)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        nodes = [n for n, d in self.node_domains.items() if d != self.held_out]
+        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), list(self.node_domains), MessageType.EVALUATE)
+
+    def _domain(self, message: Message) -> str:
+        return self.node_domains.get(message.metadata.src_node_id, f"node-{message.metadata.src_node_id}")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The averaged adapter (None keeps the current one) and per-domain train metrics."""
+        states, weights, metrics = [], [], MetricRecord()
+        for msg in replies:
+            node, domain = msg.metadata.src_node_id, self._domain(msg)
+            reason = msg.error.reason if msg.has_error() else check_adapter_reply(msg.content, self.template)
+            if reason is not None:
+                log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, domain, reason)
+                continue
+            states.append({k: v.numpy() for k, v in msg.content["arrays"].items()})
+            weights.append(float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
+            for key, value in msg.content["metrics"].items():
+                metrics[f"{domain}/{key}"] = value
+        if len(states) < max(self.min_train_nodes, 1):
+            log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(states), self.min_train_nodes)
+            return None, metrics
+        return ArrayRecord({k: Array(v) for k, v in aggregate_adapters(states, weights).items()}), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        """Evaluation metrics keyed `<domain>/<metric>`; failed replies are logged and left out."""
+        metrics = MetricRecord()
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: evaluation failed on node %d (%s): %s", server_round, msg.metadata.src_node_id, self._domain(msg), msg.error.reason)
+                continue
+            for key, value in msg.content["metrics"].items():
+                metrics[f"{self._domain(msg)}/{key}"] = value
+        return metrics

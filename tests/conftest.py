@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny CLIP saved with save_pretrained, and a small multi-domain image folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, Metadata, MessageType, RecordDict
+from PIL import Image
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A 1-layer, 32-wide CLIP with the demo's tokenizer, saved like any Hugging Face CLIP."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from common.demo import build_tokenizer
+
+    tokenizer = build_tokenizer(["a", "picture", "of", "cat", "dog", "bird"])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=24,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def write_image_folder(root: Path, domains=("art", "photo", "sketch"), classes=("cat", "dog", "bird"), per_class=5) -> Path:
+    """ROOT/<domain>/<class>/<i>.png with random images, plus one corrupt file in the first domain."""
+    rng = np.random.default_rng(0)
+    for domain in domains:
+        for name in classes:
+            (root / domain / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / domain / name / f"{i}.png")
+    (root / domains[0] / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+def reply_from(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+    """A reply message as the server receives it from `node_id`."""
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node_id, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+    if error is not None:
+        return Message(error=Error(code=1, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)

@@ -1,0 +1,88 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+import common.features as features
+from common.data import dataset_classes, domain_folder
+from common.features import domain_features
+from common.model import load_clip
+from tests.conftest import save_tiny_clip
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    calls = []
+    real = features.encode_domain
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].domain)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "encode_domain", counting)
+    monkeypatch.setattr(features, "_MEMORY", {})
+    return calls
+
+
+def features_of(model_dir, root, cache, domain="art"):
+    folder = domain_folder(root, domain, dataset_classes(root, ["art", "photo", "sketch"]))
+    return domain_features(str(model_dir), folder, "a picture of a {}", cache, torch.device("cpu"), 4, "float32")
+
+
+def test_features_are_encoded_once_and_reused_from_disk(tiny_clip, image_folder, tmp_path, count_encodes, monkeypatch):
+    cache = tmp_path / "cache"
+    first = features_of(tiny_clip, image_folder, cache)
+    assert count_encodes == ["art"]
+    assert first.image.shape == (15, 24) and first.text.shape == (3, 24)  # the corrupt file is skipped
+    assert len(first.skipped) == 1 and first.skipped[0].endswith("broken.jpg")
+    monkeypatch.setattr(features, "_MEMORY", {})  # a new process: only the disk cache is left
+    again = features_of(tiny_clip, image_folder, cache)
+    assert count_encodes == ["art"]
+    assert torch.equal(first.image, again.image) and again.skipped == first.skipped
+
+
+def test_cached_features_equal_a_fresh_clip_forward(tiny_clip, image_folder, tmp_path, count_encodes):
+    feats = features_of(tiny_clip, image_folder, tmp_path / "cache", domain="photo")
+    model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
+    from PIL import Image
+
+    path = image_folder / "photo" / "bird" / "0.png"
+    pixels = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
+    expected = model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.allclose(feats.image[0], expected[0], atol=1e-5)
+
+
+def test_cache_is_invalidated_when_the_data_change(tiny_clip, image_folder, tmp_path, count_encodes):
+    cache = tmp_path / "cache"
+    features_of(tiny_clip, image_folder, cache)
+    shutil.copy(image_folder / "art" / "dog" / "0.png", image_folder / "art" / "dog" / "new.png")
+    features_of(tiny_clip, image_folder, cache)
+    assert count_encodes == ["art", "art"]
+    target = image_folder / "art" / "dog" / "1.png"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    features_of(tiny_clip, image_folder, cache)
+    assert count_encodes == ["art", "art", "art"]
+
+
+def test_cache_is_invalidated_when_the_model_changes(tmp_path, image_folder, count_encodes):
+    cache = tmp_path / "cache"
+    first = features_of(save_tiny_clip(tmp_path / "clip", seed=0), image_folder, cache)
+    second = features_of(save_tiny_clip(tmp_path / "clip", seed=1), image_folder, cache)  # same folder, new weights
+    assert count_encodes == ["art", "art"]
+    assert not torch.allclose(first.image, second.image)
+
+
+def test_saved_clip_loads_offline(tiny_clip, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
+    assert model.config.projection_dim == 24 and not any(p.requires_grad for p in model.parameters())
+
+
+def test_unavailable_hub_id_explains_how_to_use_a_local_folder(monkeypatch, tmp_path, image_folder):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(RuntimeError, match="save_pretrained.*model.name_or_path=DIR"):
+        load_clip("openai/clip-vit-base-patch32", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="neither a local folder"):
+        features_of("openai/clip-vit-base-patch32", image_folder, tmp_path / "cache")

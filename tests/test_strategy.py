@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.model import AttentionAdapter
+from server_app.strategy import FedClipStrategy, aggregate_adapters
+from tests.conftest import reply_from
+
+HELD_OUT_NODE = 4
+NODES = {1: "art", 2: "photo", 3: "cartoon", HELD_OUT_NODE: "sketch"}
+
+
+def adapter_arrays(seed: int, dim: int = 6) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    return {k: v.numpy() for k, v in AttentionAdapter(dim).state_dict().items()}
+
+
+def train_reply(node: int, arrays: dict[str, np.ndarray], num_examples: int = 10):
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"train-loss": 0.5, "num-examples": num_examples}),
+        "info": ConfigRecord({"domain": NODES[node]}),
+    })
+    return reply_from(node, content)
+
+
+def strategy(weighting: str = "equal", min_train_nodes: int = 1) -> FedClipStrategy:
+    return FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), weighting, min_train_nodes)
+
+
+def test_aggregate_adapters_is_the_exact_weighted_mean():
+    a, b = adapter_arrays(1), adapter_arrays(2)
+    equal = aggregate_adapters([a, b], [1.0, 1.0])
+    weighted = aggregate_adapters([a, b], [30.0, 10.0])
+    for key in a:
+        np.testing.assert_allclose(equal[key], (a[key] + b[key]) / 2, rtol=1e-6)
+        np.testing.assert_allclose(weighted[key], 0.75 * a[key] + 0.25 * b[key], rtol=1e-6)
+        assert equal[key].dtype == np.float32
+
+
+@pytest.mark.parametrize("weighting,expected", [("equal", (0.5, 0.5)), ("examples", (0.75, 0.25))])
+def test_aggregate_train_weighting(weighting, expected):
+    a, b = adapter_arrays(1), adapter_arrays(2)
+    arrays, metrics = strategy(weighting).aggregate_train(1, [train_reply(1, a, 30), train_reply(2, b, 10)])
+    assert set(arrays.keys()) == set(a)  # only the adapter's tensors, nothing else
+    for key in a:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[0] * a[key] + expected[1] * b[key], rtol=1e-6)
+    assert metrics["art/num-examples"] == 30 and metrics["photo/train-loss"] == 0.5
+
+
+def corrupt(kind: str) -> dict[str, np.ndarray]:
+    bad = adapter_arrays(3)
+    if kind == "missing key":
+        del bad["fc2.bias"]
+    elif kind == "extra key":
+        bad["clip.visual.weight"] = np.zeros((2, 2), np.float32)
+    elif kind == "wrong shape":
+        bad["fc1.weight"] = np.zeros((7, 6), np.float32)
+    elif kind == "wrong dtype":
+        bad["fc1.bias"] = bad["fc1.bias"].astype(np.float64)
+    elif kind == "nan":
+        bad["fc2.weight"][0, 0] = np.nan
+    elif kind == "inf":
+        bad["fc1.bias"][1] = np.inf
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["missing key", "extra key", "wrong shape", "wrong dtype", "nan", "inf"])
+def test_malformed_update_is_dropped_and_the_rest_aggregated(kind, caplog):
+    good1, good2 = adapter_arrays(1), adapter_arrays(2)
+    replies = [train_reply(1, good1), train_reply(2, corrupt(kind)), train_reply(3, good2)]
+    arrays, _ = strategy().aggregate_train(5, replies)
+    for key in good1:
+        np.testing.assert_allclose(arrays[key].numpy(), (good1[key] + good2[key]) / 2, rtol=1e-6)
+    assert "dropped the update of node 2 (photo)" in caplog.text
+
+
+def test_error_replies_and_bad_example_counts_are_dropped(caplog):
+    good = adapter_arrays(1)
+    replies = [train_reply(1, good), reply_from(2, error="CUDA out of memory"), train_reply(3, adapter_arrays(2), num_examples=0)]
+    arrays, _ = strategy().aggregate_train(2, replies)
+    for key in good:
+        np.testing.assert_allclose(arrays[key].numpy(), good[key])
+    assert "CUDA out of memory" in caplog.text and "num-examples must be positive" in caplog.text
+
+
+def test_no_valid_update_keeps_the_global_adapter(caplog):
+    arrays, _ = strategy().aggregate_train(3, [train_reply(1, corrupt("nan")), train_reply(2, corrupt("wrong shape"))])
+    assert arrays is None
+    assert "global adapter is unchanged" in caplog.text
+    arrays, _ = strategy(min_train_nodes=2).aggregate_train(3, [train_reply(1, adapter_arrays(1))])
+    assert arrays is None
+
+
+def test_held_out_node_is_evaluated_but_never_trained():
+    s = strategy()
+    arrays = ArrayRecord({k: Array(v) for k, v in adapter_arrays(0).items()})
+    train_nodes = {m.metadata.dst_node_id for m in s.configure_train(1, arrays, ConfigRecord(), grid=None)}
+    eval_nodes = {m.metadata.dst_node_id for m in s.configure_evaluate(1, arrays, ConfigRecord(), grid=None)}
+    assert train_nodes == {1, 2, 3}
+    assert eval_nodes == set(NODES)
+
+
+def test_unknown_weighting_is_a_clear_error():
+    with pytest.raises(ValueError, match="equal' or 'examples"):
+        strategy("median")
