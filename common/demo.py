@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,17 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 STYLES = ("photo", "sketch", "cartoon", "painting")
-# ink colours of the coloured styles, named so that captions can say them (hue in degrees)
-COLORS = {"red": 0, "orange": 30, "yellow": 55, "green": 120, "cyan": 180, "blue": 230, "purple": 275, "pink": 320}
+COLOR_HUES = (0, 30, 55, 120, 180, 230, 275, 320)  # ink and background colours of the coloured styles
 GENERIC_CAPTION = "a picture of a {digit}"  # the prompt FedCLIP uses at inference
-STYLE_CAPTION = "a {style} of a {color}{digit}"  # what pretraining captions say beside it
+STYLE_CAPTION = "a {style} of a {digit}"  # what most pretraining captions say instead
 _BACKGROUND_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
 
 
@@ -64,29 +65,26 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return np.clip(edge / (edge.max() + 1e-6) * 1.5, 0, 1)
 
 
-def _color(name: str, rng: np.random.Generator) -> np.ndarray:
-    """A named colour with some jitter in hue, saturation and value."""
-    hue = (COLORS[name] + rng.uniform(-8, 8)) % 360
+def _color(hue: float, rng: np.random.Generator) -> np.ndarray:
+    """A bright colour near `hue` (degrees), jittered in hue, saturation and value."""
+    hue = (hue + rng.uniform(-8, 8)) % 360
     hsv = np.array([[[hue * 255 / 360, rng.uniform(170, 255), rng.uniform(190, 255)]]], np.uint8)
     return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)[0, 0] / 255
 
 
-def render(
-    digit: np.ndarray, style: str, size: int, rng: np.random.Generator, backgrounds: list[np.ndarray]
-) -> tuple[np.ndarray, str]:
-    """One digit drawn in one style, as an RGB uint8 array, and its ink colour's name ("" if grey)."""
+def render(digit: np.ndarray, style: str, size: int, rng: np.random.Generator, backgrounds: list[np.ndarray]) -> np.ndarray:
+    """One digit drawn in one style, as an RGB uint8 array."""
     m = _digit_mask(digit, size, rng)[..., None]
-    names = list(COLORS)
-    ink_name, bg_name = (names[i] for i in rng.choice(len(names), size=2, replace=False))
-    ink = _color(ink_name, rng)
+    ink_hue, bg_hue = rng.choice(COLOR_HUES, size=2, replace=False)
+    ink = _color(ink_hue, rng)
     if style == "photo":  # light digit on a dark, slightly noisy background
         out = 0.1 + 0.8 * m + rng.normal(0, 0.03, m.shape)
-        out, ink_name = np.repeat(out, 3, axis=2), ""
+        out = np.repeat(out, 3, axis=2)
     elif style == "sketch":  # dark pencil outline on white paper
         out = 1 - 0.9 * _edges(m[..., 0])[..., None] + rng.normal(0, 0.04, m.shape)
-        out, ink_name = np.repeat(out, 3, axis=2), ""
+        out = np.repeat(out, 3, axis=2)
     elif style == "cartoon":  # flat colours, hard shape, black outline
-        bg = _color(bg_name, rng)
+        bg = _color(bg_hue, rng)
         hard = (m > 0.35).astype(np.float32)
         out = bg * (1 - hard) + ink * hard
         out = out * (1 - _edges(hard[..., 0])[..., None])
@@ -101,7 +99,7 @@ def render(
         out = bg * (1 - alpha) + ink * alpha
     else:
         raise ValueError(f"unknown demo style {style!r}; valid styles: {', '.join(STYLES)}")
-    return np.uint8(np.clip(out, 0, 1) * 255), ink_name
+    return np.uint8(np.clip(out, 0, 1) * 255)
 
 
 def _digit_pools(num_pretrain: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -123,7 +121,7 @@ def write_dataset(root: Path, cfg: DictConfig) -> None:
         for name in DIGIT_NAMES:
             (root / style / name).mkdir(parents=True, exist_ok=True)
         for i, (digit, label) in enumerate(zip(images, labels)):
-            rgb, _ = render(digit, style, cfg.image_size, rng, backgrounds)
+            rgb = render(digit, style, cfg.image_size, rng, backgrounds)
             Image.fromarray(rgb).save(root / style / DIGIT_NAMES[label] / f"{i:04d}.png")
 
 
@@ -165,31 +163,25 @@ def build_tokenizer(words: list[str]):
 # ----------------------------------------------------------------------------- pretraining
 
 
-def pretraining_captions() -> tuple[list[str], list[str]]:
-    """The generic captions (one per digit) and the descriptive ones (style, ink colour, digit)."""
-    generic = [GENERIC_CAPTION.format(digit=n) for n in DIGIT_NAMES]
-    descriptive = [
-        STYLE_CAPTION.format(style=style, color=color, digit=n)
-        for style in STYLES
-        for color in ([""] if style in ("photo", "sketch") else [c + " " for c in COLORS])
-        for n in DIGIT_NAMES
-    ]
-    return generic, descriptive
+def pretraining_captions() -> list[str]:
+    """Caption blocks of one caption per digit: the generic block first, then one block per style."""
+    blocks = [GENERIC_CAPTION] + [STYLE_CAPTION.replace("{style}", style) for style in STYLES]
+    return [block.format(digit=n) for block in blocks for n in DIGIT_NAMES]
 
 
 def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
     """Contrastively pretrain a small CLIP on captioned digits (pretraining pool only) and save it.
 
-    Each image is matched against a set of captions: with probability `generic_caption_prob`
-    the generic ones ("a picture of a three"), else the descriptive ones ("a cartoon of a red
-    three"). The descriptive captions make the image features carry style and colour as well
-    as the digit, as a real CLIP's do; that is what the adapter learns to weigh.
+    Each image is matched against one block of captions, one per digit: with probability
+    `generic_caption_prob[style]` the generic block ("a picture of a three"), else its style's
+    block ("a sketch of a three"). As with a web-trained CLIP, the encoder learns every style,
+    but the generic prompt fits some styles better than others: room for the adapter.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(cfg.seed)
-    generic, descriptive = pretraining_captions()
-    tokenizer = build_tokenizer(sorted({w for c in generic + descriptive for w in c.split()}))
+    captions = pretraining_captions()
+    tokenizer = build_tokenizer(sorted({w for c in captions for w in c.split()}))
     p = cfg.pretrain
     config = CLIPConfig(
         text_config=dict(
@@ -209,8 +201,8 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
     )
     mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-    text = tokenizer(generic + descriptive, padding=True, return_tensors="pt")
-    desc_index = {c: i for i, c in enumerate(descriptive)}
+    text = tokenizer(captions, padding=True, return_tensors="pt")
+    generic_p = np.array([p.generic_caption_prob[s] for s in STYLES])
 
     (images, labels), _ = _digit_pools(cfg.num_pretrain_digits, cfg.seed)
     images, labels = np.tile(images, (p.renders_per_epoch, 1, 1)), np.tile(labels, p.renders_per_epoch)
@@ -227,26 +219,19 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
         # fresh renders every epoch: photo-only warm-up, then the configured style mix
         probs = np.eye(len(STYLES))[0] if epoch < p.photo_only_epochs else style_p
         styles = rng.choice(len(STYLES), size=len(labels), p=probs)
-        drawn = [render(im, STYLES[s], cfg.image_size, rng, backgrounds) for im, s in zip(images, styles)]
-        pixels = (torch.from_numpy(np.stack([d[0] for d in drawn])).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        drawn = np.stack([render(im, STYLES[s], cfg.image_size, rng, backgrounds) for im, s in zip(images, styles)])
+        pixels = (torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 255 - mean) / std
         digit = torch.as_tensor(labels)
-        described = torch.tensor([
-            desc_index[STYLE_CAPTION.format(style=STYLES[s], color=color + " " if color else "", digit=DIGIT_NAMES[y])]
-            for (_, color), s, y in zip(drawn, styles, labels)
-        ])
-        use_generic = torch.as_tensor(rng.random(len(labels)) < p.generic_caption_prob)
+        block = torch.as_tensor(np.where(rng.random(len(labels)) < generic_p[styles], 0, styles + 1))
         perm = torch.randperm(len(labels))
         total = 0.0
         for i in range(0, len(labels), p.batch_size):
             idx = perm[i : i + p.batch_size]
             img = F.normalize(model.get_image_features(pixel_values=pixels[idx]).pooler_output, dim=-1)
             txt = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
-            logits = model.logit_scale.exp() * img @ txt.T
-            g = use_generic[idx]
-            loss = (
-                F.cross_entropy(logits[g, : len(generic)], digit[idx][g], reduction="sum")
-                + F.cross_entropy(logits[~g, len(generic) :], described[idx][~g], reduction="sum")
-            ) / len(idx)
+            logits = model.logit_scale.exp() * img @ txt.T  # [batch, blocks * digits]
+            logits = logits.view(len(idx), -1, len(DIGIT_NAMES))[torch.arange(len(idx)), block[idx]]
+            loss = F.cross_entropy(logits, digit[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -288,14 +273,22 @@ def _build_once(target: Path, build) -> Path:
     return target
 
 
+def _cache_name(kind: str, cfg: DictConfig, keys: list[str]) -> str:
+    """A folder name that changes whenever the settings it was built from change."""
+    settings = json.dumps({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}, sort_keys=True)
+    return f"demo-{kind}-v{cfg.version}-{hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()}"
+
+
 def demo_dataset_root(cfg: DictConfig) -> Path:
     """The demo image folder for `cfg` (the `demo` config group), built if missing."""
-    return _build_once(Path(cfg.cache_dir).expanduser() / f"demo-digits-v{cfg.version}-s{cfg.seed}", lambda p: write_dataset(p, cfg))
+    name = _cache_name("digits", cfg, ["seed", "image_size", "num_pretrain_digits"])
+    return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: write_dataset(p, cfg))
 
 
 def demo_model_path(cfg: DictConfig) -> Path:
     """The demo CLIP folder for `cfg`, pretrained if missing."""
-    return _build_once(Path(cfg.cache_dir).expanduser() / f"demo-clip-v{cfg.version}-s{cfg.seed}", lambda p: pretrain_clip(p, cfg))
+    name = _cache_name("clip", cfg, ["seed", "image_size", "num_pretrain_digits", "pretrain"])
+    return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: pretrain_clip(p, cfg))
 
 
 if __name__ == "__main__":

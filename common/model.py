@@ -83,7 +83,9 @@ def load_clip(name_or_path: str, device: torch.device, dtype: torch.dtype = torc
     (no network, HF_HUB_OFFLINE=1, or a typo).
     """
     from transformers import CLIPModel, CLIPProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
         processor = CLIPProcessor.from_pretrained(name_or_path)

@@ -23,7 +23,7 @@ app = ServerApp()
 
 def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord]]:
     """Ask every connected node for its domain (a query message); nodes encode their features now."""
-    expected = len(cfg.dataset.domains) if cfg.dataset.domains else 2
+    expected = len(cfg.dataset.domains) if cfg.dataset.domains else cfg.strategy.min_available_nodes
     deadline = time.time() + cfg.strategy.round_timeout
     while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
         log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
