@@ -8,6 +8,7 @@ import os
 import signal
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from common.model import AttentionAdapter
 
 REPO = Path(__file__).resolve().parent.parent
-ROUNDS = 10
+ROUNDS = 40  # the default; the test runs the README command unchanged
 RAY_START_FAILURE = "logs/gcs_server.err'"
 
 
@@ -37,12 +38,12 @@ def _local_superlinks(flwr_home: Path) -> list[int]:
 def flwr_run(tmp: Path, cache: str) -> str:
     """One `flwr run` of the README's command with its own FLWR_HOME and Ray folder; stops its SuperLink."""
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    bin_dir = str(Path(sys.executable).parent)  # flwr starts flower-superlink from PATH
     env = dict(os.environ, FLWR_HOME=str(tmp / "flwr-home"), FEDCLIP_OUTPUTS=str(tmp / "outputs"),
-               FEDCLIP_CACHE=cache, HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_dir)
+               FEDCLIP_CACHE=cache, HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_dir, PATH=f"{bin_dir}:{os.environ['PATH']}")
     command = [
-        "flwr", "run", str(REPO), "--stream",
+        f"{bin_dir}/flwr", "run", str(REPO), "--stream",
         "--federation-config", "num-supernodes=4 client-resources-num-cpus=1",
-        "--run-config", f'overrides="training.rounds={ROUNDS}"',
     ]
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
@@ -80,7 +81,8 @@ def test_run_folder_holds_config_metrics_and_adapters(demo_run):
     adapter = AttentionAdapter(state["fc1.weight"].shape[0])
     adapter.load_state_dict(state)
     assert summary["adapter_parameters"] == sum(p.numel() for p in adapter.parameters())
-    assert summary["bytes_per_client_per_round"] == 2 * 4 * summary["adapter_parameters"]
+    raw = 2 * 4 * summary["adapter_parameters"]  # float32 adapter down and up; + serialization headers
+    assert raw <= summary["bytes_per_client_per_round"] <= raw + 4096
     assert "round | train loss" in log and "sketch*" in log  # the per-round table, held-out domain marked
 
 
