@@ -53,7 +53,7 @@ def load_local_data(context: Context) -> LocalData:
         if partition >= len(domains):
             raise ValueError(
                 f"partition-id {partition} has no domain: the run has {len(domains)} domains ({', '.join(domains)}); "
-                f"set options.num-supernodes = {len(domains)} in the federation"
+                f"run with --federation-config \"num-supernodes={len(domains)}\""
             )
         domain = domains[partition]
     device = select_device(str(context.node_config.get("device", cfg.device)))

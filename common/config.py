@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shlex
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +17,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def load_config(overrides: str | list[str] = "") -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo"."""
     if isinstance(overrides, str):
-        overrides = shlex.split(overrides)
+        # split on spaces outside quotes, keeping the quotes: Hydra parses quoted values itself
+        overrides = re.findall(r"""(?:[^\s'"]|'[^']*'|"[^"]*")+""", overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
     for key, env in (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS")):

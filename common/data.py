@@ -50,9 +50,14 @@ def dataset_root(cfg: DictConfig) -> Path:
     return root
 
 
+def _is_data_dir(path: Path) -> bool:
+    """Folders that are domains or classes: not hidden ones, nor macOS archive leftovers."""
+    return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
+
+
 def dataset_domains(cfg: DictConfig, root: Path) -> list[str]:
     """The run's domains, checked against the folder; the held-out one must be among them."""
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = sorted(p.name for p in root.iterdir() if _is_data_dir(p))
     domains = list(cfg.dataset.domains) if cfg.dataset.domains else found
     unknown = [d for d in domains if d not in found]
     if unknown:
@@ -64,7 +69,7 @@ def dataset_domains(cfg: DictConfig, root: Path) -> list[str]:
 
 def dataset_classes(root: Path, domains: list[str]) -> list[str]:
     """Class names: the union of class folders over all domains, sorted, so labels agree across clients."""
-    return sorted({p.name for d in domains for p in (root / d).iterdir() if p.is_dir()})
+    return sorted({p.name for d in domains for p in (root / d).iterdir() if _is_data_dir(p)})
 
 
 def domain_folder(root: Path, domain: str, classes: list[str]) -> DomainFolder:
@@ -87,7 +92,7 @@ def read_image(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         log.warning("skipping unreadable image %s: %s", path, err)
         return None
 

@@ -36,6 +36,8 @@ STYLES = ("photo", "sketch", "cartoon", "painting")
 COLOR_HUES = (0, 30, 55, 120, 180, 230, 275, 320)  # ink and background colours of the coloured styles
 GENERIC_CAPTION = "a picture of a {digit}"  # the prompt FedCLIP uses at inference
 STYLE_CAPTION = "a {style} of a {digit}"  # what most pretraining captions say instead
+DATASET_VERSION = 2  # bump when write_dataset or render change what is drawn
+MODEL_VERSION = 1  # bump when pretrain_clip changes
 _BACKGROUND_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
 
 
@@ -113,14 +115,20 @@ def _digit_pools(num_pretrain: int, seed: int) -> tuple[tuple[np.ndarray, np.nda
 
 
 def write_dataset(root: Path, cfg: DictConfig) -> None:
-    """Write every federated digit in every style as ROOT/<style>/<class>/<index>.png."""
+    """Write the federated digits as ROOT/<style>/<class>/<index>.png, each domain its own digits.
+
+    The domains share no digit, so no handwritten instance is seen by two clients (as in PACS,
+    whose domains hold different pictures).
+    """
     _, (images, labels) = _digit_pools(cfg.num_pretrain_digits, cfg.seed)
     backgrounds = _backgrounds()
+    chunks = np.array_split(np.arange(len(labels)), len(STYLES))
     for d, style in enumerate(STYLES):
         rng = np.random.default_rng([cfg.seed, d])
         for name in DIGIT_NAMES:
             (root / style / name).mkdir(parents=True, exist_ok=True)
-        for i, (digit, label) in enumerate(zip(images, labels)):
+        for i in chunks[d]:
+            digit, label = images[i], labels[i]
             rgb = render(digit, style, cfg.image_size, rng, backgrounds)
             Image.fromarray(rgb).save(root / style / DIGIT_NAMES[label] / f"{i:04d}.png")
 
@@ -273,21 +281,21 @@ def _build_once(target: Path, build) -> Path:
     return target
 
 
-def _cache_name(kind: str, cfg: DictConfig, keys: list[str]) -> str:
-    """A folder name that changes whenever the settings it was built from change."""
+def _cache_name(kind: str, version: int, cfg: DictConfig, keys: list[str]) -> str:
+    """A folder name that changes whenever the code version or the settings it was built from change."""
     settings = json.dumps({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}, sort_keys=True)
-    return f"demo-{kind}-v{cfg.version}-{hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()}"
+    return f"demo-{kind}-v{version}-{hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()}"
 
 
 def demo_dataset_root(cfg: DictConfig) -> Path:
     """The demo image folder for `cfg` (the `demo` config group), built if missing."""
-    name = _cache_name("digits", cfg, ["seed", "image_size", "num_pretrain_digits"])
+    name = _cache_name("digits", DATASET_VERSION, cfg, ["seed", "image_size", "num_pretrain_digits"])
     return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: write_dataset(p, cfg))
 
 
 def demo_model_path(cfg: DictConfig) -> Path:
     """The demo CLIP folder for `cfg`, pretrained if missing."""
-    name = _cache_name("clip", cfg, ["seed", "image_size", "num_pretrain_digits", "pretrain"])
+    name = _cache_name("clip", MODEL_VERSION, cfg, ["seed", "image_size", "num_pretrain_digits", "pretrain"])
     return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: pretrain_clip(p, cfg))
 
 

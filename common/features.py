@@ -2,7 +2,7 @@
 
 CLIP never trains, so a client encodes its images (and its class prompts) once. The result is
 kept in memory for the life of the process and on disk as safetensors under
-``<cache_dir>/features/<key>.safetensors``; the key hashes the model files, the preprocessing,
+``<cache_dir>/features/<key>.safetensors``; the key hashes the model files' contents (preprocessing included),
 the precision, the prompts and the image files (path, size, mtime), so a change to any of them
 makes a new entry and a later run with the same inputs encodes nothing.
 """
@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +26,10 @@ from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
 
+FEATURES_VERSION = 1  # bump when what is computed or stored changes, so old cache entries are not reused
 _MEMORY: dict[str, DomainFeatures] = {}
+_MODEL_DIRS: dict[str, Path] = {}
+_FILE_HASHES: dict[tuple, str] = {}
 
 
 @dataclass
@@ -38,29 +43,39 @@ class DomainFeatures:
     skipped: list[str]  # files that could not be read
 
 
+def _file_hash(path: Path) -> str:
+    """A content hash of one file, memoised per process by (path, inode, size, mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 23):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
 def model_files_fingerprint(name_or_path: str) -> str:
-    """A hash of a CLIP's files (config, processor, tokenizer, weights) without loading the weights."""
+    """A hash of the contents of a CLIP's files (config, processor, tokenizer, weights)."""
     from transformers.utils import cached_file
 
-    try:
-        folder = Path(cached_file(name_or_path, "config.json")).parent
-    except OSError as err:  # no such folder, and the hub id cannot be fetched
-        raise model_unavailable(name_or_path, err) from err
+    if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
+        try:
+            _MODEL_DIRS[name_or_path] = Path(cached_file(name_or_path, "config.json")).parent
+        except OSError as err:  # no such folder, and the hub id cannot be fetched
+            raise model_unavailable(name_or_path, err) from err
     h = hashlib.blake2b(digest_size=16)
-    for path in sorted(folder.iterdir()):
-        real = path.resolve()
-        if not real.is_file():
-            continue
-        stat = real.stat()
-        h.update(f"{path.name}:{stat.st_size}:".encode())
-        h.update(real.read_bytes() if stat.st_size < 1 << 20 else str(stat.st_mtime_ns).encode())
+    for path in sorted(_MODEL_DIRS[name_or_path].iterdir()):
+        if path.resolve().is_file():
+            h.update(f"{path.name}:{_file_hash(path.resolve())}\n".encode())
     return h.hexdigest()
 
 
 def features_key(model_fingerprint: str, folder: DomainFolder, prompts: list[str], dtype: str) -> str:
     """The cache key of one domain's features: model, precision, prompts and every image file."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([model_fingerprint, dtype, prompts, folder.classes]).encode())
+    h.update(json.dumps([FEATURES_VERSION, model_fingerprint, dtype, prompts, folder.classes]).encode())
     for path, label in zip(folder.paths, folder.labels):
         stat = path.stat()
         h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{label}\n".encode())
@@ -97,6 +112,27 @@ def encode_domain(
     return DomainFeatures(torch.cat(feats), torch.tensor(labels), text, model.logit_scale.detach().float().cpu(), skipped)
 
 
+def _load_cached(path: Path) -> DomainFeatures | None:
+    """A cache entry, or None (logged) if it cannot be read, so that it is encoded again."""
+    try:
+        tensors = load_file(path)
+        skipped = json.loads(path.with_suffix(".json").read_text())["skipped"]
+        return DomainFeatures(tensors["image"], tensors["labels"], tensors["text"], tensors["logit_scale"], skipped)
+    except (OSError, KeyError, ValueError, safetensors.SafetensorError) as err:
+        log.warning("unreadable feature cache entry %s (%s): encoding again", path, err)
+        return None
+
+
+def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
+    """Write a cache entry atomically: the metadata first, the tensors last (their presence marks it complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta))
+    tmp.rename(path.with_suffix(".json"))
+    save_file({"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp)
+    tmp.rename(path)
+
+
 def domain_features(
     name_or_path: str, folder: DomainFolder, prompt: str, cache_dir: Path, device: torch.device, batch_size: int, dtype: str
 ) -> DomainFeatures:
@@ -106,23 +142,15 @@ def domain_features(
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
-    if path.exists():
-        tensors = load_file(path)
-        with open(path.with_suffix(".json")) as fh:
-            skipped = json.load(fh)["skipped"]
-        feats = DomainFeatures(tensors["image"], tensors["labels"], tensors["text"], tensors["logit_scale"], skipped)
+    feats = _load_cached(path) if path.exists() else None
+    if feats is not None:
         log.info("[%s] reusing cached features of %d images (%s)", folder.domain, len(feats.labels), path)
     else:
         log.info("[%s] encoding %d images once with the frozen CLIP on %s", folder.domain, len(folder.paths), device)
         model, processor = load_clip(name_or_path, device, getattr(torch, dtype))
         feats = encode_domain(model, processor, folder, prompts, device, batch_size)
         del model
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp)
-        with open(path.with_suffix(".json"), "w") as fh:
-            json.dump({"domain": folder.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped}, fh)
-        tmp.rename(path)
+        _save_cached(path, feats, {"domain": folder.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped})
     if feats.skipped:
         log.warning("[%s] %d unreadable image(s) skipped", folder.domain, len(feats.skipped))
     _MEMORY[key] = feats

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
+
 
 def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord]]:
     """Ask every connected node for its domain (a query message); nodes encode their features now."""
@@ -36,11 +38,15 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[st
         if reply.has_error():
             log.error("node %d left out: its query failed: %s", node, reply.error.reason)
             continue
-        domain = str(reply.content["info"]["domain"])
+        content = reply.content
+        if "info" not in content.config_records or "metrics" not in content.metric_records or not QUERY_KEYS <= set(content["metrics"]):
+            log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
+            continue
+        domain = str(content["info"].get("domain"))
         if domain in info:
             log.error("node %d left out: domain %r is already held by another node", node, domain)
             continue
-        node_domains[node], info[domain] = domain, reply.content["metrics"]
+        node_domains[node], info[domain] = domain, content["metrics"]
         m = info[domain]
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, domain, m["num-images"],
                  m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
@@ -71,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
 
     t0 = time.time()
     zero_shot = strategy.aggregate_evaluate(0, grid.send_and_receive(
-        strategy.configure_evaluate(0, arrays, ConfigRecord({"zero-shot": True}), grid), timeout=timeout))
+        strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout=timeout))
     report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
 
     for server_round in range(1, cfg.training.rounds + 1):

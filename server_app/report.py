@@ -55,13 +55,18 @@ class RunReport:
         """Record one round (0 = zero-shot); save the adapter if its mean val accuracy is the best so far."""
         losses = [train[f"{d}/train-loss"] for d in self.train_domains if f"{d}/train-loss" in train]
         vals = [evaluation[f"{d}/val-acc"] for d in self.train_domains if f"{d}/val-acc" in evaluation]
-        sent = 0 if server_round == 0 else 2 * self.adapter_bytes  # adapter down, update up
+        # a training client gets the adapter, sends its update, gets the new adapter to evaluate;
+        # the held-out client only gets it to evaluate; round 0 (zero-shot) sends no adapter
+        sent = 0 if server_round == 0 else 3 * self.adapter_bytes
+        held_out_nodes = int(self.held_out in self.domains)
+        round_total = 0 if server_round == 0 else (3 * len(self.train_domains) + held_out_nodes) * self.adapter_bytes
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "val_acc_mean": sum(vals) / len(vals) if vals else None,
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
             "bytes_per_client": sent,
+            "bytes_round": round_total,
             "seconds": seconds,
             "train": dict(train),
             "evaluate": dict(evaluation),
@@ -81,7 +86,7 @@ class RunReport:
     def finish(self, arrays: ArrayRecord) -> dict:
         """Write the final adapter, metrics.csv and summary.json; return the summary."""
         save_adapter(arrays, self.dir / "adapter_final.safetensors", {"round": str(self.rows[-1]["round"])})
-        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "bytes_per_client", "seconds"]
+        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "bytes_per_client", "bytes_round", "seconds"]
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
@@ -100,8 +105,8 @@ class RunReport:
             "rounds": len(self.rows) - 1,
             "wall_seconds": time.time() - self.start,
             "adapter_parameters": self.adapter_params,
-            "bytes_per_client_per_round": 2 * self.adapter_bytes,
-            "bytes_total": sum(r["bytes_per_client"] for r in self.rows) * len(self.train_domains),
+            "bytes_per_client_per_round": 3 * self.adapter_bytes,
+            "bytes_total": sum(r["bytes_round"] for r in self.rows),
             "run_folder": str(self.dir),
         }
         with open(self.dir / "summary.json", "w") as fh:

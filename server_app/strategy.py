@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -13,28 +14,33 @@ from flwr.serverapp.strategy import FedAvg
 log = logging.getLogger(__name__)
 
 
-def check_adapter_reply(content: RecordDict, template: dict[str, np.ndarray]) -> str | None:
-    """Why a training reply cannot be aggregated, or None if it is a well-formed adapter update."""
+def adapter_update(content: RecordDict, template: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """A training reply's adapter tensors, decoded and checked, or None and why it cannot be used."""
     if "arrays" not in content.array_records:
-        return "no 'arrays' record"
+        return None, "no 'arrays' record"
     if "metrics" not in content.metric_records or "num-examples" not in content["metrics"]:
-        return "no 'metrics' record with 'num-examples'"
+        return None, "no 'metrics' record with 'num-examples'"
     num_examples = content["metrics"]["num-examples"]
-    if not isinstance(num_examples, int | float) or not num_examples > 0:
-        return f"num-examples must be positive, got {num_examples!r}"
+    if not isinstance(num_examples, int | float) or not 0 < num_examples < math.inf:
+        return None, f"num-examples must be a positive finite number, got {num_examples!r}"
     arrays = content["arrays"]
     if set(arrays.keys()) != set(template):
         missing, extra = sorted(set(template) - set(arrays.keys())), sorted(set(arrays.keys()) - set(template))
-        return f"adapter keys differ (missing {missing}, unexpected {extra})"
+        return None, f"adapter keys differ (missing {missing}, unexpected {extra})"
+    state = {}
     for key, expected in template.items():
-        array = arrays[key]
-        if tuple(array.shape) != expected.shape:
-            return f"{key} has shape {tuple(array.shape)}, expected {expected.shape}"
-        if array.dtype != str(expected.dtype):
-            return f"{key} has dtype {array.dtype}, expected {expected.dtype}"
-        if not np.isfinite(array.numpy()).all():
-            return f"{key} holds NaN or Inf"
-    return None
+        try:
+            array = arrays[key].numpy()  # the decoded bytes, not the shape and dtype the reply declares
+        except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
+            return None, f"{key} cannot be decoded: {err}"
+        if array.shape != expected.shape:
+            return None, f"{key} has shape {array.shape}, expected {expected.shape}"
+        if array.dtype != expected.dtype:
+            return None, f"{key} has dtype {array.dtype}, expected {expected.dtype}"
+        if not np.isfinite(array).all():
+            return None, f"{key} holds NaN or Inf"
+        state[key] = array
+    return state, None
 
 
 def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -86,11 +92,11 @@ class FedClipStrategy(FedAvg):
         states, weights, metrics = [], [], MetricRecord()
         for msg in replies:
             node, domain = msg.metadata.src_node_id, self._domain(msg)
-            reason = msg.error.reason if msg.has_error() else check_adapter_reply(msg.content, self.template)
-            if reason is not None:
+            state, reason = (None, msg.error.reason) if msg.has_error() else adapter_update(msg.content, self.template)
+            if state is None:
                 log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, domain, reason)
                 continue
-            states.append({k: v.numpy() for k, v in msg.content["arrays"].items()})
+            states.append(state)
             weights.append(float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
             for key, value in msg.content["metrics"].items():
                 metrics[f"{domain}/{key}"] = value
@@ -103,8 +109,11 @@ class FedClipStrategy(FedAvg):
         """Evaluation metrics keyed `<domain>/<metric>`; failed replies are logged and left out."""
         metrics = MetricRecord()
         for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: evaluation failed on node %d (%s): %s", server_round, msg.metadata.src_node_id, self._domain(msg), msg.error.reason)
+            reason = msg.error.reason if msg.has_error() else None
+            if reason is None and "metrics" not in msg.content.metric_records:
+                reason = "no 'metrics' record"
+            if reason is not None:
+                log.warning("round %d: evaluation of node %d (%s) left out: %s", server_round, msg.metadata.src_node_id, self._domain(msg), reason)
                 continue
             for key, value in msg.content["metrics"].items():
                 metrics[f"{self._domain(msg)}/{key}"] = value

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import os
+import tempfile
 
-import numpy as np
-import pytest
-from flwr.app import Error, Message, Metadata, MessageType, RecordDict
-from PIL import Image
+# Tests run offline with an empty Hugging Face cache, set before anything imports huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="fedclip-test-hf-")
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flwr.app import Error, Message, Metadata, MessageType, RecordDict  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:

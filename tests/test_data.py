@@ -27,6 +27,9 @@ def test_bad_split_fractions_are_rejected():
 
 
 def test_folder_layout_is_read_with_shared_class_labels(image_folder):
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    (image_folder / "__MACOSX" / "cat").mkdir(parents=True)
+    (image_folder / "photo" / ".cache").mkdir()
     cfg = cfg_for(image_folder)
     root = dataset_root(cfg)
     domains = dataset_domains(cfg, root)

@@ -22,6 +22,7 @@ def count_encodes(monkeypatch):
 
     monkeypatch.setattr(features, "encode_domain", counting)
     monkeypatch.setattr(features, "_MEMORY", {})
+    monkeypatch.setattr(features, "_FILE_HASHES", {})
     return calls
 
 
@@ -37,6 +38,7 @@ def test_features_are_encoded_once_and_reused_from_disk(tiny_clip, image_folder,
     assert first.image.shape == (15, 24) and first.text.shape == (3, 24)  # the corrupt file is skipped
     assert len(first.skipped) == 1 and first.skipped[0].endswith("broken.jpg")
     monkeypatch.setattr(features, "_MEMORY", {})  # a new process: only the disk cache is left
+    monkeypatch.setattr(features, "_FILE_HASHES", {})
     again = features_of(tiny_clip, image_folder, cache)
     assert count_encodes == ["art"]
     assert torch.equal(first.image, again.image) and again.skipped == first.skipped
@@ -73,16 +75,39 @@ def test_cache_is_invalidated_when_the_model_changes(tmp_path, image_folder, cou
     assert not torch.allclose(first.image, second.image)
 
 
-def test_saved_clip_loads_offline(tiny_clip, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_saved_clip_loads_offline(tiny_clip):
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
     assert model.config.projection_dim == 24 and not any(p.requires_grad for p in model.parameters())
 
 
-def test_unavailable_hub_id_explains_how_to_use_a_local_folder(monkeypatch, tmp_path, image_folder):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+def test_unavailable_hub_id_explains_how_to_use_a_local_folder(tmp_path, image_folder):
+    # conftest makes the session offline with an empty HF_HOME, so the hub id cannot resolve
     with pytest.raises(RuntimeError, match="save_pretrained.*model.name_or_path=DIR"):
         load_clip("openai/clip-vit-base-patch32", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="neither a local folder"):
         features_of("openai/clip-vit-base-patch32", image_folder, tmp_path / "cache")
+
+
+def test_model_fingerprint_follows_content_not_just_size_and_mtime(tmp_path, monkeypatch):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"a" * (3 << 20))  # several MiB, like real weights
+    stat = weights.stat()
+    before = features.model_files_fingerprint(str(folder))
+    weights.write_bytes(b"b" * (3 << 20))  # same size, same mtime (as cp -p or rsync -a leave it)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    monkeypatch.setattr(features, "_FILE_HASHES", {})  # a new process
+    assert features.model_files_fingerprint(str(folder)) != before
+
+
+def test_unreadable_cache_entry_is_encoded_again(tiny_clip, image_folder, tmp_path, count_encodes, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    first = features_of(tiny_clip, image_folder, cache)
+    (entry,) = (cache / "features").glob("*.safetensors")
+    entry.write_bytes(b"truncated")
+    monkeypatch.setattr(features, "_MEMORY", {})
+    again = features_of(tiny_clip, image_folder, cache)
+    assert count_encodes == ["art", "art"] and "unreadable feature cache entry" in caplog.text
+    assert torch.allclose(first.image, again.image)

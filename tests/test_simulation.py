@@ -81,8 +81,9 @@ def test_run_folder_holds_config_metrics_and_adapters(demo_run):
     adapter = AttentionAdapter(state["fc1.weight"].shape[0])
     adapter.load_state_dict(state)
     assert summary["adapter_parameters"] == sum(p.numel() for p in adapter.parameters())
-    raw = 2 * 4 * summary["adapter_parameters"]  # float32 adapter down and up; + serialization headers
-    assert raw <= summary["bytes_per_client_per_round"] <= raw + 4096
+    raw = 3 * 4 * summary["adapter_parameters"]  # float32 adapter: train down, update up, eval down
+    assert raw <= summary["bytes_per_client_per_round"] <= raw + 4096  # + serialization headers
+    assert summary["bytes_total"] == ROUNDS * (3 * 3 + 1) * summary["bytes_per_client_per_round"] // 3
     assert "round | train loss" in log and "sketch*" in log  # the per-round table, held-out domain marked
 
 

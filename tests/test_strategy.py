@@ -76,13 +76,39 @@ def test_malformed_update_is_dropped_and_the_rest_aggregated(kind, caplog):
     assert "dropped the update of node 2 (photo)" in caplog.text
 
 
-def test_error_replies_and_bad_example_counts_are_dropped(caplog):
+@pytest.mark.parametrize("num_examples", [0, -5, float("inf"), float("nan")])
+def test_error_replies_and_bad_example_counts_are_dropped(num_examples, caplog):
     good = adapter_arrays(1)
-    replies = [train_reply(1, good), reply_from(2, error="CUDA out of memory"), train_reply(3, adapter_arrays(2), num_examples=0)]
-    arrays, _ = strategy().aggregate_train(2, replies)
+    replies = [train_reply(1, good, 7), reply_from(2, error="CUDA out of memory"), train_reply(3, adapter_arrays(2), num_examples)]
+    arrays, _ = strategy("examples").aggregate_train(2, replies)
     for key in good:
         np.testing.assert_allclose(arrays[key].numpy(), good[key])
-    assert "CUDA out of memory" in caplog.text and "num-examples must be positive" in caplog.text
+    assert "CUDA out of memory" in caplog.text and "num-examples must be a positive finite number" in caplog.text
+
+
+@pytest.mark.parametrize("payload", ["lying shape", "garbage bytes"])
+def test_payload_that_does_not_match_its_declared_shape_is_dropped(payload, caplog):
+    good = adapter_arrays(1)
+    record = ArrayRecord({k: Array(v) for k, v in adapter_arrays(2).items()})
+    real = record["fc1.bias"]
+    if payload == "lying shape":  # declares the right shape, carries a smaller array
+        small = Array(np.zeros(3, np.float32))
+        record["fc1.bias"] = Array(dtype=real.dtype, shape=real.shape, stype=small.stype, data=small.data)
+    else:
+        record["fc1.bias"] = Array(dtype=real.dtype, shape=real.shape, stype=real.stype, data=b"not an array")
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10}), "info": ConfigRecord({"domain": "photo"})})
+    arrays, _ = strategy().aggregate_train(1, [train_reply(1, good), reply_from(2, content)])
+    for key in good:
+        np.testing.assert_allclose(arrays[key].numpy(), good[key])
+    assert "dropped the update of node 2 (photo): fc1.bias" in caplog.text
+
+
+def test_evaluation_reply_without_metrics_is_left_out(caplog):
+    ok = reply_from(1, RecordDict({"metrics": MetricRecord({"val-acc": 0.5})}))
+    empty = reply_from(2, RecordDict({"info": ConfigRecord({"domain": "photo"})}))
+    metrics = strategy().aggregate_evaluate(1, [ok, empty, reply_from(3, error="lost")])
+    assert dict(metrics) == {"art/val-acc": 0.5}
+    assert "node 2 (photo) left out: no 'metrics' record" in caplog.text
 
 
 def test_no_valid_update_keeps_the_global_adapter(caplog):
