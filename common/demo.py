@@ -35,7 +35,7 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 STYLES = ("photo", "sketch", "cartoon", "painting")
 COLOR_HUES = (0, 30, 55, 120, 180, 230, 275, 320)  # ink and background colours of the coloured styles
 GENERIC_CAPTION = "a picture of a {digit}"  # the prompt FedCLIP uses at inference
-STYLE_CAPTION = "a {style} of a {digit}"  # what most pretraining captions say instead
+STYLE_CAPTION = "a {style} of a {digit}"  # what most pretraining captions say instead (style word)
 DATASET_VERSION = 2  # bump when write_dataset or render change what is drawn
 MODEL_VERSION = 1  # bump when pretrain_clip changes
 _BACKGROUND_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
@@ -171,24 +171,28 @@ def build_tokenizer(words: list[str]):
 # ----------------------------------------------------------------------------- pretraining
 
 
-def pretraining_captions() -> list[str]:
-    """Caption blocks of one caption per digit: the generic block first, then one block per style."""
-    blocks = [GENERIC_CAPTION] + [STYLE_CAPTION.replace("{style}", style) for style in STYLES]
-    return [block.format(digit=n) for block in blocks for n in DIGIT_NAMES]
+def pretraining_captions(style_words: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+    """Caption blocks of one caption per digit (generic first, then one per style word) and each style's block."""
+    words = sorted(set(style_words.values()))
+    blocks = [GENERIC_CAPTION] + [STYLE_CAPTION.replace("{style}", w) for w in words]
+    captions = [block.format(digit=n) for block in blocks for n in DIGIT_NAMES]
+    return captions, {style: 1 + words.index(word) for style, word in style_words.items()}
 
 
 def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
     """Contrastively pretrain a small CLIP on captioned digits (pretraining pool only) and save it.
 
     Each image is matched against one block of captions, one per digit: with probability
-    `generic_caption_prob[style]` the generic block ("a picture of a three"), else its style's
-    block ("a sketch of a three"). As with a web-trained CLIP, the encoder learns every style,
-    but the generic prompt fits some styles better than others: room for the adapter.
+    `generic_caption_prob[style]` the generic block ("a picture of a three"), else the block of
+    its style's word (`style_words`: photos are "a photo of a three", every other style "a
+    drawing of a three", as web captions of art often are). The encoder learns every style, but
+    the prompt FedCLIP uses fits photos best, and it misses the drawings in a way they share:
+    room for an adapter trained on some styles to help on another.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(cfg.seed)
-    captions = pretraining_captions()
+    captions, style_block = pretraining_captions(dict(cfg.pretrain.style_words))
     tokenizer = build_tokenizer(sorted({w for c in captions for w in c.split()}))
     p = cfg.pretrain
     config = CLIPConfig(
@@ -230,7 +234,8 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
         drawn = np.stack([render(im, STYLES[s], cfg.image_size, rng, backgrounds) for im, s in zip(images, styles)])
         pixels = (torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 255 - mean) / std
         digit = torch.as_tensor(labels)
-        block = torch.as_tensor(np.where(rng.random(len(labels)) < generic_p[styles], 0, styles + 1))
+        own_block = np.array([style_block[s] for s in STYLES])[styles]
+        block = torch.as_tensor(np.where(rng.random(len(labels)) < generic_p[styles], 0, own_block))
         perm = torch.randperm(len(labels))
         total = 0.0
         for i in range(0, len(labels), p.batch_size):
