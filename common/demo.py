@@ -179,13 +179,13 @@ def pretraining_captions(style_words: dict[str, str]) -> tuple[list[str], dict[s
     return captions, {style: 1 + words.index(word) for style, word in style_words.items()}
 
 
-def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
+def pretrain_clip(out: Path, cfg: DictConfig) -> None:
     """Contrastively pretrain a small CLIP on captioned digits (pretraining pool only) and save it.
 
     Each image is matched against one block of captions, one per digit: with probability
     `generic_caption_prob[style]` the generic block ("a picture of a three"), else the block of
-    its style's word (`style_words`: photos are "a photo of a three", every other style "a
-    drawing of a three", as web captions of art often are). The encoder learns every style, but
+    its style's word (`style_words`: every non-photo style is "a drawing of a three", as web
+    captions of art often are; photos always get the generic one). The encoder learns every style, but
     the prompt FedCLIP uses fits photos best, and it misses the drawings in a way they share:
     room for an adapter trained on some styles to help on another.
     """
@@ -256,7 +256,6 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    return {"seconds": time.time() - t0, "final_loss": total / len(labels)}
 
 
 # ----------------------------------------------------------------------------- build on first use
