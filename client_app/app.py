@@ -7,16 +7,27 @@ import time
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_from_run, select_device
-from common.data import DomainSplit, dataset_classes, dataset_domains, dataset_root, domain_folder, split_domain
-from common.features import DomainFeatures, domain_features
-from common.model import AttentionAdapter, model_name_or_path
-from common.train import evaluate_adapter, load_optimizer_state, make_optimizer, optimizer_state, train_adapter
+from common.data import DomainFolder, DomainSplit, dataset_classes, dataset_domains, dataset_root, domain_folder, split_domain
+from common.features import DomainFeatures, domain_features, encode_domain
+from common.model import AttentionAdapter, class_prompts, load_clip, model_name_or_path
+from common.train import (
+    ENCODER_METHODS,
+    encoder_state,
+    evaluate_adapter,
+    finetune_encoder,
+    load_encoder_state,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    train_adapter,
+)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 log = logging.getLogger(__name__)
@@ -33,6 +44,7 @@ class LocalData:
     feats: DomainFeatures
     split: DomainSplit
     device: torch.device
+    images: DomainFolder  # the image files, read again only by the encoder fine-tuning baselines
 
     @property
     def held_out(self) -> bool:
@@ -62,7 +74,7 @@ def load_local_data(context: Context) -> LocalData:
         model_name_or_path(cfg), folder, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
     split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, domain)
-    return LocalData(cfg, domain, feats, split, device)
+    return LocalData(cfg, domain, feats, split, device, folder)
 
 
 def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
@@ -96,35 +108,82 @@ def query(message: Message, context: Context) -> Message:
     )
 
 
+def _generator(local: LocalData, server_round: int, purpose: str) -> torch.Generator:
+    """A seeded generator per client, round and purpose, so runs repeat exactly."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{local.cfg.seed}/{local.domain}/{server_round}/{purpose}".encode()))
+
+
+def _file_indices(local: LocalData, rows: np.ndarray) -> torch.Tensor:
+    """Indices into the image files of feature rows (unreadable files have no row)."""
+    skipped = set(local.feats.skipped)
+    readable = [i for i, path in enumerate(local.images.paths) if str(path) not in skipped]
+    return torch.as_tensor([readable[r] for r in rows])
+
+
+def _encoder_clip(local: LocalData, arrays: ArrayRecord):
+    """This node's CLIP with the received image-encoder weights (the FedAvg/FedProx baselines)."""
+    model, processor = load_clip(model_name_or_path(local.cfg), local.device)
+    load_encoder_state(model, arrays.to_torch_state_dict())
+    return model, processor
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Local epochs on the train split from the global adapter; the optimiser state stays on the node."""
+    """Local training from the received weights: the adapter on cached features, or the image encoder."""
     local = load_local_data(context)
     if local.held_out:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
-    cfg = local.cfg.training
-    adapter = _adapter(local, message.content["arrays"])
-    optimizer = make_optimizer(adapter, cfg)
-    if "optimizer" in context.state:
-        load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
+    cfg = local.cfg
     server_round = int(message.content["config"]["server-round"])
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{local.cfg.seed}/{local.domain}/{server_round}".encode()))
+    generator = _generator(local, server_round, "train")
     t0 = time.time()
-    loss = train_adapter(adapter, optimizer, local.feats, torch.as_tensor(local.split.train), cfg, generator)
-    context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
-    metrics = {"train-loss": loss, "num-examples": len(local.split.train), "train-seconds": time.time() - t0}
-    return _reply(message, local, metrics, ArrayRecord(adapter.state_dict()))
+    if cfg.method.name in ENCODER_METHODS:
+        model, processor = _encoder_clip(local, message.content["arrays"])
+        train_files = _file_indices(local, local.split.train)
+        loss = finetune_encoder(model, processor, local.images, train_files, local.feats.text, cfg, generator)
+        arrays, encoded = ArrayRecord(encoder_state(model)), len(train_files) * cfg.training.local_epochs
+    else:
+        adapter = _adapter(local, message.content["arrays"])
+        optimizer = make_optimizer(adapter, cfg.training)
+        if "optimizer" in context.state:
+            load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
+        loss = train_adapter(adapter, optimizer, local.feats, torch.as_tensor(local.split.train), cfg.training, generator)
+        context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
+        arrays, encoded = ArrayRecord(adapter.state_dict()), 0
+    metrics = {"train-loss": loss, "num-examples": len(local.split.train), "train-seconds": time.time() - t0, "images-encoded": encoded}
+    return _reply(message, local, metrics, arrays)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Accuracy on val, test and all of this domain's images, with the global adapter or zero-shot."""
+    """Accuracy on val, test and all of this domain's images, zero-shot or with the received weights.
+
+    Several adapters in one message (local-only baseline, held-out node) are each evaluated and
+    their accuracies averaged. With method.personalize_epochs > 0 a training client also reports
+    `personalized-test-acc`: its test accuracy after fine-tuning the received adapter locally.
+    """
     local = load_local_data(context)
-    zero_shot = bool(message.content["config"].get("zero-shot", False))
-    adapter = None if zero_shot else _adapter(local, message.content["arrays"])
-    metrics: dict = {"num-examples": len(local.feats.labels)}
-    splits = {"val": local.split.val, "test": local.split.test, "all": torch.arange(len(local.feats.labels))}
+    cfg, content = local.cfg, message.content
+    server_round = int(content["config"].get("server-round", 0))
+    feats, adapters, encoded = local.feats, [None], 0
+    if not content["config"].get("zero-shot", False):
+        if cfg.method.name in ENCODER_METHODS:
+            model, processor = _encoder_clip(local, content["arrays"])
+            prompts = class_prompts(local.images.classes, cfg.model.prompt)
+            feats = encode_domain(model, processor, local.images, prompts, local.device, cfg.model.encode_batch_size)
+            encoded = len(feats.labels)
+        else:
+            adapters = [_adapter(local, record) for record in content.array_records.values()]
+    metrics: dict = {"num-examples": len(local.feats.labels), "images-encoded": encoded}
+    splits = {"val": local.split.val, "test": local.split.test, "all": np.arange(len(local.feats.labels))}
     for name, indices in splits.items():
-        acc, loss = evaluate_adapter(adapter, local.feats, torch.as_tensor(indices), local.device)
-        metrics[f"{name}-acc"], metrics[f"{name}-loss"] = acc, loss
+        results = [evaluate_adapter(adapter, feats, torch.as_tensor(indices), local.device) for adapter in adapters]
+        metrics[f"{name}-acc"] = sum(acc for acc, _ in results) / len(results)
+        metrics[f"{name}-loss"] = sum(loss for _, loss in results) / len(results)
+    if cfg.method.get("personalize_epochs", 0) > 0 and not local.held_out and adapters[0] is not None:
+        adapter = adapters[0]
+        optimizer = make_optimizer(adapter, cfg.training)
+        personal = OmegaConf.merge(cfg.training, {"local_epochs": cfg.method.personalize_epochs})
+        train_adapter(adapter, optimizer, feats, torch.as_tensor(local.split.train), personal, _generator(local, server_round, "personalize"))
+        metrics["personalized-test-acc"] = evaluate_adapter(adapter, feats, torch.as_tensor(local.split.test), local.device)[0]
     return _reply(message, local, metrics)

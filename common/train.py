@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from common.data import DomainFolder, read_image
 from common.features import DomainFeatures
 from common.model import adapter_loss, class_logits
 
@@ -65,3 +66,72 @@ def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, indices: 
     x, y = feats.image[indices].to(device), feats.labels[indices].to(device)
     logits = class_logits(x, feats.text.to(device), feats.logit_scale.to(device), adapter)
     return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+
+
+# The CLIP FedAvg/FedProx baselines fine-tune the image encoder itself, on images read from disk.
+ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
+ENCODER_METHODS = ("fedavg", "fedprox")
+
+
+def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The image encoder's weights (vision tower and projection): what the FedAvg baselines send."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put received encoder weights into a CLIP; every encoder key must be there, and nothing else."""
+    expected = set(encoder_state(model))
+    if set(state) != expected:
+        raise ValueError(f"encoder weights do not match this CLIP: missing {sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def finetune_encoder(
+    model: nn.Module,
+    processor,
+    images: DomainFolder,
+    indices: torch.Tensor,
+    text: torch.Tensor,
+    cfg: DictConfig,
+    generator: torch.Generator,
+) -> float:
+    """Local epochs of full fine-tuning of the image encoder, cross-entropy over the frozen class prompts.
+
+    cfg is the run config: optimiser settings from cfg.training with cfg.method.lr, FedProx's
+    (mu/2)*||w - w_global||^2 with cfg.method.proximal_mu. Images stream from disk batch by batch.
+    """
+    device = next(model.parameters()).device
+    params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.method.lr, betas=tuple(cfg.training.betas), eps=cfg.training.eps,
+                                  weight_decay=cfg.training.weight_decay)
+    anchor = [p.detach().clone() for p in params]
+    mu = float(cfg.method.proximal_mu)
+    text, scale = text.to(device), model.logit_scale.detach()
+    model.vision_model.train()
+    total, count = 0.0, 0
+    for _ in range(cfg.training.local_epochs):
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        for pixels, labels in image_batches(processor, images, order, cfg.training.batch_size, device):
+            feats = model.get_image_features(pixel_values=pixels).pooler_output
+            loss = F.cross_entropy(class_logits(feats.float(), text, scale, None), labels)
+            if mu > 0:
+                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+    model.eval()
+    return total / max(count, 1)
+
+
+def image_batches(processor, images: DomainFolder, indices: torch.Tensor, batch_size: int, device: torch.device):
+    """(pixel_values, labels) batches of the given images, read from disk; unreadable ones are left out."""
+    for start in range(0, len(indices), batch_size):
+        batch = [(img, images.labels[i]) for i in indices[start : start + batch_size].tolist() if (img := read_image(images.paths[i])) is not None]
+        if batch:
+            pixels = processor(images=[img for img, _ in batch], return_tensors="pt")["pixel_values"].to(device)
+            yield pixels, torch.tensor([label for _, label in batch], device=device)

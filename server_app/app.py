@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -11,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from common.config import config_from_run
-from common.model import AttentionAdapter
+from common.model import AttentionAdapter, load_clip, model_name_or_path
+from common.train import ENCODER_METHODS, encoder_state
 from server_app.report import RunReport
 from server_app.strategy import FedClipStrategy
 
@@ -57,37 +59,56 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[st
     return node_domains, info
 
 
+METHODS = ("fedclip", "zero_shot", "local", "centralized", "fedavg", "fedprox")
+
+
+def initial_weights(cfg: DictConfig, feature_dim: int) -> dict[str, torch.Tensor]:
+    """What the run trains, as first sent: a seeded new adapter, or the CLIP's own image encoder."""
+    if cfg.method.name in ENCODER_METHODS:
+        model, _ = load_clip(model_name_or_path(cfg), torch.device("cpu"))
+        return encoder_state(model)
+    torch.manual_seed(cfg.seed)
+    return AttentionAdapter(feature_dim).state_dict()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run(context.run_config)
+    method = cfg.method.name
+    if method not in METHODS:
+        raise ValueError(f"method.name={method!r} is not a method of this app; choose one of {', '.join(METHODS)} (override method=NAME)")
     node_domains, info = discover_nodes(grid, cfg)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
 
-    torch.manual_seed(cfg.seed)
-    adapter = AttentionAdapter(dims.pop())
-    arrays = ArrayRecord(adapter.state_dict())
+    weights = initial_weights(cfg, dims.pop())
+    arrays = ArrayRecord(weights)
     template = {k: v.numpy() for k, v in arrays.items()}
-    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes)
+    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes, method)
     strategy.summary()
     domains = sorted(d for d in info if d != cfg.dataset.held_out) + [d for d in info if d == cfg.dataset.held_out]
-    report = RunReport(cfg, domains, sum(len(a.data) for a in arrays.values()), sum(p.numel() for p in adapter.parameters()))
-    timeout = cfg.strategy.round_timeout
+    trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
+    report = RunReport(cfg, domains, [node_domains[n] for n in strategy.train_nodes], trained)
+    report.images_encoded += sum(int(m.get("images-encoded", 0)) for m in info.values())
+    saved = lambda a: None if method == "local" else a  # noqa: E731 - local-only has no global weights to save
+
+    def exchange(messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
+        report.count_traffic(node_domains, messages, replies)
+        return replies
 
     t0 = time.time()
-    zero_shot = strategy.aggregate_evaluate(0, grid.send_and_receive(
-        strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout=timeout))
-    report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
+    replies = exchange(strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid))
+    report.add_round(0, MetricRecord(), strategy.aggregate_evaluate(0, replies), time.time() - t0, None)
 
-    for server_round in range(1, cfg.training.rounds + 1):
+    for server_round in range(1, 0 if method == "zero_shot" else cfg.training.rounds + 1):
         t0 = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, exchange(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
         if new_arrays is not None:
             arrays = new_arrays
-        evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout))
-        report.add_round(server_round, train_metrics, evaluation, time.time() - t0, arrays)
+        replies = exchange(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        report.add_round(server_round, train_metrics, strategy.aggregate_evaluate(server_round, replies), time.time() - t0, saved(arrays))
 
-    report.finish(arrays)
+    report.finish(saved(arrays))

@@ -1,7 +1,8 @@
 """A run's outputs: the per-round table in the log and the run folder a user opens afterwards.
 
 outputs/<date-time>/ holds config.yaml (resolved), metrics.jsonl and metrics.csv (one row per
-round), adapter_final.safetensors, adapter_best.safetensors and summary.json.
+round), the trained weights (adapter_ or encoder_ final/best .safetensors; none for local-only)
+and summary.json (accuracies, and the cost: parameters trained, bytes each way, seconds, images encoded).
 """
 
 from __future__ import annotations
@@ -10,30 +11,47 @@ import csv
 import json
 import logging
 import time
+from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
+
+from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
 
 
-def save_adapter(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
-    """An adapter as safetensors, loadable with AttentionAdapter.load_state_dict(load_file(path))."""
+def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
+    """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
+    an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
     save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
 
 
-class RunReport:
-    """Collects each round's metrics, prints the table row, and keeps the best round's adapter."""
+def message_bytes(message: Message) -> int:
+    """Bytes of tensors a message carries (its ArrayRecords' serialized arrays)."""
+    if message.has_error():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
 
-    def __init__(self, cfg: DictConfig, domains: list[str], adapter_bytes: int, adapter_params: int) -> None:
+
+class RunReport:
+    """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
+
+    def __init__(self, cfg: DictConfig, domains: list[str], train_domains: list[str], trained_parameters: int) -> None:
         self.cfg = cfg
+        self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
         self.domains = domains  # training domains first, then the held-out one if present
-        self.train_domains = [d for d in domains if d != self.held_out]
-        self.adapter_bytes, self.adapter_params = adapter_bytes, adapter_params
+        self.train_domains = train_domains  # the domains whose nodes train (one for method=centralized)
+        self.source_domains = [d for d in domains if d != self.held_out]
+        self.trained_parameters = trained_parameters
+        self.weights_name = "encoder" if self.method in ENCODER_METHODS else "adapter"
+        self.images_encoded = 0  # images that went through the CLIP image encoder in this run
+        self.down: dict[str, int] = defaultdict(int)  # bytes sent to each domain's node this round
+        self.up: dict[str, int] = defaultdict(int)
         self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.dir / "config.yaml")
@@ -48,52 +66,70 @@ class RunReport:
         log.info(" | ".join(f"{c:>10}" for c in cells))
 
     def accuracy(self, metrics: MetricRecord, domain: str) -> float | None:
-        """The accuracy a domain is judged by: all images if held out, else its test split."""
-        return metrics.get(f"{domain}/{'all' if domain == self.held_out else 'test'}-acc")
+        """The accuracy a domain is judged by: all images if held out, else its test split (after local fine-tuning, if any)."""
+        if domain == self.held_out:
+            return metrics.get(f"{domain}/all-acc")
+        return metrics.get(f"{domain}/personalized-test-acc", metrics.get(f"{domain}/test-acc"))
 
-    def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord) -> None:
-        """Record one round (0 = zero-shot); save the adapter if its mean val accuracy is the best so far."""
+    def count_traffic(self, node_domains: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
+        """Add one exchange's bytes each way per node, and the images its replies say were encoded."""
+        for msg in messages:
+            self.down[node_domains[msg.metadata.dst_node_id]] += message_bytes(msg)
+        for msg in replies:
+            self.up[node_domains.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                self.images_encoded += int(msg.content["metrics"].get("images-encoded", 0))
+
+    def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
+        """Record one round (0 = zero-shot); save the weights if their mean val accuracy is the best so far."""
         losses = [train[f"{d}/train-loss"] for d in self.train_domains if f"{d}/train-loss" in train]
-        vals = [evaluation[f"{d}/val-acc"] for d in self.train_domains if f"{d}/val-acc" in evaluation]
-        # a training client gets the adapter, sends its update, gets the new adapter to evaluate;
-        # the held-out client only gets it to evaluate; round 0 (zero-shot) sends no adapter
-        sent = 0 if server_round == 0 else 3 * self.adapter_bytes
-        held_out_nodes = int(self.held_out in self.domains)
-        round_total = 0 if server_round == 0 else (3 * len(self.train_domains) + held_out_nodes) * self.adapter_bytes
+        vals = [evaluation[f"{d}/val-acc"] for d in self.source_domains if f"{d}/val-acc" in evaluation]
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "val_acc_mean": sum(vals) / len(vals) if vals else None,
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
-            "bytes_per_client": sent,
-            "bytes_round": round_total,
+            "bytes_down_per_client": _mean(self.down[d] for d in self.train_domains) or 0,  # a training client's
+            "bytes_up_per_client": _mean(self.up[d] for d in self.train_domains) or 0,
+            "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
             "train": dict(train),
             "evaluate": dict(evaluation),
         }
+        self.down.clear()
+        self.up.clear()
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         fmt = lambda v, pct=True: "-" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}")  # noqa: E731
+        sent = row["bytes_down_per_client"] + row["bytes_up_per_client"]
         self._print(
             [str(server_round), fmt(row["train_loss"], False), *[fmt(row[f"acc/{d}"]) for d in self.domains],
-             fmt(row["val_acc_mean"]), f"{sent / 1024:.1f} KiB", f"{seconds:.2f}"]
+             fmt(row["val_acc_mean"]), _size(sent), f"{seconds:.2f}"]
         )
-        if server_round > 0 and row["val_acc_mean"] is not None and (self.best is None or row["val_acc_mean"] > self.best["val_acc_mean"]):
+        if arrays is not None and server_round > 0 and row["val_acc_mean"] is not None and (self.best is None or row["val_acc_mean"] > self.best["val_acc_mean"]):
             self.best = row
-            save_adapter(arrays, self.dir / "adapter_best.safetensors", {"round": str(server_round)})
+            save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
 
-    def finish(self, arrays: ArrayRecord) -> dict:
-        """Write the final adapter, metrics.csv and summary.json; return the summary."""
-        save_adapter(arrays, self.dir / "adapter_final.safetensors", {"round": str(self.rows[-1]["round"])})
-        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "bytes_per_client", "bytes_round", "seconds"]
+    def finish(self, arrays: ArrayRecord | None) -> dict:
+        """Write the final weights, metrics.csv and summary.json; return the summary."""
+        if arrays is not None and len(self.rows) > 1:
+            save_weights(arrays, self.dir / f"{self.weights_name}_final.safetensors", {"round": str(self.rows[-1]["round"]), "method": self.method})
+        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains],
+                   "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds"]
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
-        zero_shot, best = self.rows[0], self.best or self.rows[-1]
-        pers = {d: best[f"acc/{d}"] for d in self.train_domains}
+        zero_shot, trained = self.rows[0], self.rows[1:]
+        if self.best is None and trained:  # local-only keeps no global weights: pick its best round all the same
+            self.best = max(trained, key=lambda r: -1 if r["val_acc_mean"] is None else r["val_acc_mean"])
+        best = self.best or zero_shot
+        pers = {d: best[f"acc/{d}"] for d in self.source_domains}
+        down, up = _mean(r["bytes_down_per_client"] for r in trained) or 0, _mean(r["bytes_up_per_client"] for r in trained) or 0
         summary = {
+            "method": self.method,
+            "seed": self.cfg.seed,
             "held_out": self.held_out,
             "zero_shot": {d: zero_shot[f"acc/{d}"] for d in self.domains},
             "best_round": best["round"],
@@ -101,20 +137,25 @@ class RunReport:
             "generalization": {self.held_out: best.get(f"acc/{self.held_out}")},
             "personalization": pers,
             "personalization_mean": _mean(pers.values()),
-            "zero_shot_train_domains_mean": _mean(zero_shot[f"acc/{d}"] for d in self.train_domains),
-            "rounds": len(self.rows) - 1,
+            "zero_shot_train_domains_mean": _mean(zero_shot[f"acc/{d}"] for d in self.source_domains),
+            "rounds": len(trained),
             "wall_seconds": time.time() - self.start,
-            "adapter_parameters": self.adapter_params,
-            "bytes_per_client_per_round": 3 * self.adapter_bytes,
+            "seconds_per_round": _mean(r["seconds"] for r in trained),
+            "trained_parameters": self.trained_parameters,
+            "bytes_down_per_client_per_round": round(down),
+            "bytes_up_per_client_per_round": round(up),
+            "bytes_per_client_per_round": round(down + up),
             "bytes_total": sum(r["bytes_round"] for r in self.rows),
+            "features_encoded": self.images_encoded,
             "run_folder": str(self.dir),
         }
         with open(self.dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=2)
-        log.info("best round %s (mean val %.2f%%): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
-                 best["round"], 100 * (best["val_acc_mean"] or 0), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
+        log.info("%s: best round %s (mean val %s): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
+                 self.method, best["round"], _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
                  _pct(zero_shot.get(f"acc/{self.held_out}")), _pct(summary["personalization_mean"]), _pct(summary["zero_shot_train_domains_mean"]))
-        log.info("summary: %s", self.dir / "summary.json")
+        log.info("trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
+                 f"{self.trained_parameters:,}", _size(down), _size(up), self.images_encoded, self.dir / "summary.json")
         return summary
 
 
@@ -125,3 +166,11 @@ def _mean(values) -> float | None:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} GiB"

@@ -53,15 +53,24 @@ def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]
 
 
 class FedClipStrategy(FedAvg):
-    """Sends the global adapter to the training domains' nodes only and averages what comes back.
+    """Sends the global weights to the training domains' nodes only and averages what comes back.
 
     `node_domains` maps node id -> domain; the held-out domain's node is evaluated, never trained.
+    `template` is the trained part's tensors (the adapter, or the image encoder for fedavg/fedprox).
     Malformed replies (wrong keys, shapes or dtype, NaN/Inf, no example count) are dropped and
-    logged with the node id; if fewer than `min_train_nodes` remain, the adapter is not changed.
+    logged with the node id; if fewer than `min_train_nodes` remain, the weights are not changed.
+    method=local keeps one adapter per node instead of averaging (`node_states`); the held-out
+    node is then evaluated with every one of them. method=centralized trains on one node only.
     """
 
     def __init__(
-        self, node_domains: dict[int, str], held_out: str, template: dict[str, np.ndarray], weighting: str, min_train_nodes: int
+        self,
+        node_domains: dict[int, str],
+        held_out: str,
+        template: dict[str, np.ndarray],
+        weighting: str,
+        min_train_nodes: int,
+        method: str = "fedclip",
     ) -> None:
         if weighting not in ("equal", "examples"):
             raise ValueError(f"strategy.weighting must be 'equal' or 'examples', got {weighting!r}")
@@ -70,25 +79,43 @@ class FedClipStrategy(FedAvg):
         self.held_out = held_out
         self.template = template
         self.weighting = weighting
+        self.method = method
+        self.node_states: dict[int, ArrayRecord] = {}
+
+    @property
+    def train_nodes(self) -> list[int]:
+        """The nodes that train: every training domain's, or for method=centralized the first one."""
+        nodes = sorted((n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_domains[n])
+        return nodes[:1] if self.method == "centralized" else nodes
 
     def summary(self) -> None:
-        train = sorted(d for d in self.node_domains.values() if d != self.held_out)
-        log.info("FedClipStrategy: train on %s, hold out %s, %s weighting", train, self.held_out, self.weighting)
+        train = sorted(self.node_domains[n] for n in self.train_nodes)
+        log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting", self.method, train, self.held_out, self.weighting)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
-        nodes = [n for n, d in self.node_domains.items() if d != self.held_out]
-        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), nodes, MessageType.TRAIN)
+        if self.method == "local":  # each node continues its own adapter
+            return [self._message({"arrays": self.node_states.get(n, arrays)}, config, n, MessageType.TRAIN) for n in self.train_nodes]
+        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), self.train_nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
+        if self.method == "local" and self.node_states:
+            every = {f"arrays/{self.node_domains[n]}": state for n, state in self.node_states.items()}
+            records = {n: {"arrays": self.node_states.get(n, arrays)} for n in self.node_domains}
+            records.update({n: every for n, d in self.node_domains.items() if d == self.held_out})
+            return [self._message(records[n], config, n, MessageType.EVALUATE) for n in self.node_domains]
         return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), list(self.node_domains), MessageType.EVALUATE)
+
+    @staticmethod
+    def _message(arrays: dict[str, ArrayRecord], config: ConfigRecord, node: int, message_type: str) -> Message:
+        return Message(RecordDict({**arrays, "config": config}), dst_node_id=node, message_type=message_type)
 
     def _domain(self, message: Message) -> str:
         return self.node_domains.get(message.metadata.src_node_id, f"node-{message.metadata.src_node_id}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The averaged adapter (None keeps the current one) and per-domain train metrics."""
+        """The averaged weights (None keeps the current ones) and per-domain train metrics."""
         states, weights, metrics = [], [], MetricRecord()
         for msg in replies:
             node, domain = msg.metadata.src_node_id, self._domain(msg)
@@ -97,11 +124,15 @@ class FedClipStrategy(FedAvg):
                 log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, domain, reason)
                 continue
             states.append(state)
+            if self.method == "local":
+                self.node_states[node] = msg.content["arrays"]
             weights.append(float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
             for key, value in msg.content["metrics"].items():
                 metrics[f"{domain}/{key}"] = value
         if len(states) < max(self.min_train_nodes, 1):
             log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(states), self.min_train_nodes)
+            return None, metrics
+        if self.method == "local":  # nothing is averaged; the node states were kept above
             return None, metrics
         return ArrayRecord({k: Array(v) for k, v in aggregate_adapters(states, weights).items()}), metrics
 
