@@ -17,11 +17,14 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class HubDomain:
 
     domain: str
     classes: list[str]
-    dataset: object  # datasets.Dataset of this domain, its image column cast to Image(decode=False)
+    dataset: datasets.Dataset  # this domain's rows, the image column cast to Image(decode=False)
     rows: np.ndarray  # the rows of `dataset` this source holds
     labels: list[int]
     hub_id: str
