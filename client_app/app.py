@@ -1,4 +1,4 @@
-"""The FedCLIP ClientApp: one domain's images, a frozen CLIP, and the adapter it trains locally."""
+"""The FedCLIP ClientApp: one domain's images (or a share of them), a frozen CLIP, and the adapter it trains locally."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_from_run, select_device
-from common.data import DomainFolder, DomainSplit, dataset_classes, dataset_domains, dataset_root, domain_folder, split_domain
+from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_domain
 from common.model import AttentionAdapter, class_prompts, load_clip, model_name_or_path
 from common.train import (
@@ -37,14 +37,15 @@ app = ClientApp()
 
 @dataclass
 class LocalData:
-    """What a client holds: its domain's cached features and their split."""
+    """What a client holds: its images (a domain, or its share of one), their cached features and split."""
 
     cfg: DictConfig
     domain: str
+    client: str  # the domain, or "<domain>#<shard>" when dataset.clients_per_domain > 1
+    images: ImageSource
     feats: DomainFeatures
     split: DomainSplit
     device: torch.device
-    images: DomainFolder  # the image files, read again only by the encoder fine-tuning baselines
 
     @property
     def held_out(self) -> bool:
@@ -52,33 +53,40 @@ class LocalData:
 
 
 def load_local_data(context: Context) -> LocalData:
-    """This node's domain (node config `domain`, else its simulation partition-id) and its features."""
+    """This node's client: node config `domain` (and `shard`), else its simulation partition-id; and its features.
+
+    With k = dataset.clients_per_domain, partition-id p is shard p % k of domain p // k.
+    """
     cfg = config_from_run(context.run_config)
-    root = dataset_root(cfg)
-    domains = dataset_domains(cfg, root)
+    domains = dataset_domains(cfg)
+    k = int(cfg.dataset.clients_per_domain)
     if "domain" in context.node_config:
         domain = str(context.node_config["domain"])
         if domain not in domains:
             raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(domains)}")
+        if k > 1 and "shard" not in context.node_config:
+            raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
+        shard = int(context.node_config.get("shard", 0))
     else:
         partition = int(context.node_config["partition-id"])
-        if partition >= len(domains):
+        if partition >= len(domains) * k:
             raise ValueError(
-                f"partition-id {partition} has no domain: the run has {len(domains)} domains ({', '.join(domains)}); "
-                f"run with --federation-config \"num-supernodes={len(domains)}\""
+                f"partition-id {partition} has no client: the run has {len(domains)} domains ({', '.join(domains)}) "
+                f"x {k} client(s) each; run with --federation-config \"num-supernodes={len(domains) * k}\""
             )
-        domain = domains[partition]
+        domain, shard = domains[partition // k], partition % k
     device = select_device(str(context.node_config.get("device", cfg.device)))
-    folder = domain_folder(root, domain, dataset_classes(root, domains))
+    images = client_images(cfg, domain, shard)
     feats = domain_features(
-        model_name_or_path(cfg), folder, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
+        model_name_or_path(cfg), images, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
-    split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, domain)
-    return LocalData(cfg, domain, feats, split, device, folder)
+    client = client_name(domain, shard, k)
+    split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, client)
+    return LocalData(cfg, domain, client, images, feats, split, device)
 
 
 def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"domain": local.domain})})
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"domain": local.domain, "client": local.client})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=message)
@@ -110,13 +118,13 @@ def query(message: Message, context: Context) -> Message:
 
 def _generator(local: LocalData, server_round: int, purpose: str) -> torch.Generator:
     """A seeded generator per client, round and purpose, so runs repeat exactly."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{local.cfg.seed}/{local.domain}/{server_round}/{purpose}".encode()))
+    return torch.Generator().manual_seed(zlib.crc32(f"{local.cfg.seed}/{local.client}/{server_round}/{purpose}".encode()))
 
 
 def _file_indices(local: LocalData, rows: np.ndarray) -> torch.Tensor:
     """Indices into the image files of feature rows (unreadable files have no row)."""
     skipped = set(local.feats.skipped)
-    readable = [i for i, path in enumerate(local.images.paths) if str(path) not in skipped]
+    readable = [i for i in range(len(local.images)) if local.images.name(i) not in skipped]
     return torch.as_tensor([readable[r] for r in rows])
 
 

@@ -1,38 +1,148 @@
-"""Image folders in the common ROOT/<domain>/<class>/<image> layout, and the per-domain splits."""
+"""Where a run's images come from, and how they are divided among clients.
+
+Two sources stand behind one interface, `ImageSource` (a domain's images, or one client's share of them):
+a folder in the common ROOT/<domain>/<class>/<image> layout (DomainBed's), or a Hugging Face dataset with
+image/domain/label columns read through flwr-datasets (`FederatedDataset` + `NaturalIdPartitioner` on the
+domain). Images are decoded one at a time when encoded, never all held in memory; unreadable ones are
+skipped and reported. Class order comes from the config, so labels agree across clients.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import json
 import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+if TYPE_CHECKING:
+    import datasets
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+PARTITIONS = ("shards", "dirichlet")
+DIRICHLET_TRIES = 10  # fresh draws before a Dirichlet split that leaves a client empty is an error
+
+
+class ImageSource(Protocol):
+    """What the feature cache reads: a domain's images, or one client's share; labels index `classes`."""
+
+    domain: str
+    classes: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> Image.Image | None:
+        """Image i as RGB, or None (logged) when it cannot be decoded."""
+
+    def name(self, i: int) -> str:
+        """Where image i comes from, for the report of skipped images."""
+
+    def fingerprint(self) -> str:
+        """Changes whenever the images, their labels or their order change: the feature cache's key."""
+
+    def subset(self, rows: np.ndarray) -> ImageSource:
+        """The same source restricted to `rows` (one client's shard)."""
 
 
 @dataclass
 class DomainFolder:
-    """One domain's image files and labels; labels index into `classes` (shared by all domains)."""
+    """Image files of one domain in the folder layout."""
 
     domain: str
     classes: list[str]
     paths: list[Path]
     labels: list[int]
 
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> Image.Image | None:
+        return read_image(self.paths[i])
+
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def fingerprint(self) -> str:
+        """Every file's path, size and mtime, and its label."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(["folder", self.classes]).encode())
+        for path, label in zip(self.paths, self.labels):
+            stat = path.stat()
+            h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{label}\n".encode())
+        return h.hexdigest()
+
+    def subset(self, rows: np.ndarray) -> DomainFolder:
+        return DomainFolder(self.domain, self.classes, [self.paths[r] for r in rows], [self.labels[r] for r in rows])
+
+
+@dataclass
+class HubDomain:
+    """Rows of one domain of a Hugging Face dataset; Arrow keeps them memory-mapped on disk, undecoded."""
+
+    domain: str
+    classes: list[str]
+    dataset: datasets.Dataset  # this domain's rows, the image column cast to Image(decode=False)
+    rows: np.ndarray  # the rows of `dataset` this source holds
+    labels: list[int]
+    hub_id: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, i: int) -> Image.Image | None:
+        image = self.dataset[int(self.rows[i])]["image"]
+        if image is None or (image.get("bytes") is None and image.get("path") is None):
+            log.warning("skipping missing image %s", self.name(i))
+            return None
+        file = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else Path(image["path"])
+        return read_image(file, self.name(i))
+
+    def name(self, i: int) -> str:
+        return f"{self.hub_id}:{self.domain}[{int(self.rows[i])}]"
+
+    def fingerprint(self) -> str:
+        """The Arrow dataset's own fingerprint (data files and every transform applied), the rows and labels."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(["hub", self.hub_id, self.dataset._fingerprint, self.classes]).encode())
+        h.update(np.asarray(self.rows, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def subset(self, rows: np.ndarray) -> HubDomain:
+        return HubDomain(self.domain, self.classes, self.dataset, self.rows[rows], [self.labels[r] for r in rows], self.hub_id)
+
 
 @dataclass
 class DomainSplit:
-    """Disjoint train/val/test indices into one domain's images."""
+    """Disjoint train/val/test indices into one client's images."""
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+
+
+def read_image(file: Path | BinaryIO, name: str | None = None) -> Image.Image | None:
+    """The image as RGB, or None (logged) when the file is unreadable or truncated."""
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        log.warning("skipping unreadable image %s: %s", name or file, err)
+        return None
+
+
+# ---- the folder source ----------------------------------------------------------------------------------
 
 
 def dataset_root(cfg: DictConfig) -> Path:
@@ -45,7 +155,7 @@ def dataset_root(cfg: DictConfig) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(
             f"dataset.root={root} is not a folder. Point it at a folder laid out as ROOT/<domain>/<class>/<image>, "
-            "e.g. --run-config 'overrides=\"dataset=folder dataset.root=/data/PACS dataset.held_out=sketch\"'"
+            "e.g. --run-config 'overrides=\"dataset=pacs dataset.root=/data/PACS dataset.held_out=sketch\"'"
         )
     return root
 
@@ -55,25 +165,20 @@ def _is_data_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
 
 
-def dataset_domains(cfg: DictConfig, root: Path) -> list[str]:
-    """The run's domains, checked against the folder; the held-out one must be among them."""
-    found = sorted(p.name for p in root.iterdir() if _is_data_dir(p))
-    domains = list(cfg.dataset.domains) if cfg.dataset.domains else found
-    unknown = [d for d in domains if d not in found]
-    if unknown:
-        raise ValueError(f"domain(s) {unknown} not found in {root}; valid domains: {', '.join(found)}")
-    if cfg.dataset.held_out not in domains:
-        raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}")
-    return domains
-
-
 def dataset_classes(root: Path, domains: list[str]) -> list[str]:
-    """Class names: the union of class folders over all domains, sorted, so labels agree across clients."""
+    """Class names when the config names none: the union of class folders over all domains, sorted."""
     return sorted({p.name for d in domains for p in (root / d).iterdir() if _is_data_dir(p)})
 
 
 def domain_folder(root: Path, domain: str, classes: list[str]) -> DomainFolder:
-    """Every image file of one domain, in a stable order (sorted by class, then file name)."""
+    """Every image file of one domain, in a stable order (by class, then file name)."""
+    unknown = sorted(p.name for p in (root / domain).iterdir() if _is_data_dir(p) and p.name not in classes)
+    if unknown:
+        raise ValueError(
+            f"{root / domain} has class folder(s) {unknown} that are not among the {len(classes)} classes of "
+            f"dataset.classes (first ones: {', '.join(classes[:10])}). Rename the folders, add the classes to "
+            "dataset.classes, or set dataset.classes=null to use every class folder found"
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         folder = root / domain / name
@@ -87,18 +192,155 @@ def domain_folder(root: Path, domain: str, classes: list[str]) -> DomainFolder:
     return DomainFolder(domain, classes, paths, labels)
 
 
-def read_image(path: Path) -> Image.Image | None:
-    """The image as RGB, or None (logged) when the file is unreadable or truncated."""
+# ---- the Hugging Face source ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _hub_dataset(hub_id: str, split: str):
+    """The dataset behind flwr-datasets, partitioned by its domain column; loaded once per process."""
+    import datasets
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    fds = FederatedDataset(dataset=hub_id, partitioners={split: NaturalIdPartitioner(partition_by="domain")}, shuffle=False)
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        log.warning("skipping unreadable image %s: %s", path, err)
-        return None
+        partitioner = fds.partitioners[split]  # downloads (or opens the local copy) and converts to Arrow once
+    except (OSError, ValueError) as err:  # no network, no such dataset or folder, no such split
+        raise RuntimeError(
+            f"cannot load the dataset dataset.hub_id={hub_id!r} (split {split!r}): {err}. Without network access, "
+            f"download it once elsewhere (`hf download {hub_id} --repo-type dataset --local-dir DIR`) and set "
+            "dataset.hub_id=DIR"
+        ) from err
+    columns = partitioner.dataset.column_names
+    if not {"image", "domain", "label"} <= set(columns):
+        raise ValueError(f"dataset {hub_id!r} must have the columns image, domain and label; it has {columns}")
+    domain_feature = partitioner.dataset.features["domain"]
+    if partitioner.num_partitions == 0:  # also builds the partition-id -> domain map
+        raise ValueError(f"dataset {hub_id!r} has no rows in split {split!r}")
+    by_name = {
+        domain_feature.int2str(d) if isinstance(domain_feature, datasets.ClassLabel) else str(d): pid
+        for pid, d in partitioner.partition_id_to_natural_id.items()
+    }
+    return fds, by_name
+
+
+def hub_domain(hub_id: str, split: str, domain: str, classes: list[str] | None) -> HubDomain:
+    """One domain's rows, labels mapped onto the configured classes by name."""
+    import datasets
+
+    fds, by_name = _hub_dataset(hub_id, split)
+    rows = fds.load_partition(by_name[domain], split).cast_column("image", datasets.Image(decode=False))
+    feature = rows.features["label"]
+    hub_names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    classes = list(classes) if classes else hub_names
+    if classes is None:
+        raise ValueError(f"the label column of {hub_id!r} has no class names: list them in dataset.classes")
+    labels = np.asarray(rows["label"], dtype=np.int64)
+    if hub_names is not None:
+        unknown = [n for n in hub_names if n not in classes]
+        if unknown:
+            raise ValueError(f"classes {unknown} of {hub_id!r} are not in dataset.classes; add them or set dataset.classes=null")
+        labels = np.array([classes.index(n) for n in hub_names], dtype=np.int64)[labels]
+    elif labels.size and not (0 <= labels.min() and labels.max() < len(classes)):
+        raise ValueError(f"labels of {hub_id!r} range over {labels.min()}..{labels.max()} but dataset.classes has {len(classes)}")
+    return HubDomain(domain, classes, rows, np.arange(len(rows)), labels.tolist(), hub_id)
+
+
+# ---- a run's domains and each client's images ---------------------------------------------------------------
+
+
+def dataset_domains(cfg: DictConfig) -> list[str]:
+    """The run's domains (configured, else all found), checked against the data; held_out must be one."""
+    if cfg.dataset.source == "folder":
+        root = dataset_root(cfg)
+        found, where = sorted(p.name for p in root.iterdir() if _is_data_dir(p)), str(root)
+    elif cfg.dataset.source == "hub":
+        if not cfg.dataset.hub_id:
+            raise ValueError("dataset.source=hub needs dataset.hub_id (a hub dataset id such as flwrlabs/pacs, or a local copy)")
+        found, where = sorted(_hub_dataset(cfg.dataset.hub_id, cfg.dataset.hub_split)[1]), cfg.dataset.hub_id
+    else:
+        raise ValueError(f"dataset.source={cfg.dataset.source!r} is not one of: folder, hub")
+    domains = list(cfg.dataset.domains) if cfg.dataset.domains else found
+    unknown = [d for d in domains if d not in found]
+    if unknown:
+        raise ValueError(f"domain(s) {unknown} not found in {where}; valid domains: {', '.join(found)}")
+    if cfg.dataset.held_out not in domains:
+        raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}")
+    return domains
+
+
+def domain_images(cfg: DictConfig, domain: str) -> ImageSource:
+    """All images of one domain of the run, from the configured source."""
+    domains = dataset_domains(cfg)
+    if domain not in domains:
+        raise ValueError(f"domain {domain!r} is not a domain of this run; valid: {', '.join(domains)}")
+    if cfg.dataset.source == "hub":
+        return hub_domain(cfg.dataset.hub_id, cfg.dataset.hub_split, domain, cfg.dataset.classes)
+    root = dataset_root(cfg)
+    classes = list(cfg.dataset.classes) if cfg.dataset.classes else dataset_classes(root, domains)
+    return domain_folder(root, domain, classes)
+
+
+def client_name(domain: str, shard: int, clients_per_domain: int) -> str:
+    """The domain itself with one client per domain, else "<domain>#<shard>" ('/' separates metric keys)."""
+    return domain if clients_per_domain == 1 else f"{domain}#{shard}"
+
+
+def client_images(cfg: DictConfig, domain: str, shard: int) -> ImageSource:
+    """The images of client `shard` of `domain`: the whole domain, or its share of dataset.clients_per_domain."""
+    images = domain_images(cfg, domain)
+    k = int(cfg.dataset.clients_per_domain)
+    if not 0 <= shard < k:
+        raise ValueError(f"shard {shard} does not exist: dataset.clients_per_domain={k}, so shards are 0..{k - 1}")
+    if k == 1:
+        return images
+    shards = shard_domain(images.labels, k, cfg.dataset.partition, cfg.dataset.dirichlet_alpha, cfg.seed, domain)
+    return images.subset(shards[shard])
+
+
+def shard_domain(labels: list[int], num_shards: int, partition: str, alpha: float, seed: int, domain: str) -> list[np.ndarray]:
+    """Divide one domain's images among `num_shards` clients, seeded so that every machine agrees.
+
+    `shards`: a random permutation cut into equal parts. `dirichlet`: each class is spread over the clients
+    in proportions drawn from Dirichlet(alpha) (small alpha: each client sees few classes). Every client gets
+    at least one image, or this is an error.
+    """
+    labels = np.asarray(labels)
+    if num_shards < 1:
+        raise ValueError(f"dataset.clients_per_domain must be at least 1, got {num_shards}")
+    if len(labels) < num_shards:
+        raise ValueError(
+            f"domain {domain!r} has {len(labels)} images, fewer than dataset.clients_per_domain={num_shards}: "
+            "lower dataset.clients_per_domain"
+        )
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode()), num_shards])
+    if partition == "shards":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_shards)]
+    if partition != "dirichlet":
+        raise ValueError(f"dataset.partition={partition!r} is not one of: {', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ValueError(f"dataset.dirichlet_alpha must be positive, got {alpha}")
+    for _ in range(DIRICHLET_TRIES):
+        shards: list[list[int]] = [[] for _ in range(num_shards)]
+        for label in np.unique(labels):
+            rows = rng.permutation(np.flatnonzero(labels == label))
+            cuts = np.round(np.cumsum(rng.dirichlet(np.full(num_shards, alpha)))[:-1] * len(rows)).astype(int)
+            for shard, part in zip(shards, np.split(rows, cuts)):
+                shard.extend(part.tolist())
+        if all(shards):
+            return [np.array(sorted(shard), dtype=np.int64) for shard in shards]
+    raise ValueError(
+        f"a Dirichlet split (alpha={alpha}) of domain {domain!r} ({len(labels)} images, {len(np.unique(labels))} classes) "
+        f"left a client with no image in {DIRICHLET_TRIES} draws: raise dataset.dirichlet_alpha, lower "
+        "dataset.clients_per_domain, or use dataset.partition=shards"
+    )
 
 
 def split_domain(num_images: int, fractions: list[float], seed: int, domain: str) -> DomainSplit:
-    """A seeded train/val/test split of one domain (60/20/20 by default), the same on every machine."""
+    """A seeded train/val/test split of one client's images (60/20/20 by default), the same on every machine.
+
+    `domain` seeds it: the domain's name, or the client's name when a domain has several clients.
+    """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"dataset.split must be three fractions summing to 1, got {list(fractions)}")
     order = np.random.default_rng([seed, zlib.crc32(domain.encode())]).permutation(num_images)

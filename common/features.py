@@ -3,8 +3,9 @@
 CLIP never trains, so a client encodes its images (and its class prompts) once. The result is
 kept in memory for the life of the process and on disk as safetensors under
 ``<cache_dir>/features/<key>.safetensors``; the key hashes the model files' contents (preprocessing included),
-the precision, the prompts and the image files (path, size, mtime), so a change to any of them
-makes a new entry and a later run with the same inputs encodes nothing.
+the precision, the prompts and the images' fingerprint (each file's path, size and mtime for a folder; the
+Arrow dataset's fingerprint and rows for the hub), so a change to any of them makes a new entry and a later
+run with the same inputs encodes nothing. One entry per client: a domain, or one client's shard of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.data import DomainFolder, read_image
+from common.data import ImageSource
 from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,13 @@ _FILE_HASHES: dict[tuple, str] = {}
 
 @dataclass
 class DomainFeatures:
-    """A domain's cached frozen features: images that could be read, their labels, the class prompts."""
+    """A client's cached frozen features: images that could be read, their labels, the class prompts."""
 
     image: torch.Tensor  # [N, d] projected CLIP image features, not normalized
     labels: torch.Tensor  # [N]
     text: torch.Tensor  # [C, d] projected features of one prompt per class
     logit_scale: torch.Tensor
-    skipped: list[str]  # files that could not be read
+    skipped: list[str]  # images that could not be read
 
 
 def _file_hash(path: Path) -> str:
@@ -72,44 +73,48 @@ def model_files_fingerprint(name_or_path: str) -> str:
     return h.hexdigest()
 
 
-def features_key(model_fingerprint: str, folder: DomainFolder, prompts: list[str], dtype: str) -> str:
-    """The cache key of one domain's features: model, precision, prompts and every image file."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([FEATURES_VERSION, model_fingerprint, dtype, prompts, folder.classes]).encode())
-    for path, label in zip(folder.paths, folder.labels):
-        stat = path.stat()
-        h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{label}\n".encode())
-    return h.hexdigest()
+def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str], dtype: str) -> str:
+    """The cache key of one client's features: model, precision, prompts and every image with its label."""
+    payload = [FEATURES_VERSION, model_fingerprint, dtype, prompts, images.classes, images.fingerprint()]
+    return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
+
+
+def image_batches(processor, images: ImageSource, indices, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                  skipped: list[str] | None = None):
+    """(pixel_values, labels) batches of images[indices], decoded a batch at a time; unreadable ones are left out (and named in `skipped`)."""
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        batch, labels = [], []
+        for i in indices[start : start + batch_size]:
+            img = images.read(i)
+            if img is None:
+                if skipped is not None:
+                    skipped.append(images.name(i))
+                continue
+            batch.append(img)
+            labels.append(images.labels[i])
+        if batch:
+            yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device, dtype), torch.tensor(labels, device=device)
 
 
 @torch.no_grad()
 def encode_domain(
-    model, processor, folder: DomainFolder, prompts: list[str], device: torch.device, batch_size: int
+    model, processor, images: ImageSource, prompts: list[str], device: torch.device, batch_size: int
 ) -> DomainFeatures:
-    """Run the frozen CLIP once over a domain's images and prompts; unreadable images are skipped."""
+    """Run the frozen CLIP once over a client's images (decoded batch by batch) and prompts; unreadable ones are skipped."""
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
     t0 = time.time()
-    for start in range(0, len(folder.paths), batch_size):
-        images, batch_labels = [], []
-        for path, label in zip(folder.paths[start : start + batch_size], folder.labels[start : start + batch_size]):
-            img = read_image(path)
-            if img is None:
-                skipped.append(str(path))
-            else:
-                images.append(img)
-                batch_labels.append(label)
-        if images:
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
-            feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
-            labels += batch_labels
-        done = min(start + batch_size, len(folder.paths))
-        log.info("[%s] encoded %d/%d images (%.0f images/s)", folder.domain, done, len(folder.paths), done / (time.time() - t0 + 1e-9))
+    for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
+        feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
+        labels.append(batch_labels.cpu())
+        done = sum(len(b) for b in labels) + len(skipped)
+        log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
     if not feats:
-        raise RuntimeError(f"none of the {len(folder.paths)} images of domain {folder.domain!r} could be read")
+        raise RuntimeError(f"none of the {len(images)} images of domain {images.domain!r} could be read")
     text_in = processor.tokenizer(prompts, padding=True, return_tensors="pt").to(device)
     text = model.get_text_features(**text_in).pooler_output.float().cpu()
-    return DomainFeatures(torch.cat(feats), torch.tensor(labels), text, model.logit_scale.detach().float().cpu(), skipped)
+    return DomainFeatures(torch.cat(feats), torch.cat(labels), text, model.logit_scale.detach().float().cpu(), skipped)
 
 
 def _load_cached(path: Path) -> DomainFeatures | None:
@@ -134,24 +139,24 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
 
 
 def domain_features(
-    name_or_path: str, folder: DomainFolder, prompt: str, cache_dir: Path, device: torch.device, batch_size: int, dtype: str
+    name_or_path: str, images: ImageSource, prompt: str, cache_dir: Path, device: torch.device, batch_size: int, dtype: str
 ) -> DomainFeatures:
-    """A domain's frozen features from memory, else from the disk cache, else encoded (and cached)."""
-    prompts = class_prompts(folder.classes, prompt)
-    key = features_key(model_files_fingerprint(name_or_path), folder, prompts, dtype)
+    """A client's frozen features from memory, else from the disk cache, else encoded (and cached)."""
+    prompts = class_prompts(images.classes, prompt)
+    key = features_key(model_files_fingerprint(name_or_path), images, prompts, dtype)
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
     feats = _load_cached(path) if path.exists() else None
     if feats is not None:
-        log.info("[%s] reusing cached features of %d images (%s)", folder.domain, len(feats.labels), path)
+        log.info("[%s] reusing cached features of %d images (%s)", images.domain, len(feats.labels), path)
     else:
-        log.info("[%s] encoding %d images once with the frozen CLIP on %s", folder.domain, len(folder.paths), device)
+        log.info("[%s] encoding %d images once with the frozen CLIP on %s", images.domain, len(images), device)
         model, processor = load_clip(name_or_path, device, getattr(torch, dtype))
-        feats = encode_domain(model, processor, folder, prompts, device, batch_size)
+        feats = encode_domain(model, processor, images, prompts, device, batch_size)
         del model
-        _save_cached(path, feats, {"domain": folder.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped})
+        _save_cached(path, feats, {"domain": images.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped})
     if feats.skipped:
-        log.warning("[%s] %d unreadable image(s) skipped", folder.domain, len(feats.skipped))
+        log.warning("[%s] %d unreadable image(s) skipped", images.domain, len(feats.skipped))
     _MEMORY[key] = feats
     return feats

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from common.data import DomainFolder, read_image
-from common.features import DomainFeatures
+from common.data import ImageSource
+from common.features import DomainFeatures, image_batches
 from common.model import adapter_loss, class_logits
 
 
@@ -90,7 +90,7 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 def finetune_encoder(
     model: nn.Module,
     processor,
-    images: DomainFolder,
+    images: ImageSource,
     indices: torch.Tensor,
     text: torch.Tensor,
     cfg: DictConfig,
@@ -114,7 +114,7 @@ def finetune_encoder(
     total, count = 0.0, 0
     for _ in range(cfg.training.local_epochs):
         order = indices[torch.randperm(len(indices), generator=generator)]
-        for pixels, labels in image_batches(processor, images, order, cfg.training.batch_size, device):
+        for pixels, labels in image_batches(processor, images, order.tolist(), cfg.training.batch_size, device):
             feats = model.get_image_features(pixel_values=pixels).pooler_output
             loss = F.cross_entropy(class_logits(feats.float(), text, scale, None), labels)
             if mu > 0:
@@ -126,12 +126,3 @@ def finetune_encoder(
             count += len(labels)
     model.eval()
     return total / max(count, 1)
-
-
-def image_batches(processor, images: DomainFolder, indices: torch.Tensor, batch_size: int, device: torch.device):
-    """(pixel_values, labels) batches of the given images, read from disk; unreadable ones are left out."""
-    for start in range(0, len(indices), batch_size):
-        batch = [(img, images.labels[i]) for i in indices[start : start + batch_size].tolist() if (img := read_image(images.paths[i])) is not None]
-        if batch:
-            pixels = processor(images=[img for img, _ in batch], return_tensors="pt")["pixel_values"].to(device)
-            yield pixels, torch.tensor([label for _, label in batch], device=device)

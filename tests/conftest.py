@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CLIP saved with save_pretrained, and a small multi-domain image folder."""
+"""Shared fixtures: a tiny CLIP saved with save_pretrained, a small multi-domain image folder, and the same
+kind of data as a Hugging Face dataset saved to disk in the hub's layout (data/train-*.parquet)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,37 @@ def write_image_folder(root: Path, domains=("art", "photo", "sketch"), classes=(
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "data")
+
+
+def write_hub_dataset(root: Path, domains=("art_painting", "cartoon", "photo", "sketch"), classes=("giraffe", "dog", "elephant"),
+                      per_class=4) -> Path:
+    """A dataset with flwrlabs/pacs's columns (image, domain string, label ClassLabel) written as parquet the
+    way a hub repository holds it, so that `FederatedDataset(dataset=root)` reads it like the hub's copy.
+    The second image of the first domain is not an image."""
+    import io
+
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
+
+    rng = np.random.default_rng(1)
+    rows = {"image": [], "domain": [], "label": []}
+    for domain in domains:
+        for label in range(len(classes)):
+            for _ in range(per_class):
+                png = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(png, format="PNG")
+                rows["image"].append({"bytes": png.getvalue(), "path": None})
+                rows["domain"].append(domain)
+                rows["label"].append(label)
+    rows["image"][1] = {"bytes": b"\x89PNG\r\n truncated", "path": None}
+    features = Features(image=ImageFeature(), domain=Value("string"), label=ClassLabel(names=list(classes)))
+    (root / "data").mkdir(parents=True)
+    Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def hub_dataset(tmp_path_factory) -> Path:
+    return write_hub_dataset(tmp_path_factory.mktemp("hub-copy"))
 
 
 def reply_from(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
