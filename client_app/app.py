@@ -75,14 +75,35 @@ def load_local_data(context: Context) -> LocalData:
                 f"x {k} client(s) each; run with --federation-config \"num-supernodes={len(domains) * k}\""
             )
         domain, shard = domains[partition // k], partition % k
-    device = select_device(str(context.node_config.get("device", cfg.device)))
+    return client_data(cfg, domain, shard, select_device(str(context.node_config.get("device", cfg.device))))
+
+
+def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device) -> LocalData:
+    """One client's images, their frozen features (cached) and its seeded split."""
     images = client_images(cfg, domain, shard)
     feats = domain_features(
         model_name_or_path(cfg), images, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
-    client = client_name(domain, shard, k)
+    client = client_name(domain, shard, int(cfg.dataset.clients_per_domain))
     split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, client)
     return LocalData(cfg, domain, client, images, feats, split, device)
+
+
+def pooled_train_data(local: LocalData) -> tuple[DomainFeatures, torch.Tensor]:
+    """method=centralized: the train splits of every training client pooled, with their features."""
+    cfg, k = local.cfg, int(local.cfg.dataset.clients_per_domain)
+    parts = []
+    for domain in dataset_domains(cfg):
+        for shard in range(k) if domain != cfg.dataset.held_out else []:
+            try:
+                other = local if (domain, client_name(domain, shard, k)) == (local.domain, local.client) else client_data(cfg, domain, shard, local.device)
+            except (OSError, ValueError) as err:
+                raise RuntimeError(f"method=centralized pools every training client's data on one node, but this node cannot read "
+                                   f"{client_name(domain, shard, k)!r} ({err}); it is an upper bound for simulation, where all data is local") from err
+            parts.append((other.feats.image[other.split.train], other.feats.labels[other.split.train]))
+    image, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    pooled = DomainFeatures(image, labels, local.feats.text, local.feats.logit_scale, [])
+    return pooled, torch.arange(len(labels))
 
 
 def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
@@ -149,16 +170,17 @@ def train(message: Message, context: Context) -> Message:
         model, processor = _encoder_clip(local, message.content["arrays"])
         train_files = _file_indices(local, local.split.train)
         loss = finetune_encoder(model, processor, local.images, train_files, local.feats.text, cfg, generator)
-        arrays, encoded = ArrayRecord(encoder_state(model)), len(train_files) * cfg.training.local_epochs
+        arrays, encoded, examples = ArrayRecord(encoder_state(model)), len(train_files) * cfg.training.local_epochs, len(train_files)
     else:
+        feats, rows = pooled_train_data(local) if cfg.method.name == "centralized" else (local.feats, torch.as_tensor(local.split.train))
         adapter = _adapter(local, message.content["arrays"])
         optimizer = make_optimizer(adapter, cfg.training)
         if "optimizer" in context.state:
             load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
-        loss = train_adapter(adapter, optimizer, local.feats, torch.as_tensor(local.split.train), cfg.training, generator)
+        loss = train_adapter(adapter, optimizer, feats, rows, cfg.training, generator)
         context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
-        arrays, encoded = ArrayRecord(adapter.state_dict()), 0
-    metrics = {"train-loss": loss, "num-examples": len(local.split.train), "train-seconds": time.time() - t0, "images-encoded": encoded}
+        arrays, encoded, examples = ArrayRecord(adapter.state_dict()), 0, len(rows)
+    metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded}
     return _reply(message, local, metrics, arrays)
 
 
@@ -182,7 +204,8 @@ def evaluate(message: Message, context: Context) -> Message:
             encoded = len(feats.labels)
         else:
             adapters = [_adapter(local, record) for record in content.array_records.values()]
-    metrics: dict = {"num-examples": len(local.feats.labels), "images-encoded": encoded}
+    metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),
+                     "num-examples": len(local.feats.labels), "images-encoded": encoded}
     splits = {"val": local.split.val, "test": local.split.test, "all": np.arange(len(local.feats.labels))}
     for name, indices in splits.items():
         results = [evaluate_adapter(adapter, feats, torch.as_tensor(indices), local.device) for adapter in adapters]

@@ -25,16 +25,20 @@ app = ServerApp()
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord]]:
-    """Ask every connected node for its domain (a query message); nodes encode their features now."""
-    expected = len(cfg.dataset.domains) if cfg.dataset.domains else cfg.strategy.min_available_nodes
+def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord]]:
+    """Ask every connected node which client (domain, or share of one) it holds; nodes encode their features now.
+
+    Returns node -> domain, node -> client name, and client -> what it reported.
+    """
+    per_domain = int(cfg.dataset.clients_per_domain)
+    expected = len(cfg.dataset.domains) * per_domain if cfg.dataset.domains else cfg.strategy.min_available_nodes
     deadline = time.time() + cfg.strategy.round_timeout
     while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
         log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
         time.sleep(2)
-    log.info("asking %d node(s) for their domain; each encodes its images once with the frozen CLIP", len(node_ids))
+    log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
     queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    node_domains, info = {}, {}
+    node_domains, node_clients, info = {}, {}, {}
     for reply in grid.send_and_receive(queries, timeout=cfg.strategy.round_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -45,18 +49,19 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[st
             log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
             continue
         domain = str(content["info"].get("domain"))
-        if domain in info:
-            log.error("node %d left out: domain %r is already held by another node", node, domain)
+        client = str(content["info"].get("client", domain))
+        if client in info:
+            log.error("node %d left out: client %r is already held by another node", node, client)
             continue
-        node_domains[node], info[domain] = domain, content["metrics"]
-        m = info[domain]
-        log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, domain, m["num-images"],
+        node_domains[node], node_clients[node], info[client] = domain, client, content["metrics"]
+        m = info[client]
+        log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, client, m["num-images"],
                  m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
-    if not any(d != cfg.dataset.held_out for d in info):
+    if not any(d != cfg.dataset.held_out for d in node_domains.values()):
         raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
-    if cfg.dataset.held_out not in info:
+    if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
-    return node_domains, info
+    return node_domains, node_clients, info
 
 
 METHODS = ("fedclip", "zero_shot", "local", "centralized", "fedavg", "fedprox")
@@ -77,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     method = cfg.method.name
     if method not in METHODS:
         raise ValueError(f"method.name={method!r} is not a method of this app; choose one of {', '.join(METHODS)} (override method=NAME)")
-    node_domains, info = discover_nodes(grid, cfg)
+    node_domains, node_clients, info = discover_nodes(grid, cfg)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
@@ -85,18 +90,19 @@ def main(grid: Grid, context: Context) -> None:
     weights = initial_weights(cfg, dims.pop())
     arrays = ArrayRecord(weights)
     template = {k: v.numpy() for k, v in arrays.items()}
-    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes, method)
+    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes, method,
+                               node_clients)
     strategy.summary()
-    domains = sorted(d for d in info if d != cfg.dataset.held_out) + [d for d in info if d == cfg.dataset.held_out]
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
-    report = RunReport(cfg, domains, [node_domains[n] for n in strategy.train_nodes], trained)
+    client_domains = {node_clients[n]: d for n, d in node_domains.items()}
+    report = RunReport(cfg, client_domains, [node_clients[n] for n in strategy.train_nodes], trained)
     report.images_encoded += sum(int(m.get("images-encoded", 0)) for m in info.values())
     saved = lambda a: None if method == "local" else a  # noqa: E731 - local-only has no global weights to save
 
     def exchange(messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
-        report.count_traffic(node_domains, messages, replies)
+        report.count_traffic(node_clients, messages, replies)
         return replies
 
     t0 = time.time()

@@ -40,17 +40,18 @@ def message_bytes(message: Message) -> int:
 class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
 
-    def __init__(self, cfg: DictConfig, domains: list[str], train_domains: list[str], trained_parameters: int) -> None:
+    def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int) -> None:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
-        self.domains = domains  # training domains first, then the held-out one if present
-        self.train_domains = train_domains  # the domains whose nodes train (one for method=centralized)
-        self.source_domains = [d for d in domains if d != self.held_out]
+        self.clients = {d: sorted(c for c, cd in client_domains.items() if cd == d) for d in set(client_domains.values())}
+        self.source_domains = sorted(d for d in self.clients if d != self.held_out)
+        self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
+        self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
         self.weights_name = "encoder" if self.method in ENCODER_METHODS else "adapter"
         self.images_encoded = 0  # images that went through the CLIP image encoder in this run
-        self.down: dict[str, int] = defaultdict(int)  # bytes sent to each domain's node this round
+        self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
         self.up: dict[str, int] = defaultdict(int)
         self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -59,38 +60,45 @@ class RunReport:
         self.best: dict | None = None
         self.start = time.time()
         log.info("run folder: %s", self.dir)
-        names = [f"{d}{'*' if d == self.held_out else ''}" for d in domains]
+        names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
         self._print(["round", "train loss", *names, "val mean", "sent/client", "seconds"])
 
     def _print(self, cells: list[str]) -> None:
         log.info(" | ".join(f"{c:>10}" for c in cells))
 
-    def accuracy(self, metrics: MetricRecord, domain: str) -> float | None:
-        """The accuracy a domain is judged by: all images if held out, else its test split (after local fine-tuning, if any)."""
-        if domain == self.held_out:
-            return metrics.get(f"{domain}/all-acc")
-        return metrics.get(f"{domain}/personalized-test-acc", metrics.get(f"{domain}/test-acc"))
+    def accuracy(self, metrics: MetricRecord, domain: str, split: str | None = None) -> float | None:
+        """A domain's accuracy over its clients' images: all of them if held out, else the test splits
+        (after local fine-tuning, if any); or the given split."""
+        split = split or ("all" if domain == self.held_out else "test")
+        pairs = []
+        for client in self.clients[domain]:
+            acc = metrics.get(f"{client}/personalized-test-acc") if split == "test" else None
+            acc = metrics.get(f"{client}/{split}-acc") if acc is None else acc
+            if acc is not None:
+                pairs.append((acc, metrics.get(f"{client}/num-{split}", 1)))
+        total = sum(n for _, n in pairs)
+        return sum(a * n for a, n in pairs) / total if pairs and total else None
 
-    def count_traffic(self, node_domains: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
-        """Add one exchange's bytes each way per node, and the images its replies say were encoded."""
+    def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
+        """Add one exchange's bytes each way per client, and the images its replies say were encoded."""
         for msg in messages:
-            self.down[node_domains[msg.metadata.dst_node_id]] += message_bytes(msg)
+            self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
         for msg in replies:
-            self.up[node_domains.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
+            self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
             if not msg.has_error() and "metrics" in msg.content.metric_records:
                 self.images_encoded += int(msg.content["metrics"].get("images-encoded", 0))
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
         """Record one round (0 = zero-shot); save the weights if their mean val accuracy is the best so far."""
-        losses = [train[f"{d}/train-loss"] for d in self.train_domains if f"{d}/train-loss" in train]
-        vals = [evaluation[f"{d}/val-acc"] for d in self.source_domains if f"{d}/val-acc" in evaluation]
+        losses = [train[f"{c}/train-loss"] for c in self.train_clients if f"{c}/train-loss" in train]
+        vals = [v for d in self.source_domains if (v := self.accuracy(evaluation, d, "val")) is not None]
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "val_acc_mean": sum(vals) / len(vals) if vals else None,
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
-            "bytes_down_per_client": _mean(self.down[d] for d in self.train_domains) or 0,  # a training client's
-            "bytes_up_per_client": _mean(self.up[d] for d in self.train_domains) or 0,
+            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients) or 0,  # a training client's
+            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients) or 0,
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
             "train": dict(train),

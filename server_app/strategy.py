@@ -55,7 +55,8 @@ def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]
 class FedClipStrategy(FedAvg):
     """Sends the global weights to the training domains' nodes only and averages what comes back.
 
-    `node_domains` maps node id -> domain; the held-out domain's node is evaluated, never trained.
+    `node_domains` maps node id -> domain; the held-out domain's nodes are evaluated, never trained.
+    `node_clients` names each node's client (the domain, or "<domain>#<shard>" with several per domain).
     `template` is the trained part's tensors (the adapter, or the image encoder for fedavg/fedprox).
     Malformed replies (wrong keys, shapes or dtype, NaN/Inf, no example count) are dropped and
     logged with the node id; if fewer than `min_train_nodes` remain, the weights are not changed.
@@ -71,11 +72,13 @@ class FedClipStrategy(FedAvg):
         weighting: str,
         min_train_nodes: int,
         method: str = "fedclip",
+        node_clients: dict[int, str] | None = None,
     ) -> None:
         if weighting not in ("equal", "examples"):
             raise ValueError(f"strategy.weighting must be 'equal' or 'examples', got {weighting!r}")
         super().__init__(min_train_nodes=min_train_nodes, arrayrecord_key="arrays", configrecord_key="config")
         self.node_domains = node_domains
+        self.node_clients = node_clients if node_clients is not None else dict(node_domains)  # names metrics: "<client>/<metric>"
         self.held_out = held_out
         self.template = template
         self.weighting = weighting
@@ -85,11 +88,11 @@ class FedClipStrategy(FedAvg):
     @property
     def train_nodes(self) -> list[int]:
         """The nodes that train: every training domain's, or for method=centralized the first one."""
-        nodes = sorted((n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_domains[n])
+        nodes = sorted((n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_clients[n])
         return nodes[:1] if self.method == "centralized" else nodes
 
     def summary(self) -> None:
-        train = sorted(self.node_domains[n] for n in self.train_nodes)
+        train = sorted(self.node_clients[n] for n in self.train_nodes)
         log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting", self.method, train, self.held_out, self.weighting)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -101,7 +104,7 @@ class FedClipStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         if self.method == "local" and self.node_states:
-            every = {f"arrays/{self.node_domains[n]}": state for n, state in self.node_states.items()}
+            every = {f"arrays/{self.node_clients[n]}": state for n, state in self.node_states.items()}
             records = {n: {"arrays": self.node_states.get(n, arrays)} for n in self.node_domains}
             records.update({n: every for n, d in self.node_domains.items() if d == self.held_out})
             return [self._message(records[n], config, n, MessageType.EVALUATE) for n in self.node_domains]
@@ -111,24 +114,24 @@ class FedClipStrategy(FedAvg):
     def _message(arrays: dict[str, ArrayRecord], config: ConfigRecord, node: int, message_type: str) -> Message:
         return Message(RecordDict({**arrays, "config": config}), dst_node_id=node, message_type=message_type)
 
-    def _domain(self, message: Message) -> str:
-        return self.node_domains.get(message.metadata.src_node_id, f"node-{message.metadata.src_node_id}")
+    def _client(self, message: Message) -> str:
+        return self.node_clients.get(message.metadata.src_node_id, f"node-{message.metadata.src_node_id}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The averaged weights (None keeps the current ones) and per-domain train metrics."""
+        """The averaged weights (None keeps the current ones) and per-client train metrics."""
         states, weights, metrics = [], [], MetricRecord()
         for msg in replies:
-            node, domain = msg.metadata.src_node_id, self._domain(msg)
+            node, client = msg.metadata.src_node_id, self._client(msg)
             state, reason = (None, msg.error.reason) if msg.has_error() else adapter_update(msg.content, self.template)
             if state is None:
-                log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, domain, reason)
+                log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
                 continue
             states.append(state)
             if self.method == "local":
                 self.node_states[node] = msg.content["arrays"]
             weights.append(float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
             for key, value in msg.content["metrics"].items():
-                metrics[f"{domain}/{key}"] = value
+                metrics[f"{client}/{key}"] = value
         if len(states) < max(self.min_train_nodes, 1):
             log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(states), self.min_train_nodes)
             return None, metrics
@@ -137,15 +140,15 @@ class FedClipStrategy(FedAvg):
         return ArrayRecord({k: Array(v) for k, v in aggregate_adapters(states, weights).items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """Evaluation metrics keyed `<domain>/<metric>`; failed replies are logged and left out."""
+        """Evaluation metrics keyed `<client>/<metric>`; failed replies are logged and left out."""
         metrics = MetricRecord()
         for msg in replies:
             reason = msg.error.reason if msg.has_error() else None
             if reason is None and "metrics" not in msg.content.metric_records:
                 reason = "no 'metrics' record"
             if reason is not None:
-                log.warning("round %d: evaluation of node %d (%s) left out: %s", server_round, msg.metadata.src_node_id, self._domain(msg), reason)
+                log.warning("round %d: evaluation of node %d (%s) left out: %s", server_round, msg.metadata.src_node_id, self._client(msg), reason)
                 continue
             for key, value in msg.content["metrics"].items():
-                metrics[f"{self._domain(msg)}/{key}"] = value
+                metrics[f"{self._client(msg)}/{key}"] = value
         return metrics

@@ -74,3 +74,17 @@ def test_personalization_fine_tunes_locally(tiny_clip, folder, tmp_path):
 def test_unknown_method_is_a_clear_error(tiny_clip, folder, tmp_path):
     with pytest.raises(Exception, match="method"):
         run_method("fedsgd", tiny_clip, folder, tmp_path)
+
+
+def test_several_clients_per_domain(tiny_clip, folder, tmp_path):
+    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds=1 "
+                 f"dataset.clients_per_domain=2 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}")
+    run_in_process(server_app, client_app, overrides, 2 * len(DOMAINS))
+    [path] = (tmp_path / "out").glob("*/summary.json")
+    summary = json.loads(path.read_text())
+    row = json.loads((path.parent / "metrics.jsonl").read_text().splitlines()[1])
+    assert {k.split("/")[0] for k in row["train"]} == {"art#0", "art#1", "photo#0", "photo#1"}  # 4 training clients
+    # a domain's accuracy pools its clients' test images
+    acc = [(row["evaluate"][f"art#{s}/test-acc"], row["evaluate"][f"art#{s}/num-test"]) for s in (0, 1)]
+    assert summary["personalization"]["art"] == pytest.approx(sum(a * n for a, n in acc) / sum(n for _, n in acc))
+    assert set(summary["zero_shot"]) == {"art", "photo", "sketch"}
