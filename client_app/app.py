@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_from_run, select_device
 from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
-from common.features import DomainFeatures, domain_features, encode_domain
+from common.features import DomainFeatures, domain_features, encode_domain, images_encoded
 from common.model import AttentionAdapter, class_prompts, load_clip, model_name_or_path
 from common.train import (
     ENCODER_METHODS,
@@ -122,6 +122,7 @@ def _adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Tell the server which domain this node holds and how much data; encodes the features once."""
+    before = images_encoded()
     local = load_local_data(context)
     return _reply(
         message,
@@ -133,6 +134,7 @@ def query(message: Message, context: Context) -> Message:
             "num-train": len(local.split.train),
             "num-val": len(local.split.val),
             "num-test": len(local.split.test),
+            "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
         },
     )
 
@@ -200,8 +202,9 @@ def evaluate(message: Message, context: Context) -> Message:
         if cfg.method.name in ENCODER_METHODS:
             model, processor = _encoder_clip(local, content["arrays"])
             prompts = class_prompts(local.images.classes, cfg.model.prompt)
+            before = images_encoded()
             feats = encode_domain(model, processor, local.images, prompts, local.device, cfg.model.encode_batch_size)
-            encoded = len(feats.labels)
+            encoded = images_encoded() - before
         else:
             adapters = [_adapter(local, record) for record in content.array_records.values()]
     metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),

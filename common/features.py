@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1  # bump when what is computed or stored changes, so old cache entries are not reused
 _MEMORY: dict[str, DomainFeatures] = {}
+_ENCODED = {"images": 0}  # images this process has run through a CLIP image encoder in encode_domain
+
+
+def images_encoded() -> int:
+    """How many images this process has encoded so far (a client reports the difference a call made)."""
+    return _ENCODED["images"]
 _MODEL_DIRS: dict[str, Path] = {}
 _FILE_HASHES: dict[tuple, str] = {}
 
@@ -108,6 +114,7 @@ def encode_domain(
     for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
         feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         labels.append(batch_labels.cpu())
+        _ENCODED["images"] += len(batch_labels)
         done = sum(len(b) for b in labels) + len(skipped)
         log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
     if not feats:
