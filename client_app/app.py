@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,22 +35,56 @@ class LocalData:
     feats: DomainFeatures
     split: DomainSplit
     device: torch.device
+    classes: list[str]
 
     @property
     def held_out(self) -> bool:
         return self.domain == self.cfg.dataset.held_out
 
 
+# What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
+# sets partition-id and num-partitions.
+NODE_CONFIG_KEYS = {"domain", "data-dir", "cache-dir", "device", "partition-id", "num-partitions"}
+
+
+def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
+    """The run's configuration as this node sees it: its data folder, cache and device win.
+
+    `data-dir` (a folder DATA_DIR/<domain>/<class>/<image>, or `demo`) replaces dataset.root,
+    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device.
+    """
+    unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, data-dir, cache-dir and device, "
+            "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
+        )
+    if "data-dir" in node_config:
+        cfg.dataset.root = str(node_config["data-dir"])
+    if "cache-dir" in node_config:
+        cfg.cache_dir = cfg.demo.cache_dir = str(Path(str(node_config["cache-dir"])).expanduser())
+    if "device" in node_config:
+        cfg.device = str(node_config["device"])
+    return cfg
+
+
 def load_local_data(context: Context) -> LocalData:
     """This node's domain (node config `domain`, else its simulation partition-id) and its features."""
-    cfg = config_from_run(context.run_config)
+    cfg = apply_node_config(config_from_run(context.run_config), context.node_config)
     root = dataset_root(cfg)
-    domains = dataset_domains(cfg, root)
     if "domain" in context.node_config:
+        # a deployed node may hold only its own domain: DATA_DIR/<domain>/<class>/<image>
         domain = str(context.node_config["domain"])
-        if domain not in domains:
-            raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(domains)}")
+        if cfg.dataset.domains and domain not in cfg.dataset.domains:
+            raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(cfg.dataset.domains)}")
+        if not (root / domain).is_dir():
+            raise FileNotFoundError(
+                f"node-config domain={domain!r}: no folder {root / domain}. Give the node its data with "
+                "--node-config \"data-dir='DATA_DIR'\" where DATA_DIR/<domain>/<class>/<image> holds its images"
+            )
+        classes = dataset_classes(root, [domain])
     else:
+        domains = dataset_domains(cfg, root)
         partition = int(context.node_config["partition-id"])
         if partition >= len(domains):
             raise ValueError(
@@ -56,17 +92,19 @@ def load_local_data(context: Context) -> LocalData:
                 f"run with --federation-config \"num-supernodes={len(domains)}\""
             )
         domain = domains[partition]
-    device = select_device(str(context.node_config.get("device", cfg.device)))
-    folder = domain_folder(root, domain, dataset_classes(root, domains))
+        classes = dataset_classes(root, domains)
+    device = select_device(cfg.device)
+    folder = domain_folder(root, domain, classes)
     feats = domain_features(
         model_name_or_path(cfg), folder, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
     split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, domain)
-    return LocalData(cfg, domain, feats, split, device)
+    return LocalData(cfg, domain, feats, split, device, classes)
 
 
 def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"domain": local.domain})})
+    info = ConfigRecord({"domain": local.domain, "classes": local.classes})
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 
 from common.config import config_from_run
 from common.model import AttentionAdapter
+from server_app.checkpoint import resume_run, save_checkpoint
 from server_app.report import RunReport
 from server_app.strategy import FedClipStrategy
 
@@ -23,17 +25,20 @@ app = ServerApp()
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord]]:
-    """Ask every connected node for its domain (a query message); nodes encode their features now."""
-    expected = len(cfg.dataset.domains) if cfg.dataset.domains else cfg.strategy.min_available_nodes
-    deadline = time.time() + cfg.strategy.round_timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
-        log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
-        time.sleep(2)
-    log.info("asking %d node(s) for their domain; each encodes its images once with the frozen CLIP", len(node_ids))
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """grid.send_and_receive, logging each node that sent no reply before the timeout (lost for this exchange)."""
+    messages = list(messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for node in sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}):
+        log.warning("node %d sent no reply within %ss: lost for this round", node, timeout)
+    return replies
+
+
+def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[tuple[int, str, list[str], MetricRecord]]:
+    """Ask nodes which domain (and classes) they hold; malformed answers and failures are logged and left out."""
     queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    node_domains, info = {}, {}
-    for reply in grid.send_and_receive(queries, timeout=cfg.strategy.round_timeout):
+    answers = []
+    for reply in exchange(grid, queries, cfg.strategy.round_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.error("node %d left out: its query failed: %s", node, reply.error.reason)
@@ -42,25 +47,70 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[st
         if "info" not in content.config_records or "metrics" not in content.metric_records or not QUERY_KEYS <= set(content["metrics"]):
             log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
             continue
-        domain = str(content["info"].get("domain"))
-        if domain in info:
-            log.error("node %d left out: domain %r is already held by another node", node, domain)
+        answers.append((node, str(content["info"].get("domain")), list(content["info"].get("classes", [])), content["metrics"]))
+    return answers
+
+
+def _accept(node: int, domain: str, classes: list[str], node_domains: dict[int, str], federation_classes: list[str] | None) -> bool:
+    """Whether a node's answer fits the federation: a domain no other node holds, the same classes as the others."""
+    if domain in node_domains.values():
+        log.error("node %d left out: domain %r is already held by another node", node, domain)
+        return False
+    if federation_classes is not None and classes != federation_classes:
+        log.error("node %d left out: its classes %s differ from the federation's %s; every node needs the same class folders",
+                  node, classes, federation_classes)
+        return False
+    return True
+
+
+def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[str, MetricRecord], list[str]]:
+    """Ask every connected node for its domain and classes (a query message); nodes encode their features now."""
+    expected = len(cfg.dataset.domains) if cfg.dataset.domains else cfg.strategy.min_available_nodes
+    deadline = time.time() + cfg.strategy.round_timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
+        log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
+        time.sleep(2)
+    log.info("asking %d node(s) for their domain; each encodes its images once with the frozen CLIP", len(node_ids))
+    node_domains, info, federation_classes = {}, {}, None
+    for node, domain, classes, m in query_nodes(grid, cfg, node_ids):
+        if not _accept(node, domain, classes, node_domains, federation_classes):
             continue
-        node_domains[node], info[domain] = domain, content["metrics"]
-        m = info[domain]
+        node_domains[node], info[domain], federation_classes = domain, m, classes
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, domain, m["num-images"],
                  m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in info):
         raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in info:
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
-    return node_domains, info
+    return node_domains, info, federation_classes
+
+
+def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], info: dict[str, MetricRecord], classes: list[str]) -> None:
+    """Before a round: forget nodes that left, and take back a domain's node when one (re)connects.
+
+    A restarted SuperNode may come back under a new node id, so every connected node that is not
+    in the federation is asked for its domain; only domains the run started with are taken back.
+    """
+    connected = set(grid.get_node_ids())
+    for node in [n for n in node_domains if n not in connected]:
+        log.warning("node %d (%s) is no longer connected: left out until a node with its domain connects", node, node_domains.pop(node))
+    new = sorted(connected - set(node_domains))
+    if not new:
+        return
+    for node, domain, node_classes, m in query_nodes(grid, cfg, new):
+        if domain not in info:
+            log.error("node %d left out: domain %r was not in this run when it started", node, domain)
+        elif m["feature-dim"] != info[domain]["feature-dim"]:
+            log.error("node %d left out: its CLIP gives %d features, the run's %d", node, m["feature-dim"], info[domain]["feature-dim"])
+        elif _accept(node, domain, node_classes, node_domains, classes):
+            node_domains[node] = domain
+            log.info("node %d (re)joined holding %r: it takes part from this round on", node, domain)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run(context.run_config)
-    node_domains, info = discover_nodes(grid, cfg)
+    node_domains, info, classes = discover_nodes(grid, cfg)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
@@ -74,20 +124,25 @@ def main(grid: Grid, context: Context) -> None:
     domains = sorted(d for d in info if d != cfg.dataset.held_out) + [d for d in info if d == cfg.dataset.held_out]
     report = RunReport(cfg, domains, sum(len(a.data) for a in arrays.values()), sum(p.numel() for p in adapter.parameters()))
     timeout = cfg.strategy.round_timeout
+    arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
 
-    t0 = time.time()
-    zero_shot = strategy.aggregate_evaluate(0, grid.send_and_receive(
-        strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout=timeout))
-    report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
-
-    for server_round in range(1, cfg.training.rounds + 1):
+    if not report.rows:
         t0 = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
+        zero_shot = strategy.aggregate_evaluate(0, exchange(
+            grid, strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout))
+        report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
+        save_checkpoint(report, arrays)
+
+    for server_round in range(first_round, cfg.training.rounds + 1):
+        t0 = time.time()
+        refresh_nodes(grid, cfg, node_domains, info, classes)
+        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        evaluation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout))
+        evaluation = strategy.aggregate_evaluate(server_round, exchange(
+            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout))
         report.add_round(server_round, train_metrics, evaluation, time.time() - t0, arrays)
+        save_checkpoint(report, arrays)
 
     report.finish(arrays)
