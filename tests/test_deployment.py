@@ -34,6 +34,11 @@ DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's; sketch is he
 ROUNDS = 8  # see README, "Deployment": a round costs about 5 s here (one ClientApp process per message)
 KILLED = "cartoon"  # a training domain whose node dies mid-run and comes back
 KILL_AFTER_ROUND = 2
+# the flags of docker/compose.yml's commands (tests/test_compose.py checks they agree); here the
+# SuperLink also gets free ports instead of 9091-9093
+SUPERLINK_FLAGS = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
+                   "--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
+SUPERNODE_FLAGS = {"--superlink", "--root-certificates", "--auth-supernode-private-key", "--clientappio-api-address", "--node-config"}
 ROW = re.compile(r"^\S*\s*\S*\s*(\d+) \|\s+[-\d.]+ \|")  # a row of the per-round table
 
 
@@ -113,7 +118,7 @@ class Deployment:
         """docker/compose.yml's SuperLink command: TLS, SuperNode authentication."""
         home = self.tmp / "superlink-home"
         home.mkdir()
-        self._start("superlink", [
+        command = [
             str(BIN / "flower-superlink"),
             "--ssl-ca-certfile", str(self.certs / "ca.crt"),
             "--ssl-certfile", str(self.certs / "superlink.crt"),
@@ -123,7 +128,9 @@ class Deployment:
             "--fleet-api-address", f"0.0.0.0:{self.fleet}",
             "--control-api-address", f"127.0.0.1:{self.control}",
             "--serverappio-api-address", f"127.0.0.1:{self.serverappio}",
-        ], dict(self.env, FLWR_HOME=str(home)))
+        ]
+        assert {c for c in command if c.startswith("--")} == SUPERLINK_FLAGS
+        self._start("superlink", command, dict(self.env, FLWR_HOME=str(home)))
         self.wait_for(lambda: run([str(BIN / "flwr"), "supernode", "ls", "fedclip"], env=self.cli_env).returncode == 0, 60, "SuperLink")
 
     def register(self, name: str) -> None:
@@ -140,14 +147,16 @@ class Deployment:
         home = self.tmp / f"supernode-home-{domain}-{index}"
         home.mkdir()
         node_config = f"domain='{domain}' data-dir='{data}' cache-dir='{self.cache}' device='cpu'"
-        return self._start(f"supernode-{domain}-{index}", [
-            *prefix, str(BIN / "flower-supernode"),
+        command = [
+            str(BIN / "flower-supernode"),
             "--superlink", f"{host}:{self.fleet}",
             "--root-certificates", str(self.certs / "ca.crt"),
             "--auth-supernode-private-key", str(self.certs / f"supernode-{key or domain}"),
             "--clientappio-api-address", f"127.0.0.1:{free_port()}",
             "--node-config", node_config,
-        ], dict(self.env, FLWR_HOME=str(home)))
+        ]
+        assert {c for c in command if c.startswith("--")} == SUPERNODE_FLAGS
+        return self._start(f"supernode-{domain}-{index}", [*prefix, *command], dict(self.env, FLWR_HOME=str(home)))
 
     def online_nodes(self) -> int:
         out = run([str(BIN / "flwr"), "supernode", "ls", "fedclip", "--format", "json"], env=self.cli_env)
