@@ -25,20 +25,34 @@ app = ServerApp()
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """grid.send_and_receive, logging each node that sent no reply before the timeout (lost for this exchange)."""
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_domains: dict[int, str]) -> list[Message]:
+    """grid.send_and_receive, naming the nodes lost on the way and keeping only the nodes' own replies.
+
+    For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
+    own id, so replies are matched to nodes by message id; a node with no reply at all by the
+    timeout is logged too.
+    """
     messages = list(messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    for node in sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}):
-        log.warning("node %d sent no reply within %ss: lost for this round", node, timeout)
-    return replies
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
+    answered, kept = set(), []
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node)
+        if node != reply.metadata.src_node_id and reply.has_error():
+            log.warning("node %d (%s) lost: %s", node, node_domains.get(node, "domain not known yet"), reply.error.reason)
+        else:
+            kept.append(reply)
+    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        log.warning("node %d (%s) sent no reply within %ss: lost for this round", node, node_domains.get(node, "domain not known yet"), timeout)
+    return kept
 
 
 def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[tuple[int, str, list[str], MetricRecord]]:
     """Ask nodes which domain (and classes) they hold; malformed answers and failures are logged and left out."""
     queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     answers = []
-    for reply in exchange(grid, queries, cfg.strategy.round_timeout):
+    for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.error("node %d left out: its query failed: %s", node, reply.error.reason)
@@ -129,19 +143,19 @@ def main(grid: Grid, context: Context) -> None:
     if not report.rows:
         t0 = time.time()
         zero_shot = strategy.aggregate_evaluate(0, exchange(
-            grid, strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout))
+            grid, strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid), timeout, node_domains))
         report.add_round(0, MetricRecord(), zero_shot, time.time() - t0, arrays)
         save_checkpoint(report, arrays)
 
     for server_round in range(first_round, cfg.training.rounds + 1):
         t0 = time.time()
         refresh_nodes(grid, cfg, node_domains, info, classes)
-        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout)
+        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout, node_domains)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         evaluation = strategy.aggregate_evaluate(server_round, exchange(
-            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout))
+            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout, node_domains))
         report.add_round(server_round, train_metrics, evaluation, time.time() - t0, arrays)
         save_checkpoint(report, arrays)
 

@@ -31,7 +31,7 @@ from common.model import model_name_or_path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
 DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's; sketch is held out
-ROUNDS = 8  # see README, "Deployment": a round costs about 5 s here (one ClientApp process per message)
+ROUNDS = 6  # not the demo's 40: each message starts a ClientApp process (README, "Measured in deployment")
 KILLED = "cartoon"  # a training domain whose node dies mid-run and comes back
 KILL_AFTER_ROUND = 2
 # the flags of docker/compose.yml's commands (tests/test_compose.py checks they agree); here the
@@ -264,7 +264,7 @@ def federated_run(deployment):
         if row and int(row.group(1)) == KILL_AFTER_ROUND and "killed" not in events:
             dep.kill(f"supernode-{KILLED}-{DOMAINS.index(KILLED)}")
             events["killed"] = time.time()
-        if "killed" in events and "restarted" not in events and f"({KILLED})" in line and ("dropped" in line or "no longer" in line):
+        if "killed" in events and "restarted" not in events and f"({KILLED}) lost" in line:
             events["lost"] = time.time()
             dep.start_supernode(len(DOMAINS), KILLED)  # comes back, as a new process on a new host
             events["restarted"] = time.time()
@@ -296,7 +296,7 @@ def test_lost_node_does_not_stop_the_run_and_comes_back(federated_run):
     lost_rounds = [r["round"] for r in rows if r["round"] > 0 and f"{KILLED}/train-loss" not in r["train"]]
     assert lost_rounds and min(lost_rounds) == KILL_AFTER_ROUND + 1, lost_rounds  # the round it died in went on without it
     assert all(f"{d}/train-loss" in rows[min(lost_rounds)]["train"] for d in DOMAINS if d not in (KILLED, "sketch"))
-    assert re.search(rf"node \d+ \({KILLED}\)", log)  # the log names the lost node
+    assert re.search(rf"node \d+ \({KILLED}\) lost: .*Node Unavailable", log)  # the log names the lost node
     assert f"(re)joined holding '{KILLED}'" in log
     assert f"{KILLED}/train-loss" in rows[-1]["train"]  # it trains again in the last round
 
