@@ -22,18 +22,27 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+POLL_SECONDS = 0.2  # how often the server asks the SuperLink for replies
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_domains: dict[int, str]) -> list[Message]:
-    """grid.send_and_receive, naming the nodes lost on the way and keeping only the nodes' own replies.
+    """Send messages and collect the replies, naming the nodes lost on the way; only the nodes' own replies return.
 
     For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
     own id, so replies are matched to nodes by message id; a node with no reply at all by the
-    timeout is logged too.
+    timeout is logged too. Replies are polled every POLL_SECONDS: Flower's gRPC send_and_receive
+    waits 3 s between polls, up to 3 s lost twice a round in a deployment.
     """
     messages = list(messages)
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    pending = {i for i in grid.push_messages(messages) if i is not None}  # None: not pushed (Flower logs why)
+    replies, deadline = [], time.time() + timeout
+    while pending and time.time() < deadline:
+        new = list(grid.pull_messages(pending))
+        pending -= {r.metadata.reply_to_message_id for r in new}
+        replies += new
+        if pending:
+            time.sleep(POLL_SECONDS)
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
     for reply in replies:

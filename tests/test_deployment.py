@@ -236,6 +236,14 @@ def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900
     return log, new[-1]
 
 
+def test_superlink_without_certificates_refuses_to_start(tmp_path):
+    """TLS is not optional: without certificates (and without an explicit --insecure) there is no SuperLink."""
+    out = run([str(BIN / "flower-superlink"), "--fleet-api-address", f"127.0.0.1:{free_port()}",
+               "--control-api-address", f"127.0.0.1:{free_port()}", "--serverappio-api-address", f"127.0.0.1:{free_port()}"],
+              env=dict(os.environ, FLWR_HOME=str(tmp_path)), timeout=120)
+    assert out.returncode != 0 and "Certificates are required" in out.stdout + out.stderr
+
+
 def test_unregistered_supernode_is_refused(deployment):
     dep = deployment
     proc = dep.start_supernode(9, "photo", key="intruder")  # a key nobody registered

@@ -28,13 +28,18 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.answers)
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        for msg in self.sent:
+            msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"  # as the real grid does
+        return [msg.metadata.message_id for msg in self.sent]
+
+    def pull_messages(self, message_ids):
         replies = []
-        for msg in messages:
+        for msg in self.sent:
             dst = msg.metadata.dst_node_id
-            msg.metadata.__dict__["_message_id"] = f"m{dst}"  # as the real grid does when it pushes
             answer = self.answers[dst]
-            if answer is None:
+            if msg.metadata.message_id not in message_ids or answer is None:
                 continue
             src = SUPERLINK if answer == "lost" else dst
             meta = Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=f"m{dst}",
@@ -53,10 +58,10 @@ def train_message(node: int) -> Message:
 def test_exchange_names_lost_and_silent_nodes_and_keeps_real_replies(caplog):
     grid = FakeGrid({11: {"metrics": MetricRecord({"x": 1.0})}, 12: "lost", 13: None})
     with caplog.at_level(logging.WARNING):
-        replies = exchange(grid, [train_message(n) for n in (11, 12, 13)], 5, {11: "photo", 12: "cartoon", 13: "painting"})
+        replies = exchange(grid, [train_message(n) for n in (11, 12, 13)], 0.5, {11: "photo", 12: "cartoon", 13: "painting"})
     assert [r.metadata.src_node_id for r in replies] == [11]
     assert "node 12 (cartoon) lost: Error: Node Unavailable" in caplog.text
-    assert "node 13 (painting) sent no reply within 5s" in caplog.text
+    assert "node 13 (painting) sent no reply within 0.5s" in caplog.text
 
 
 def test_refresh_forgets_lost_nodes_and_takes_back_their_domain(caplog):
