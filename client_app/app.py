@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,35 +54,59 @@ class LocalData:
         return self.domain == self.cfg.dataset.held_out
 
 
+# What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
+# sets partition-id and num-partitions.
+NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "partition-id", "num-partitions"}
+
+
+def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
+    """The run's configuration as this node sees it: its data folder, cache and device win.
+
+    `data-dir` (a folder DATA_DIR/<domain>/<class>/<image>, or `demo`) replaces dataset.root,
+    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device.
+    """
+    unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir and device, "
+            "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
+        )
+    if "data-dir" in node_config:
+        cfg.dataset.root = str(node_config["data-dir"])
+    if "cache-dir" in node_config:
+        cfg.cache_dir = cfg.demo.cache_dir = str(Path(str(node_config["cache-dir"])).expanduser())
+    if "device" in node_config:
+        cfg.device = str(node_config["device"])
+    return cfg
+
+
 def load_local_data(context: Context) -> LocalData:
     """This node's client: node config `domain` (and `shard`), else its simulation partition-id; and its features.
 
-    With k = dataset.clients_per_domain, partition-id p is shard p % k of domain p // k.
+    With k = dataset.clients_per_domain, partition-id p is shard p % k of domain p // k. A deployed
+    node (node config `domain`) may hold only its own domain's images.
     """
-    cfg = config_from_run(context.run_config)
-    domains = dataset_domains(cfg)
+    cfg = apply_node_config(config_from_run(context.run_config), context.node_config)
     k = int(cfg.dataset.clients_per_domain)
+    device = select_device(cfg.device)
     if "domain" in context.node_config:
         domain = str(context.node_config["domain"])
-        if domain not in domains:
-            raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(domains)}")
         if k > 1 and "shard" not in context.node_config:
             raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
-        shard = int(context.node_config.get("shard", 0))
-    else:
-        partition = int(context.node_config["partition-id"])
-        if partition >= len(domains) * k:
-            raise ValueError(
-                f"partition-id {partition} has no client: the run has {len(domains)} domains ({', '.join(domains)}) "
-                f"x {k} client(s) each; run with --federation-config \"num-supernodes={len(domains) * k}\""
-            )
-        domain, shard = domains[partition // k], partition % k
-    return client_data(cfg, domain, shard, select_device(str(context.node_config.get("device", cfg.device))))
+        return client_data(cfg, domain, int(context.node_config.get("shard", 0)), device, own_only=True)
+    domains = dataset_domains(cfg)
+    partition = int(context.node_config["partition-id"])
+    if partition >= len(domains) * k:
+        raise ValueError(
+            f"partition-id {partition} has no client: the run has {len(domains)} domains ({', '.join(domains)}) "
+            f"x {k} client(s) each; run with --federation-config \"num-supernodes={len(domains) * k}\""
+        )
+    return client_data(cfg, domains[partition // k], partition % k, device)
 
 
-def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device) -> LocalData:
+def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device, own_only: bool = False) -> LocalData:
     """One client's images, their frozen features (cached) and its seeded split."""
-    images = client_images(cfg, domain, shard)
+    images = client_images(cfg, domain, shard, own_only)
     feats = domain_features(
         model_name_or_path(cfg), images, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
@@ -107,7 +133,8 @@ def pooled_train_data(local: LocalData) -> tuple[DomainFeatures, torch.Tensor]:
 
 
 def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"domain": local.domain, "client": local.client})})
+    info = ConfigRecord({"domain": local.domain, "client": local.client, "classes": local.images.classes})
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=message)

@@ -269,8 +269,22 @@ def dataset_domains(cfg: DictConfig) -> list[str]:
     return domains
 
 
-def domain_images(cfg: DictConfig, domain: str) -> ImageSource:
-    """All images of one domain of the run, from the configured source."""
+def domain_images(cfg: DictConfig, domain: str, own_only: bool = False) -> ImageSource:
+    """All images of one domain of the run, from the configured source.
+
+    own_only: a deployed node's data folder may hold only its own domain, so the other domains are
+    not looked for (the server checks that every node reports the same classes).
+    """
+    if own_only and cfg.dataset.source == "folder":
+        if cfg.dataset.domains and domain not in cfg.dataset.domains:
+            raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(cfg.dataset.domains)}")
+        root = dataset_root(cfg)
+        if not (root / domain).is_dir():
+            raise FileNotFoundError(
+                f"node-config domain={domain!r}: no folder {root / domain}. Give the node its data with "
+                "--node-config \"data-dir='DATA_DIR'\" where DATA_DIR/<domain>/<class>/<image> holds its images"
+            )
+        return domain_folder(root, domain, list(cfg.dataset.classes) if cfg.dataset.classes else dataset_classes(root, [domain]))
     domains = dataset_domains(cfg)
     if domain not in domains:
         raise ValueError(f"domain {domain!r} is not a domain of this run; valid: {', '.join(domains)}")
@@ -286,9 +300,9 @@ def client_name(domain: str, shard: int, clients_per_domain: int) -> str:
     return domain if clients_per_domain == 1 else f"{domain}#{shard}"
 
 
-def client_images(cfg: DictConfig, domain: str, shard: int) -> ImageSource:
+def client_images(cfg: DictConfig, domain: str, shard: int, own_only: bool = False) -> ImageSource:
     """The images of client `shard` of `domain`: the whole domain, or its share of dataset.clients_per_domain."""
-    images = domain_images(cfg, domain)
+    images = domain_images(cfg, domain, own_only)
     k = int(cfg.dataset.clients_per_domain)
     if not 0 <= shard < k:
         raise ValueError(f"shard {shard} does not exist: dataset.clients_per_domain={k}, so shards are 0..{k - 1}")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from common.config import config_from_run
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import ENCODER_METHODS, encoder_state
+from server_app.checkpoint import resume_run, save_checkpoint
 from server_app.report import RunReport
 from server_app.strategy import FedClipStrategy
 
@@ -22,24 +23,46 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+POLL_SECONDS = 0.2  # how often the server asks the SuperLink for replies
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord]]:
-    """Ask every connected node which client (domain, or share of one) it holds; nodes encode their features now.
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clients: dict[int, str]) -> list[Message]:
+    """Send messages and collect the replies, naming the nodes lost on the way; only the nodes' own replies return.
 
-    Returns node -> domain, node -> client name, and client -> what it reported.
+    For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
+    own id, so replies are matched to nodes by message id; a node with no reply at all by the
+    timeout is logged too. Replies are polled every POLL_SECONDS: Flower's gRPC send_and_receive
+    waits 3 s between polls, up to 3 s lost twice a round in a deployment.
     """
-    per_domain = int(cfg.dataset.clients_per_domain)
-    expected = len(cfg.dataset.domains) * per_domain if cfg.dataset.domains else cfg.strategy.min_available_nodes
-    deadline = time.time() + cfg.strategy.round_timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
-        log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
-        time.sleep(2)
-    log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
+    messages = list(messages)
+    pending = {i for i in grid.push_messages(messages) if i is not None}  # None: not pushed (Flower logs why)
+    replies, deadline = [], time.time() + timeout
+    while pending and time.time() < deadline:
+        new = list(grid.pull_messages(pending))
+        pending -= {r.metadata.reply_to_message_id for r in new}
+        replies += new
+        if pending:
+            time.sleep(POLL_SECONDS)
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
+    answered, kept = set(), []
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node)
+        if node != reply.metadata.src_node_id and reply.has_error():
+            log.warning("node %d (%s) lost: %s", node, node_clients.get(node, "data not known yet"), reply.error.reason)
+        else:
+            kept.append(reply)
+    for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        log.warning("node %d (%s) sent no reply within %ss: lost for this round", node, node_clients.get(node, "data not known yet"), timeout)
+    return kept
+
+
+def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[tuple[int, str, str, list[str], MetricRecord]]:
+    """Ask nodes which client (domain, or share of one) and classes they hold; malformed answers and failures are logged and left out."""
     queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    node_domains, node_clients, info = {}, {}, {}
-    for reply in grid.send_and_receive(queries, timeout=cfg.strategy.round_timeout):
+    answers = []
+    for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.error("node %d left out: its query failed: %s", node, reply.error.reason)
@@ -49,19 +72,69 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[in
             log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
             continue
         domain = str(content["info"].get("domain"))
-        client = str(content["info"].get("client", domain))
-        if client in info:
-            log.error("node %d left out: client %r is already held by another node", node, client)
+        answers.append((node, domain, str(content["info"].get("client", domain)), list(content["info"].get("classes", [])), content["metrics"]))
+    return answers
+
+
+def _accept(node: int, client: str, classes: list[str], node_clients: dict[int, str], federation_classes: list[str] | None) -> bool:
+    """Whether a node's answer fits the federation: a client no other node holds, the same classes as the others."""
+    if client in node_clients.values():
+        log.error("node %d left out: client %r is already held by another node", node, client)
+        return False
+    if federation_classes is not None and classes != federation_classes:
+        log.error("node %d left out: its classes %s differ from the federation's %s; every node needs the same class folders",
+                  node, classes, federation_classes)
+        return False
+    return True
+
+
+def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str]]:
+    """Ask every connected node which client it holds (a query message); nodes encode their features now.
+
+    Returns node -> domain, node -> client name, client -> what it reported, and the classes.
+    """
+    expected = len(cfg.dataset.domains) * int(cfg.dataset.clients_per_domain) if cfg.dataset.domains else cfg.strategy.min_available_nodes
+    deadline = time.time() + cfg.strategy.round_timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
+        log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
+        time.sleep(2)
+    log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
+    node_domains, node_clients, info, federation_classes = {}, {}, {}, None
+    for node, domain, client, classes, m in query_nodes(grid, cfg, node_ids):
+        if not _accept(node, client, classes, node_clients, federation_classes):
             continue
-        node_domains[node], node_clients[node], info[client] = domain, client, content["metrics"]
-        m = info[client]
+        node_domains[node], node_clients[node], info[client], federation_classes = domain, client, m, classes
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, client, m["num-images"],
                  m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in node_domains.values()):
         raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
-    return node_domains, node_clients, info
+    return node_domains, node_clients, info, federation_classes
+
+
+def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], node_clients: dict[int, str], info: dict[str, MetricRecord],
+                  classes: list[str]) -> None:
+    """Before a round: forget nodes that left, and take back a client's node when one (re)connects.
+
+    A restarted SuperNode may come back under a new node id, so every connected node that is not
+    in the federation is asked for its data; only clients the run started with are taken back.
+    """
+    connected = set(grid.get_node_ids())
+    for node in [n for n in node_domains if n not in connected]:
+        node_domains.pop(node)
+        log.warning("node %d (%s) is no longer connected: left out until a node with its data connects", node, node_clients.pop(node))
+    new = sorted(connected - set(node_domains))
+    if not new:
+        return
+    for node, domain, client, node_classes, m in query_nodes(grid, cfg, new):
+        if client not in info:
+            log.error("node %d left out: client %r was not in this run when it started", node, client)
+        elif m["feature-dim"] != info[client]["feature-dim"]:
+            log.error("node %d left out: its CLIP gives %d features, the run's %d", node, m["feature-dim"], info[client]["feature-dim"])
+        elif _accept(node, client, node_classes, node_clients, classes):
+            node_domains[node], node_clients[node] = domain, client
+            log.info("node %d (re)joined holding %r: it takes part from this round on", node, client)
 
 
 METHODS = ("fedclip", "zero_shot", "local", "centralized", "fedavg", "fedprox")
@@ -82,7 +155,9 @@ def main(grid: Grid, context: Context) -> None:
     method = cfg.method.name
     if method not in METHODS:
         raise ValueError(f"method.name={method!r} is not a method of this app; choose one of {', '.join(METHODS)} (override method=NAME)")
-    node_domains, node_clients, info = discover_nodes(grid, cfg)
+    if cfg.resume and method == "local":
+        raise ValueError("resume= is not available for method=local: its adapters live on the clients, the checkpoint holds no global one")
+    node_domains, node_clients, info, classes = discover_nodes(grid, cfg)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
@@ -97,24 +172,29 @@ def main(grid: Grid, context: Context) -> None:
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}
     report = RunReport(cfg, client_domains, [node_clients[n] for n in strategy.train_nodes], trained)
     report.images_encoded += sum(int(m.get("images-encoded", 0)) for m in info.values())
+    arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
     saved = lambda a: None if method == "local" else a  # noqa: E731 - local-only has no global weights to save
 
-    def exchange(messages: Iterable[Message]) -> list[Message]:
+    def send(messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout))
+        replies = exchange(grid, messages, cfg.strategy.round_timeout, node_clients)
         report.count_traffic(node_clients, messages, replies)
         return replies
 
-    t0 = time.time()
-    replies = exchange(strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid))
-    report.add_round(0, MetricRecord(), strategy.aggregate_evaluate(0, replies), time.time() - t0, None)
-
-    for server_round in range(1, 0 if method == "zero_shot" else cfg.training.rounds + 1):
+    if not report.rows:
         t0 = time.time()
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, exchange(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
+        replies = send(strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid))
+        report.add_round(0, MetricRecord(), strategy.aggregate_evaluate(0, replies), time.time() - t0, None)
+        save_checkpoint(report, arrays)
+
+    for server_round in range(first_round, 0 if method == "zero_shot" else cfg.training.rounds + 1):
+        t0 = time.time()
+        refresh_nodes(grid, cfg, node_domains, node_clients, info, classes)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, send(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
         if new_arrays is not None:
             arrays = new_arrays
-        replies = exchange(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        replies = send(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         report.add_round(server_round, train_metrics, strategy.aggregate_evaluate(server_round, replies), time.time() - t0, saved(arrays))
+        save_checkpoint(report, arrays)
 
     report.finish(saved(arrays))

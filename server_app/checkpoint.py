@@ -1,0 +1,90 @@
+"""Checkpoint after every round, so a run that stops (server crash, restart) can resume.
+
+`<run folder>/checkpoint.safetensors` holds the global weights (adapter, or encoder for fedavg/fedprox); its metadata holds the round and
+every report row so far (JSON), in one file replaced atomically, so the adapter and the round
+always agree. `resume=<run folder>` starts a new run folder from there: the earlier rows are
+copied over and training goes on with the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from server_app.report import RunReport, save_weights
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to go on: the global adapter after `round` and the report rows up to it."""
+
+    round: int
+    arrays: ArrayRecord
+    rows: list[dict]
+
+
+def save_checkpoint(report: RunReport, arrays: ArrayRecord) -> None:
+    """Write the adapter and the rows of every round so far, replacing the last checkpoint atomically."""
+    path = report.dir / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    save_weights(arrays, tmp, {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint:
+    """The checkpoint of a run folder, with an error that says what to pass when there is none."""
+    path = Path(folder).expanduser() / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={folder}: no {CHECKPOINT} there. Pass the run folder the run logged as 'run folder: ...' "
+            "(it gets a checkpoint after every round), e.g. overrides=\"resume=outputs/2026-01-01_12-00-00\""
+        )
+    with safe_open(path, "pt") as fh:
+        meta = fh.metadata() or {}
+    if "round" not in meta or "rows" not in meta:
+        raise ValueError(f"{path} is not a FedCLIP checkpoint (no round/rows metadata)")
+    rows = json.loads(meta["rows"])
+    if not rows or rows[-1]["round"] != int(meta["round"]):
+        raise ValueError(f"{path} is inconsistent: round {meta['round']} but {len(rows)} report rows")
+    return Checkpoint(int(meta["round"]), ArrayRecord(load_file(path)), rows)
+
+
+def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+    """Continue from a run folder's checkpoint: the adapter to start from and the next round.
+
+    The earlier rows go into the new run folder's metrics and the best adapter so far is copied,
+    so the summary covers the whole run. `arrays` is this run's fresh adapter: the checkpoint must
+    have the same keys and shapes (same CLIP), and the same domains must be in the federation.
+    Clients' optimiser states are not part of it: they restart from zero.
+    """
+    ckpt = load_checkpoint(folder)
+    expected = {k: tuple(v.shape) for k, v in arrays.items()}
+    found = {k: tuple(v.shape) for k, v in ckpt.arrays.items()}
+    if found != expected:
+        raise ValueError(f"resume={folder}: the checkpoint's adapter {found} does not fit this run's {expected}; was it made with another CLIP?")
+    old_domains = {k.removeprefix("acc/") for k in ckpt.rows[0] if k.startswith("acc/")}
+    if old_domains != set(report.domains):
+        raise ValueError(f"resume={folder}: the checkpoint's run had domains {sorted(old_domains)}, this federation has {sorted(report.domains)}")
+    report.rows = ckpt.rows
+    with open(report.dir / "metrics.jsonl", "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
+    trained = [r for r in ckpt.rows if r["round"] > 0 and r["val_acc_mean"] is not None]
+    if trained:
+        report.best = max(trained, key=lambda r: r["val_acc_mean"])  # the first of equals, as add_round keeps it
+        best = f"{report.weights_name}_best.safetensors"
+        shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
+    save_checkpoint(report, ckpt.arrays)
+    log.info("resumed from %s after round %d; going on with round %d", folder, ckpt.round, ckpt.round + 1)
+    return ckpt.arrays, ckpt.round + 1
