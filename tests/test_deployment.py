@@ -197,6 +197,9 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
+    missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"docker/make-certs.sh needs {' and '.join(missing)} (Debian: openssl, openssh-client)")
     tmp = tmp_path_factory.mktemp("deploy")
     cache = os.environ.get("FEDCLIP_CACHE") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse a built demo
     cfg = load_config(f"cache_dir={cache}")
