@@ -372,11 +372,12 @@ def main() -> int:
                                   "--control-api-address", f"127.0.0.1:{control}"], work / "flwr" / "superlink")
         wait_for_port(control, args.startup_timeout, procs)
         wait_for_port(fleet, args.startup_timeout, procs)
+        threads = max(1, (os.cpu_count() or 1) // len(domains))  # four clients share this machine's cores
         for i, domain in enumerate(domains):
             procs.start(f"supernode-{domain}", [str(bin_dir / "flower-supernode"), "--insecure",
                                                 "--superlink", f"127.0.0.1:{fleet}",
                                                 "--clientappio-api-address", f"127.0.0.1:{control + 1 + i}",
-                                                "--node-config", f"domain='{domain}' device='{device}'"],
+                                                "--node-config", f"domain='{domain}' device='{device}' cpu-threads={threads}"],
                         work / "flwr" / f"node-{domain}")
         cli_home = work / "flwr" / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)

@@ -56,19 +56,20 @@ class LocalData:
 
 # What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
 # sets partition-id and num-partitions.
-NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "partition-id", "num-partitions"}
+NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
 
 
 def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
     """The run's configuration as this node sees it: its data folder, cache and device win.
 
     `data-dir` (a folder DATA_DIR/<domain>/<class>/<image>, or `demo`) replaces dataset.root,
-    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device.
+    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device, and
+    `cpu-threads` replaces cpu_threads (set it when several SuperNodes share one machine).
     """
     unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
     if unknown:
         raise ValueError(
-            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir and device, "
+            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, device and cpu-threads, "
             "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
         )
     if "data-dir" in node_config:
@@ -77,6 +78,8 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
         cfg.cache_dir = cfg.demo.cache_dir = str(Path(str(node_config["cache-dir"])).expanduser())
     if "device" in node_config:
         cfg.device = str(node_config["device"])
+    if "cpu-threads" in node_config:
+        cfg.cpu_threads = int(node_config["cpu-threads"])
     return cfg
 
 
@@ -87,6 +90,8 @@ def load_local_data(context: Context) -> LocalData:
     node (node config `domain`) may hold only its own domain's images.
     """
     cfg = apply_node_config(config_from_run(context.run_config), context.node_config)
+    if cfg.cpu_threads:  # several client processes on one machine each take every core by default: far slower together
+        torch.set_num_threads(int(cfg.cpu_threads))
     k = int(cfg.dataset.clients_per_domain)
     device = select_device(cfg.device)
     if "domain" in context.node_config:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from common.config import load_config
 from common.data import dataset_classes, dataset_domains, domain_folder, read_image
 from common.features import encode_domain
 
@@ -26,8 +26,8 @@ spec.loader.exec_module(gpu_check)
 def test_synthetic_pacs_has_pacs_layout_and_goes_through_the_folder_loader(tmp_path):
     counts = gpu_check.make_dataset(tmp_path / "pacs", scale=0.004, size=224, workers=2)
     assert counts == {"art_painting": 8, "cartoon": 9, "photo": 7, "sketch": 16}
-    cfg = OmegaConf.create({"dataset": {"domains": None, "held_out": "sketch"}})
-    domains = dataset_domains(cfg, tmp_path / "pacs")
+    cfg = load_config(f"dataset=pacs dataset.root={tmp_path / 'pacs'} dataset.held_out=sketch")
+    domains = dataset_domains(cfg)
     assert domains == sorted(gpu_check.PACS_DOMAINS)
     classes = dataset_classes(tmp_path / "pacs", domains)
     assert classes == gpu_check.PACS_CLASSES
