@@ -55,14 +55,14 @@ def _is_data_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
 
 
-def dataset_domains(cfg: DictConfig, root: Path) -> list[str]:
-    """The run's domains, checked against the folder; the held-out one must be among them."""
+def dataset_domains(cfg: DictConfig, root: Path, require_held_out: bool = True) -> list[str]:
+    """The run's domains, checked against the folder; the held-out one must be among them (unless not required)."""
     found = sorted(p.name for p in root.iterdir() if _is_data_dir(p))
     domains = list(cfg.dataset.domains) if cfg.dataset.domains else found
     unknown = [d for d in domains if d not in found]
     if unknown:
         raise ValueError(f"domain(s) {unknown} not found in {root}; valid domains: {', '.join(found)}")
-    if cfg.dataset.held_out not in domains:
+    if require_held_out and cfg.dataset.held_out not in domains:
         raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}")
     return domains
 
