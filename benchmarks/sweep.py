@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.sweep_report import FAILURE_FILE, LOG_FILE, Run, read_run, run_dir, write_plots, write_tables
@@ -268,4 +269,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ValueError, FileNotFoundError, RuntimeError, HydraException) as err:  # bad overrides or data: say what, not where
+        sys.exit(f"sweep: {err}")
