@@ -188,6 +188,17 @@ def plan(overrides: list[str]) -> tuple[DictConfig, list[str], list[str], int]:
     return sweep, base, held_outs, clients
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception)(?:\(\w+\))?: .+")
+GENERIC_ERRORS = ("Exception in ServerApp thread",)  # Flower's wrapper around the real error
+
+
+def failure_reason(log: str) -> str:
+    """The last exception a failed run's log names (the ServerApp's), or its last line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.splitlines()]
+    errors = [line for line in lines if EXCEPTION_LINE.match(line) and not any(g in line for g in GENERIC_ERRORS)]
+    return (errors or [line for line in lines if line] or ["empty log"])[-1][:300]
+
+
 def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
@@ -244,8 +255,7 @@ def main(argv: list[str]) -> int:
                 if run.personalization is not None:
                     result += f", personalization {100 * run.personalization:.2f}%"
             else:
-                last = [line for line in log.splitlines() if "ERROR" in line or "Error" in line][-1:] or ["no summary.json written"]
-                reason = f"exit code {code}: {last[0].strip()[:300]}"
+                reason = f"no summary.json (flwr run exit code {code}): {failure_reason(log)}"
                 (run.dir / FAILURE_FILE).write_text(json.dumps({"reason": reason, "returncode": code, "log": str(run.log)}, indent=2))
                 result = f"FAILED ({reason}); log {run.log}"
             todo = sum(read_run(out_dir, *c).status != "done" for c in cells)
