@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sweep import main as sweep_main
-from benchmarks.sweep import run_overrides
+from benchmarks.sweep import failure_reason, run_overrides
 from benchmarks.sweep_report import read_run, run_dir, write_plots, write_tables
 
 METHODS, HELD_OUT, SEEDS = ["fedclip", "fedavg"], ["photo", "sketch"], [0, 1]
@@ -85,6 +85,17 @@ def test_table_markdown_and_csv(sweep_folder):
 def test_run_overrides_quote_domains_and_add_the_method_only_when_not_the_default():
     assert run_overrides(["training.rounds=2"], "fedclip", "sketch", 1) == "training.rounds=2 dataset.held_out=sketch seed=1"
     assert run_overrides([], "fedavg", "Real World", 0) == "dataset.held_out='Real World' seed=0 method=fedavg"
+
+
+def test_failure_reason_is_the_server_apps_exception_not_flowers_wrapper():
+    log = """\x1b[91mERROR \x1b[0m:     Traceback (most recent call last):
+RuntimeError: could not load the CLIP '/nonexistent'
+RuntimeError: no node holds a training domain (nodes answered with []); nothing can train
+RuntimeError: Exception in ServerApp thread
+2026-11-27 23:29:54,397 ERROR Exit Code: 700
+"""
+    assert failure_reason(log) == "RuntimeError: no node holds a training domain (nodes answered with []); nothing can train"
+    assert failure_reason("starting\n# stopped: still running after 5 s\n") == "# stopped: still running after 5 s"
 
 
 def test_swept_keys_and_unknown_domains_are_refused(demo_cache, monkeypatch):
