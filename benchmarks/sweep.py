@@ -99,10 +99,13 @@ def _wait_for_free_control_port(wait: float = 30.0) -> None:
 
 def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0,
              env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3) -> tuple[int, str]:
-    """One `flwr run` of this app in `folder`: outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME and the log
-    (flwr.log) all go there; the SuperLink it starts is stopped afterwards. Returns (exit code, log).
+    """One `flwr run` of this app in `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME
+    and the log (flwr.log) all go there; the SuperLink it starts is stopped afterwards. Returns (exit code, log).
 
     Only Ray's failure to start its GCS server is retried, each time in an emptied folder."""
+    folder = folder.resolve()
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty; a run needs a folder of its own")
     if '"' in overrides:
         raise ValueError(f"overrides {overrides!r} contain a double quote; quote Hydra values with single quotes")
     bin_dir = Path(sys.executable).parent  # flwr starts flower-superlink from PATH
@@ -114,7 +117,7 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
         command += ["--run-config", 'overrides="{}"'.format(overrides.replace("\\", "\\\\"))]
     logs = []
     for attempt in range(1, attempts + 1):
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # new or empty at first; a failed start's leftovers after
         folder.mkdir(parents=True)
         _wait_for_free_control_port()
         ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -243,6 +246,7 @@ def main(argv: list[str]) -> int:
                 continue
             redo = {"failed": " (failed before: redone)", "incomplete": " (stopped half-way before: redone)"}.get(run.status, "")
             print(f"{name}{redo} ... log {run.log}", flush=True)
+            shutil.rmtree(run.dir, ignore_errors=True)
             t0 = time.time()
             code, log = flwr_run(run.dir, run_overrides(base, method, held_out, seed), clients, sweep.client_cpus,
                                  sweep.client_gpus, timeout=sweep.run_timeout)

@@ -62,8 +62,9 @@ def read_run(out_dir: Path, method: str, held_out: str, seed: int) -> Run:
     if summaries:
         run.status = "done"
         run.summary = json.loads(summaries[-1].read_text())
-        with open(summaries[-1].parent / "metrics.jsonl") as fh:
-            run.rows = [json.loads(line) for line in fh if line.strip()]
+        metrics = summaries[-1].parent / "metrics.jsonl"
+        if metrics.is_file():
+            run.rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     elif (run.dir / FAILURE_FILE).is_file():
         run.status, run.failure = "failed", json.loads((run.dir / FAILURE_FILE).read_text())
     elif run.dir.exists():
