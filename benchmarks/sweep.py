@@ -33,7 +33,9 @@ from common.config import CONF_DIR, load_config, split_overrides
 from common.data import dataset_domains, dataset_root
 
 REPO = Path(__file__).resolve().parent.parent
-RAY_START_FAILURE = "logs/gcs_server.err'"  # Ray's head node now and then fails to start its GCS on these machines
+# Ray, on a busy machine, now and then fails to start its GCS server or loses its own node; the run then
+# fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
+RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed")
 SWEPT_KEYS = {"dataset.held_out": "sweep.held_out", "seed": "sweep.seeds", "method": "sweep.methods"}
 
 
@@ -97,12 +99,29 @@ def _wait_for_free_control_port(wait: float = 30.0) -> None:
         time.sleep(1)
 
 
+def _watch(proc: subprocess.Popen, log: Path, timeout: float | None) -> tuple[int, str | None]:
+    """Wait for `flwr run`; stop waiting when Ray reports one of its failures or the timeout passes.
+    Returns (exit code, 124 on timeout, -1 on a Ray failure; the Ray failure seen or None)."""
+    deadline = None if timeout is None else time.time() + timeout
+    with open(log, errors="replace") as fh:
+        seen = ""
+        while proc.poll() is None:
+            seen = seen[-200:] + fh.read()  # only what is new, plus a tail for a message split across reads
+            if failure := next((f for f in RAY_FAILURES if f in seen), None):
+                return -1, failure
+            if deadline is not None and time.time() > deadline:
+                return 124, None
+            time.sleep(2)
+        seen = seen[-200:] + fh.read()
+    return proc.returncode, next((f for f in RAY_FAILURES if f in seen), None)
+
+
 def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0,
              env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3) -> tuple[int, str]:
     """One `flwr run` of this app in `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME
     and the log (flwr.log) all go there; the SuperLink it starts is stopped afterwards. Returns (exit code, log).
 
-    Only Ray's failure to start its GCS server is retried, each time in an emptied folder."""
+    Only Ray's own failures (RAY_FAILURES in the log) are retried, each time in an emptied folder."""
     folder = folder.resolve()
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder} is not empty; a run needs a folder of its own")
@@ -130,21 +149,19 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
                 fh.flush()
                 proc = subprocess.Popen(command, env=run_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
                 try:
-                    code = proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    fh.write(f"\n# stopped: still running after {timeout} s\n")
-                    code = 124
+                    code, ray_failed = _watch(proc, folder / LOG_FILE, timeout)
                 finally:
                     if proc.poll() is None:
                         _stop([proc.pid])
+                if code == 124:
+                    fh.write(f"\n# stopped: still running after {timeout} s\n")
         finally:
             _stop(_local_superlinks(folder / "flwr-home"))
             shutil.rmtree(ray_dir, ignore_errors=True)
-        log = (folder / LOG_FILE).read_text()
-        logs.append(log)
-        if RAY_START_FAILURE not in log:
+        logs.append((folder / LOG_FILE).read_text())
+        if not ray_failed:
             break
-        print(f"  attempt {attempt}: Ray failed to start its GCS server; retrying", flush=True)
+        print(f"  attempt {attempt}: Ray failed ({ray_failed!r} in the log); starting the run again", flush=True)
     if len(logs) > 1:  # keep every attempt's log
         (folder / LOG_FILE).write_text("".join(logs))
     return code, "".join(logs)
