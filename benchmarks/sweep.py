@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
     print(f"sweep: {len(methods)} method(s) {methods} x {len(held_outs)} held-out domain(s) {held_outs} x "
           f"{len(seeds)} seed(s) {seeds} = {len(cells)} runs, {clients} clients each; folder {out_dir}", flush=True)
 
-    start, launched, durations = time.time(), 0, []
+    start, launched, not_started, durations = time.time(), 0, 0, []
 
     def write_outputs() -> list[Run]:
         runs = [read_run(out_dir, m, d, s) for m, d, s in cells]
@@ -259,7 +259,7 @@ def main(argv: list[str]) -> int:
                 print(f"{name}: done before, skipped ({run.dir})", flush=True)
                 continue
             if sweep.max_runs is not None and launched >= sweep.max_runs:
-                print(f"{name}: not started (sweep.max_runs={sweep.max_runs})", flush=True)
+                not_started += 1
                 continue
             redo = {"failed": " (failed before: redone)", "incomplete": " (stopped half-way before: redone)"}.get(run.status, "")
             print(f"{name}{redo} ... log {run.log}", flush=True)
@@ -291,6 +291,8 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         runs = write_outputs()
+    if not_started:
+        print(f"{not_started} run(s) not started (sweep.max_runs={sweep.max_runs}): run again to go on", flush=True)
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "incomplete", "pending")}
     print(f"sweep: {counts['done']}/{len(runs)} done, {counts['failed']} failed, "
           f"{counts['pending'] + counts['incomplete']} not run, in {_duration(time.time() - start)}")
