@@ -14,11 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def split_overrides(overrides: str) -> list[str]:
+    """Split on spaces outside quotes, keeping the quotes: Hydra parses quoted values itself."""
+    return re.findall(r"""(?:[^\s'"]|'[^']*'|"[^"]*")+""", overrides)
+
+
 def load_config(overrides: str | list[str] = "") -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo"."""
     if isinstance(overrides, str):
-        # split on spaces outside quotes, keeping the quotes: Hydra parses quoted values itself
-        overrides = re.findall(r"""(?:[^\s'"]|'[^']*'|"[^"]*")+""", overrides)
+        overrides = split_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
     for key, env in (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS")):

@@ -249,8 +249,8 @@ def hub_domain(hub_id: str, split: str, domain: str, classes: list[str] | None) 
 # ---- a run's domains and each client's images ---------------------------------------------------------------
 
 
-def dataset_domains(cfg: DictConfig) -> list[str]:
-    """The run's domains (configured, else all found), checked against the data; held_out must be one."""
+def dataset_domains(cfg: DictConfig, require_held_out: bool = True) -> list[str]:
+    """The run's domains (configured, else all found), checked against the data; held_out must be one (if required)."""
     if cfg.dataset.source == "folder":
         root = dataset_root(cfg)
         found, where = sorted(p.name for p in root.iterdir() if _is_data_dir(p)), str(root)
@@ -264,7 +264,7 @@ def dataset_domains(cfg: DictConfig) -> list[str]:
     unknown = [d for d in domains if d not in found]
     if unknown:
         raise ValueError(f"domain(s) {unknown} not found in {where}; valid domains: {', '.join(found)}")
-    if cfg.dataset.held_out not in domains:
+    if require_held_out and cfg.dataset.held_out not in domains:
         raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}")
     return domains
 

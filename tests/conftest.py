@@ -47,6 +47,12 @@ def tiny_clip(tmp_path_factory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    """Where `flwr run` tests build (or find) the embedded demo: FEDCLIP_CACHE if set, so a built demo is reused."""
+    return os.environ.get("FEDCLIP_CACHE") or str(tmp_path_factory.mktemp("cache"))
+
+
 def write_image_folder(root: Path, domains=("art", "photo", "sketch"), classes=("cat", "dog", "bird"), per_class=5) -> Path:
     """ROOT/<domain>/<class>/<i>.png with random images, plus one corrupt file in the first domain."""
     rng = np.random.default_rng(0)

@@ -1,0 +1,1 @@
+"""Measurements that print numbers: the feature-cache benchmark and the leave-one-domain-out sweep."""
