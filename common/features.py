@@ -36,7 +36,7 @@ def images_encoded() -> int:
     """How many images this process has encoded so far (a client reports the difference a call made)."""
     return _ENCODED["images"]
 _MODEL_DIRS: dict[str, Path] = {}
-_FILE_HASHES: dict[tuple, str] = {}
+_FILE_HASHES: dict[str, str] = {}
 
 
 @dataclass
@@ -51,9 +51,9 @@ class DomainFeatures:
 
 
 def _file_hash(path: Path) -> str:
-    """A content hash of one file, memoised per process by (path, inode, size, mtime)."""
+    """A content hash of one file, memoised by (path, inode, size, mtime)."""
     stat = path.stat()
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = f"{path}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}"
     if key not in _FILE_HASHES:
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as fh:
@@ -63,10 +63,21 @@ def _file_hash(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def model_files_fingerprint(name_or_path: str) -> str:
-    """A hash of the contents of a CLIP's files (config, processor, tokenizer, weights)."""
+def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) -> str:
+    """A hash of the contents of a CLIP's files (config, processor, tokenizer, weights).
+
+    With cache_dir the file hashes are also kept in <cache_dir>/file-hashes.json, so that a fresh
+    process (Flower starts one per message in a deployment) does not read a 600 MB model again.
+    """
     from transformers.utils import cached_file
 
+    memo = Path(cache_dir).expanduser() / "file-hashes.json" if cache_dir is not None else None
+    if memo is not None and memo.is_file():
+        try:
+            _FILE_HASHES.update(json.loads(memo.read_text()))
+        except (OSError, ValueError):  # a broken memo only costs the hashing
+            pass
+    known = len(_FILE_HASHES)
     if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
         try:
             _MODEL_DIRS[name_or_path] = Path(cached_file(name_or_path, "config.json")).parent
@@ -76,6 +87,11 @@ def model_files_fingerprint(name_or_path: str) -> str:
     for path in sorted(_MODEL_DIRS[name_or_path].iterdir()):
         if path.resolve().is_file():
             h.update(f"{path.name}:{_file_hash(path.resolve())}\n".encode())
+    if memo is not None and len(_FILE_HASHES) > known:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_FILE_HASHES))
+        tmp.rename(memo)
     return h.hexdigest()
 
 
@@ -150,7 +166,7 @@ def domain_features(
 ) -> DomainFeatures:
     """A client's frozen features from memory, else from the disk cache, else encoded (and cached)."""
     prompts = class_prompts(images.classes, prompt)
-    key = features_key(model_files_fingerprint(name_or_path), images, prompts, dtype)
+    key = features_key(model_files_fingerprint(name_or_path, cache_dir), images, prompts, dtype)
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"

@@ -111,3 +111,27 @@ def test_unreadable_cache_entry_is_encoded_again(tiny_clip, image_folder, tmp_pa
     again = features_of(tiny_clip, image_folder, cache)
     assert count_encodes == ["art", "art"] and "unreadable feature cache entry" in caplog.text
     assert torch.allclose(first.image, again.image)
+
+
+def test_file_hashes_are_kept_on_disk_for_fresh_processes(tiny_clip, tmp_path, monkeypatch):
+    first = features.model_files_fingerprint(str(tiny_clip), tmp_path)
+    assert (tmp_path / "file-hashes.json").is_file()
+    monkeypatch.setattr(features, "_FILE_HASHES", {})  # a fresh process
+    monkeypatch.setattr(features.hashlib, "blake2b", _no_file_reads(features.hashlib.blake2b))
+    assert features.model_files_fingerprint(str(tiny_clip), tmp_path) == first
+
+
+def _no_file_reads(blake2b):
+    """blake2b that fails once fed more than a few bytes: model files must not be read again."""
+    class Guard:
+        def __init__(self, *args, **kwargs):
+            self.h = blake2b(*args, **kwargs)
+
+        def update(self, data):
+            assert len(data) < 4096, "a model file was hashed again"
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    return Guard
