@@ -209,7 +209,7 @@ def write_tables(out_dir: Path, runs: list[Run], methods: list[str], held_outs: 
                     mean, std = _stats([v for r in group if r.status == "done" and (v := getattr(r, metric)) is not None])
                 row[f"{metric}_mean_pct"] = None if mean is None else round(100 * mean, 4)
                 row[f"{metric}_std_pct"] = None if std is None else round(100 * std, 4)
-            row.update({k: _cost(group, k) for k in COST_COLUMNS})
+            row.update({k: None if (v := _cost(group, k)) is None else round(v, 4) for k in COST_COLUMNS})
             csv_rows.append(row)
     with open(out_dir / "table.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
