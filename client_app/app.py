@@ -100,6 +100,8 @@ def load_local_data(context: Context) -> LocalData:
             raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
         return client_data(cfg, domain, int(context.node_config.get("shard", 0)), device, own_only=True)
     domains = dataset_domains(cfg)
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode does not say which data it holds: start it with --node-config \"domain='<domain>' data-dir='DATA_DIR'\"")
     partition = int(context.node_config["partition-id"])
     if partition >= len(domains) * k:
         raise ValueError(
@@ -243,6 +245,8 @@ def evaluate(message: Message, context: Context) -> Message:
                      "num-examples": len(local.feats.labels), "images-encoded": encoded}
     splits = {"val": local.split.val, "test": local.split.test, "all": np.arange(len(local.feats.labels))}
     for name, indices in splits.items():
+        if len(indices) == 0:  # a small client's split can be empty: it reports nothing for it
+            continue
         results = [evaluate_adapter(adapter, feats, torch.as_tensor(indices), local.device) for adapter in adapters]
         metrics[f"{name}-acc"] = sum(acc for acc, _ in results) / len(results)
         metrics[f"{name}-loss"] = sum(loss for _, loss in results) / len(results)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,13 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
     from transformers.utils import cached_file
 
     memo = Path(cache_dir).expanduser() / "file-hashes.json" if cache_dir is not None else None
+    stored: dict[str, str] = {}
     if memo is not None and memo.is_file():
         try:
-            _FILE_HASHES.update(json.loads(memo.read_text()))
+            stored = json.loads(memo.read_text())
         except (OSError, ValueError):  # a broken memo only costs the hashing
             pass
-    known = len(_FILE_HASHES)
+    _FILE_HASHES.update(stored)
     if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
         try:
             _MODEL_DIRS[name_or_path] = Path(cached_file(name_or_path, "config.json")).parent
@@ -87,11 +89,15 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
     for path in sorted(_MODEL_DIRS[name_or_path].iterdir()):
         if path.resolve().is_file():
             h.update(f"{path.name}:{_file_hash(path.resolve())}\n".encode())
-    if memo is not None and len(_FILE_HASHES) > known:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_FILE_HASHES))
-        tmp.rename(memo)
+    if memo is not None and not _FILE_HASHES.keys() <= stored.keys():
+        try:  # nodes sharing a cache folder may write at once: each writes its own file, then renames it
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(_FILE_HASHES))
+            os.replace(tmp, memo)
+        except OSError as err:  # the memo only saves time
+            log.warning("could not write %s: %s", memo, err)
     return h.hexdigest()
 
 

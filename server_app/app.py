@@ -155,6 +155,8 @@ def main(grid: Grid, context: Context) -> None:
     method = cfg.method.name
     if method not in METHODS:
         raise ValueError(f"method.name={method!r} is not a method of this app; choose one of {', '.join(METHODS)} (override method=NAME)")
+    if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:
+        raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}")
     if cfg.resume and method == "local":
         raise ValueError("resume= is not available for method=local: its adapters live on the clients, the checkpoint holds no global one")
     node_domains, node_clients, info, classes = discover_nodes(grid, cfg)

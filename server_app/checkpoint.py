@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord
+from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -33,13 +34,21 @@ class Checkpoint:
     round: int
     arrays: ArrayRecord
     rows: list[dict]
+    protocol: dict
+
+
+def protocol(cfg: DictConfig) -> dict:
+    """What must not change between a run and its resumption: the rows before and after must mean the same."""
+    return {"method": cfg.method.name, "held_out": cfg.dataset.held_out, "seed": cfg.seed, "split": list(cfg.dataset.split),
+            "clients_per_domain": cfg.dataset.clients_per_domain, "partition": cfg.dataset.partition, "model": cfg.model.name_or_path}
 
 
 def save_checkpoint(report: RunReport, arrays: ArrayRecord) -> None:
     """Write the adapter and the rows of every round so far, replacing the last checkpoint atomically."""
     path = report.dir / CHECKPOINT
     tmp = path.with_suffix(".tmp")
-    save_weights(arrays, tmp, {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows)})
+    meta = {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows), "protocol": json.dumps(protocol(report.cfg))}
+    save_weights(arrays, tmp, meta)
     os.replace(tmp, path)
 
 
@@ -58,7 +67,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     rows = json.loads(meta["rows"])
     if not rows or rows[-1]["round"] != int(meta["round"]):
         raise ValueError(f"{path} is inconsistent: round {meta['round']} but {len(rows)} report rows")
-    return Checkpoint(int(meta["round"]), ArrayRecord(load_file(path)), rows)
+    return Checkpoint(int(meta["round"]), ArrayRecord(load_file(path)), rows, json.loads(meta.get("protocol", "{}")))
 
 
 def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
@@ -70,6 +79,10 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tu
     Clients' optimiser states are not part of it: they restart from zero.
     """
     ckpt = load_checkpoint(folder)
+    changed = {k: (v, ckpt.protocol.get(k)) for k, v in protocol(report.cfg).items() if ckpt.protocol.get(k) != v}
+    if changed:
+        raise ValueError(f"resume={folder}: this run differs from the checkpoint's in {', '.join(f'{k} (now {a!r}, then {b!r})' for k, (a, b) in changed.items())}; "
+                         "resume with the same settings, or start a new run")
     expected = {k: tuple(v.shape) for k, v in arrays.items()}
     found = {k: tuple(v.shape) for k, v in ckpt.arrays.items()}
     if found != expected:

@@ -74,7 +74,7 @@ class RunReport:
         for client in self.clients[domain]:
             acc = metrics.get(f"{client}/personalized-test-acc") if split == "test" else None
             acc = metrics.get(f"{client}/{split}-acc") if acc is None else acc
-            if acc is not None:
+            if acc is not None and metrics.get(f"{client}/num-{split}", 1) > 0:
                 pairs.append((acc, metrics.get(f"{client}/num-{split}", 1)))
         total = sum(n for _, n in pairs)
         return sum(a * n for a, n in pairs) / total if pairs and total else None
@@ -97,8 +97,8 @@ class RunReport:
             "train_loss": sum(losses) / len(losses) if losses else None,
             "val_acc_mean": sum(vals) / len(vals) if vals else None,
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
-            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients) or 0,  # a training client's
-            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients) or 0,
+            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down) or 0,  # a training client's
+            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.down) or 0,
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
             "train": dict(train),

@@ -60,8 +60,8 @@ class FedClipStrategy(FedAvg):
     `template` is the trained part's tensors (the adapter, or the image encoder for fedavg/fedprox).
     Malformed replies (wrong keys, shapes or dtype, NaN/Inf, no example count) are dropped and
     logged with the node id; if fewer than `min_train_nodes` remain, the weights are not changed.
-    method=local keeps one adapter per node instead of averaging (`node_states`); the held-out
-    node is then evaluated with every one of them. method=centralized trains on one node only.
+    method=local keeps one adapter per client instead of averaging (`client_states`, by name, so a
+    node that rejoins under a new id goes on with its own); the held-out nodes are evaluated with every one. method=centralized trains on one node only.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class FedClipStrategy(FedAvg):
         self.template = template
         self.weighting = weighting
         self.method = method
-        self.node_states: dict[int, ArrayRecord] = {}
+        self.client_states: dict[str, ArrayRecord] = {}  # method=local: each client's own adapter, by client name
 
     @property
     def train_nodes(self) -> list[int]:
@@ -98,14 +98,15 @@ class FedClipStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         if self.method == "local":  # each node continues its own adapter
-            return [self._message({"arrays": self.node_states.get(n, arrays)}, config, n, MessageType.TRAIN) for n in self.train_nodes]
+            return [self._message({"arrays": self.client_states.get(self.node_clients[n], arrays)}, config, n, MessageType.TRAIN)
+                    for n in self.train_nodes]
         return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), self.train_nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
-        if self.method == "local" and self.node_states:
-            every = {f"arrays/{self.node_clients[n]}": state for n, state in self.node_states.items()}
-            records = {n: {"arrays": self.node_states.get(n, arrays)} for n in self.node_domains}
+        if self.method == "local" and self.client_states:
+            every = {f"arrays/{client}": state for client, state in self.client_states.items()}
+            records = {n: {"arrays": self.client_states.get(self.node_clients[n], arrays)} for n in self.node_domains}
             records.update({n: every for n, d in self.node_domains.items() if d == self.held_out})
             return [self._message(records[n], config, n, MessageType.EVALUATE) for n in self.node_domains]
         return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), list(self.node_domains), MessageType.EVALUATE)
@@ -128,7 +129,7 @@ class FedClipStrategy(FedAvg):
                 continue
             states.append(state)
             if self.method == "local":
-                self.node_states[node] = msg.content["arrays"]
+                self.client_states[client] = msg.content["arrays"]
             weights.append(float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
             for key, value in msg.content["metrics"].items():
                 metrics[f"{client}/{key}"] = value

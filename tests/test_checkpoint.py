@@ -16,8 +16,8 @@ from server_app.report import RunReport
 DOMAINS = ["a", "b", "sketch"]
 
 
-def make_report(tmp_path, dim: int = 8) -> tuple[RunReport, ArrayRecord]:
-    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch")
+def make_report(tmp_path, dim: int = 8, extra: str = "") -> tuple[RunReport, ArrayRecord]:
+    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch {extra}")
     torch.manual_seed(0)
     arrays = ArrayRecord(AttentionAdapter(dim).state_dict())
     return RunReport(cfg, {d: d for d in DOMAINS}, ["a", "b"], 2 * (dim * dim + dim)), arrays
@@ -74,3 +74,5 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
     other.domains = ["a", "c", "sketch"]
     with pytest.raises(ValueError, match="domains"):
         resume_run(str(old.dir), other, fresh)
+    with pytest.raises(ValueError, match=r"seed \(now 1, then 0\)"):  # another protocol: the rows would not mean the same
+        resume_run(str(old.dir), *make_report(tmp_path / "run5", extra="seed=1"))

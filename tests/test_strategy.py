@@ -131,3 +131,20 @@ def test_held_out_node_is_evaluated_but_never_trained():
 def test_unknown_weighting_is_a_clear_error():
     with pytest.raises(ValueError, match="equal' or 'examples"):
         strategy("median")
+
+
+def test_local_method_keeps_each_clients_adapter_by_name_when_its_node_changes():
+    template = {"w": np.zeros(2, dtype=np.float32)}
+    nodes, clients = {1: "a", 2: "b", 3: "sketch"}, {1: "a", 2: "b", 3: "sketch"}
+    strategy = FedClipStrategy(nodes, "sketch", template, "equal", 1, "local", clients)
+    replies = [reply_from(n, RecordDict({"arrays": ArrayRecord({"w": Array(np.full(2, n, np.float32))}),
+                                         "metrics": MetricRecord({"num-examples": 5})})) for n in (1, 2)]
+    assert strategy.aggregate_train(1, replies)[0] is None  # nothing is averaged
+    for table in (nodes, clients):  # node 2 leaves (as refresh_nodes does) and comes back as node 7
+        table.pop(2)
+    nodes[7], clients[7] = "b", "b"
+    initial = ArrayRecord({"w": Array(template["w"])})
+    train = {m.metadata.dst_node_id: m.content["arrays"]["w"].numpy() for m in strategy.configure_train(2, initial, ConfigRecord(), None)}
+    assert train[7].tolist() == [2, 2] and train[1].tolist() == [1, 1]  # its own adapter, under its new id
+    held_out = [m for m in strategy.configure_evaluate(2, initial, ConfigRecord(), None) if m.metadata.dst_node_id == 3][0]
+    assert sorted(held_out.content.array_records) == ["arrays/a", "arrays/b"]  # every client's adapter
