@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from server_app.report import format_bytes  # noqa: E402
+
 FAILURE_FILE = "failure.json"
 SAFE_NAME = re.compile(r"[^\w.-]+")  # a domain name as part of a file name
 LOG_FILE = "flwr.log"
@@ -137,15 +139,6 @@ def _cost(runs: list[Run], column: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _number(n: float | None, fmt: str = ",.0f") -> str:
     return "—" if n is None else format(n, fmt)
 
@@ -187,9 +180,9 @@ def write_tables(out_dir: Path, runs: list[Run], methods: list[str], held_outs: 
            "|---" * 9 + "|"]
     for m in methods:
         c = {k: _cost(method_runs[m], k) for k in COST_COLUMNS}
-        md.append(f"| {m} | {_number(c['trained_parameters'])} | {_bytes(c['bytes_up_per_client_per_round'])} "
-                  f"| {_bytes(c['bytes_down_per_client_per_round'])} | {_bytes(c['bytes_per_client_per_round'])} "
-                  f"| {_bytes(c['bytes_total'])} | {_number(c['seconds_per_round'], '.2f')} "
+        md.append(f"| {m} | {_number(c['trained_parameters'])} | {format_bytes(c['bytes_up_per_client_per_round'])} "
+                  f"| {format_bytes(c['bytes_down_per_client_per_round'])} | {format_bytes(c['bytes_per_client_per_round'])} "
+                  f"| {format_bytes(c['bytes_total'])} | {_number(c['seconds_per_round'], '.2f')} "
                   f"| {_number(c['features_encoded'])} | {_number(c['rounds'], '.0f')} |")
 
     failed_runs = [r for r in runs if r.status == "failed"]

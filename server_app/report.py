@@ -113,7 +113,7 @@ class RunReport:
         sent = row["bytes_down_per_client"] + row["bytes_up_per_client"]
         self._print(
             [str(server_round), fmt(row["train_loss"], False), *[fmt(row[f"acc/{d}"]) for d in self.domains],
-             fmt(row["val_acc_mean"]), _size(sent), f"{seconds:.2f}"]
+             fmt(row["val_acc_mean"]), format_bytes(sent), f"{seconds:.2f}"]
         )
         if arrays is not None and server_round > 0 and row["val_acc_mean"] is not None and (self.best is None or row["val_acc_mean"] > self.best["val_acc_mean"]):
             self.best = row
@@ -163,7 +163,7 @@ class RunReport:
                  self.method, best["round"], _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
                  _pct(zero_shot.get(f"acc/{self.held_out}")), _pct(summary["personalization_mean"]), _pct(summary["zero_shot_train_domains_mean"]))
         log.info("trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
-                 f"{self.trained_parameters:,}", _size(down), _size(up), self.images_encoded, self.dir / "summary.json")
+                 f"{self.trained_parameters:,}", format_bytes(down), format_bytes(up), self.images_encoded, self.dir / "summary.json")
         return summary
 
 
@@ -176,9 +176,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if num_bytes < 1024:
-            return f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} GiB"
+def format_bytes(n: float | None) -> str:
+    """A byte count as B, KiB, MiB or GiB ("—" for None), for the log and the sweep's tables."""
+    if n is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
