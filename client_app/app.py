@@ -129,7 +129,7 @@ def pooled_train_data(local: LocalData) -> tuple[DomainFeatures, torch.Tensor]:
     for domain in dataset_domains(cfg):
         for shard in range(k) if domain != cfg.dataset.held_out else []:
             try:
-                other = local if (domain, client_name(domain, shard, k)) == (local.domain, local.client) else client_data(cfg, domain, shard, local.device)
+                other = local if client_name(domain, shard, k) == local.client else client_data(cfg, domain, shard, local.device)
             except (OSError, ValueError) as err:
                 raise RuntimeError(f"method=centralized pools every training client's data on one node, but this node cannot read "
                                    f"{client_name(domain, shard, k)!r} ({err}); it is an upper bound for simulation, where all data is local") from err

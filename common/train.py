@@ -12,9 +12,10 @@ from common.features import DomainFeatures, image_batches
 from common.model import adapter_loss, class_logits
 
 
-def make_optimizer(adapter: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """The paper's Adam settings with decoupled weight decay (AdamW), not the reference's L2 penalty."""
-    return torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+def make_optimizer(params: nn.Module | list[nn.Parameter], cfg: DictConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The paper's Adam settings with decoupled weight decay (AdamW), not the reference's L2 penalty; lr=cfg.lr unless given."""
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -105,8 +106,7 @@ def finetune_encoder(
     params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.method.lr, betas=tuple(cfg.training.betas), eps=cfg.training.eps,
-                                  weight_decay=cfg.training.weight_decay)
+    optimizer = make_optimizer(params, cfg.training, lr=cfg.method.lr)
     anchor = [p.detach().clone() for p in params]
     mu = float(cfg.method.proximal_mu)
     text, scale = text.to(device), model.logit_scale.detach()
