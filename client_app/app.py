@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_from_run, select_device
 from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
-from common.features import DomainFeatures, domain_features, encode_domain, images_encoded
-from common.model import AttentionAdapter, class_prompts, load_clip, model_name_or_path
+from common.features import DomainFeatures, domain_features, encode_images, images_encoded
+from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import (
     ENCODER_METHODS,
     encoder_state,
@@ -234,11 +234,11 @@ def evaluate(message: Message, context: Context) -> Message:
     feats, adapters, encoded = local.feats, [None], 0
     if not content["config"].get("zero-shot", False):
         if cfg.method.name in ENCODER_METHODS:
-            model, processor = _encoder_clip(local, content["arrays"])
-            prompts = class_prompts(local.images.classes, cfg.model.prompt)
+            model, processor = _encoder_clip(local, content["arrays"])  # the images again: the encoder changed
             before = images_encoded()
-            feats = encode_domain(model, processor, local.images, prompts, local.device, cfg.model.encode_batch_size)
+            image, labels, skipped = encode_images(model, processor, local.images, local.device, cfg.model.encode_batch_size)
             encoded = images_encoded() - before
+            feats = DomainFeatures(image, labels, local.feats.text, local.feats.logit_scale, skipped)  # the text tower is frozen
         else:
             adapters = [_adapter(local, record) for record in content.array_records.values()]
     metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),

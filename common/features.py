@@ -126,10 +126,8 @@ def image_batches(processor, images: ImageSource, indices, batch_size: int, devi
 
 
 @torch.no_grad()
-def encode_domain(
-    model, processor, images: ImageSource, prompts: list[str], device: torch.device, batch_size: int
-) -> DomainFeatures:
-    """Run the frozen CLIP once over a client's images (decoded batch by batch) and prompts; unreadable ones are skipped."""
+def encode_images(model, processor, images: ImageSource, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch."""
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
     t0 = time.time()
@@ -141,9 +139,18 @@ def encode_domain(
         log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
     if not feats:
         raise RuntimeError(f"none of the {len(images)} images of domain {images.domain!r} could be read")
+    return torch.cat(feats), torch.cat(labels), skipped
+
+
+@torch.no_grad()
+def encode_domain(
+    model, processor, images: ImageSource, prompts: list[str], device: torch.device, batch_size: int
+) -> DomainFeatures:
+    """Run the frozen CLIP once over a client's images and prompts; unreadable images are skipped."""
+    image, labels, skipped = encode_images(model, processor, images, device, batch_size)
     text_in = processor.tokenizer(prompts, padding=True, return_tensors="pt").to(device)
     text = model.get_text_features(**text_in).pooler_output.float().cpu()
-    return DomainFeatures(torch.cat(feats), torch.cat(labels), text, model.logit_scale.detach().float().cpu(), skipped)
+    return DomainFeatures(image, labels, text, model.logit_scale.detach().float().cpu(), skipped)
 
 
 def _load_cached(path: Path) -> DomainFeatures | None:
