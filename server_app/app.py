@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
-POLL_SECONDS = 0.2  # how often the server asks the SuperLink for replies
+POLL_SECONDS = (0.002, 0.2)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most 0.2 s
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
@@ -32,18 +32,20 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
 
     For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
     own id, so replies are matched to nodes by message id; a node with no reply at all by the
-    timeout is logged too. Replies are polled every POLL_SECONDS: Flower's gRPC send_and_receive
-    waits 3 s between polls, up to 3 s lost twice a round in a deployment.
+    timeout is logged too. Replies are polled with a backoff (POLL_SECONDS): a round whose work takes
+    milliseconds waits milliseconds, a long one costs a poll every 0.2 s (Flower's gRPC
+    send_and_receive waits 3 s between polls).
     """
     messages = list(messages)
     pending = {i for i in grid.push_messages(messages) if i is not None}  # None: not pushed (Flower logs why)
-    replies, deadline = [], time.time() + timeout
+    replies, deadline, wait = [], time.time() + timeout, POLL_SECONDS[0]
     while pending and time.time() < deadline:
         new = list(grid.pull_messages(pending))
         pending -= {r.metadata.reply_to_message_id for r in new}
         replies += new
         if pending:
-            time.sleep(POLL_SECONDS)
+            time.sleep(wait)
+            wait = min(2 * wait, POLL_SECONDS[1])
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
     for reply in replies:
