@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +32,9 @@ from common.config import CONF_DIR, load_config, split_overrides
 from common.data import dataset_domains
 
 REPO = Path(__file__).resolve().parent.parent
-# Ray, on a busy machine, now and then fails to start its GCS server or loses its own node; the run then
-# fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
+# Ray's own failures: its GCS server or raylet not starting (the cause we found, a crash of the forked child with
+# grpcio >= 1.80, is pinned away in pyproject.toml: docs/first-run.md), or its node lost on a busy machine; the run
+# then fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
 RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed")
 SWEPT_KEYS = {"dataset.held_out": "sweep.held_out", "seed": "sweep.seeds", "method": "sweep.methods"}
 
@@ -139,9 +139,8 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
         shutil.rmtree(folder, ignore_errors=True)  # new or empty at first; a failed start's leftovers after
         folder.mkdir(parents=True)
         _wait_for_free_control_port()
-        ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
         run_env = dict(os.environ, **(env or {}), FLWR_HOME=str(folder / "flwr-home"), FEDCLIP_OUTPUTS=str(folder),
-                       RAY_TMPDIR=ray_dir, PATH=f"{bin_dir}:{os.environ['PATH']}")
+                       PATH=f"{bin_dir}:{os.environ['PATH']}")
         header = f"# attempt {attempt}: {shlex.join(command)}\n"
         try:
             with open(folder / LOG_FILE, "w") as fh:
@@ -157,7 +156,6 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
                     fh.write(f"\n# stopped: still running after {timeout} s\n")
         finally:
             _stop(_local_superlinks(folder / "flwr-home"))
-            shutil.rmtree(ray_dir, ignore_errors=True)
         logs.append((folder / LOG_FILE).read_text())
         if not ray_failed:
             break

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import local_config, select_device
+from common.config import local_config, select_device, setup_logging
 from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_images, images_encoded
 from common.model import AttentionAdapter, load_clip, model_name_or_path
@@ -36,7 +36,7 @@ from common.train import (
     train_adapter,
 )
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+setup_logging()
 log = logging.getLogger(__name__)
 
 app = ClientApp()

@@ -42,6 +42,7 @@ def handle(stub: ClientAppIoStub, token: str, load_client_app) -> None:
     """One message, as `flwr-clientapp` handles it, in this process: errors become error replies."""
     heartbeat = HeartbeatSender(make_app_heartbeat_fn_grpc(stub, token))
     heartbeat.start()
+    t0 = time.time()
     try:
         message, context, run, fab = pull_appinputs(stub=stub, token=token)
         try:
@@ -54,6 +55,7 @@ def handle(stub: ClientAppIoStub, token: str, load_client_app) -> None:
             log.exception("the ClientApp raised an exception")
             reply = Message(Error(code=code, reason=f"{type(err)}:<'{err}'>"), reply_to=message)
         push_appoutputs(stub=stub, token=token, message=reply, context=context)
+        log.info("handled a %s message of run %d in %.3f s", message.metadata.message_type, context.run_id, time.time() - t0)
     finally:
         heartbeat.stop()
 

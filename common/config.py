@@ -6,6 +6,7 @@ Hydra (0.2 s a call, and its import), it only applies its own machine's settings
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -61,3 +62,15 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name} was asked for but CUDA is not available here; use device=cpu or device=auto")
     return device
+
+
+def setup_logging() -> None:
+    """The app's own log lines, INFO and up with their time, on stderr.
+
+    Flower's records reach the root logger too (its DEBUG ones included) but Flower prints them with
+    its own handler at its own level: ours leaves them out, so a normal run shows no Flower debug
+    lines and no Flower line twice. Errors, ours and Flower's, still print in full.
+    """
+    handler = logging.StreamHandler()
+    handler.addFilter(lambda record: not record.name.startswith("flwr"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[handler])

@@ -8,11 +8,20 @@ pretraining) becomes the federated dataset in the usual ``ROOT/<domain>/<class>/
 The CLIP is saved as a normal Hugging Face folder and loaded with ``from_pretrained`` like
 ``openai/clip-vit-base-patch32``.
 
+The pretrained CLIP ships with the app, packed in ``common/demo_clip.json`` (the app bundle that
+``flwr run`` sends carries only text files): pretraining takes minutes and floating-point results
+differ between CPUs, so every machine unpacks the same bytes instead. ``python -m common.demo
+--rebuild-clip`` pretrains it again (one thread, fixed seeds) and rewrites that file. The images are
+drawn at first use, a few seconds, from fixed seeds with exact arithmetic only, so they are the same
+bytes on every machine with the pinned packages (tests/test_demo.py checks both by hash).
+
 Run ``python -m common.demo`` to build both ahead of time; the apps build them on first use.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -36,8 +45,11 @@ STYLES = ("photo", "sketch", "cartoon", "painting")
 COLOR_HUES = (0, 30, 55, 120, 180, 230, 275, 320)  # ink and background colours of the coloured styles
 GENERIC_CAPTION = "a picture of a {digit}"  # the prompt FedCLIP uses at inference
 STYLE_CAPTION = "a {style} of a {digit}"  # what most pretraining captions say instead (style word)
-DATASET_VERSION = 2  # bump when write_dataset or render change what is drawn
-MODEL_VERSION = 1  # bump when pretrain_clip changes
+DATASET_VERSION = 3  # bump when write_dataset or render change what is drawn
+MODEL_VERSION = 2  # bump when pretrain_clip or the shipped CLIP change
+DATASET_KEYS = ["seed", "image_size", "num_pretrain_digits"]  # the `demo` settings each part is built from
+CLIP_KEYS = DATASET_KEYS + ["pretrain"]
+SHIPPED_CLIP = Path(__file__).with_name("demo_clip.json")  # the pretrained demo CLIP, packed (see above)
 _BACKGROUND_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
 
 
@@ -63,7 +75,7 @@ def _digit_mask(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 
 def _edges(mask: np.ndarray) -> np.ndarray:
     gy, gx = np.gradient(mask)
-    edge = np.hypot(gx, gy)
+    edge = np.sqrt(gx * gx + gy * gy)  # not np.hypot: libm's result may differ between machines in the last bit
     return np.clip(edge / (edge.max() + 1e-6) * 1.5, 0, 1)
 
 
@@ -189,6 +201,24 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> None:
     the prompt FedCLIP uses fits photos best, and it misses the drawings in a way they share:
     room for an adapter trained on some styles to help on another.
     """
+    with _single_thread():
+        _pretrain(out, cfg)
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """One torch thread and deterministic algorithms while pretraining: the same machine always makes the same weights."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _pretrain(out: Path, cfg: DictConfig) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(cfg.seed)
@@ -285,28 +315,85 @@ def _build_once(target: Path, build) -> Path:
     return target
 
 
-def _cache_name(kind: str, version: int, cfg: DictConfig, keys: list[str]) -> str:
+def _settings(cfg: DictConfig, keys: list[str]) -> dict:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {k: container[k] for k in keys}
+
+
+def _cache_name(kind: str, version: int, settings: dict) -> str:
     """A folder name that changes whenever the code version or the settings it was built from change."""
-    settings = json.dumps({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}, sort_keys=True)
-    return f"demo-{kind}-v{version}-{hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()}"
+    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=6).hexdigest()
+    return f"demo-{kind}-v{version}-{digest}"
+
+
+def tree_sha256(folder: Path) -> str:
+    """One hash of every file under `folder`: relative paths and contents."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def pack_clip(folder: Path, settings: dict) -> dict:
+    """A saved CLIP folder as JSON: each file base64-encoded, the settings it was pretrained with, the folder's hash."""
+    files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in sorted(folder.iterdir())}
+    return {"settings": settings, "sha256": tree_sha256(folder), "files": files}
+
+
+def unpack_clip(packed: dict, out: Path) -> None:
+    """Write a packed CLIP back as its folder, refusing one whose bytes differ from the recorded hash."""
+    out.mkdir(parents=True)
+    for name, data in packed["files"].items():
+        (out / name).write_bytes(base64.b64decode(data))
+    if (digest := tree_sha256(out)) != packed["sha256"]:
+        raise RuntimeError(f"{SHIPPED_CLIP} is damaged: its files hash to {digest}, not {packed['sha256']}; "
+                           "restore it from the repository or rebuild it with `python -m common.demo --rebuild-clip`")
 
 
 def demo_dataset_root(cfg: DictConfig) -> Path:
     """The demo image folder for `cfg` (the `demo` config group), built if missing."""
-    name = _cache_name("digits", DATASET_VERSION, cfg, ["seed", "image_size", "num_pretrain_digits"])
+    name = _cache_name("digits", DATASET_VERSION, _settings(cfg, DATASET_KEYS))
     return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: write_dataset(p, cfg))
 
 
 def demo_model_path(cfg: DictConfig) -> Path:
-    """The demo CLIP folder for `cfg`, pretrained if missing."""
-    name = _cache_name("clip", MODEL_VERSION, cfg, ["seed", "image_size", "num_pretrain_digits", "pretrain"])
-    return _build_once(Path(cfg.cache_dir).expanduser() / name, lambda p: pretrain_clip(p, cfg))
+    """The demo CLIP folder for `cfg`: the shipped one, unpacked; pretrained here only for other `demo.pretrain` settings."""
+    settings = _settings(cfg, CLIP_KEYS)
+
+    def build(out: Path) -> None:
+        shipped = json.loads(SHIPPED_CLIP.read_text())
+        if shipped["settings"] == settings:
+            unpack_clip(shipped, out)
+        else:
+            log.warning("the demo settings differ from those of the shipped CLIP (%s): pretraining one here, "
+                        "a few minutes; its weights depend on this machine's CPU", SHIPPED_CLIP.name)
+            pretrain_clip(out, cfg)
+
+    name = _cache_name("clip", MODEL_VERSION, settings)
+    return _build_once(Path(cfg.cache_dir).expanduser() / name, build)
+
+
+def rebuild_shipped_clip(cfg: DictConfig) -> None:
+    """Pretrain the demo CLIP from `cfg` (the `demo` group) and pack it into SHIPPED_CLIP."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrain_clip(Path(tmp) / "clip", cfg)
+        packed = pack_clip(Path(tmp) / "clip", _settings(cfg, CLIP_KEYS))
+    SHIPPED_CLIP.write_text(json.dumps(packed, indent=1) + "\n")
+    print(f"wrote {SHIPPED_CLIP} (sha256 of the CLIP folder {packed['sha256']})")
 
 
 if __name__ == "__main__":
     from common.config import load_config
 
+    parser = argparse.ArgumentParser(description="Build the embedded demo ahead of time, or pretrain the shipped CLIP again.")
+    parser.add_argument("--rebuild-clip", action="store_true", help=f"pretrain the demo CLIP and rewrite {SHIPPED_CLIP.name}")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config()
-    print("dataset:", demo_dataset_root(cfg.demo))
-    print("model:", demo_model_path(cfg.demo))
+    if args.rebuild_clip:
+        rebuild_shipped_clip(cfg.demo)
+    else:
+        print("dataset:", demo_dataset_root(cfg.demo))
+        print("model:", demo_model_path(cfg.demo))

@@ -28,6 +28,7 @@ from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
 
+PROGRESS_SECONDS = 10  # while encoding, a progress line at most this often (and one at the end)
 FEATURES_VERSION = 1  # bump when what is computed or stored changes, so old cache entries are not reused
 _MEMORY: dict[str, DomainFeatures] = {}
 _ENCODED = {"images": 0}  # images this process has run through a CLIP image encoder in encode_domain
@@ -132,13 +133,15 @@ def encode_images(model, processor, images: ImageSource, device: torch.device, b
     """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch."""
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
-    t0 = time.time()
+    t0 = last_log = time.time()
     for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
         feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         labels.append(batch_labels.cpu())
         _ENCODED["images"] += len(batch_labels)
         done = sum(len(b) for b in labels) + len(skipped)
-        log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
+        if done == len(images) or time.time() - last_log > PROGRESS_SECONDS:
+            log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
+            last_log = time.time()
     if not feats:
         raise RuntimeError(f"none of the {len(images)} images of domain {images.domain!r} could be read")
     return torch.cat(feats), torch.cat(labels), skipped
@@ -187,7 +190,7 @@ def domain_features(
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
     feats = _load_cached(path) if path.exists() else None
     if feats is not None:
-        log.info("[%s] reusing cached features of %d images (%s)", images.domain, len(feats.labels), path)
+        log.debug("[%s] reusing cached features of %d images (%s)", images.domain, len(feats.labels), path)
     else:
         log.info("[%s] encoding %d images once with the frozen CLIP on %s", images.domain, len(images), device)
         model, processor = load_clip(name_or_path, device, getattr(torch, dtype))

@@ -11,14 +11,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import compose_config, local_config
+from common.config import compose_config, local_config, setup_logging
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import ENCODER_METHODS, encoder_state
 from server_app.checkpoint import resume_run, save_checkpoint
 from server_app.report import RunReport
 from server_app.strategy import FedClipStrategy
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+setup_logging()
 log = logging.getLogger(__name__)
 
 app = ServerApp()
