@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -43,11 +44,13 @@ print(json.dumps({"import_wall": t1 - t0, "import_cpu": c1 - c0, "handle_wall": 
 """
 
 
-def timed(args: list[str], stdin: str = "") -> tuple[float, str]:
-    t0 = time.time()
+def timed(args: list[str], stdin: str = "") -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds, stdout) of a fresh Python process; CPU seconds hardly depend on the machine's load."""
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, *args], input=stdin, env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True,
                          capture_output=True, text=True)
-    return time.time() - t0, out.stdout
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.time() - t0, c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, out.stdout
 
 
 def main() -> None:
@@ -65,17 +68,20 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} CPUs)")
     bare, probes = [], []
     for i in range(args.repeats):  # interleaved, so that both see the same load
-        bare.append(timed(["-c", BARE])[0])
-        wall, out = timed(["-c", PROBE, args.domain, args.method], run_config)
-        row = json.loads(out.strip().splitlines()[-1]) | {"process_wall": wall}
+        bare.append(timed(["-c", BARE])[:2])
+        wall, cpu, out = timed(["-c", PROBE, args.domain, args.method], run_config)
+        row = json.loads(out.strip().splitlines()[-1]) | {"process_wall": wall, "process_cpu": cpu}
         probes.append(row)
-        print(f"process {i}: bare imports {bare[-1]:.2f} s; ClientApp process {wall:.2f} s (imports {row['import_wall']:.2f} s wall / "
+        print(f"process {i}: bare imports {bare[-1][0]:.2f} s ({bare[-1][1]:.2f} s CPU); ClientApp process {wall:.2f} s ({cpu:.2f} s CPU; "
+              f"imports {row['import_wall']:.2f} s wall / "
               f"{row['import_cpu']:.2f} s CPU, {args.method} message {row['handle_wall']:.2f} s / {row['handle_cpu']:.2f} s CPU); "
               f"heavy packages imported: {', '.join(row['heavy']) or 'none'}")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    process, floor = mean([r["process_wall"] for r in probes]), mean(bare)
-    print(f"mean: {process:.2f} s per fresh ClientApp process handling a {args.method} message, {floor:.2f} s for a bare "
-          f"`python -c \"{BARE}\"`: {process / floor:.2f}x; load average after: {os.getloadavg()[0]:.2f}")
+    process, floor = mean([r["process_wall"] for r in probes]), mean([b[0] for b in bare])
+    process_cpu, floor_cpu = mean([r["process_cpu"] for r in probes]), mean([b[1] for b in bare])
+    print(f"mean: {process:.2f} s ({process_cpu:.2f} s CPU) per fresh ClientApp process handling a {args.method} message, "
+          f"{floor:.2f} s ({floor_cpu:.2f} s CPU) for a bare `python -c \"{BARE}\"`: {process / floor:.2f}x wall, "
+          f"{process_cpu / floor_cpu:.2f}x CPU; load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
