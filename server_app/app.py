@@ -188,9 +188,9 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(weights)
     template = {k: v.numpy() for k, v in arrays.items()}
     last_round = 0 if method == "zero_shot" else cfg.training.rounds
-    s = cfg.strategy
-    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, s.weighting, s.min_train_nodes, method, node_clients,
-                               s.fraction_train, s.fraction_evaluate, cfg.seed, last_round)
+    options = cfg.strategy
+    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, options.weighting, options.min_train_nodes, method, node_clients,
+                               options.fraction_train, options.fraction_evaluate, cfg.seed, last_round)
     strategy.summary()
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}
@@ -205,12 +205,14 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(first_round, last_round + 2):
         started = time.time()
         refresh_nodes(grid, cfg, node_domains, node_clients, info, classes, run_config, idle)
-        evaluation = {"evaluate-round": done, "zero-shot": done == 0} if evaluate_done else {}
-        sent = list(strategy.configure_evaluate(done, arrays if done else ArrayRecord(), ConfigRecord({"run-config": run_config, **evaluation}),
-                                                grid)) if evaluate_done else []
-        if server_round <= last_round:
-            train = list(strategy.configure_train(server_round, arrays, ConfigRecord({"run-config": run_config, **evaluation}), grid))
-            sent = train + [m for m in sent if m.metadata.dst_node_id not in {t.metadata.dst_node_id for t in train}]
+        evaluation = {"evaluate-round": done, "zero-shot": done == 0} if evaluate_done else {}  # round 0 is zero-shot
+        train = list(strategy.configure_train(server_round, arrays, ConfigRecord({"run-config": run_config, **evaluation}), grid)
+                     ) if server_round <= last_round else []
+        sent = train
+        if evaluate_done:  # the nodes that do not train now get their evaluation in the same push
+            training = {m.metadata.dst_node_id for m in train}
+            evaluate = strategy.configure_evaluate(done, arrays if done else ArrayRecord(), ConfigRecord({"run-config": run_config, **evaluation}), grid)
+            sent = train + [m for m in evaluate if m.metadata.dst_node_id not in training]
         replies = exchange(grid, sent, cfg.strategy.round_timeout, node_clients)
         train_replies, eval_replies = split_replies(sent, replies)
         if evaluate_done:
