@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.config import config_from_run, select_device
 from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
-from common.features import DomainFeatures, domain_features, encode_images, images_encoded
+from common.features import DomainFeatures, domain_features, encode_images, images_encoded, model_files_fingerprint
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import (
     ENCODER_METHODS,
@@ -158,7 +158,7 @@ def query(message: Message, context: Context) -> Message:
     """Tell the server which domain this node holds and how much data; encodes the features once."""
     before = images_encoded()
     local = load_local_data(context)
-    return _reply(
+    reply = _reply(
         message,
         local,
         {
@@ -171,6 +171,8 @@ def query(message: Message, context: Context) -> Message:
             "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
         },
     )
+    reply.content["info"]["model-fingerprint"] = model_files_fingerprint(model_name_or_path(local.cfg), local.cfg.cache_dir)
+    return reply
 
 
 def _generator(local: LocalData, server_round: int, purpose: str) -> torch.Generator:
