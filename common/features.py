@@ -112,10 +112,9 @@ def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str]
     return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
 
 
-def _decoded(images: ImageSource, i: int) -> torch.Tensor | None:
-    """Image i as a uint8 [3, H, W] tensor, or None when unreadable (PIL decodes without the GIL, so threads run in parallel)."""
-    img = images.read(i)
-    return None if img is None else torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+def _decoded(images: ImageSource, rows: list[int]) -> list[torch.Tensor | None]:
+    """Images as uint8 [3, H, W] tensors, None where unreadable (PIL decodes without the GIL, so threads run in parallel)."""
+    return [None if (img := images.read(i)) is None else torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous() for i in rows]
 
 
 def image_batches(processor, images: ImageSource, indices, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -126,12 +125,13 @@ def image_batches(processor, images: ImageSource, indices, batch_size: int, devi
     while one is preprocessed and encoded; the processor (torchvision backend) resizes, crops and normalizes a
     whole batch on `device`, so on a GPU the CPU only decodes.
     """
-    indices = list(indices)
+    indices, workers = list(indices), workers or torch.get_num_threads()
     chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
-    pool, pending = ThreadPoolExecutor(workers or torch.get_num_threads()), deque()
+    pool, pending = ThreadPoolExecutor(workers), deque()
     try:
         for chunk in chunks:
-            pending.append((chunk, [pool.submit(_decoded, images, i) for i in chunk]))
+            step = -(-len(chunk) // workers)  # each thread decodes one slice of the batch
+            pending.append((chunk, [pool.submit(_decoded, images, chunk[s : s + step]) for s in range(0, len(chunk), step)]))
             if len(pending) > DECODE_AHEAD:
                 yield from _preprocessed(processor, images, *pending.popleft(), device, dtype, skipped)
         while pending:
@@ -144,8 +144,7 @@ def _preprocessed(processor, images: ImageSource, chunk: list[int], decoding: li
                   skipped: list[str] | None):
     """The pixel values and labels of one decoded batch (nothing when none of it could be read)."""
     batch, labels = [], []
-    for i, future in zip(chunk, decoding):
-        pixels = future.result()
+    for i, pixels in zip(chunk, [pixels for future in decoding for pixels in future.result()]):
         if pixels is None:
             if skipped is not None:
                 skipped.append(images.name(i))
