@@ -18,6 +18,7 @@ Both ways run in the same process, one after the other, best of --repeats.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -100,7 +101,8 @@ def main() -> None:
     make_clip(args.work / "clip-vit-b32", "vit-b32")
     sets = [("demo (32-px PNG, demo CLIP)", demo_model_path(demo), demo_dataset_root(demo) / "photo", args.images),
             ("224-px JPEG, ViT-B/32-sized CLIP", args.work / "clip-vit-b32", args.work / "jpeg224", args.encode_images)]
-    print(f"device {device}, {args.dtype}, {torch.get_num_threads()} CPU threads, batch {args.batch_size}, best of {args.repeats}")
+    print(f"device {device}, {args.dtype}, {torch.get_num_threads()} CPU threads, batch {args.batch_size}, best of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'images':>34} | {'n':>5} | {'preprocess before':>17} | {'after':>8} | {'x':>5} | {'encode before':>13} | {'after':>8} | {'x':>5} | {'predict':>8}")
     for name, model_dir, folder, n_encode in sets:
         model, processor = load_clip(str(model_dir), device, dtype)
@@ -115,7 +117,7 @@ def main() -> None:
         predict = best_rate(lambda: clf.predict(subset.paths), len(subset), args.repeats, device)
         print(f"{name:>34} | {len(images):>5} | {pre['before']:>17.0f} | {pre['after']:>8.0f} | {pre['after'] / pre['before']:>5.2f} | "
               f"{enc['before']:>13.1f} | {enc['after']:>8.1f} | {enc['after'] / enc['before']:>5.2f} | {predict:>8.1f}")
-        print(f"{'':>34}   (encode and predict on {len(subset)} images)")
+        print(f"{'':>34}   (encode and predict on {len(subset)} images; load average now {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -123,8 +123,8 @@ class FedClipClassifier:
         run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
         classes = run_info.get("classes") or (list(cfg.dataset.classes) if cfg.dataset.classes else None)
         if not classes:
-            raise ValueError(f"{run} does not record its classes (no run.json: a run from before it was written); "
-                             "export needs them, so run again or set dataset.classes")
+            raise ValueError(f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
+                             "with dataset.classes=null); run it again to use its adapter")
         adapter_state = None
         if which is not None:
             path = run / f"adapter_{which}.safetensors"

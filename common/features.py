@@ -115,8 +115,10 @@ def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str]
 
 
 def _decoded(images: ImageSource, rows: list[int]) -> list[torch.Tensor | None]:
-    """Images as uint8 [3, H, W] tensors, None where unreadable (PIL decodes without the GIL, so threads run in parallel)."""
-    return [None if (img := images.read(i)) is None else torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous() for i in rows]
+    """Images as uint8 [3, H, W] tensors, None where unreadable. PIL decodes and numpy copies without the GIL, so threads
+    run in parallel (a torch copy here would start an OpenMP team per thread)."""
+    return [None if (img := images.read(i)) is None else torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+            for i in rows]
 
 
 def image_batches(processor, images: ImageSource, indices, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
