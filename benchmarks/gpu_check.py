@@ -142,21 +142,20 @@ def make_clip(folder: Path, preset: str) -> int:
     return params
 
 
-def measure_preprocessing(model_dir: Path, root: Path, n: int) -> float:
-    """Images/s of JPEG decoding + CLIPProcessor in one process: the CPU side of every client's encoding."""
+def measure_preprocessing(model_dir: Path, root: Path, n: int, device: str) -> dict[str, float]:
+    """Images/s from JPEG files to pixel tensors on the device in one process: the app's `image_batches` (decoding in
+    threads, torchvision preprocessing on the device; "after") and one thread decoding with PIL, preprocessing on the
+    CPU ("before", the app until it decoded in parallel)."""
+    import torch
     from transformers import CLIPProcessor
 
-    from common.data import read_image
+    from benchmarks.encoding import image_set, preprocessing_rates
 
     processor = CLIPProcessor.from_pretrained(model_dir)
-    paths = sorted((root / "photo").rglob("*.jpg"))[:n]
-    processor(images=[read_image(p) for p in paths[:8]], return_tensors="pt")  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(paths), 64):
-        processor(images=[read_image(p) for p in paths[i : i + 64]], return_tensors="pt")
-    rate = len(paths) / (time.perf_counter() - t0)
-    log(f"preprocessing ({type(processor.image_processor).__name__}): {rate:.0f} images/s in one process ({len(paths)} images)")
-    return rate
+    rates = preprocessing_rates(processor, image_set(root / "photo", n), 256, torch.device(device), repeats=1)
+    log(f"preprocessing ({type(processor.image_processor).__name__}, {torch.get_num_threads()} threads): {rates['after']:.0f} images/s "
+        f"in one process, {rates['before']:.0f} decoding in one thread ({n} images)")
+    return rates
 
 
 def measure_model(model_dir: Path, device: str, dtype: str, batch: int, seconds: float = 2.0) -> float:
@@ -352,7 +351,9 @@ def main() -> int:
                     "cpus": os.cpu_count(), "scale": args.scale, "complete": False}
     result["images"] = sum(counts.values())
     result["clip_parameters"] = make_clip(model_dir, args.preset)
-    result["preprocess_images_per_s_one_process"] = measure_preprocessing(model_dir, root, min(512, counts["photo"]))
+    preprocessing = measure_preprocessing(model_dir, root, min(1024, counts["photo"]), device)
+    result["preprocess_images_per_s_one_process"] = preprocessing["after"]
+    result["preprocess_images_per_s_one_thread_before"] = preprocessing["before"]
     result["encoder_images_per_s_model_only"] = measure_model(model_dir, device, dtype, args.encode_batch_size)
 
     bin_dir = flower_bin()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.config import local_config, select_device, setup_logging
 from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
-from common.features import DomainFeatures, domain_features, encode_images, images_encoded
+from common.features import DomainFeatures, domain_features, encode_images, images_encoded, model_files_fingerprint
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import (
     ENCODER_METHODS,
@@ -212,7 +212,9 @@ def query(message: Message, context: Context) -> Message:
         "num-test": len(local.split.test),
         "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
     }
-    return _reply(message, local, {"metrics": MetricRecord(metrics)})
+    reply = _reply(message, local, {"metrics": MetricRecord(metrics)})
+    reply.content["info"]["model-fingerprint"] = model_files_fingerprint(model_name_or_path(local.cfg), local.cfg.cache_dir)
+    return reply
 
 
 def _generator(local: LocalData, server_round: int, purpose: str) -> torch.Generator:

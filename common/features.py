@@ -16,9 +16,13 @@ import logging
 import os
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +33,8 @@ from common.model import class_prompts, load_clip, model_unavailable
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10  # while encoding, a progress line at most this often (and one at the end)
-FEATURES_VERSION = 1  # bump when what is computed or stored changes, so old cache entries are not reused
+FEATURES_VERSION = 2  # bump when what is computed or stored changes, so old cache entries are not reused
+DECODE_AHEAD = 2  # batches being decoded while one is preprocessed and encoded
 _MEMORY: dict[str, DomainFeatures] = {}
 _ENCODED = {"images": 0}  # images this process has run through a CLIP image encoder in encode_domain
 
@@ -110,35 +115,71 @@ def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str]
     return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
 
 
+def _decoded(images: ImageSource, rows: list[int]) -> list[torch.Tensor | None]:
+    """Images as uint8 [3, H, W] tensors, None where unreadable. PIL decodes and numpy copies without the GIL, so threads
+    run in parallel (a torch copy here would start an OpenMP team per thread)."""
+    return [None if (img := images.read(i)) is None else torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+            for i in rows]
+
+
 def image_batches(processor, images: ImageSource, indices, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                  skipped: list[str] | None = None):
-    """(pixel_values, labels) batches of images[indices], decoded a batch at a time; unreadable ones are left out (and named in `skipped`)."""
-    indices = list(indices)
-    for start in range(0, len(indices), batch_size):
-        batch, labels = [], []
-        for i in indices[start : start + batch_size]:
-            img = images.read(i)
-            if img is None:
-                if skipped is not None:
-                    skipped.append(images.name(i))
-                continue
-            batch.append(img)
-            labels.append(images.labels[i])
-        if batch:
-            yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device, dtype), torch.tensor(labels, device=device)
+                  skipped: list[str] | None = None, workers: int | None = None):
+    """(pixel_values, labels) batches of images[indices]; unreadable ones are left out (and named in `skipped`).
+
+    `workers` threads (default: torch's CPU threads, which cpu_threads sets) decode the next DECODE_AHEAD batches
+    while one is preprocessed and encoded; the processor (torchvision backend) resizes, crops and normalizes a
+    whole batch on `device`, so on a GPU the CPU only decodes.
+    """
+    indices, workers = list(indices), workers or torch.get_num_threads()
+    chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    pool, pending = ThreadPoolExecutor(workers), deque()
+    try:
+        for chunk in chunks:
+            step = -(-len(chunk) // workers)  # each thread decodes one slice of the batch
+            pending.append((chunk, [pool.submit(_decoded, images, chunk[s : s + step]) for s in range(0, len(chunk), step)]))
+            if len(pending) > DECODE_AHEAD:
+                yield from _preprocessed(processor, images, *pending.popleft(), device, dtype, skipped)
+        while pending:
+            yield from _preprocessed(processor, images, *pending.popleft(), device, dtype, skipped)
+    finally:  # a consumer that stops early does not wait for batches it will never take
+        pool.shutdown(cancel_futures=True)
+
+
+def _preprocessed(processor, images: ImageSource, chunk: list[int], decoding: list, device: torch.device, dtype: torch.dtype,
+                  skipped: list[str] | None):
+    """The pixel values and labels of one decoded batch (nothing when none of it could be read)."""
+    batch, labels = [], []
+    for i, pixels in zip(chunk, [pixels for future in decoding for pixels in future.result()]):
+        if pixels is None:
+            if skipped is not None:
+                skipped.append(images.name(i))
+            continue
+        batch.append(pixels)
+        labels.append(images.labels[i])
+    if batch:
+        pixel_values = processor(images=batch, return_tensors="pt", device=device)["pixel_values"]
+        yield pixel_values.to(device, dtype), torch.tensor(labels, device=device)
 
 
 @torch.no_grad()
-def encode_images(model, processor, images: ImageSource, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch."""
+def encode_images(model, processor, images: ImageSource, device: torch.device, batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch.
+
+    `progress` is called with the number of images (read or skipped) each batch got through.
+    """
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
     t0 = last_log = time.time()
+    done = 0
     for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
         feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         labels.append(batch_labels.cpu())
         _ENCODED["images"] += len(batch_labels)
-        done = sum(len(b) for b in labels) + len(skipped)
+        now = sum(len(b) for b in labels) + len(skipped)
+        if progress is not None:
+            progress(now - done)
+        done = now
         if done == len(images) or time.time() - last_log > PROGRESS_SECONDS:
             log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
             last_log = time.time()
@@ -148,13 +189,19 @@ def encode_images(model, processor, images: ImageSource, device: torch.device, b
 
 
 @torch.no_grad()
+def encode_prompts(model, processor, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Projected text features [C, d] of one prompt per class."""
+    text_in = processor.tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    return model.get_text_features(**text_in).pooler_output.float().cpu()
+
+
+@torch.no_grad()
 def encode_domain(
     model, processor, images: ImageSource, prompts: list[str], device: torch.device, batch_size: int
 ) -> DomainFeatures:
     """Run the frozen CLIP once over a client's images and prompts; unreadable images are skipped."""
     image, labels, skipped = encode_images(model, processor, images, device, batch_size)
-    text_in = processor.tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-    text = model.get_text_features(**text_in).pooler_output.float().cpu()
+    text = encode_prompts(model, processor, prompts, device)
     return DomainFeatures(image, labels, text, model.logit_scale.detach().float().cpu(), skipped)
 
 

@@ -60,8 +60,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
     return kept
 
 
-def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int]) -> list[tuple[int, str, str, list[str], MetricRecord]]:
-    """Ask nodes which client (domain, or share of one) and classes they hold; malformed answers and failures are logged and left out.
+def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int]) -> list[tuple[int, str, str, list[str], MetricRecord, str]]:
+    """Ask nodes which client (domain, or share of one), classes and CLIP (its files' fingerprint) they hold; malformed answers and
+    failures are logged and left out.
 
     A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`.
     """
@@ -82,7 +83,8 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
             log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
             continue
         domain = str(content["info"].get("domain"))
-        answers.append((node, domain, str(content["info"].get("client", domain)), list(content["info"].get("classes", [])), content["metrics"]))
+        answers.append((node, domain, str(content["info"].get("client", domain)), list(content["info"].get("classes", [])), content["metrics"],
+                        str(content["info"].get("model-fingerprint", ""))))
     return answers
 
 
@@ -98,10 +100,10 @@ def _accept(node: int, client: str, classes: list[str], node_clients: dict[int, 
     return True
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int]) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str]]:
+def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int]) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str], str]:
     """Ask every connected node which client it holds (a query message); nodes encode their features now.
 
-    Returns node -> domain, node -> client name, client -> what it reported, and the classes.
+    Returns node -> domain, node -> client name, client -> what it reported, the classes and the CLIP's fingerprint.
     """
     expected = len(cfg.dataset.domains) * int(cfg.dataset.clients_per_domain) if cfg.dataset.domains else cfg.strategy.min_available_nodes
     deadline = time.time() + cfg.strategy.round_timeout
@@ -109,18 +111,20 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int])
         log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
         time.sleep(2)
     log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
-    node_domains, node_clients, info, federation_classes = {}, {}, {}, None
-    for node, domain, client, classes, m in query_nodes(grid, cfg, node_ids, run_config, idle):
+    node_domains, node_clients, info, federation_classes, fingerprints = {}, {}, {}, None, {}
+    for node, domain, client, classes, m, fingerprint in query_nodes(grid, cfg, node_ids, run_config, idle):
         if not _accept(node, client, classes, node_clients, federation_classes):
             continue
-        node_domains[node], node_clients[node], info[client], federation_classes = domain, client, m, classes
+        node_domains[node], node_clients[node], info[client], federation_classes, fingerprints[client] = domain, client, m, classes, fingerprint
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, client, m["num-images"],
                  m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in node_domains.values()):
         raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
-    return node_domains, node_clients, info, federation_classes
+    if len(set(fingerprints.values())) > 1:
+        log.warning("nodes hold different copies of the CLIP (files' fingerprints %s); the run folder records the first", fingerprints)
+    return node_domains, node_clients, info, federation_classes, next(iter(fingerprints.values()))
 
 
 def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], node_clients: dict[int, str], info: dict[str, MetricRecord],
@@ -137,7 +141,7 @@ def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], nod
     new = sorted(connected - set(node_domains) - idle)
     if not new:
         return
-    for node, domain, client, node_classes, m in query_nodes(grid, cfg, new, run_config, idle):
+    for node, domain, client, node_classes, m, _ in query_nodes(grid, cfg, new, run_config, idle):
         if client not in info:
             log.error("node %d left out: client %r was not in this run when it started", node, client)
         elif m["feature-dim"] != info[client]["feature-dim"]:
@@ -179,7 +183,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume and method == "local":
         raise ValueError("resume= is not available for method=local: its adapters live on the clients, the checkpoint holds no global one")
     idle: set[int] = set()
-    node_domains, node_clients, info, classes = discover_nodes(grid, cfg, run_config, idle)
+    node_domains, node_clients, info, classes, fingerprint = discover_nodes(grid, cfg, run_config, idle)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
@@ -194,7 +198,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy.summary()
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}
-    report = RunReport(cfg, client_domains, [node_clients[n] for n in strategy.train_nodes], trained)
+    report = RunReport(cfg, client_domains, [node_clients[n] for n in strategy.train_nodes], trained, classes, fingerprint)
     report.images_encoded += sum(int(m.get("images-encoded", 0)) for m in info.values())
     arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
     saved = lambda a: None if method == "local" else a  # noqa: E731 - local-only has no global weights to save

@@ -1,8 +1,9 @@
 """A run's outputs: the per-round table in the log and the run folder a user opens afterwards.
 
-outputs/<date-time>/ holds config.yaml (resolved), metrics.jsonl and metrics.csv (one row per
-round), the trained weights (adapter_ or encoder_ final/best .safetensors; none for local-only)
-and summary.json (accuracies, and the cost: parameters trained, bytes each way, seconds, images encoded).
+outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the CLIP's fingerprint: what
+common.classifier needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
+weights (adapter_ or encoder_ final/best .safetensors; none for local-only) and summary.json (accuracies,
+and the cost: parameters trained, bytes each way, seconds, images encoded).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def message_bytes(message: Message) -> int:
 class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
 
-    def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int) -> None:
+    def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int,
+                 classes: list[str] | None = None, model_fingerprint: str | None = None) -> None:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
@@ -56,6 +58,7 @@ class RunReport:
         self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.dir / "config.yaml")
+        (self.dir / "run.json").write_text(json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2))
         self.rows: list[dict] = []
         self.best: dict | None = None
         self.start = time.time()

@@ -1,0 +1,331 @@
+"""Use what a run learned: a classifier from a run folder or an exported adapter, and the export itself.
+
+    from common.classifier import FedClipClassifier
+    clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's adapter; which="final"
+    clf.predict(["cat.jpg", "dog.png"]).labels                         # ['cat', 'dog']
+
+A classifier is the run's frozen CLIP, one prompt per class and the adapter. It encodes images with the
+code of training's one-off feature extraction (`common.features.encode_images`) and scores them with the
+logits of training and evaluation (`common.model.class_logits`), so a prediction and the run's own
+evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors, a model
+card) that `from_pretrained` loads, from a folder or the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from common.config import select_device
+from common.data import read_image
+from common.features import encode_images, encode_prompts, model_files_fingerprint
+from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "fedclip-adapter"  # config.json's "format": what from_pretrained accepts
+ADAPTER_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "config.json", "README.md"
+
+ImageInput = str | Path | Image.Image | torch.Tensor
+
+
+class InputImages:
+    """Images given to `predict` (paths, PIL images or [C, H, W] tensors) as an image source for common.features."""
+
+    domain = "input"
+
+    def __init__(self, items: Sequence[ImageInput], labels: list[int] | None = None) -> None:
+        self.items = list(items)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.items)
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, i: int) -> Image.Image | None:
+        item = self.items[i]
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        if isinstance(item, torch.Tensor):  # uint8 in [0, 255] or float in [0, 1], as torchvision's to_pil_image takes them
+            from torchvision.transforms.functional import to_pil_image
+
+            return to_pil_image(item.cpu()).convert("RGB")
+        return read_image(Path(item))
+
+    def name(self, i: int) -> str:
+        item = self.items[i]
+        return str(item) if isinstance(item, (str, Path)) else f"image[{i}]"
+
+
+@dataclass
+class Encoded:
+    """Frozen CLIP features of the images that could be read, in input order, and the names of those that could not."""
+
+    features: torch.Tensor  # [N, d], float32, not normalized
+    labels: torch.Tensor  # [N]; -1 where unknown
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Predictions:
+    """Class probabilities of the images that could be read; unreadable ones are named in `skipped`."""
+
+    names: list[str]
+    probabilities: torch.Tensor  # [N, C]
+    classes: list[str]
+    skipped: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        """The most probable class of each image."""
+        return [self.classes[i] for i in self.probabilities.argmax(1).tolist()]
+
+    def top_k(self, k: int) -> list[list[tuple[str, float]]]:
+        """The k most probable (class, probability) pairs of each image."""
+        probs, idx = self.probabilities.topk(min(k, len(self.classes)), dim=1)
+        return [[(self.classes[c], p) for c, p in zip(row_idx, row_p)] for row_idx, row_p in zip(idx.tolist(), probs.tolist())]
+
+
+class FedClipClassifier:
+    """A frozen CLIP, one prompt per class and a FedCLIP adapter (None: zero-shot CLIP)."""
+
+    def __init__(self, model, processor, classes: list[str], prompt: str, adapter: AttentionAdapter | None, device: torch.device,
+                 batch_size: int, info: dict, text: torch.Tensor | None = None) -> None:
+        self.model, self.processor, self.device = model, processor, device
+        self.classes, self.prompt, self.adapter, self.batch_size, self.info = list(classes), prompt, adapter, batch_size, info
+        self.text = encode_prompts(model, processor, class_prompts(self.classes, prompt), device) if text is None else text
+        self.logit_scale = model.logit_scale.detach().float().cpu()
+        if adapter is not None:
+            adapter.eval()
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run: str | Path, which: str = "best", clip: str | None = None, device: str = "auto",
+                 dtype: str | torch.dtype = "float32", batch_size: int | None = None) -> FedClipClassifier:
+        """The classifier of a run folder: its CLIP (or `clip`, which must be the same files), classes, prompt and adapter.
+
+        which: "best" (the round with the best mean validation accuracy), "final", or None for zero-shot CLIP.
+        """
+        run = Path(run).expanduser()
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run} is not a run folder (no config.yaml): pass the folder a run logged as 'run folder: ...'")
+        cfg = OmegaConf.load(run / "config.yaml")
+        run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+        classes = run_info.get("classes") or (list(cfg.dataset.classes) if cfg.dataset.classes else None)
+        if not classes:
+            raise ValueError(f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
+                             "with dataset.classes=null); run it again to use its adapter")
+        adapter_state = None
+        if which is not None:
+            path = run / f"adapter_{which}.safetensors"
+            if not path.is_file():
+                kind = {"local": "method=local keeps one adapter per client, no global one",
+                        "fedavg": "method=fedavg trains the image encoder, not an adapter",
+                        "fedprox": "method=fedprox trains the image encoder, not an adapter",
+                        "zero_shot": "method=zero_shot trains nothing"}.get(cfg.method.name, f"which={which!r} is 'best' or 'final'")
+                raise FileNotFoundError(f"{path} does not exist: {kind}. which=None gives zero-shot CLIP")
+            adapter_state = load_file(path)
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        run_clip = model_name_or_path(cfg)  # the hub id or folder; the built demo CLIP for model=demo
+        info = {
+            "format": EXPORT_FORMAT,
+            "clip": run_clip,
+            "clip_fingerprint": run_info.get("model_fingerprint"),
+            "prompt": str(cfg.model.prompt),
+            "classes": classes,
+            "adapter": which,
+            "encode_batch_size": int(cfg.model.encode_batch_size),
+            "run": _run_results(cfg, summary, which),
+        }
+        return cls._build(clip or run_clip, info, adapter_state, device, dtype, batch_size)
+
+    @classmethod
+    def from_pretrained(cls, folder_or_hub_id: str | Path, clip: str | None = None, device: str = "auto",
+                        dtype: str | torch.dtype = "float32", batch_size: int | None = None) -> FedClipClassifier:
+        """An exported adapter (see `export`), from a folder or a Hugging Face hub repository; `clip` overrides where its CLIP is."""
+        folder = Path(folder_or_hub_id).expanduser()
+        if not folder.is_dir():
+            folder = _download(str(folder_or_hub_id))
+        info = json.loads((folder / CONFIG_FILE).read_text())
+        if info.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, expected {EXPORT_FORMAT!r})")
+        return cls._build(clip or info["clip"], info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
+
+    @classmethod
+    def _build(cls, clip: str, info: dict, adapter_state: dict | None, device: str, dtype: str | torch.dtype,
+               batch_size: int | None) -> FedClipClassifier:
+        """Load the CLIP, refuse it unless it is the one the adapter was trained with, and put the adapter on it."""
+        device_ = select_device(device)
+        dtype_ = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model, processor = load_clip(str(clip), device_, dtype_)
+        dim = int(model.config.projection_dim)
+        if adapter_state is not None and adapter_state["fc1.weight"].shape[1] != dim:
+            raise ValueError(f"the CLIP {clip!r} gives {dim} features but the adapter was trained on "
+                             f"{adapter_state['fc1.weight'].shape[1]}: it needs the CLIP its run used ({info['clip']!r})")
+        expected, found = info.get("clip_fingerprint"), model_files_fingerprint(str(clip))
+        if expected and found != expected:
+            raise ValueError(f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
+                             f"the run's {expected}. Pass the run's CLIP ({info['clip']!r}), or a copy of exactly its files")
+        if not expected:
+            log.warning("this run does not record its CLIP's fingerprint: only the feature size (%d) was checked", dim)
+        adapter = None
+        if adapter_state is not None:
+            adapter = AttentionAdapter(dim).to(device_)
+            adapter.load_state_dict(adapter_state)
+        info = {**info, "clip_fingerprint": found, "feature_dim": dim}
+        return cls(model, processor, info["classes"], info["prompt"], adapter, device_, batch_size or info["encode_batch_size"], info)
+
+    def zero_shot(self) -> FedClipClassifier:
+        """The same CLIP and prompts without the adapter (shares the loaded CLIP)."""
+        return FedClipClassifier(self.model, self.processor, self.classes, self.prompt, None, self.device, self.batch_size,
+                                 {**self.info, "adapter": None}, self.text)
+
+    # ---- prediction ------------------------------------------------------------------------------------------
+
+    def encode(self, images: ImageInput | Sequence[ImageInput], labels: list[int] | None = None,
+               progress: Callable[[int], None] | None = None) -> Encoded:
+        """Frozen CLIP features of the images, as training's feature extraction computes them; unreadable ones are skipped."""
+        source = images if hasattr(images, "read") else InputImages([images] if isinstance(images, ImageInput) else images, labels)
+        try:
+            features, found, skipped = encode_images(self.model, self.processor, source, self.device, self.batch_size, progress)
+        except RuntimeError as err:  # none could be read
+            log.warning("%s", err)
+            return Encoded(torch.zeros(0, self.info["feature_dim"]), torch.zeros(0, dtype=torch.long), [], [source.name(i) for i in range(len(source))])
+        lost = set(skipped)
+        names = [source.name(i) for i in range(len(source)) if source.name(i) not in lost]
+        return Encoded(features, found, names, skipped)
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of encoded images: the same function as training and evaluation use."""
+        return class_logits(features.to(self.device), self.text.to(self.device), self.logit_scale.to(self.device), self.adapter).cpu()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], progress: Callable[[int], None] | None = None) -> Predictions:
+        """Class probabilities of PIL images, image paths or [C, H, W] tensors, batched on the classifier's device."""
+        return self.predictions(self.encode(images, progress=progress))
+
+    def predictions(self, encoded: Encoded) -> Predictions:
+        """Predictions from already encoded images (e.g. to compare with `zero_shot()` without encoding twice)."""
+        return Predictions(encoded.names, self.logits(encoded.features).softmax(1), self.classes, encoded.skipped)
+
+    # ---- export ----------------------------------------------------------------------------------------------
+
+    def export(self, folder: str | Path) -> Path:
+        """Write config.json, adapter.safetensors and a model card README.md to `folder`; `from_pretrained` loads it."""
+        if self.adapter is None:
+            raise ValueError("a zero-shot classifier has no adapter to export")
+        folder = Path(folder).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        save_file(state, folder / ADAPTER_FILE, metadata={"format": EXPORT_FORMAT})
+        (folder / CONFIG_FILE).write_text(json.dumps(self.info, indent=2))
+        (folder / CARD_FILE).write_text(model_card(self.info))
+        return folder
+
+
+def _run_results(cfg, summary: dict, which: str | None) -> dict:
+    """What a run says about how the adapter was trained and how well it did (for config.json and the model card)."""
+    return {
+        "method": str(cfg.method.name),
+        "held_out": str(cfg.dataset.held_out),
+        "rounds": summary.get("rounds", int(cfg.training.rounds)),
+        "seed": int(cfg.seed),
+        "best_round": summary.get("best_round"),
+        "zero_shot": summary.get("zero_shot"),
+        "generalization": summary.get("generalization"),
+        "personalization": summary.get("personalization"),
+        "trained_parameters": summary.get("trained_parameters"),
+        "bytes_per_client_per_round": summary.get("bytes_per_client_per_round"),
+        "bytes_total": summary.get("bytes_total"),
+        "accuracies_are_of": "the best round's adapter" if which == "best" else "the best round (this export holds the final adapter)",
+    }
+
+
+def _download(repo_id: str) -> Path:
+    """A hub repository's files (cached by huggingface_hub), with an error that says what to do offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # noqa: BLE001 - offline mode, no network, no such repository: all say the same to the user
+        raise RuntimeError(f"{repo_id!r} is neither a folder here nor a hub repository that can be downloaded now ({type(err).__name__}: "
+                           f"{err}). Offline, copy the exported folder here and pass its path") from err
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder to a hub model repository (created if missing); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="FedCLIP adapter")
+    except Exception as err:  # noqa: BLE001 - offline mode, no network, no token: the export on disk stays usable
+        raise RuntimeError(f"could not push {folder} to the hub repository {repo_id!r} ({type(err).__name__}: {err}). "
+                           "It needs network access (HF_HUB_OFFLINE unset) and a write token (`hf auth login` or HF_TOKEN); "
+                           f"the exported folder is complete, upload it later with `hf upload {repo_id} {folder}`") from err
+    return f"https://huggingface.co/{repo_id}"
+
+
+def model_card(info: dict) -> str:
+    """The README.md of an exported adapter: what it is, how it was trained, its results, how to load it, its limits."""
+    run = info["run"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    zero, pers, gen = run.get("zero_shot") or {}, run.get("personalization") or {}, run.get("generalization") or {}
+    rows = [f"| {d}{' (held out)' if d == run['held_out'] else ''} | {pct(zero.get(d))} | {pct(gen.get(d) if d == run['held_out'] else pers.get(d))} |"
+            for d in zero]
+    classes = ", ".join(info["classes"][:20]) + (f", ... ({len(info['classes'])} in all)" if len(info["classes"]) > 20 else "")
+    return f"""---
+library_name: fedclip
+tags: [fedclip, clip, federated-learning, flower, image-classification]
+---
+
+# FedCLIP adapter
+
+A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters) for the frozen CLIP
+`{info['clip']}` (files' fingerprint `{info['clip_fingerprint']}`), trained federated with
+[Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info['classes'])} classes
+({classes}) with the prompt `{info['prompt']}`.
+
+## Training
+
+Method `{run['method']}`, {run['rounds']} rounds, seed {run['seed']}, domain `{run['held_out']}` held out (never trained on).
+This file holds the {'best round' + (f" ({run['best_round']})" if run.get('best_round') is not None else '') if info['adapter'] == 'best' else 'final'}
+adapter. Traffic: {run.get('bytes_per_client_per_round') or '-'} bytes per training client per round, {run.get('bytes_total') or '-'} bytes in all.
+
+## Results (accuracy %, {run['accuracies_are_of']})
+
+Training domains: their clients' test splits; the held-out domain: all its images.
+
+| domain | zero-shot CLIP | with this adapter |
+|---|---|---|
+{chr(10).join(rows) if rows else '| - | - | - |'}
+
+## Use
+
+```python
+from common.classifier import FedClipClassifier   # the FedCLIP app (pip install -e <the app>)
+clf = FedClipClassifier.from_pretrained("<this folder or hub repository>")
+print(clf.predict(["image.jpg"]).labels)
+```
+
+or `fedclip-predict --model <this folder or hub repository> IMAGES_OR_FOLDER`. The CLIP is loaded from
+`{info['clip']}` (`clip=` / `--clip` point elsewhere); a CLIP whose files differ from the one it was trained
+with is refused.
+
+## Limitations
+
+It only knows the {len(info['classes'])} classes above and the CLIP it was trained on; its accuracy was
+measured on the run's own domains and may not carry over to other images. The held-out accuracy is the
+best estimate of how it does on a new domain.
+"""
