@@ -1,7 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hydra.errors import HydraException
 
 from common.config import config_from_run, select_device
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_run_config_overrides_reach_every_group(monkeypatch):
@@ -40,3 +46,26 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
     assert select_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="device=cpu or device=auto"):
         select_device("cuda:0")
+
+
+def test_logging_shows_app_lines_once_and_no_flower_debug():
+    """A normal run prints the app's INFO lines and Flower's own INFO and up, each once; errors in full."""
+    code = """
+import logging
+import flwr.common.logger  # Flower's logger, with its own console handler
+from common.config import setup_logging
+setup_logging()
+flower, app = logging.getLogger("flwr"), logging.getLogger("common.x")
+flower.debug("flower debug line")
+flower.error("flower error line")
+app.info("app info line")
+app.debug("app debug line")
+try:
+    raise ValueError("boom")
+except ValueError:
+    app.exception("app failure")
+"""
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stderr
+    assert "debug line" not in err
+    assert err.count("flower error line") == 1 and err.count("app info line") == 1
+    assert "app failure" in err and "Traceback (most recent call last)" in err and "ValueError: boom" in err
