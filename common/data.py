@@ -171,7 +171,18 @@ def dataset_classes(root: Path, domains: list[str]) -> list[str]:
 
 
 def domain_folder(root: Path, domain: str, classes: list[str]) -> DomainFolder:
-    """Every image file of one domain, in a stable order (by class, then file name)."""
+    """Every image file of one domain, in a stable order (by class, then file name).
+
+    Listed once per process while the domain's folders are unchanged (their mtimes): with many
+    clients per domain, each client's share would otherwise list the whole domain again.
+    """
+    folders = [root / domain, *(root / domain / name for name in classes)]
+    stamp = tuple(folder.stat().st_mtime_ns if folder.is_dir() else -1 for folder in folders)
+    return _list_domain(root, domain, tuple(classes), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _list_domain(root: Path, domain: str, classes: tuple[str, ...], stamp: tuple[int, ...]) -> DomainFolder:
     unknown = sorted(p.name for p in (root / domain).iterdir() if _is_data_dir(p) and p.name not in classes)
     if unknown:
         raise ValueError(
@@ -184,12 +195,12 @@ def domain_folder(root: Path, domain: str, classes: list[str]) -> DomainFolder:
         folder = root / domain / name
         if not folder.is_dir():
             continue
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)  # by name: fast
         paths += files
         labels += [label] * len(files)
     if not paths:
         raise FileNotFoundError(f"no images under {root / domain}/<class>/ (extensions: {sorted(IMAGE_EXTENSIONS)})")
-    return DomainFolder(domain, classes, paths, labels)
+    return DomainFolder(domain, list(classes), paths, labels)
 
 
 # ---- the Hugging Face source ----------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 
 from common.config import load_config
 from common.data import (
@@ -204,17 +203,17 @@ def test_feature_cache_key_differs_between_shards_and_sources(image_folder, hub_
 
 
 def test_simulation_partition_ids_map_to_domain_and_shard(image_folder, tiny_clip, tmp_path):
-    from client_app.app import load_local_data
+    from client_app.app import NoClient, load_local_data
 
-    overrides = (f"dataset=folder dataset.root={image_folder} dataset.held_out=sketch dataset.clients_per_domain=2 "
-                 f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} device=cpu")
-    local = [load_local_data(Context(1, p, {"partition-id": p}, RecordDict(), {"overrides": overrides})) for p in range(6)]
+    cfg = lambda: load_config(f"dataset=folder dataset.root={image_folder} dataset.held_out=sketch dataset.clients_per_domain=2 "  # noqa: E731
+                              f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} device=cpu")
+    local = [load_local_data(cfg(), {"partition-id": p}) for p in range(6)]
     assert [x.client for x in local] == ["art#0", "art#1", "photo#0", "photo#1", "sketch#0", "sketch#1"]
     assert sum(len(x.images) for x in local[2:4]) == 15 and all(x.domain == "sketch" and x.held_out for x in local[4:])
     assert all(len(x.feats.labels) == len(x.split.train) + len(x.split.val) + len(x.split.test) for x in local)
-    with pytest.raises(ValueError, match='num-supernodes=6'):
-        load_local_data(Context(1, 6, {"partition-id": 6}, RecordDict(), {"overrides": overrides}))
+    with pytest.raises(NoClient, match="the run has 6 clients"):  # a SuperNode beyond the run's clients sits it out
+        load_local_data(cfg(), {"partition-id": 6})
     with pytest.raises(ValueError, match="node-config shard=0..1"):
-        load_local_data(Context(1, 7, {"domain": "photo"}, RecordDict(), {"overrides": overrides}))
-    deployed = load_local_data(Context(1, 7, {"domain": "photo", "shard": 1}, RecordDict(), {"overrides": overrides}))
+        load_local_data(cfg(), {"domain": "photo"})
+    deployed = load_local_data(cfg(), {"domain": "photo", "shard": 1})
     assert deployed.client == "photo#1" and deployed.images.paths == local[3].images.paths

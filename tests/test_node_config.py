@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, RecordDict
 
-from client_app.app import load_local_data
+from client_app.app import LocalData, load_local_data
+from common.config import load_config
 from tests.conftest import write_image_folder
 
 
-def context(node_config: dict, overrides: str) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={"overrides": overrides})
+def node(node_config: dict, overrides: str) -> LocalData:
+    """What a SuperNode with this node config builds for a run with these overrides."""
+    return load_local_data(load_config(overrides), node_config)
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def run_overrides(tiny_clip) -> str:
 
 def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, site, tmp_path):
     cache = tmp_path / "node-cache"
-    local = load_local_data(context({"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu"}, run_overrides(tiny_clip)))
+    local = node({"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu"}, run_overrides(tiny_clip))
     assert local.domain == "photo" and not local.held_out
     assert local.images.classes == ["bird", "cat", "dog"] and len(local.feats.labels) == 9  # the corrupt file is skipped
     assert str(local.device) == "cpu" and local.cfg.cache_dir == str(cache)
@@ -36,10 +37,10 @@ def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, sit
 def test_node_config_errors_say_what_to_pass(tiny_clip, site, tmp_path):
     overrides = run_overrides(tiny_clip)
     with pytest.raises(ValueError, match="unknown --node-config key.*data_dir"):
-        load_local_data(context({"domain": "photo", "data_dir": str(site)}, overrides))
+        node({"domain": "photo", "data_dir": str(site)}, overrides)
     with pytest.raises(ValueError, match="not a domain of this run"):
-        load_local_data(context({"domain": "clipart", "data-dir": str(site)}, overrides))
+        node({"domain": "clipart", "data-dir": str(site)}, overrides)
     with pytest.raises(FileNotFoundError, match="no folder .*art.*data-dir"):
-        load_local_data(context({"domain": "art", "data-dir": str(site), "cache-dir": str(tmp_path / "c")}, overrides))
+        node({"domain": "art", "data-dir": str(site), "cache-dir": str(tmp_path / "c")}, overrides)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        load_local_data(context({"domain": "photo", "data-dir": str(tmp_path / "missing")}, overrides))
+        node({"domain": "photo", "data-dir": str(tmp_path / "missing")}, overrides)
