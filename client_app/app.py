@@ -15,10 +15,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
+from client_app.clipping import dp_clipping_mod
 from common.config import config_from_run, select_device
 from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_images, images_encoded
 from common.model import AttentionAdapter, load_clip, model_name_or_path
+from common.transport import decode, encode
 from common.train import (
     ENCODER_METHODS,
     encoder_state,
@@ -149,7 +151,7 @@ def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecor
 
 def _adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
     adapter = AttentionAdapter(local.feats.image.shape[1]).to(local.device)
-    adapter.load_state_dict(arrays.to_torch_state_dict())
+    adapter.load_state_dict(decode(arrays))  # float32, whatever strategy.transport_dtype it travelled in
     return adapter
 
 
@@ -192,7 +194,7 @@ def _encoder_clip(local: LocalData, arrays: ArrayRecord):
     return model, processor
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])  # Flower's client-side DP clipping, when the server asks for it
 def train(message: Message, context: Context) -> Message:
     """Local training from the received weights: the adapter on cached features, or the image encoder."""
     local = load_local_data(context)
@@ -215,7 +217,7 @@ def train(message: Message, context: Context) -> Message:
             load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
         loss = train_adapter(adapter, optimizer, feats, rows, cfg.training, generator)
         context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
-        arrays, encoded, examples = ArrayRecord(adapter.state_dict()), 0, len(rows)
+        arrays, encoded, examples = encode(adapter.state_dict(), cfg.strategy.transport_dtype), 0, len(rows)
     metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded}
     return _reply(message, local, metrics, arrays)
 

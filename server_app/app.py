@@ -15,8 +15,9 @@ from common.config import config_from_run
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import ENCODER_METHODS, encoder_state
 from server_app.checkpoint import resume_run, save_checkpoint
+from server_app.privacy import with_privacy
 from server_app.report import RunReport
-from server_app.strategy import FedClipStrategy
+from server_app.strategy import FedClipStrategy, trust_options
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(weights)
     template = {k: v.numpy() for k, v in arrays.items()}
     strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes, method,
-                               node_clients)
+                               node_clients, **trust_options(cfg.strategy), client_num_train={c: int(m["num-train"]) for c, m in info.items()})
+    strategy = with_privacy(strategy, cfg.strategy.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
     strategy.summary()
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}
