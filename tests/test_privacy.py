@@ -111,3 +111,13 @@ def test_client_side_dp_clips_on_the_clients(tiny_clip, folder, tmp_path):
     norms = [v for k, v in rows[2]["train"].items() if k.endswith("/update-norm")]
     assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)  # what reached the server was clipped by Flower's mod
     assert summary["dp"]["epsilon"] == pytest.approx(privacy_spent(0.5, 2, 1e-5))
+
+
+def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update():
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(clipping="adaptive", noise_multiplier=1.0, clipping_norm=1.0, clipped_count_stddev=2.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    np.random.seed(0)
+    arrays, metrics = wrapped.aggregate_train(1, [reply(1, 0.001), reply(2, 0.002), reply(3, 0.003)])  # all shorter than 1.0
+    assert wrapped.clipping_norm < 1.0  # nothing was clipped: the norm shrinks towards the updates' median
+    assert arrays is not None and metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
