@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import dp_accounting
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.differential_privacy_constants import KEY_NORM_BIT
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -62,6 +63,11 @@ class ScreenedPrivacy:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, screened_metrics = self.strategy.screen(server_round, replies)
+        if isinstance(self, DifferentialPrivacyClientSideAdaptiveClipping):  # Flower's wrapper raises if one lacks the norm bit
+            for msg, client, _ in [a for a in accepted if KEY_NORM_BIT not in a[0].content["metrics"]]:
+                log.warning("round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod", server_round,
+                            msg.metadata.src_node_id, client, KEY_NORM_BIT)
+            accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content["metrics"]]
         for msg, _, state in accepted:
             msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in state.items()})
         self.num_sampled_clients = max(1, len(accepted))  # the noise's std is noise_multiplier x clip / clients averaged

@@ -121,3 +121,15 @@ def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update(
     arrays, metrics = wrapped.aggregate_train(1, [reply(1, 0.001), reply(2, 0.002), reply(3, 0.003)])  # all shorter than 1.0
     assert wrapped.clipping_norm < 1.0  # nothing was clipped: the norm shrinks towards the updates' median
     assert arrays is not None and metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
+
+
+def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(side="client", clipping="adaptive", noise_multiplier=0.0, clipped_count_stddev=2.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    replies = [reply(1, 0.001), reply(2, 0.003), reply(3, 0.5)]
+    for r in replies[:2]:
+        r.content["metrics"]["norm_bit"] = 1
+    arrays, _ = wrapped.aggregate_train(1, replies)  # Flower's wrapper alone would raise on reply 3
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.002, rtol=1e-5)
+    assert "dropped the update of node 3 (c): no 'norm_bit'" in caplog.text
