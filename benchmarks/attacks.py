@@ -6,7 +6,7 @@
     options: --rounds 20 --seeds 0 1 2 --out outputs/trust
 
 Every run is the whole app (ServerApp main + ClientApps) on the in-process grid of tests/inprocess.py,
-the demo with dataset.clients_per_domain=3 (9 training clients, 3 held-out sketch clients). Poisoned
+the demo with dataset.clients_per_domain=3 (9 training clients, 3 held-out sketch clients; --clients-per-domain 1: the default demo). Poisoned
 clients exist only here: a ClientApp wrapping the real handlers whose train replies are replaced, for
 the chosen partitions, by a poisoned update (scaled by 1e6, sign-flipped, or random noise of the
 update's norm). Prints markdown tables: held-out (sketch) and personalization accuracy at the best
@@ -36,8 +36,7 @@ from server_app.app import app as server_app
 from tests.inprocess import run_in_process
 
 ATTACKS = ("scale", "sign_flip", "noise")
-NUM_NODES = 12  # 4 demo domains x 3 clients: partitions 0-2 photo, 3-5 sketch (held out), 6-8 cartoon, 9-11 painting
-DEMO = "dataset.clients_per_domain=3"
+DOMAINS = 4  # the demo's; with 3 clients per domain partitions 0-2 are photo, 3-5 sketch (held out), 6-8 cartoon, 9-11 painting
 
 
 def poison(sent: dict[str, np.ndarray], trained: dict[str, np.ndarray], attack: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -74,23 +73,24 @@ def poisoned_client_app(attack: str, partitions: set[int], seed: int = 0) -> Cli
     return app
 
 
-def cache_local_data() -> None:
+def cache_local_data(num_nodes: int) -> None:
     """Load each client's data once per run, not once per message (as a long-lived simulation actor would keep it)."""
     load = client_module.load_local_data
 
     @functools.lru_cache(maxsize=64)
     def cached(overrides: str, partition: int):
-        return load(Context(run_id=1, node_id=0, node_config={"partition-id": partition, "num-partitions": NUM_NODES}, state=None,
+        return load(Context(run_id=1, node_id=0, node_config={"partition-id": partition, "num-partitions": num_nodes}, state=None,
                             run_config={"overrides": overrides}))
 
     client_module.load_local_data = lambda context: cached(str(context.run_config["overrides"]), int(context.node_config["partition-id"]))
 
 
-def run(overrides: str, client: ClientApp, out: Path) -> dict:
+def run(overrides: str, client: ClientApp, out: Path, clients_per_domain: int) -> dict:
     """One in-process run of the demo; its summary, plus the held-out accuracy of the last round and the final epsilon."""
     folder = Path(tempfile.mkdtemp(dir=out))
     t0 = time.time()
-    run_in_process(server_app, client, f"{DEMO} output_dir={folder} {overrides}", NUM_NODES)
+    run_in_process(server_app, client, f"dataset.clients_per_domain={clients_per_domain} output_dir={folder} {overrides}",
+                   DOMAINS * clients_per_domain)
     [path] = folder.glob("*/summary.json")
     summary = json.loads(path.read_text())
     rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
@@ -124,12 +124,12 @@ def attacks_table(args: argparse.Namespace) -> None:
         if args.rules and not any(name.startswith(r) for r in args.rules):
             continue
         base = f"training.rounds={args.rounds} seed={args.seeds[0]} {rule}"
-        clean = run(base, honest, args.out)
+        clean = run(base, honest, args.out, args.clients_per_domain)
         print(f"| {name} | 0 | - | {pct([clean['generalization']['sketch']])} | {pct([clean['personalization_mean']])} | "
               f"{pct([clean['last_held_out']])} |", flush=True)
         for count in args.attackers:
             for attack in ATTACKS:
-                s = run(base, poisoned_client_app(attack, set(range(count))), args.out)  # photo#0, then photo#0 and photo#1
+                s = run(base, poisoned_client_app(attack, set(range(count))), args.out, args.clients_per_domain)  # photo#0, then photo#0 and photo#1
                 print(f"| {name} | {count} | {attack} | {pct([s['generalization']['sketch']])} ({diff(s, clean, 'held')}) | "
                       f"{pct([s['personalization_mean']])} ({diff(s, clean, 'pers')}) | {pct([s['last_held_out']])} |", flush=True)
 
@@ -140,7 +140,8 @@ def diff(s: dict, clean: dict, what: str) -> str:
 
 
 def seeds_row(label: str, overrides: str, args: argparse.Namespace, extra=lambda s: "") -> None:
-    runs = [run(f"training.rounds={args.rounds} seed={seed} {overrides}", client_module.app, args.out) for seed in args.seeds]
+    runs = [run(f"training.rounds={args.rounds} seed={seed} {overrides}", client_module.app, args.out, args.clients_per_domain)
+            for seed in args.seeds]
     print(f"| {label} | {pct([s['generalization']['sketch'] for s in runs])} | {pct([s['personalization_mean'] for s in runs])} | "
           f"{extra(runs)} |", flush=True)
 
@@ -169,12 +170,13 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--attackers", type=int, nargs="+", default=[1, 2], help="attacks table: numbers of poisoned clients")
     parser.add_argument("--rules", nargs="+", default=None, help="attacks table: only the rules whose name starts so (default: all)")
+    parser.add_argument("--clients-per-domain", type=int, default=3, help="3: 9 training clients; 1: the default demo")
     parser.add_argument("--out", type=Path, default=Path("outputs/trust"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # the apps' per-round INFO lines would drown the tables
-    cache_local_data()
+    cache_local_data(DOMAINS * args.clients_per_domain)
     {"attacks": attacks_table, "dp": dp_table, "dtype": dtype_table}[args.table](args)
 
 
