@@ -20,10 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
+from client_app.clipping import dp_clipping_mod
 from common.config import local_config, select_device, setup_logging
 from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_images, images_encoded, model_files_fingerprint
 from common.model import AttentionAdapter, load_clip, model_name_or_path
+from common.transport import EVALUATION_PREFIX, decode, encode
 from common.train import (
     ENCODER_METHODS,
     encoder_state,
@@ -188,7 +190,7 @@ def _reply(message: Message, local: LocalData, records: dict) -> Message:
 
 def _adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
     adapter = AttentionAdapter(local.feats.image.shape[1]).to(local.device)
-    adapter.load_state_dict(arrays.to_torch_state_dict())
+    adapter.load_state_dict(decode(arrays))  # float32, whatever strategy.transport_dtype it travelled in
     return adapter
 
 
@@ -274,7 +276,7 @@ def evaluate_received(local: LocalData, content: RecordDict, server_round: int, 
     return metrics
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])  # Flower's client-side DP clipping, when the server asks for it
 def train(message: Message, context: Context) -> Message:
     """Evaluate the received weights if asked (config `evaluate-round`), then train from them locally.
 
@@ -286,10 +288,9 @@ def train(message: Message, context: Context) -> Message:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
     cfg, config = local.cfg, message.content["config"]
     server_round = int(config["server-round"])
-    records = {}
+    evaluation = {}
     if "evaluate-round" in config:
         evaluation = evaluate_received(local, message.content, int(config["evaluate-round"]), bool(config.get("zero-shot", False)))
-        records["eval-metrics"] = MetricRecord(evaluation)
     generator = _generator(local, server_round, "train")
     t0 = time.time()
     if cfg.method.name in ENCODER_METHODS:
@@ -305,9 +306,10 @@ def train(message: Message, context: Context) -> Message:
             load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
         loss = train_adapter(adapter, optimizer, feats, rows, cfg.training, generator)
         context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
-        arrays, encoded, examples = ArrayRecord(adapter.state_dict()), 0, len(rows)
-    metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded}
-    return _reply(message, local, {**records, "metrics": MetricRecord(metrics), "arrays": arrays})
+        arrays, encoded, examples = encode(adapter.state_dict(), cfg.strategy.transport_dtype), 0, len(rows)
+    metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded,
+               **{EVALUATION_PREFIX + key: value for key, value in evaluation.items()}}
+    return _reply(message, local, {"metrics": MetricRecord(metrics), "arrays": arrays})
 
 
 @app.evaluate()

@@ -15,8 +15,9 @@ from common.config import compose_config, local_config, setup_logging
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import ENCODER_METHODS, encoder_state
 from server_app.checkpoint import resume_run, save_checkpoint
+from server_app.privacy import with_privacy
 from server_app.report import RunReport
-from server_app.strategy import FedClipStrategy
+from server_app.strategy import FedClipStrategy, trust_options
 
 setup_logging()
 log = logging.getLogger(__name__)
@@ -194,7 +195,9 @@ def main(grid: Grid, context: Context) -> None:
     last_round = 0 if method == "zero_shot" else cfg.training.rounds
     options = cfg.strategy
     strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, options.weighting, options.min_train_nodes, method, node_clients,
-                               options.fraction_train, options.fraction_evaluate, cfg.seed, last_round)
+                               options.fraction_train, options.fraction_evaluate, cfg.seed, last_round, **trust_options(options),
+                               client_num_train={c: int(m["num-train"]) for c, m in info.items()})
+    strategy = with_privacy(strategy, options.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
     strategy.summary()
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}

@@ -64,7 +64,8 @@ class RunReport:
         self.start = time.time()
         log.info("run folder: %s", self.dir)
         names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
-        self._print(["round", "train loss", *names, "val mean", "sent/client", "seconds"])
+        self.dp = cfg.strategy.dp.side is not None  # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
+        self._print(["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])])
 
     def _print(self, cells: list[str]) -> None:
         log.info(" | ".join(f"{c:>10}" for c in cells))
@@ -89,7 +90,8 @@ class RunReport:
         for msg in replies:
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
             if not msg.has_error():  # a train reply's evaluation may have encoded images too (fedavg/fedprox)
-                self.images_encoded += sum(int(record.get("images-encoded", 0)) for record in msg.content.metric_records.values())
+                self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
+                                           for key, value in record.items() if key.endswith("images-encoded"))
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
         """Record one round (0 = zero-shot); save the weights if their mean val accuracy is the best so far."""
@@ -104,6 +106,7 @@ class RunReport:
             "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.down) or 0,
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
+            "dp_epsilon": train.get("dp-epsilon") if self.dp else None,
             "train": dict(train),
             "evaluate": dict(evaluation),
         }
@@ -116,7 +119,7 @@ class RunReport:
         sent = row["bytes_down_per_client"] + row["bytes_up_per_client"]
         self._print(
             [str(server_round), fmt(row["train_loss"], False), *[fmt(row[f"acc/{d}"]) for d in self.domains],
-             fmt(row["val_acc_mean"]), format_bytes(sent), f"{seconds:.2f}"]
+             fmt(row["val_acc_mean"]), format_bytes(sent), f"{seconds:.2f}", *([fmt(row["dp_epsilon"], False)] if self.dp else [])]
         )
         if arrays is not None and server_round > 0 and row["val_acc_mean"] is not None and (self.best is None or row["val_acc_mean"] > self.best["val_acc_mean"]):
             self.best = row
@@ -158,6 +161,7 @@ class RunReport:
             "bytes_per_client_per_round": round(down + up),
             "bytes_total": sum(r["bytes_round"] for r in self.rows),
             "features_encoded": self.images_encoded,
+            "dp": {**OmegaConf.to_container(self.cfg.strategy.dp), "epsilon": self.rows[-1]["dp_epsilon"]} if self.dp else None,
             "run_folder": str(self.dir),
         }
         with open(self.dir / "summary.json", "w") as fh:

@@ -1,0 +1,184 @@
+"""What screening, the robust rules, DP and 16-bit transport cost and buy, measured on the demo.
+
+    python -m benchmarks.attacks attacks     # 9 training clients, 1 then 2 poisoned, under each rule (--attackers, --rules)
+    python -m benchmarks.attacks dp          # utility against epsilon, a few noise multipliers, 3 seeds
+    python -m benchmarks.attacks dtype       # float16 / bfloat16 transport against float32, 3 seeds
+    options: --rounds 20 --seeds 0 1 2 --out outputs/trust
+
+Every run is the whole app (ServerApp main + ClientApps) on the in-process grid of tests/inprocess.py,
+the demo with dataset.clients_per_domain=3 (9 training clients, 3 held-out sketch clients; --clients-per-domain 1: the default demo). Poisoned
+clients exist only here: a ClientApp wrapping the real handlers whose train replies are replaced, for
+the chosen partitions, by a poisoned update (scaled by 1e6, sign-flipped, or random noise of the
+update's norm). Prints markdown tables: held-out (sketch) and personalization accuracy at the best
+round (the report's protocol) and held-out at the last round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+
+import client_app.app as client_module
+from client_app.clipping import dp_clipping_mod
+from common.transport import WIRE_DTYPES, decode, encode
+from server_app.app import app as server_app
+from tests.inprocess import run_in_process
+
+ATTACKS = ("scale", "sign_flip", "noise")
+DOMAINS = 4  # the demo's; with 3 clients per domain partitions 0-2 are photo, 3-5 sketch (held out), 6-8 cartoon, 9-11 painting
+
+
+def poison(sent: dict[str, np.ndarray], trained: dict[str, np.ndarray], attack: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What a poisoned client sends instead of its trained adapter: the update scaled by 1e6, its opposite, or noise as long."""
+    delta = {k: trained[k] - sent[k] for k in sent}
+    if attack == "scale":
+        return {k: sent[k] + 1e6 * d for k, d in delta.items()}
+    if attack == "sign_flip":
+        return {k: sent[k] - d for k, d in delta.items()}
+    noise = {k: rng.standard_normal(d.shape).astype(np.float32) for k, d in delta.items()}
+    scale = np.sqrt(sum(np.sum(d**2) for d in delta.values()) / sum(np.sum(n**2) for n in noise.values()))
+    return {k: sent[k] + scale * n for k, n in noise.items()}
+
+
+def poisoned_client_app(attack: str, partitions: set[int], seed: int = 0) -> ClientApp:
+    """The real ClientApp's handlers, with the train replies of `partitions` poisoned (after any honest clipping)."""
+    rng = np.random.default_rng(seed)
+
+    def attack_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, ctxt)
+        if msg.metadata.message_type != MessageType.TRAIN or int(ctxt.node_config["partition-id"]) not in partitions or reply.has_error():
+            return reply
+        sent = {k: v.numpy() for k, v in decode(msg.content["arrays"]).items()}
+        trained = {k: v.numpy() for k, v in decode(reply.content["arrays"]).items()}
+        wire = next(iter(reply.content["arrays"].values())).numpy().dtype
+        dtype = next(name for name, d in WIRE_DTYPES.items() if d == wire)
+        reply.content["arrays"] = encode(poison(sent, trained, attack, rng), dtype)
+        return reply
+
+    app = ClientApp(mods=[attack_mod])
+    app.query()(client_module.query)
+    app.train(mods=[dp_clipping_mod])(client_module.train)
+    app.evaluate()(client_module.evaluate)
+    return app
+
+
+def cache_local_data(num_nodes: int) -> None:
+    """Load each client's data once per run, not once per message (as a long-lived simulation actor would keep it)."""
+    load = client_module.load_local_data
+
+    @functools.lru_cache(maxsize=64)
+    def cached(overrides: str, partition: int):
+        return load(Context(run_id=1, node_id=0, node_config={"partition-id": partition, "num-partitions": num_nodes}, state=None,
+                            run_config={"overrides": overrides}))
+
+    client_module.load_local_data = lambda context: cached(str(context.run_config["overrides"]), int(context.node_config["partition-id"]))
+
+
+def run(overrides: str, client: ClientApp, out: Path, clients_per_domain: int) -> dict:
+    """One in-process run of the demo; its summary, plus the held-out accuracy of the last round and the final epsilon."""
+    folder = Path(tempfile.mkdtemp(dir=out))
+    t0 = time.time()
+    run_in_process(server_app, client, f"dataset.clients_per_domain={clients_per_domain} output_dir={folder} {overrides}",
+                   DOMAINS * clients_per_domain)
+    [path] = folder.glob("*/summary.json")
+    summary = json.loads(path.read_text())
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    summary["last_held_out"] = rows[-1][f"acc/{summary['held_out']}"]
+    logging.getLogger("benchmark").warning("%.0f s: %s -> held-out %.2f, personalization %.2f", time.time() - t0, overrides,
+                                           100 * summary["generalization"][summary["held_out"]], 100 * summary["personalization_mean"])
+    return summary
+
+
+def pct(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    return f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+RULES = {  # name in the table -> overrides; f = 2 attackers tolerated where the rule allows it with 9 clients
+    "mean, no screening": "strategy.max_norm_ratio=null",
+    "mean (default screening)": "",
+    "median": "strategy.aggregation=median strategy.num_malicious=2",
+    "trimmed_mean (f=2)": "strategy.aggregation=trimmed_mean strategy.num_malicious=2",
+    "krum (f=2)": "strategy.aggregation=krum strategy.num_malicious=2",
+    "multikrum (f=2)": "strategy.aggregation=multikrum strategy.num_malicious=2",
+    "bulyan (f=1: 4f+3 <= 9)": "strategy.aggregation=bulyan strategy.num_malicious=1",
+}
+
+
+def attacks_table(args: argparse.Namespace) -> None:
+    honest = client_module.app
+    print(f"| rule | attackers | attack | held-out sketch (best round) | personalization | held-out, round {args.rounds} |")
+    print("|---|---|---|---|---|---|")
+    for name, rule in RULES.items():
+        if args.rules and not any(name.startswith(r) for r in args.rules):
+            continue
+        base = f"training.rounds={args.rounds} seed={args.seeds[0]} {rule}"
+        clean = run(base, honest, args.out, args.clients_per_domain)
+        print(f"| {name} | 0 | - | {pct([clean['generalization']['sketch']])} | {pct([clean['personalization_mean']])} | "
+              f"{pct([clean['last_held_out']])} |", flush=True)
+        for count in args.attackers:
+            for attack in ATTACKS:
+                s = run(base, poisoned_client_app(attack, set(range(count))), args.out, args.clients_per_domain)  # photo#0, then photo#0 and photo#1
+                print(f"| {name} | {count} | {attack} | {pct([s['generalization']['sketch']])} ({diff(s, clean, 'held')}) | "
+                      f"{pct([s['personalization_mean']])} ({diff(s, clean, 'pers')}) | {pct([s['last_held_out']])} |", flush=True)
+
+
+def diff(s: dict, clean: dict, what: str) -> str:
+    key = (lambda x: x["generalization"]["sketch"]) if what == "held" else (lambda x: x["personalization_mean"])
+    return f"{100 * (key(s) - key(clean)):+.2f}"
+
+
+def seeds_row(label: str, overrides: str, args: argparse.Namespace, extra=lambda s: "") -> None:
+    runs = [run(f"training.rounds={args.rounds} seed={seed} {overrides}", client_module.app, args.out, args.clients_per_domain)
+            for seed in args.seeds]
+    print(f"| {label} | {pct([s['generalization']['sketch'] for s in runs])} | {pct([s['personalization_mean'] for s in runs])} | "
+          f"{extra(runs)} |", flush=True)
+
+
+def dp_table(args: argparse.Namespace) -> None:
+    print(f"| central DP (server-side fixed clipping, clip {args.clip}) | held-out sketch | personalization | epsilon after {args.rounds} rounds (delta 1e-5) |")
+    print("|---|---|---|---|")  # without DP: the float32 row of the dtype table (the same runs)
+    for z in args.noise:
+        seeds_row(f"noise multiplier {z}", f"strategy.dp.side=server strategy.dp.noise_multiplier={z} strategy.dp.clipping_norm={args.clip}",
+                  args, lambda runs: f"{runs[0]['dp']['epsilon']:.1f}")
+
+
+def dtype_table(args: argparse.Namespace) -> None:
+    print("| transport | held-out sketch | personalization | bytes down + up per training client per round |")
+    print("|---|---|---|---|")
+    for dtype in ("float32", "float16", "bfloat16"):
+        seeds_row(dtype, f"strategy.transport_dtype={dtype}", args, lambda runs: f"{runs[0]['bytes_per_client_per_round']:,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=("attacks", "dp", "dtype"))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    parser.add_argument("--clip", type=float, default=0.5)
+    parser.add_argument("--attackers", type=int, nargs="+", default=[1, 2], help="attacks table: numbers of poisoned clients")
+    parser.add_argument("--rules", nargs="+", default=None, help="attacks table: only the rules whose name starts so (default: all)")
+    parser.add_argument("--clients-per-domain", type=int, default=3, help="3: 9 training clients; 1: the default demo")
+    parser.add_argument("--out", type=Path, default=Path("outputs/trust"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # the apps' per-round INFO lines would drown the tables
+    cache_local_data(DOMAINS * args.clients_per_domain)
+    {"attacks": attacks_table, "dp": dp_table, "dtype": dtype_table}[args.table](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""How the adapter travels between server and clients: float32, or 16 bits each way (half the bytes).
+
+Everything is computed in float32; only the messages carry the narrower type. numpy, which Flower's
+Array holds, has no bfloat16, so a bfloat16 tensor travels as the raw bits of its 16-bit words
+(dtype uint16) and is decoded from the dtype alone: uint16 on the wire always means bfloat16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
+# A train reply carries the evaluation of the weights its message brought in its one MetricRecord, under
+# this prefix: Flower's client-side DP mods want exactly one MetricRecord in a train reply.
+EVALUATION_PREFIX = "evaluation/"
+WIRE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+
+
+def check_transport_dtype(dtype: str) -> None:
+    if dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"strategy.transport_dtype must be one of {', '.join(TRANSPORT_DTYPES)}, got {dtype!r}")
+
+
+def encode_array(value: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """A float32 tensor as it travels: cast to float16, or bfloat16 (round to nearest even) as its uint16 bits."""
+    tensor = torch.as_tensor(value).detach().cpu().float()
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return tensor.to(getattr(torch, dtype)).numpy()
+
+
+def decode_array(value: np.ndarray) -> np.ndarray:
+    """A received tensor in float32: float16 widened, uint16 read as bfloat16 bits."""
+    if value.dtype == np.uint16:
+        return (value.astype(np.uint32) << 16).view(np.float32)
+    return value.astype(np.float32)
+
+
+def encode(state: Mapping[str, np.ndarray | torch.Tensor], dtype: str) -> ArrayRecord:
+    """An adapter's tensors as the ArrayRecord a message carries, in the transport dtype."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(encode_array(value, dtype))) for key, value in state.items()})
+
+
+def decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A received ArrayRecord as float32 torch tensors (for load_state_dict)."""
+    return {key: torch.from_numpy(decode_array(array.numpy())) for key, array in record.items()}

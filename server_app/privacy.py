@@ -1,0 +1,121 @@
+"""Central differential privacy: Flower's DP strategy wrappers around FedClipStrategy, and the privacy spent.
+
+strategy.dp.side=server clips every update on the server, client clips on the clients (Flower's
+clipping mods, client_app/clipping.py); strategy.dp.clipping=fixed or adaptive picks Flower's
+fixed- or adaptive-clipping wrapper. Either way the server adds Gaussian noise of standard deviation
+noise_multiplier x clipping_norm / clients to the mean of the clipped updates: each round is a
+Gaussian mechanism of that noise multiplier on one client's whole data (Flower's adaptive wrappers
+split it between the update and the clipped-count query so that the pair keeps it, Andrew et
+al. 2021). The privacy spent after t rounds is taken from dp-accounting's RDP accountant, composing
+t such rounds; a round in which nothing was released counts as spent (an upper bound).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import dp_accounting
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.differential_privacy_constants import KEY_NORM_BIT
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+from omegaconf import DictConfig
+
+from server_app.strategy import FedClipStrategy
+
+log = logging.getLogger(__name__)
+
+
+def privacy_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon at `delta` after `rounds` Gaussian releases of this noise multiplier (every client in every round)."""
+    if rounds == 0:
+        return 0.0
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+class ScreenedPrivacy:
+    """What FedCLIP adds to Flower's DP wrappers, ahead of them in the class order.
+
+    Replies are screened and decoded (16-bit -> float32) by the wrapped strategy before Flower
+    clips them (Flower's clipping would crash on a wrong shape), the noise is calibrated to the
+    clients whose updates are averaged this round, and the privacy spent so far is added to the
+    train metrics as `dp-epsilon`.
+    """
+
+    strategy: FedClipStrategy
+    num_sampled_clients: int
+    delta: float
+    total_noise_multiplier: float
+
+    def __getattr__(self, name: str):
+        """Everything else (train_nodes, node_clients, ...) is the wrapped strategy's, so the main loop need not know about DP."""
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, screened_metrics = self.strategy.screen(server_round, replies)
+        if isinstance(self, DifferentialPrivacyClientSideAdaptiveClipping):  # Flower's wrapper raises if one lacks the norm bit
+            for msg, client, _ in [a for a in accepted if KEY_NORM_BIT not in a[0].content["metrics"]]:
+                log.warning("round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod", server_round,
+                            msg.metadata.src_node_id, client, KEY_NORM_BIT)
+            accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content["metrics"]]
+        for msg, _, state in accepted:
+            msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in state.items()})
+        self.num_sampled_clients = max(1, len(accepted))  # the noise's std is noise_multiplier x clip / clients averaged
+        arrays, metrics = super().aggregate_train(server_round, [msg for msg, _, _ in accepted])  # type: ignore[misc]
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics.update(screened_metrics)  # the update norms before clipping
+        metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
+        return arrays, metrics
+
+
+class ServerSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class ServerSideAdaptiveClipping(ScreenedPrivacy, DifferentialPrivacyServerSideAdaptiveClipping):
+    pass
+
+
+class ClientSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyClientSideFixedClipping):
+    pass
+
+
+class ClientSideAdaptiveClipping(ScreenedPrivacy, DifferentialPrivacyClientSideAdaptiveClipping):
+    pass
+
+
+WRAPPERS = {("server", "fixed"): ServerSideFixedClipping, ("server", "adaptive"): ServerSideAdaptiveClipping,
+            ("client", "fixed"): ClientSideFixedClipping, ("client", "adaptive"): ClientSideAdaptiveClipping}
+
+
+def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
+    """The strategy wrapped in Flower's central-DP wrapper that strategy.dp asks for (itself when dp.side is null)."""
+    if dp.side is None:
+        return strategy
+    if (dp.side, dp.clipping) not in WRAPPERS:
+        raise ValueError(f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, got {dp.side!r}, {dp.clipping!r}")
+    if strategy.method != "fedclip" or strategy.aggregation != "mean" or strategy.weighting != "equal":
+        raise ValueError("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
+                         "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
+    if dp.side == "client" and strategy.transport_dtype != "float32":
+        raise ValueError("strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32")
+    clients = len(strategy.train_nodes)
+    if dp.clipping == "fixed":
+        wrapper = WRAPPERS[dp.side, "fixed"](strategy, dp.noise_multiplier, dp.clipping_norm, clients)
+    else:
+        wrapper = WRAPPERS[dp.side, "adaptive"](strategy, dp.noise_multiplier, clients, dp.clipping_norm, dp.target_clipped_quantile,
+                                                 dp.clip_norm_lr, dp.clipped_count_stddev)
+    wrapper.delta, wrapper.total_noise_multiplier = float(dp.delta), float(dp.noise_multiplier)
+    log.info("central DP (%s side, %s clipping): noise multiplier %s, clipping norm %s, delta %s",
+             dp.side, dp.clipping, dp.noise_multiplier, dp.clipping_norm, dp.delta)
+    return wrapper

@@ -1,0 +1,135 @@
+"""Central DP through Flower's wrappers around FedClipStrategy, and the privacy spent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+
+from client_app.app import app as client_app
+from common.config import load_config
+from server_app.app import app as server_app
+from server_app.privacy import privacy_spent, with_privacy
+from server_app.strategy import FedClipStrategy
+from tests.conftest import reply_from, write_image_folder
+from tests.inprocess import run_in_process
+
+SIZE = 20_000
+TEMPLATE = {"w": np.zeros(SIZE, np.float32)}
+
+
+def dp_options(**changes) -> OmegaConf:
+    dp = load_config().strategy.dp
+    dp.side = "server"
+    for key, value in changes.items():
+        dp[key] = value
+    return dp
+
+
+def reply(node: int, value: float | np.ndarray, shape=(SIZE,)):
+    arrays = ArrayRecord({"w": Array(np.broadcast_to(np.asarray(value, np.float32), shape).copy())})
+    return reply_from(node, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5}), "info": ConfigRecord({})}))
+
+
+def private_round(noise_multiplier: float, seed: int, replies=None, **strategy_options):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, **strategy_options)
+    wrapped = with_privacy(strategy, dp_options(noise_multiplier=noise_multiplier, clipping_norm=1.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    np.random.seed(seed)  # Flower draws the noise from numpy's global generator
+    replies = replies if replies is not None else [reply(1, 0.001), reply(2, 0.002), reply(3, 1.0)]  # the third is longer than the clip
+    arrays, metrics = wrapped.aggregate_train(1, replies)
+    return arrays["w"].numpy(), metrics
+
+
+def test_noise_is_added_with_the_calibrated_spread_to_the_clipped_mean():
+    clipped_third = 1.0 / np.sqrt(SIZE)  # each coordinate of an update of norm sqrt(SIZE) clipped to norm 1
+    clean_mean = (0.001 + 0.002 + clipped_third) / 3
+    exact, _ = private_round(0.0, 0)
+    np.testing.assert_allclose(exact, clean_mean, rtol=1e-5)  # no noise: exactly the mean of the clipped updates
+    noisy0, metrics = private_round(1.0, 0)
+    noisy0_again, _ = private_round(1.0, 0)
+    noisy1, _ = private_round(1.0, 1)
+    assert not np.allclose(noisy0, noisy1) and not np.allclose(noisy0, exact)  # two seeds differ, and differ from the clean run
+    np.testing.assert_array_equal(noisy0, noisy0_again)
+    assert np.std(noisy0 - exact) == pytest.approx(1.0 * 1.0 / 3, rel=0.03)  # noise_multiplier x clip / clients
+    assert metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
+
+
+def test_malformed_update_is_dropped_before_flowers_clipping(caplog):
+    result, _ = private_round(0.0, 0, [reply(1, 0.001), reply(2, 0.003), reply(3, 0.5, shape=(7,))])
+    np.testing.assert_allclose(result, 0.002, rtol=1e-5)  # the noise is calibrated to the 2 clients averaged
+    assert "dropped the update of node 3 (c): w has shape (7,)" in caplog.text
+
+
+def test_epsilon_is_dp_accountings_and_grows_with_rounds():
+    values = [privacy_spent(1.1, rounds, 1e-5) for rounds in (1, 2, 10)]
+    assert values[0] < values[1] < values[2]
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.1), 10)
+    assert values[2] == accountant.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"aggregation": "median"}, "strategy.aggregation=mean"),
+    ({"weighting": "examples"}, "strategy.weighting=equal"),
+])
+def test_dp_with_a_rule_it_cannot_account_for_is_an_error(option, message):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, option.get("weighting", "equal"), 1,
+                               aggregation=option.get("aggregation", "mean"))
+    with pytest.raises(ValueError, match=message):
+        with_privacy(strategy, dp_options())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), per_class=6)
+
+
+def run_rows(tiny_clip: Path, folder: Path, tmp_path: Path, extra: str, rounds: int = 3) -> tuple[list[dict], dict]:
+    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={rounds} "
+                 f"training.batch_size=8 dataset.clients_per_domain=2 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'} {extra}")
+    run_in_process(server_app, client_app, overrides, 6)
+    [path] = (tmp_path / "out").glob("*/summary.json")
+    return [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()], json.loads(path.read_text())
+
+
+def test_server_side_dp_run_reports_epsilon_every_round(tiny_clip, folder, tmp_path):
+    rows, summary = run_rows(tiny_clip, folder, tmp_path, "strategy.dp.side=server strategy.dp.noise_multiplier=2.0")
+    epsilons = [row["dp_epsilon"] for row in rows[1:]]
+    assert epsilons == [privacy_spent(2.0, r, 1e-5) for r in (1, 2, 3)]
+    assert summary["dp"]["epsilon"] == epsilons[-1] and summary["dp"]["side"] == "server"
+
+
+def test_client_side_dp_clips_on_the_clients(tiny_clip, folder, tmp_path):
+    rows, summary = run_rows(tiny_clip, folder, tmp_path, "strategy.dp.side=client strategy.dp.clipping_norm=0.01 strategy.dp.noise_multiplier=0.5",
+                             rounds=2)
+    norms = [v for k, v in rows[2]["train"].items() if k.endswith("/update-norm")]
+    assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)  # what reached the server was clipped by Flower's mod
+    assert summary["dp"]["epsilon"] == pytest.approx(privacy_spent(0.5, 2, 1e-5))
+
+
+def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update():
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(clipping="adaptive", noise_multiplier=1.0, clipping_norm=1.0, clipped_count_stddev=2.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    np.random.seed(0)
+    arrays, metrics = wrapped.aggregate_train(1, [reply(1, 0.001), reply(2, 0.002), reply(3, 0.003)])  # all shorter than 1.0
+    assert wrapped.clipping_norm < 1.0  # nothing was clipped: the norm shrinks towards the updates' median
+    assert arrays is not None and metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
+
+
+def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(side="client", clipping="adaptive", noise_multiplier=0.0, clipped_count_stddev=2.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    replies = [reply(1, 0.001), reply(2, 0.003), reply(3, 0.5)]
+    for r in replies[:2]:
+        r.content["metrics"]["norm_bit"] = 1
+    arrays, _ = wrapped.aggregate_train(1, replies)  # Flower's wrapper alone would raise on reply 3
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.002, rtol=1e-5)
+    assert "dropped the update of node 3 (c): no 'norm_bit'" in caplog.text

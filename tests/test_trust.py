@@ -1,0 +1,170 @@
+"""Screening, robust aggregation and 16-bit transport of the strategy, on hand-made updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.transport import decode, encode
+from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, update_norm
+from tests.conftest import reply_from
+
+TEMPLATE = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
+
+
+def state(value: float | list, b: float = 0.0) -> dict[str, np.ndarray]:
+    return {"w": np.broadcast_to(np.asarray(value, np.float32), (4,)).copy(), "b": np.full(2, b, np.float32)}
+
+
+def reply(node: int, s: dict[str, np.ndarray], num_examples: int = 10, dtype: str = "float32"):
+    return reply_from(node, RecordDict({"arrays": encode(s, dtype), "metrics": MetricRecord({"num-examples": num_examples}),
+                                        "info": ConfigRecord({})}))
+
+
+def make_strategy(num_train: int = 5, **options) -> FedClipStrategy:
+    nodes = {n: f"c{n}" for n in range(1, num_train + 1)} | {99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, "fedclip", None, **options)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)  # the global adapter: zeros
+    return strategy
+
+
+def aggregated(strategy: FedClipStrategy, replies) -> dict[str, np.ndarray] | None:
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
+
+
+# --- screening ---------------------------------------------------------------------------------------------
+
+def test_update_above_the_absolute_bound_is_rejected_and_logged(caplog):
+    strategy = make_strategy(3, max_update_norm=1.0)
+    result = aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.3)), reply(3, state(1e30))])
+    np.testing.assert_allclose(result["w"], 0.2, rtol=1e-6)
+    assert "update of node 3 (c3) has norm 2e+30 > 1: rejected" in caplog.text
+
+
+def test_clip_scales_the_update_down_to_the_bound():
+    strategy = make_strategy(2, max_update_norm=1.0, on_large_update="clip")
+    result = aggregated(strategy, [reply(1, state(0.0)), reply(2, state(3.0, b=4.0))])  # norm sqrt(4*9 + 2*16) = sqrt(68)
+    clipped = {k: v / np.sqrt(68.0) for k, v in state(3.0, b=4.0).items()}
+    assert update_norm(clipped, TEMPLATE) == pytest.approx(1.0)
+    for k in TEMPLATE:
+        np.testing.assert_allclose(result[k], clipped[k] / 2, rtol=1e-5)
+
+
+def test_relative_bound_catches_a_scaled_update_with_no_absolute_bound(caplog):
+    strategy = make_strategy(4, max_norm_ratio=10.0)
+    honest = [reply(n, state(0.1 * n)) for n in (1, 2, 3)]
+    result = aggregated(strategy, [*honest, reply(4, state(0.1 * 1e6))])
+    np.testing.assert_allclose(result["w"], 0.2, rtol=1e-6)
+    assert "(c4) has norm" in caplog.text and "rejected" in caplog.text
+
+
+def test_honest_updates_of_different_lengths_all_pass_the_relative_bound():
+    strategy = make_strategy(3, max_norm_ratio=10.0)
+    result = aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.5)), reply(3, state(0.9))])  # 9x the smallest
+    np.testing.assert_allclose(result["w"], 0.5, rtol=1e-6)
+
+
+def test_more_examples_than_reported_at_discovery_is_rejected(caplog):
+    strategy = make_strategy(2, client_num_train={"c1": 10, "c2": 10})
+    strategy.weighting = "examples"
+    result = aggregated(strategy, [reply(1, state(1.0), 10), reply(2, state(5.0), 10**12)])
+    np.testing.assert_allclose(result["w"], 1.0)
+    assert "num-examples 1000000000000 exceeds the 10 training examples it reported at discovery" in caplog.text
+
+
+def test_all_rejected_leaves_the_adapter_unchanged(caplog):
+    strategy = make_strategy(2, max_update_norm=0.5)
+    assert aggregated(strategy, [reply(1, state(2.0)), reply(2, state(-3.0))]) is None
+    assert "global adapter is unchanged" in caplog.text
+
+
+# --- robust rules ------------------------------------------------------------------------------------------
+
+def test_each_rule_on_hand_made_updates():
+    updates = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]  # one outlier
+    weights = [1.0] * 5
+    expected = {"mean": 22.0, "median": 3.0, "trimmed_mean": 3.0, "krum": 2.0, "multikrum": 2.5}  # f=1: trim 1 per end; Krum: the most central
+    for rule, value in expected.items():
+        result = aggregate_adapters(updates, weights, rule, num_malicious=1)
+        np.testing.assert_allclose(result["w"], value, rtol=1e-6, err_msg=rule)
+        assert result["w"].dtype == np.float32
+    seven = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1000.0)]  # Bulyan needs 4f+3 = 7 for f=1
+    # Krum picks 3, 4, 2, 5, 1 (n - 2f = 5); the mean of the 3 (5 - 2f) closest to their median 3 per coordinate
+    np.testing.assert_allclose(aggregate_adapters(seven, [1.0] * 7, "bulyan", 1)["w"], 3.0, rtol=1e-6)
+
+
+def test_ties():
+    # an even count: the median is the mean of the two middle values; identical updates: Krum returns that update
+    np.testing.assert_allclose(aggregate_adapters([state(v) for v in (1.0, 2.0, 3.0, 9.0)], [1.0] * 4, "median")["w"], 2.5)
+    same = [state(2.0)] * 3 + [state(7.0)]
+    for rule in ("krum", "multikrum", "median"):
+        np.testing.assert_allclose(aggregate_adapters(same, [1.0] * 4, rule, 1)["w"], 2.0, err_msg=rule)
+
+
+def test_robust_rule_is_applied_per_coordinate_to_the_adapter_tensors_only():
+    strategy = make_strategy(3, aggregation="median", num_malicious=1)
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, state([1, 2, 3, 4])), reply(2, state([9, 9, 9, 9])), reply(3, state(0.0))])
+    assert set(arrays.keys()) == set(TEMPLATE)
+    np.testing.assert_allclose(arrays["w"].numpy(), [1, 2, 3, 4])
+    assert metrics["c2/num-examples"] == 10
+
+
+@pytest.mark.parametrize("rule", [r for r in AGGREGATIONS if r != "mean"])
+def test_too_few_clients_for_a_rule_is_a_clear_error_at_start(rule):
+    need = min_clients(rule, 2)
+    with pytest.raises(ValueError, match=f"needs at least {need} training clients, this federation has {need - 1}"):
+        make_strategy(need - 1, aggregation=rule, num_malicious=2)
+    make_strategy(need, aggregation=rule, num_malicious=2)  # enough
+
+
+def test_a_round_with_fewer_valid_updates_than_the_rule_needs_keeps_the_adapter(caplog):
+    strategy = make_strategy(5, aggregation="krum", num_malicious=1)
+    assert aggregated(strategy, [reply(n, state(0.1)) for n in (1, 2, 3, 4)] + [reply_from(5, error="lost")]) is None
+    assert "4 valid update(s), need 5" in caplog.text
+
+
+def test_unknown_rule_and_robust_rule_on_a_method_that_does_not_aggregate_are_errors():
+    with pytest.raises(ValueError, match="strategy.aggregation must be one of"):
+        make_strategy(3, aggregation="average")
+    with pytest.raises(ValueError, match="method=local has none to combine"):
+        FedClipStrategy({1: "a", 2: "b", 3: "c"}, "c", TEMPLATE, "equal", 1, "local", aggregation="median")
+
+
+# --- 16-bit transport --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,rel", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_16_bit_round_trip_halves_the_bytes_and_is_within_the_dtypes_rounding(dtype, rel):
+    rng = np.random.default_rng(0)
+    original = {"w": rng.normal(size=(64, 64)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32)}
+    wide, narrow = encode(original, "float32"), encode(original, dtype)
+    size = lambda record: sum(len(a.data) for a in record.values())  # noqa: E731 - the bytes report.message_bytes counts
+    assert size(narrow) - 2 * (64 * 64 + 64) == size(wide) - 4 * (64 * 64 + 64)  # half the payload, the same .npy headers
+    for key, value in decode(narrow).items():
+        assert value.dtype == torch.float32
+        assert np.all(np.abs(value.numpy() - original[key]) <= rel * np.abs(original[key]))  # round to nearest: half an ulp
+        expected = torch.from_numpy(original[key]).to(getattr(torch, dtype)).float()
+        assert torch.equal(value, expected)  # exactly torch's own rounding
+
+
+def test_server_decodes_16_bit_updates_and_aggregates_in_float32():
+    strategy = make_strategy(2, transport_dtype="bfloat16")
+    sent = list(strategy.configure_train(2, ArrayRecord({k: Array(v + 0.5) for k, v in TEMPLATE.items()}), ConfigRecord(), None))
+    assert sent[0].content["arrays"]["w"].numpy().dtype == np.uint16  # the global adapter goes out in bfloat16 bits
+    result = aggregated(strategy, [reply(1, state(1.0), dtype="bfloat16"), reply(2, state(2.0), dtype="bfloat16")])
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], 1.5)
+
+
+def test_update_in_an_unexpected_dtype_is_dropped(caplog):
+    strategy = make_strategy(2, transport_dtype="float16")
+    result = aggregated(strategy, [reply(1, state(1.0), dtype="float16"), reply(2, state(2.0), dtype="bfloat16")])
+    np.testing.assert_allclose(result["w"], 1.0)
+    assert "has dtype uint16, expected float16 or float32" in caplog.text
+
+
+def test_unknown_transport_dtype_is_an_error():
+    with pytest.raises(ValueError, match="transport_dtype must be one of float32, float16, bfloat16"):
+        make_strategy(2, transport_dtype="int8")
