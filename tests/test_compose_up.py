@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from common.config import load_config
+from common.data import dataset_root
+from common.model import model_name_or_path
 from tests.test_compose import docker_config
 from tests.test_deployment import DOMAINS, ROW, free_port
 
@@ -139,6 +142,7 @@ def demo(tmp_path_factory):
         run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", d] for d in DOMAINS), []),
              "superlink", "localhost", "127.0.0.1"], env, cwd=project)
         run(["chown", "-R", "49999:49999", "docker/certs"], env, cwd=project)  # Flower's images run as uid 49999
+        seed_demo_cache(env, project)
         t0 = time.time()
         run([*COMPOSE, "up", "--build", "-d"], env, timeout=3600, cwd=project)
         print(f"docker compose up --build -d: {time.time() - t0:.0f} s")
@@ -157,6 +161,18 @@ def demo(tmp_path_factory):
                            stderr=subprocess.STDOUT, timeout=120, check=False)
             subprocess.run([*COMPOSE, "down", "--volumes", "--remove-orphans"], env=env, cwd=project, capture_output=True, timeout=300, check=False)
         engine.stop()
+
+
+def seed_demo_cache(env: dict, project: Path) -> None:
+    """Build the demo on the host (or reuse FEDCLIP_CACHE's) and copy it into the SuperNodes' `cache`
+    volume: building it in a container is the same code, and takes 2 minutes on 2 idle cores
+    (docs/docker.md), over 30 on loaded ones. The image's user must own what it finds there."""
+    cfg = load_config()  # its cache_dir, or FEDCLIP_CACHE
+    demo = [dataset_root(cfg), Path(model_name_or_path(cfg))]
+    mounts = sum((["-v", f"{d}:/seed/{d.name}:ro"] for d in demo), [])
+    run([*COMPOSE, "build", "superlink"], env, timeout=3600, cwd=project)  # what `up --build` builds; cached for it
+    run([*COMPOSE, "run", "--rm", "--no-deps", "--user", "root", *mounts, "--entrypoint", "sh", "supernode-photo", "-c",
+         "cp -r /seed/. /cache/ && chown -R app:app /cache"], env, cwd=project)
 
 
 def online_nodes(cli_env: dict) -> int:
