@@ -36,7 +36,7 @@ BIN = Path(sys.executable).parent  # flwr
 COMPOSE = ["docker", "compose", "-f", "docker/compose.yml", "-f", "docker/compose.cpu.yml"]
 ROUNDS = 3
 STOPPED = "cartoon"  # a training domain whose SuperNode container is stopped mid-run
-STOP_AFTER_ROUND = 1
+STOP_AFTER_ROUND = 2  # after the rounds that beat zero-shot in simulation (README), so the best round has every node
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
@@ -185,7 +185,7 @@ def online_nodes(cli_env: dict) -> int:
 
 @pytest.fixture(scope="module")
 def compose_run(demo):
-    """`flwr run` of 3 rounds against the compose SuperLink; the cartoon container is stopped after round 1."""
+    """`flwr run` of 3 rounds against the compose SuperLink; the cartoon container is stopped after round 2."""
     env, project, cli_env = demo
     deadline = time.time() + 300
     while online_nodes(cli_env) < len(DOMAINS):
@@ -209,6 +209,7 @@ def compose_run(demo):
             proc.kill()
         proc.wait()
     log = "".join(lines)
+    (project / "flwr-run.log").write_text(log)
     print(f"flwr run of {ROUNDS} rounds: {time.time() - t0:.0f} s")
     run([*COMPOSE, "cp", "superlink:/outputs", str(project / "outputs")], env, cwd=project)
     folders = [p.parent for p in (project / "outputs").glob("*/summary.json")]
@@ -222,17 +223,22 @@ def test_compose_demo_trains_fedclip_over_tls(compose_run):
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1)), log[-4000:]
     held_out = summary["held_out"]
     assert summary["generalization"][held_out] > summary["zero_shot"][held_out]
-    assert summary["personalization_mean"] > summary["zero_shot_train_domains_mean"]
-    # only the adapter travels: one float32 adapter back per training client and round (+ .npy headers)
+    # personalization against zero-shot on the same clients (a client lost at the best round has none)
+    personalized = {d: acc for d, acc in summary["personalization"].items() if acc is not None}
+    assert len(personalized) >= 2
+    assert sum(personalized.values()) > sum(summary["zero_shot"][d] for d in personalized)
+    # only the adapter travels: one float32 adapter back per training client (+ .npy headers) in a
+    # round where every node answered, and at least that much out
     raw = 4 * summary["trained_parameters"]
-    assert raw <= summary["bytes_up_per_client_per_round"] <= raw + 1024
-    assert summary["bytes_down_per_client_per_round"] >= summary["bytes_up_per_client_per_round"]
+    assert raw <= rows[1]["bytes_up_per_client"] <= raw + 1024
+    assert rows[1]["bytes_down_per_client"] >= rows[1]["bytes_up_per_client"]
+    assert summary["bytes_total"] == sum(r["bytes_round"] for r in rows) > 0
     assert all(f"holds '{d}'" in log for d in DOMAINS)
 
 
 def test_stopped_supernode_does_not_stop_the_run(compose_run):
     _, folder, log, stopped = compose_run
-    assert stopped, "the run ended before round 1 was reported"
+    assert stopped, f"the run ended before round {STOP_AFTER_ROUND} was reported"
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert f"{STOPPED}/train-loss" in rows[STOP_AFTER_ROUND]["train"]
     assert f"{STOPPED}/train-loss" not in rows[-1]["train"], log[-4000:]
