@@ -4,10 +4,10 @@ host with `flwr run`, stops one SuperNode container mid-run, copies the run fold
 `docker compose cp` and tears everything down. The commands are README.md's ("The compose demo").
 
 Opt-in (FEDCLIP_DOCKER_TEST=1): building the images takes minutes (docs/docker.md). It uses the
-engine at DOCKER_HOST, or, as root, starts its own `dockerd` (own socket, stopped by its PID; images
-kept in FEDCLIP_DOCKER_ROOT for the next run, so unchanged inputs are not built again). Without
-FLWR_REPOSITORY it builds on the local stand-ins for Flower's images (docker/local-base.sh), which
-need no Docker Hub.
+engine at DOCKER_HOST (or the default socket), or, as root, starts its own `dockerd` (own socket,
+stopped by its PID; images kept in FEDCLIP_DOCKER_ROOT for the next run, so unchanged inputs are
+not built again). Without FLWR_REPOSITORY it builds on the local stand-ins for Flower's images
+(docker/local-base.sh), which need no Docker Hub.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def reachable(url: str) -> bool:
 
 
 class Engine:
-    """The Docker engine at DOCKER_HOST, or a `dockerd` started here (as root) and stopped by its PID."""
+    """The Docker engine at DOCKER_HOST (or the default socket), or a `dockerd` started here (as root) and stopped by its PID."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        self.host = os.environ.get("DOCKER_HOST")
-        self.error = None if self.host and self._answers() else self._start()
+        self.host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")  # the client's default
+        self.error = None if self._answers() else self._start()
 
     def _answers(self) -> bool:
         env = dict(os.environ, DOCKER_HOST=self.host)
@@ -75,12 +75,10 @@ class Engine:
         self.run_dir = Path(tempfile.mkdtemp(prefix="fcdocker", dir="/tmp"))  # short: socket paths are limited
         self.host = f"unix://{self.run_dir}/docker.sock"
         data = os.environ.get("FEDCLIP_DOCKER_ROOT", "/var/tmp/fedclip-docker")
-        # no default bridge and no iptables rules: compose networks still join the containers, and
-        # published ports reach them through docker-proxy; nothing routes them anywhere else
         self.log = open(self.run_dir / "dockerd.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["dockerd", "--host", self.host, "--data-root", data, "--exec-root", str(self.run_dir / "exec"),
-             "--pidfile", str(self.run_dir / "docker.pid"), "--bridge", "none", "--iptables=false"],
+             "--pidfile", str(self.run_dir / "docker.pid")],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -101,6 +99,10 @@ class Engine:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+        # dockerd leaves its network namespace's bind mount in the exec root
+        for mount in reversed([line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]):
+            if mount.startswith(f"{self.run_dir}/"):
+                subprocess.run(["umount", mount], capture_output=True, check=False)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -170,7 +172,9 @@ def seed_demo_cache(env: dict, project: Path) -> None:
     cfg = load_config()  # its cache_dir, or FEDCLIP_CACHE
     demo = [dataset_root(cfg), Path(model_name_or_path(cfg))]
     mounts = sum((["-v", f"{d}:/seed/{d.name}:ro"] for d in demo), [])
+    t0 = time.time()
     run([*COMPOSE, "build", "superlink"], env, timeout=3600, cwd=project)  # what `up --build` builds; cached for it
+    print(f"docker compose build superlink: {time.time() - t0:.0f} s")
     run([*COMPOSE, "run", "--rm", "--no-deps", "--user", "root", *mounts, "--entrypoint", "sh", "supernode-photo", "-c",
          "cp -r /seed/. /cache/ && chown -R app:app /cache"], env, cwd=project)
 
@@ -223,10 +227,14 @@ def test_compose_demo_trains_fedclip_over_tls(compose_run):
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1)), log[-4000:]
     held_out = summary["held_out"]
     assert summary["generalization"][held_out] > summary["zero_shot"][held_out]
-    # personalization against zero-shot on the same clients (a client lost at the best round has none)
-    personalized = {d: acc for d, acc in summary["personalization"].items() if acc is not None}
-    assert len(personalized) >= 2
-    assert sum(personalized.values()) > sum(summary["zero_shot"][d] for d in personalized)
+    # personalization (each training client's test split with the global adapter) against zero-shot,
+    # at the last round every client answered: the best round may be a later one without the stopped
+    # client, where the summary has no personalization number for it
+    train_domains = [d for d in DOMAINS if d != held_out]
+    full = rows[STOP_AFTER_ROUND]
+    assert sum(full[f"acc/{d}"] for d in train_domains) / len(train_domains) > summary["zero_shot_train_domains_mean"]
+    best = rows[summary["best_round"]]
+    assert summary["personalization"] == {d: best[f"acc/{d}"] for d in train_domains}
     # only the adapter travels: one float32 adapter back per training client (+ .npy headers) in a
     # round where every node answered, and at least that much out
     raw = 4 * summary["trained_parameters"]
