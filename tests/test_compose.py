@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,10 @@ def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     assert flags(command) == SUPERLINK_FLAGS - {"--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
     assert "--insecure" not in command
     assert {p["target"] for p in gpu["services"]["superlink"]["ports"]} == {9092, 9093}
+    build = gpu["services"]["superlink"]["build"]
+    assert build["args"]["BASE_IMAGE"] == "flwr/superlink:1.28.0"  # Flower's official image unless FLWR_REPOSITORY says otherwise
+    assert build["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert gpu["services"]["superlink"]["entrypoint"] == ["flower-superlink"]
 
 
 def test_one_supernode_per_domain_with_its_own_key_data_and_gpu(compose_config):
@@ -78,8 +83,51 @@ def test_one_supernode_per_domain_with_its_own_key_data_and_gpu(compose_config):
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
         assert service["depends_on"]["register"]["condition"] == "service_completed_successfully"
+        assert service["build"]["args"]["BASE_IMAGE"] == "flwr/supernode:1.28.0" and service["entrypoint"] == ["flower-supernode"]
         cpu_service = cpu["services"][f"supernode-{domain}"]
         assert "deploy" not in cpu_service or not cpu_service["deploy"].get("resources")
-        assert cpu_service["build"]["args"]["TORCH_INDEX_URL"].endswith("/cpu") and cpu_service["image"].endswith(":cpu")
+        # the CPU variant's SuperNodes run the SuperLink's image (CPU PyTorch): one image to build
+        assert "build" not in cpu_service and cpu_service["image"] == cpu["services"]["superlink"]["image"]
+        assert cpu_service["entrypoint"] == ["flower-supernode"]
     registered = {s["target"] for s in gpu["services"]["register"]["secrets"]}
     assert {f"/app/certificates/supernode-{d}.pub" for d in DOMAINS} <= registered
+
+
+def test_image_requirements_are_pyprojects_dependencies(tmp_path):
+    """docker/requirements.py: PyTorch's pins apart (installed from TORCH_INDEX_URL), then every dependency, flwr without extras."""
+    import tomllib
+
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    out = subprocess.run([sys.executable, str(REPO / "docker/requirements.py"), str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = (tmp_path / "torch.txt").read_text().splitlines()
+    assert torch and torch == [d for d in dependencies if d.split("=")[0] in ("torch", "torchvision")]
+    app = (tmp_path / "app.txt").read_text().splitlines()
+    assert app == [d.replace("flwr[simulation]", "flwr") for d in dependencies]
+
+
+def test_image_requirements_refuse_a_base_image_with_another_flwr(tmp_path):
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"flwr[simulation]==1.28.0"', '"flwr[simulation]==1.27.0"'))
+    out = subprocess.run([sys.executable, str(REPO / "docker/requirements.py"), str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "pyproject.toml pins 1.27.0" in out.stderr
+    assert not (tmp_path / "app.txt").exists()
+
+
+def test_build_context_holds_what_the_dockerfiles_copy_and_nothing_big():
+    """.dockerignore lets through every COPY source of the Dockerfiles, and not .venv (GBs) or the certificates."""
+    rules = [r for r in (REPO / ".dockerignore").read_text().splitlines() if r and not r.startswith("#")]
+    assert rules[0] == "*"
+    allowed = [r[1:] for r in rules if r.startswith("!")]
+
+    def in_context(path: str) -> bool:
+        return any(path == a or path.startswith(a + "/") for a in allowed)
+
+    for dockerfile in ("docker/deploy.Dockerfile", "docker/Dockerfile"):
+        for line in (REPO / dockerfile).read_text().splitlines():
+            parts = line.split()
+            if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+                sources = [p for p in parts[1:-1] if not p.startswith("--")]
+                assert sources and all(in_context(s) for s in sources), f"{dockerfile}: {line}"
+    assert not any(in_context(p) for p in (".venv", "docker/certs/ca.key", "outputs", ".git"))
