@@ -117,9 +117,11 @@ def _watch(proc: subprocess.Popen, log: Path, timeout: float | None) -> tuple[in
 
 
 def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0,
-             env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3) -> tuple[int, str]:
-    """One `flwr run` of this app in `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME
-    and the log (flwr.log) all go there; the SuperLink it starts is stopped afterwards. Returns (exit code, log).
+             env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3, app: Path = REPO,
+             run_config: str | None = None) -> tuple[int, str]:
+    """One `flwr run` of this app (or of the Flower app in `app`, with `run_config` as its --run-config) in
+    `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME and the log (flwr.log) all go there;
+    the SuperLink it starts is stopped afterwards. Returns (exit code, log).
 
     Only Ray's own failures (RAY_FAILURES in the log) are retried, each time in an emptied folder."""
     folder = folder.resolve()
@@ -131,9 +133,11 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
     if client_gpus:
         federation += f" client-resources-num-gpus={client_gpus}"
-    command = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--federation-config", federation]
+    command = [str(bin_dir / "flwr"), "run", str(app), "--stream", "--federation-config", federation]
     if overrides:
-        command += ["--run-config", 'overrides="{}"'.format(overrides.replace("\\", "\\\\"))]
+        run_config = 'overrides="{}"'.format(overrides.replace("\\", "\\\\"))
+    if run_config:
+        command += ["--run-config", run_config]
     logs = []
     for attempt in range(1, attempts + 1):
         shutil.rmtree(folder, ignore_errors=True)  # new or empty at first; a failed start's leftovers after
