@@ -234,7 +234,7 @@ class Bench:
 
     def write(self) -> None:
         meta = {"flwr": _version("flwr"), "git_commit": _git("rev-parse", "HEAD"), "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
-                "cpus": os.cpu_count(), "adapter_dim": self.adapter_dim, "adapter_bytes": 4 * 2 * (self.adapter_dim**2 + self.adapter_dim),
+                "cpus": os.cpu_count(), "adapter_dim": self.adapter_dim, "adapter_parameters": 2 * (self.adapter_dim**2 + self.adapter_dim),
                 "images_per_client": self.args.images_per_client, "client_cpus": self.args.client_cpus, "poll_seconds": POLL_SECONDS,
                 "command": " ".join(sys.argv)}
         self.out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +299,7 @@ def main() -> int:
     t0 = time.time()
     bench = Bench(args)
     print(f"round overhead: flwr {_version('flwr')}, {os.cpu_count()} CPUs, load average {load_average():.2f}; "
-          f"adapter {bench.adapter_dim}-dim ({4 * 2 * (bench.adapter_dim**2 + bench.adapter_dim):,} bytes); work {bench.work}", flush=True)
+          f"adapter {bench.adapter_dim}-dim ({2 * (bench.adapter_dim**2 + bench.adapter_dim):,} float32); work {bench.work}", flush=True)
     for clients, fraction in args.sizes:
         bench.setting("simulation", clients, fraction)
     if args.deployment:
