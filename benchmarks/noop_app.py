@@ -1,14 +1,18 @@
 """Flower's floor: a ServerApp/ClientApp pair that sends FedCLIP's messages and does no work.
 
 benchmarks/round_overhead.py runs it with `flwr run` (simulation and deployment) beside FedCLIP on
-the same federation. Like the app, the server first asks every node which domain it holds (a query),
+the same federation. Like the app, the server first asks every node which domain it holds (a query);
 then each round sends an adapter-sized ArrayRecord (`2 * (d*d + d)` float32, the AttentionAdapter's
-tensors for feature size d) to the sampled training nodes, which send an adapter-sized reply, and
-an evaluate message with the adapter to the evaluated nodes (held-out domain always), which reply
-with metrics only:
-  exchanges=1: one push per round (the fused protocol): train and evaluate messages go out together;
-  exchanges=2: train, then evaluate (the protocol of main before the fused round).
-Replies are polled every `poll-seconds`, as the app polls. Seconds per round (push to the last
+tensors for feature size d) in a train message to the round's training sample, which replies with an
+adapter-sized ArrayRecord, and in an evaluate message to the evaluated nodes, which reply with
+metrics only. Samples are FedCLIP's: ceil(fraction * training clients), seeded; the held-out
+domain's nodes are always evaluated.
+  exchanges=1, the fused round: one push a round; a train message also carries the evaluation of
+    the adapter it brings, so evaluate messages go to the held-out nodes (and to more training nodes
+    only if fraction-evaluate > fraction-train); after the last round one evaluate-only push, counted
+    in the last round.
+  exchanges=2, the round before it: train, then evaluate (held-out nodes and the evaluation sample).
+Replies are polled every `poll-seconds`, as the app polls. Seconds per round (first push to last
 reply) are written as JSON to the run config's `out` file and logged.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 
@@ -74,8 +79,9 @@ def exchange(grid: Grid, messages: list[Message], poll_seconds: float, timeout: 
     return replies
 
 
-def sample(nodes: list[int], fraction: float, rng: random.Random) -> list[int]:
-    return sorted(rng.sample(nodes, max(1, round(fraction * len(nodes))))) if fraction < 1 else nodes
+def sample(nodes: list[int], n: int, purpose: str, seed: int, server_round: int) -> list[int]:
+    """n of the nodes, seeded by the run's seed, the purpose and the round."""
+    return nodes if n >= len(nodes) else sorted(random.Random(f"{seed}/{purpose}/{server_round}").sample(nodes, n))
 
 
 @server.main()
@@ -96,26 +102,32 @@ def main(grid: Grid, context: Context) -> None:
     adapter = ArrayRecord({  # AttentionAdapter(dim)'s tensors: fc1 and fc2, Linear(dim, dim) each
         f"{layer}.{p}": Array(np.zeros((dim, dim) if p == "weight" else (dim,), np.float32)) for layer in ("fc1", "fc2") for p in ("weight", "bias")
     })
-    rng = random.Random(int(rc["seed"]))
+    seed, fraction_train, fraction_evaluate = int(rc["seed"]), float(rc["fraction-train"]), float(rc["fraction-evaluate"])
+
+    def messages(node_ids: list[int], message_type: str, server_round: int) -> list[Message]:
+        config = ConfigRecord({"server-round": server_round})
+        return [Message(RecordDict({"arrays": adapter, "config": config}), dst_node_id=n, message_type=message_type) for n in node_ids]
+
+    def evaluated(server_round: int, riding: list[int]) -> list[int]:
+        """Held-out nodes, and training nodes not already evaluated by a train message, up to fraction-evaluate."""
+        rest = [n for n in training if n not in riding]
+        wanted = max(0, math.ceil(fraction_evaluate * len(training)) - len(riding))
+        return held_out + sample(rest, wanted, "evaluate", seed, server_round)
+
     seconds = []
     for server_round in range(1, rounds + 1):
         t0 = time.time()
         grid.get_node_ids()  # the app refreshes its node list each round
-        train_nodes = sample(training, float(rc["fraction-train"]), rng)
-        eval_nodes = sorted(set(sample(training, float(rc["fraction-evaluate"]), rng)) | set(held_out))
-        config = ConfigRecord({"server-round": server_round})
-
-        def messages(node_ids: list[int], message_type: str) -> list[Message]:
-            return [Message(RecordDict({"arrays": adapter, "config": config}), dst_node_id=n, message_type=message_type) for n in node_ids]
-
-        if exchanges == 1:  # a node that trains also evaluates in the same message
-            exchange(grid, messages(train_nodes, MessageType.TRAIN) + messages([n for n in eval_nodes if n not in train_nodes],
-                                                                              MessageType.EVALUATE), poll, timeout)
+        train_nodes = sample(training, math.ceil(fraction_train * len(training)), "train", seed, server_round)
+        if exchanges == 1:  # the previous round's evaluation rides on this round's train messages
+            exchange(grid, messages(train_nodes, MessageType.TRAIN, server_round)
+                     + messages(evaluated(server_round - 1, train_nodes), MessageType.EVALUATE, server_round - 1), poll, timeout)
+            if server_round == rounds:  # the last round's evaluation has no next round to ride on
+                exchange(grid, messages(evaluated(server_round, []), MessageType.EVALUATE, server_round), poll, timeout)
         else:
-            exchange(grid, messages(train_nodes, MessageType.TRAIN), poll, timeout)
-            exchange(grid, messages(eval_nodes, MessageType.EVALUATE), poll, timeout)
+            exchange(grid, messages(train_nodes, MessageType.TRAIN, server_round), poll, timeout)
+            exchange(grid, messages(evaluated(server_round, []), MessageType.EVALUATE, server_round), poll, timeout)
         seconds.append(time.time() - t0)
-        log.info("noop round %d: %d train + %d evaluate node(s), %d exchange(s): %.3f s", server_round, len(train_nodes),
-                 len(eval_nodes), exchanges, seconds[-1])
+        log.info("noop round %d: %d train node(s), %d exchange(s): %.3f s", server_round, len(train_nodes), exchanges, seconds[-1])
     with open(str(rc["out"]), "w") as fh:
         json.dump({"round_seconds": seconds, "nodes": len(nodes), "adapter_bytes": sum(len(a.data) for a in adapter.values())}, fh)

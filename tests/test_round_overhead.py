@@ -42,13 +42,15 @@ def run_floor(tmp_path, clients: int, exchanges: int, fraction: float = 1.0, rou
 
 def test_floor_sends_fedclip_adapter_each_round_in_one_push(tmp_path):
     pushes, result = run_floor(tmp_path, clients=8, exchanges=1)
-    assert len(pushes) == 1 + 3 and len(result["round_seconds"]) == 3  # the query, then one push per round
+    assert len(pushes) == 1 + 3 + 1 and len(result["round_seconds"]) == 3  # the query, one push per round, the last evaluation
     adapter = {k: tuple(v.shape) for k, v in AttentionAdapter(64).state_dict().items()}
     sent_by_app = ArrayRecord(AttentionAdapter(64).state_dict())  # what the app sends: 2*(64*64+64) float32, serialized
     assert result["adapter_bytes"] == sum(len(a.data) for a in sent_by_app.values())
+    assert {m.metadata.message_type for m, _ in pushes[-1]} == {MessageType.EVALUATE} and len(pushes[-1]) == 8
     for round_messages in pushes[1:]:
         types = [m.metadata.message_type for m, _ in round_messages]
-        assert types.count(MessageType.TRAIN) == 6 and types.count(MessageType.EVALUATE) == 2  # 2 clients held out of 8
+        if round_messages is not pushes[-1]:  # a train message also evaluates: evaluate messages go to the 2 held-out of 8
+            assert types.count(MessageType.TRAIN) == 6 and types.count(MessageType.EVALUATE) == 2
         for message, reply in round_messages:
             assert {k: tuple(a.shape) for k, a in message.content["arrays"].items()} == adapter
             if message.metadata.message_type == MessageType.TRAIN:  # an adapter-sized reply, as a training client sends
@@ -65,10 +67,21 @@ def test_floor_two_exchanges_and_sampling_always_evaluate_held_out(tmp_path):
         assert {m.metadata.message_type for m, _ in train} == {MessageType.TRAIN}
         assert {m.metadata.message_type for m, _ in evaluate} == {MessageType.EVALUATE}
         train_nodes = {m.metadata.dst_node_id for m, _ in train}
+        evaluated = {m.metadata.dst_node_id for m, _ in evaluate}
         assert len(train_nodes) == 3 and not train_nodes & held_out  # 10% of the 30 training clients
-        assert held_out <= {m.metadata.dst_node_id for m, _ in evaluate}
+        assert held_out <= evaluated and len(evaluated - held_out) == 3
         trained.append(train_nodes)
     assert len({frozenset(t) for t in trained}) > 1  # a new sample each round
+
+
+def test_floor_one_exchange_with_sampling_evaluates_through_train_messages(tmp_path):
+    pushes, _ = run_floor(tmp_path, clients=40, exchanges=1, fraction=0.1)
+    held_out = {100 + p for p in range(30, 40)}
+    for push in pushes[1:-1]:  # train the sample; only the held-out nodes need an evaluate message
+        assert {m.metadata.dst_node_id for m, _ in push if m.metadata.message_type == MessageType.EVALUATE} == held_out
+        assert sum(m.metadata.message_type == MessageType.TRAIN for m, _ in push) == 3
+    last = {m.metadata.dst_node_id for m, _ in pushes[-1]}  # the last evaluation: held out and 10% of the others
+    assert held_out <= last and len(last) == 13
 
 
 def test_synthetic_folder_gives_each_client_its_images(tmp_path):
