@@ -12,7 +12,7 @@ domain's nodes are always evaluated.
     only if fraction-evaluate > fraction-train); after the last round one evaluate-only push, counted
     in the last round.
   exchanges=2, the round before it: train, then evaluate (held-out nodes and the evaluation sample).
-Replies are polled every `poll-seconds`, as the app polls. Seconds per round (first push to last
+Replies are polled as the app polls (`poll-first`, doubling up to `poll-max`). Seconds per round (first push to last
 reply) are written as JSON to the run config's `out` file and logged.
 """
 
@@ -62,16 +62,17 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
-def exchange(grid: Grid, messages: list[Message], poll_seconds: float, timeout: float) -> list[Message]:
-    """Push the messages and poll for every reply."""
+def exchange(grid: Grid, messages: list[Message], poll: tuple[float, float], timeout: float) -> list[Message]:
+    """Push the messages and poll for every reply: after poll[0] s, then twice as long each time, at most poll[1] s."""
     pending = {i for i in grid.push_messages(messages) if i}
-    replies, deadline = [], time.time() + timeout
+    replies, deadline, wait = [], time.time() + timeout, poll[0]
     while pending and time.time() < deadline:
         new = list(grid.pull_messages(pending))
         pending -= {r.metadata.reply_to_message_id for r in new}
         replies += new
         if pending:
-            time.sleep(poll_seconds)
+            time.sleep(wait)
+            wait = min(2 * wait, poll[1])
     if pending:
         raise RuntimeError(f"{len(pending)} node(s) sent no reply within {timeout} s")
     if errors := [r.error.reason for r in replies if r.has_error()]:
@@ -87,7 +88,8 @@ def sample(nodes: list[int], n: int, purpose: str, seed: int, server_round: int)
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    rounds, exchanges, poll, timeout = int(rc["rounds"]), int(rc["exchanges"]), float(rc["poll-seconds"]), float(rc["timeout"])
+    rounds, exchanges, timeout = int(rc["rounds"]), int(rc["exchanges"]), float(rc["timeout"])
+    poll = float(rc["poll-first"]), float(rc["poll-max"])
     expected = len(str(rc["domains"]).split(",")) * int(rc["clients-per-domain"])
     deadline = time.time() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected:

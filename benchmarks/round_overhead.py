@@ -46,6 +46,8 @@ from server_app.app import POLL_SECONDS
 
 DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's names, so the demo CLIP's tokenizer knows them
 HELD_OUT = "sketch"
+# the floor polls for replies as the app does: a fixed interval, or (first wait, longest wait) doubling in between
+POLL = POLL_SECONDS if isinstance(POLL_SECONDS, tuple) else (POLL_SECONDS, POLL_SECONDS)
 NOOP_MODULE = REPO / "benchmarks" / "noop_app.py"
 NOOP_PYPROJECT = """\
 [build-system]
@@ -78,7 +80,8 @@ clients-per-domain = 1
 held-out = "sketch"
 fraction-train = 1.0
 fraction-evaluate = 1.0
-poll-seconds = 0.2
+poll-first = 0.2
+poll-max = 0.2
 timeout = 600
 seed = 0
 out = ""
@@ -120,7 +123,7 @@ def noop_app(folder: Path) -> Path:
 def noop_run_config(rounds: int, exchanges: int, adapter_dim: int, clients_per_domain: int, fraction: float, out: Path) -> str:
     return (f'rounds={rounds} exchanges={exchanges} adapter-dim={adapter_dim} domains="{",".join(DOMAINS)}" '
             f'clients-per-domain={clients_per_domain} held-out="{HELD_OUT}" fraction-train={fraction} fraction-evaluate={fraction} '
-            f'poll-seconds={POLL_SECONDS} seed=0 out="{out}"')
+            f'poll-first={POLL[0]} poll-max={POLL[1]} seed=0 out="{out}"')
 
 
 def fedclip_overrides(root: Path, clients_per_domain: int, fraction: float, rounds: int, model: str, cache: Path) -> str:
@@ -235,7 +238,7 @@ class Bench:
     def write(self) -> None:
         meta = {"flwr": _version("flwr"), "git_commit": _git("rev-parse", "HEAD"), "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
                 "cpus": os.cpu_count(), "adapter_dim": self.adapter_dim, "adapter_parameters": 2 * (self.adapter_dim**2 + self.adapter_dim),
-                "images_per_client": self.args.images_per_client, "client_cpus": self.args.client_cpus, "poll_seconds": POLL_SECONDS,
+                "images_per_client": self.args.images_per_client, "client_cpus": self.args.client_cpus, "poll_seconds": POLL,
                 "command": " ".join(sys.argv)}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "round_overhead.json").write_text(json.dumps({**meta, "settings": self.rows}, indent=2) + "\n")

@@ -25,7 +25,7 @@ def run_floor(tmp_path, clients: int, exchanges: int, fraction: float = 1.0, rou
     out = tmp_path / "floor.json"
     run_config = {"rounds": rounds, "exchanges": exchanges, "adapter-dim": 64, "domains": ",".join(DOMAINS),
                   "clients-per-domain": clients // len(DOMAINS), "held-out": HELD_OUT, "fraction-train": fraction,
-                  "fraction-evaluate": fraction, "poll-seconds": 0.0, "timeout": 60, "seed": 0, "out": str(out)}
+                  "fraction-evaluate": fraction, "poll-first": 0.0, "poll-max": 0.0, "timeout": 60, "seed": 0, "out": str(out)}
     grid = InProcessGrid(noop_app.client, run_config, clients)
     pushes, push = [], grid.push_messages
 
