@@ -1,13 +1,14 @@
-"""What each message costs a deployed SuperNode before any training: Flower 1.28 starts a fresh
-`flwr-clientapp` process per message, which imports Flower, PyTorch and the app and loads the
-node's cached features again (in simulation the same process serves every round).
+"""What a message costs a deployed SuperNode whose Flower (1.28) starts a fresh `flwr-clientapp`
+process per message: imports, building the client's data from the disk caches, and the message's
+work, against a bare `python -c "import flwr.clientapp, torch"` measured in the same run.
 
-    python benchmarks/clientapp_start.py               # the demo's photo domain, 5 fresh processes
-    python benchmarks/clientapp_start.py --repeats 10 --domain sketch
+    python benchmarks/clientapp_start.py               # the demo's photo domain, 5 fresh processes each
+    python benchmarks/clientapp_start.py --repeats 10 --domain sketch --method evaluate
 
-Prints, per fresh process, the wall and CPU seconds of the imports and of `load_local_data`
-(configuration, data listing, model fingerprint, features from the disk cache). Builds the demo
-first if it is not in the cache (FEDCLIP_CACHE).
+Each probe process handles one real message (a round-2 train message carrying the evaluation of
+the adapter it brings, or an evaluate message) through the ClientApp, as `flwr-clientapp` does,
+and prints its wall and CPU seconds per phase and which heavy packages it imported. Builds the demo
+and its feature cache first if they are not in the cache (FEDCLIP_CACHE).
 """
 
 from __future__ import annotations
@@ -19,40 +20,62 @@ import subprocess
 import sys
 import time
 
+BARE = "import flwr.clientapp, torch"
 PROBE = """
-import json, os, sys, time
+import json, sys, time
 t0, c0 = time.time(), time.process_time()
-import flwr.clientapp
-from flwr.app import Context, RecordDict
-from client_app.app import load_local_data
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from client_app.app import app
+from common.model import AttentionAdapter
 t1, c1 = time.time(), time.process_time()
-context = Context(run_id=1, node_id=1, node_config={"domain": sys.argv[1], "device": "cpu"}, state=RecordDict(), run_config={"overrides": ""})
-local = load_local_data(context)
+domain, kind, run_config = sys.argv[1], sys.argv[2], sys.stdin.read()
+config = ConfigRecord({"run-config": run_config, "server-round": 2, "evaluate-round": 1, "zero-shot": False})
+message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+message = Message(RecordDict({"arrays": ArrayRecord(AttentionAdapter(64).state_dict()), "config": config}), dst_node_id=1,
+                  message_type=message_type)
+message.metadata.__dict__["_message_id"] = "probe"
+context = Context(run_id=1, node_id=1, node_config={"domain": domain, "device": "cpu"}, state=RecordDict(), run_config={})
+reply = app(message, context)
 t2, c2 = time.time(), time.process_time()
-print(json.dumps({"import_wall": t1 - t0, "import_cpu": c1 - c0, "load_wall": t2 - t1, "load_cpu": c2 - c1, "images": len(local.feats.labels)}))
+assert not reply.has_error(), reply.error
+heavy = [m for m in ("transformers", "datasets", "flwr_datasets", "sklearn", "skimage", "matplotlib", "hydra") if m in sys.modules]
+print(json.dumps({"import_wall": t1 - t0, "import_cpu": c1 - c0, "handle_wall": t2 - t1, "handle_cpu": c2 - c1, "heavy": heavy}))
 """
+
+
+def timed(args: list[str], stdin: str = "") -> tuple[float, str]:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, *args], input=stdin, env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True,
+                         capture_output=True, text=True)
+    return time.time() - t0, out.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--domain", default="photo")
+    parser.add_argument("--method", choices=["train", "evaluate"], default="train")
     args = parser.parse_args()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, "-c", PROBE, args.domain], env=env, check=True, capture_output=True)  # builds/caches once
+    from omegaconf import OmegaConf
+
+    from common.config import compose_config
+
+    run_config = OmegaConf.to_yaml(compose_config())
+    timed(["-c", PROBE, args.domain, args.method], run_config)  # builds the demo and the feature cache once
     print(f"load average before: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} CPUs)")
-    rows = []
-    for i in range(args.repeats):
-        t0 = time.time()
-        out = subprocess.run([sys.executable, "-c", PROBE, args.domain], env=env, check=True, capture_output=True, text=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1]) | {"process_wall": time.time() - t0}
-        rows.append(row)
-        print(f"process {i}: imports {row['import_wall']:.2f} s wall / {row['import_cpu']:.2f} s CPU, "
-              f"load_local_data {row['load_wall']:.2f} s / {row['load_cpu']:.2f} s CPU ({row['images']} images), "
-              f"whole process {row['process_wall']:.2f} s")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("import_cpu", "load_cpu", "process_wall")}
-    print(f"mean: {mean['import_cpu']:.2f} s CPU imports + {mean['load_cpu']:.2f} s CPU load_local_data; "
-          f"{mean['process_wall']:.2f} s wall per fresh process; load average after: {os.getloadavg()[0]:.2f}")
+    bare, probes = [], []
+    for i in range(args.repeats):  # interleaved, so that both see the same load
+        bare.append(timed(["-c", BARE])[0])
+        wall, out = timed(["-c", PROBE, args.domain, args.method], run_config)
+        row = json.loads(out.strip().splitlines()[-1]) | {"process_wall": wall}
+        probes.append(row)
+        print(f"process {i}: bare imports {bare[-1]:.2f} s; ClientApp process {wall:.2f} s (imports {row['import_wall']:.2f} s wall / "
+              f"{row['import_cpu']:.2f} s CPU, {args.method} message {row['handle_wall']:.2f} s / {row['handle_cpu']:.2f} s CPU); "
+              f"heavy packages imported: {', '.join(row['heavy']) or 'none'}")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    process, floor = mean([r["process_wall"] for r in probes]), mean(bare)
+    print(f"mean: {process:.2f} s per fresh ClientApp process handling a {args.method} message, {floor:.2f} s for a bare "
+          f"`python -c \"{BARE}\"`: {process / floor:.2f}x; load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The FedCLIP ClientApp: one domain's images (or a share of them), a frozen CLIP, and the adapter it trains locally."""
+"""The FedCLIP ClientApp: one domain's images (or a share of them), a frozen CLIP, and the adapter it trains locally.
+
+A client builds its world (configuration, images, cached features, split) on a run's first message and
+reuses it for every later message this process handles. One message a round does the work: a train
+message also carries the evaluation of the adapter it brings (the last round's global one).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import logging
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import config_from_run, select_device
-from common.data import DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
+from common.config import local_config, select_device
+from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_images, images_encoded
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import (
@@ -48,15 +53,27 @@ class LocalData:
     feats: DomainFeatures
     split: DomainSplit
     device: torch.device
+    folders: dict[Path, int] = field(default_factory=dict)  # the image folders and their mtimes when built
+    pooled: tuple[DomainFeatures, torch.Tensor] | None = None  # method=centralized: every training client's train split
+    clip: tuple | None = None  # fedavg/fedprox: this node's CLIP (model, processor), loaded once
 
     @property
     def held_out(self) -> bool:
         return self.domain == self.cfg.dataset.held_out
 
+    def changed(self) -> bool:
+        """Whether image files were added, removed or renamed since it was built (a few stat calls)."""
+        return any(_mtime(folder) != mtime for folder, mtime in self.folders.items())
+
+
+class NoClient(Exception):
+    """This node holds no client of the run (more SuperNodes than clients): it sits the run out."""
+
 
 # What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
 # sets partition-id and num-partitions.
 NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
+_WORLDS: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
 
 
 def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
@@ -83,47 +100,72 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
     return cfg
 
 
-def load_local_data(context: Context) -> LocalData:
+def local_data(message: Message, context: Context) -> LocalData:
+    """This node's client for the message's run: built on the first message, then reused.
+
+    The key holds the run, the configuration the server sent and the node config, so another run or
+    node never sees a stale world; added, removed or renamed image files make it build again.
+    """
+    if "run-config" not in message.content.config_records.get("config", {}):
+        raise ValueError("the message carries no 'run-config': the ServerApp of this run is not FedCLIP's, or older than this ClientApp")
+    run_config = str(message.content["config"]["run-config"])
+    key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
+    local = _WORLDS.get(key)
+    if local is None or local.changed():
+        local = _WORLDS[key] = load_local_data(local_config(run_config), context.node_config)
+    return local
+
+
+def load_local_data(cfg: DictConfig, node_config: Mapping) -> LocalData:
     """This node's client: node config `domain` (and `shard`), else its simulation partition-id; and its features.
 
     With k = dataset.clients_per_domain, partition-id p is shard p % k of domain p // k. A deployed
-    node (node config `domain`) may hold only its own domain's images.
+    node (node config `domain`) may hold only its own domain's images. Raises NoClient for a
+    partition-id beyond the run's clients.
     """
-    cfg = apply_node_config(config_from_run(context.run_config), context.node_config)
+    cfg = apply_node_config(cfg, node_config)
     if cfg.cpu_threads:  # several client processes on one machine each take every core by default: far slower together
         torch.set_num_threads(int(cfg.cpu_threads))
     k = int(cfg.dataset.clients_per_domain)
     device = select_device(cfg.device)
-    if "domain" in context.node_config:
-        domain = str(context.node_config["domain"])
-        if k > 1 and "shard" not in context.node_config:
+    if "domain" in node_config:
+        domain = str(node_config["domain"])
+        if k > 1 and "shard" not in node_config:
             raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
-        return client_data(cfg, domain, int(context.node_config.get("shard", 0)), device, own_only=True)
-    domains = dataset_domains(cfg)
-    if "partition-id" not in context.node_config:
+        return client_data(cfg, domain, int(node_config.get("shard", 0)), device, own_only=True)
+    if "partition-id" not in node_config:
         raise ValueError("this SuperNode does not say which data it holds: start it with --node-config \"domain='<domain>' data-dir='DATA_DIR'\"")
-    partition = int(context.node_config["partition-id"])
+    domains = dataset_domains(cfg)
+    partition = int(node_config["partition-id"])
     if partition >= len(domains) * k:
-        raise ValueError(
-            f"partition-id {partition} has no client: the run has {len(domains)} domains ({', '.join(domains)}) "
-            f"x {k} client(s) each; run with --federation-config \"num-supernodes={len(domains) * k}\""
-        )
+        raise NoClient(f"partition-id {partition}: the run has {len(domains) * k} clients ({len(domains)} domains x {k})")
     return client_data(cfg, domains[partition // k], partition % k, device)
+
+
+def _mtime(folder: Path) -> int:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return -1
 
 
 def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device, own_only: bool = False) -> LocalData:
     """One client's images, their frozen features (cached) and its seeded split."""
     images = client_images(cfg, domain, shard, own_only)
+    folders = {p.parent for p in images.paths} | {p.parent.parent for p in images.paths} if isinstance(images, DomainFolder) else set()
+    stamp = {folder: _mtime(folder) for folder in folders}  # before the listing is used: a change during the build is seen next time
     feats = domain_features(
         model_name_or_path(cfg), images, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
     )
     client = client_name(domain, shard, int(cfg.dataset.clients_per_domain))
     split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, client)
-    return LocalData(cfg, domain, client, images, feats, split, device)
+    return LocalData(cfg, domain, client, images, feats, split, device, stamp)
 
 
 def pooled_train_data(local: LocalData) -> tuple[DomainFeatures, torch.Tensor]:
-    """method=centralized: the train splits of every training client pooled, with their features."""
+    """method=centralized: the train splits of every training client pooled, with their features (built once)."""
+    if local.pooled is not None:
+        return local.pooled
     cfg, k = local.cfg, int(local.cfg.dataset.clients_per_domain)
     parts = []
     for domain in dataset_domains(cfg):
@@ -135,16 +177,13 @@ def pooled_train_data(local: LocalData) -> tuple[DomainFeatures, torch.Tensor]:
                                    f"{client_name(domain, shard, k)!r} ({err}); it is an upper bound for simulation, where all data is local") from err
             parts.append((other.feats.image[other.split.train], other.feats.labels[other.split.train]))
     image, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    pooled = DomainFeatures(image, labels, local.feats.text, local.feats.logit_scale, [])
-    return pooled, torch.arange(len(labels))
+    local.pooled = DomainFeatures(image, labels, local.feats.text, local.feats.logit_scale, []), torch.arange(len(labels))
+    return local.pooled
 
 
-def _reply(message: Message, local: LocalData, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+def _reply(message: Message, local: LocalData, records: dict) -> Message:
     info = ConfigRecord({"domain": local.domain, "client": local.client, "classes": local.images.classes})
-    content = RecordDict({"metrics": MetricRecord(metrics), "info": info})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=message)
+    return Message(content=RecordDict({**records, "info": info}), reply_to=message)
 
 
 def _adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
@@ -155,22 +194,25 @@ def _adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Tell the server which domain this node holds and how much data; encodes the features once."""
+    """Tell the server which domain this node holds and how much data; encodes the features once.
+
+    A node with no client in this run says so (`idle`), and the server leaves it alone.
+    """
     before = images_encoded()
-    local = load_local_data(context)
-    return _reply(
-        message,
-        local,
-        {
-            "feature-dim": local.feats.image.shape[1],
-            "num-images": len(local.feats.labels),
-            "num-skipped": len(local.feats.skipped),
-            "num-train": len(local.split.train),
-            "num-val": len(local.split.val),
-            "num-test": len(local.split.test),
-            "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
-        },
-    )
+    try:
+        local = local_data(message, context)
+    except NoClient as idle:
+        return Message(content=RecordDict({"info": ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message)
+    metrics = {
+        "feature-dim": local.feats.image.shape[1],
+        "num-images": len(local.feats.labels),
+        "num-skipped": len(local.feats.skipped),
+        "num-train": len(local.split.train),
+        "num-val": len(local.split.val),
+        "num-test": len(local.split.test),
+        "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
+    }
+    return _reply(message, local, {"metrics": MetricRecord(metrics)})
 
 
 def _generator(local: LocalData, server_round: int, purpose: str) -> torch.Generator:
@@ -186,53 +228,24 @@ def _file_indices(local: LocalData, rows: np.ndarray) -> torch.Tensor:
 
 
 def _encoder_clip(local: LocalData, arrays: ArrayRecord):
-    """This node's CLIP with the received image-encoder weights (the FedAvg/FedProx baselines)."""
-    model, processor = load_clip(model_name_or_path(local.cfg), local.device)
+    """This node's CLIP (loaded once) with the received image-encoder weights (the FedAvg/FedProx baselines)."""
+    if local.clip is None:
+        local.clip = load_clip(model_name_or_path(local.cfg), local.device)
+    model, processor = local.clip
     load_encoder_state(model, arrays.to_torch_state_dict())
     return model, processor
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Local training from the received weights: the adapter on cached features, or the image encoder."""
-    local = load_local_data(context)
-    if local.held_out:
-        raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
-    cfg = local.cfg
-    server_round = int(message.content["config"]["server-round"])
-    generator = _generator(local, server_round, "train")
-    t0 = time.time()
-    if cfg.method.name in ENCODER_METHODS:
-        model, processor = _encoder_clip(local, message.content["arrays"])
-        train_files = _file_indices(local, local.split.train)
-        loss = finetune_encoder(model, processor, local.images, train_files, local.feats.text, cfg, generator)
-        arrays, encoded, examples = ArrayRecord(encoder_state(model)), len(train_files) * cfg.training.local_epochs, len(train_files)
-    else:
-        feats, rows = pooled_train_data(local) if cfg.method.name == "centralized" else (local.feats, torch.as_tensor(local.split.train))
-        adapter = _adapter(local, message.content["arrays"])
-        optimizer = make_optimizer(adapter, cfg.training)
-        if "optimizer" in context.state:
-            load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
-        loss = train_adapter(adapter, optimizer, feats, rows, cfg.training, generator)
-        context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
-        arrays, encoded, examples = ArrayRecord(adapter.state_dict()), 0, len(rows)
-    metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded}
-    return _reply(message, local, metrics, arrays)
-
-
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
+def evaluate_received(local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
     """Accuracy on val, test and all of this domain's images, zero-shot or with the received weights.
 
     Several adapters in one message (local-only baseline, held-out node) are each evaluated and
     their accuracies averaged. With method.personalize_epochs > 0 a training client also reports
     `personalized-test-acc`: its test accuracy after fine-tuning the received adapter locally.
     """
-    local = load_local_data(context)
-    cfg, content = local.cfg, message.content
-    server_round = int(content["config"].get("server-round", 0))
+    cfg = local.cfg
     feats, adapters, encoded = local.feats, [None], 0
-    if not content["config"].get("zero-shot", False):
+    if not zero_shot:
         if cfg.method.name in ENCODER_METHODS:
             model, processor = _encoder_clip(local, content["arrays"])  # the images again: the encoder changed
             before = images_encoded()
@@ -256,4 +269,49 @@ def evaluate(message: Message, context: Context) -> Message:
         personal = OmegaConf.merge(cfg.training, {"local_epochs": cfg.method.personalize_epochs})
         train_adapter(adapter, optimizer, feats, torch.as_tensor(local.split.train), personal, _generator(local, server_round, "personalize"))
         metrics["personalized-test-acc"] = evaluate_adapter(adapter, feats, torch.as_tensor(local.split.test), local.device)[0]
-    return _reply(message, local, metrics)
+    return metrics
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Evaluate the received weights if asked (config `evaluate-round`), then train from them locally.
+
+    The weights a round-r train message brings are round r-1's global ones, so their evaluation rides
+    along: one exchange per round. The adapter trains on cached features; fedavg/fedprox train the image encoder.
+    """
+    local = local_data(message, context)
+    if local.held_out:
+        raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
+    cfg, config = local.cfg, message.content["config"]
+    server_round = int(config["server-round"])
+    records = {}
+    if "evaluate-round" in config:
+        evaluation = evaluate_received(local, message.content, int(config["evaluate-round"]), bool(config.get("zero-shot", False)))
+        records["eval-metrics"] = MetricRecord(evaluation)
+    generator = _generator(local, server_round, "train")
+    t0 = time.time()
+    if cfg.method.name in ENCODER_METHODS:
+        model, processor = _encoder_clip(local, message.content["arrays"])
+        train_files = _file_indices(local, local.split.train)
+        loss = finetune_encoder(model, processor, local.images, train_files, local.feats.text, cfg, generator)
+        arrays, encoded, examples = ArrayRecord(encoder_state(model)), len(train_files) * cfg.training.local_epochs, len(train_files)
+    else:
+        feats, rows = pooled_train_data(local) if cfg.method.name == "centralized" else (local.feats, torch.as_tensor(local.split.train))
+        adapter = _adapter(local, message.content["arrays"])
+        optimizer = make_optimizer(adapter, cfg.training)
+        if "optimizer" in context.state:
+            load_optimizer_state(optimizer, context.state["optimizer"].to_torch_state_dict())
+        loss = train_adapter(adapter, optimizer, feats, rows, cfg.training, generator)
+        context.state["optimizer"] = ArrayRecord(optimizer_state(optimizer))
+        arrays, encoded, examples = ArrayRecord(adapter.state_dict()), 0, len(rows)
+    metrics = {"train-loss": loss, "num-examples": examples, "train-seconds": time.time() - t0, "images-encoded": encoded}
+    return _reply(message, local, {**records, "metrics": MetricRecord(metrics), "arrays": arrays})
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation."""
+    local = local_data(message, context)
+    config = message.content["config"]
+    metrics = evaluate_received(local, message.content, int(config.get("server-round", 0)), bool(config.get("zero-shot", False)))
+    return _reply(message, local, {"metrics": MetricRecord(metrics)})

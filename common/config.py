@@ -1,4 +1,8 @@
-"""One place that turns conf/ (Hydra) plus a run's overrides into the resolved configuration."""
+"""One place that turns conf/ (Hydra) plus a run's overrides into the resolved configuration.
+
+The server composes it once per run and sends it, as YAML, with every message: a client never runs
+Hydra (0.2 s a call, and its import), it only applies its own machine's settings (`local_config`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MACHINE_ENV = (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS"))  # each machine's own paths win
 
 
 def split_overrides(overrides: str) -> list[str]:
@@ -19,17 +23,29 @@ def split_overrides(overrides: str) -> list[str]:
     return re.findall(r"""(?:[^\s'"]|'[^']*'|"[^"]*")+""", overrides)
 
 
-def load_config(overrides: str | list[str] = "") -> DictConfig:
-    """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo"."""
+def compose_config(overrides: str | list[str] = "") -> DictConfig:
+    """conf/config.yaml with Hydra overrides, before this machine's settings and interpolations are applied."""
+    from hydra import compose, initialize_config_dir
+
     if isinstance(overrides, str):
         overrides = split_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    for key, env in (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS")):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def local_config(composed: DictConfig | str) -> DictConfig:
+    """A composed configuration (or its YAML) as this machine sees it: FEDCLIP_CACHE/FEDCLIP_OUTPUTS win, then resolved."""
+    cfg = OmegaConf.create(composed) if isinstance(composed, str) else composed.copy()
+    for key, env in MACHINE_ENV:
         if os.environ.get(env):
             cfg[key] = os.environ[env]
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def load_config(overrides: str | list[str] = "") -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo", resolved here."""
+    return local_config(compose_config(overrides))
 
 
 def config_from_run(run_config: Mapping) -> DictConfig:

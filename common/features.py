@@ -70,8 +70,6 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
     With cache_dir the file hashes are also kept in <cache_dir>/file-hashes.json, so that a fresh
     process (Flower starts one per message in a deployment) does not read a 600 MB model again.
     """
-    from transformers.utils import cached_file
-
     memo = Path(cache_dir).expanduser() / "file-hashes.json" if cache_dir is not None else None
     stored: dict[str, str] = {}
     if memo is not None and memo.is_file():
@@ -80,7 +78,11 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
         except (OSError, ValueError):  # a broken memo only costs the hashing
             pass
     _FILE_HASHES.update(stored)
+    if name_or_path not in _MODEL_DIRS and Path(name_or_path).expanduser().is_dir():  # a saved CLIP: no need to import transformers
+        _MODEL_DIRS[name_or_path] = Path(name_or_path).expanduser()
     if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
+        from transformers.utils import cached_file
+
         try:
             _MODEL_DIRS[name_or_path] = Path(cached_file(name_or_path, "config.json")).parent
         except OSError as err:  # no such folder, and the hub id cannot be fetched

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from common.config import config_from_run
+from common.config import compose_config, local_config
 from common.model import AttentionAdapter, load_clip, model_name_or_path
 from common.train import ENCODER_METHODS, encoder_state
 from server_app.checkpoint import resume_run, save_checkpoint
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
-POLL_SECONDS = 0.2  # how often the server asks the SuperLink for replies
+POLL_SECONDS = (0.002, 0.2)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most 0.2 s
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
@@ -32,18 +32,20 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
 
     For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
     own id, so replies are matched to nodes by message id; a node with no reply at all by the
-    timeout is logged too. Replies are polled every POLL_SECONDS: Flower's gRPC send_and_receive
-    waits 3 s between polls, up to 3 s lost twice a round in a deployment.
+    timeout is logged too. Replies are polled with a backoff (POLL_SECONDS): a round whose work takes
+    milliseconds waits milliseconds, a long one costs a poll every 0.2 s (Flower's gRPC
+    send_and_receive waits 3 s between polls).
     """
     messages = list(messages)
     pending = {i for i in grid.push_messages(messages) if i is not None}  # None: not pushed (Flower logs why)
-    replies, deadline = [], time.time() + timeout
+    replies, deadline, wait = [], time.time() + timeout, POLL_SECONDS[0]
     while pending and time.time() < deadline:
         new = list(grid.pull_messages(pending))
         pending -= {r.metadata.reply_to_message_id for r in new}
         replies += new
         if pending:
-            time.sleep(POLL_SECONDS)
+            time.sleep(wait)
+            wait = min(2 * wait, POLL_SECONDS[1])
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
     for reply in replies:
@@ -58,9 +60,13 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
     return kept
 
 
-def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[tuple[int, str, str, list[str], MetricRecord]]:
-    """Ask nodes which client (domain, or share of one) and classes they hold; malformed answers and failures are logged and left out."""
-    queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int]) -> list[tuple[int, str, str, list[str], MetricRecord]]:
+    """Ask nodes which client (domain, or share of one) and classes they hold; malformed answers and failures are logged and left out.
+
+    A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`.
+    """
+    queries = [Message(RecordDict({"config": ConfigRecord({"run-config": run_config})}), dst_node_id=n, message_type=MessageType.QUERY)
+               for n in node_ids]
     answers = []
     for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
         node = reply.metadata.src_node_id
@@ -68,6 +74,10 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[tuple[
             log.error("node %d left out: its query failed: %s", node, reply.error.reason)
             continue
         content = reply.content
+        if "info" in content.config_records and "idle" in content["info"]:
+            idle.add(node)
+            log.info("node %d is idle: %s", node, content["info"]["idle"])
+            continue
         if "info" not in content.config_records or "metrics" not in content.metric_records or not QUERY_KEYS <= set(content["metrics"]):
             log.error("node %d left out: its query reply lacks 'info' or the metrics %s", node, sorted(QUERY_KEYS))
             continue
@@ -88,7 +98,7 @@ def _accept(node: int, client: str, classes: list[str], node_clients: dict[int, 
     return True
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str]]:
+def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int]) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str]]:
     """Ask every connected node which client it holds (a query message); nodes encode their features now.
 
     Returns node -> domain, node -> client name, client -> what it reported, and the classes.
@@ -100,7 +110,7 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[in
         time.sleep(2)
     log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
     node_domains, node_clients, info, federation_classes = {}, {}, {}, None
-    for node, domain, client, classes, m in query_nodes(grid, cfg, node_ids):
+    for node, domain, client, classes, m in query_nodes(grid, cfg, node_ids, run_config, idle):
         if not _accept(node, client, classes, node_clients, federation_classes):
             continue
         node_domains[node], node_clients[node], info[client], federation_classes = domain, client, m, classes
@@ -114,20 +124,20 @@ def discover_nodes(grid: Grid, cfg: DictConfig) -> tuple[dict[int, str], dict[in
 
 
 def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], node_clients: dict[int, str], info: dict[str, MetricRecord],
-                  classes: list[str]) -> None:
+                  classes: list[str], run_config: str, idle: set[int]) -> None:
     """Before a round: forget nodes that left, and take back a client's node when one (re)connects.
 
     A restarted SuperNode may come back under a new node id, so every connected node that is not
-    in the federation is asked for its data; only clients the run started with are taken back.
+    in the federation (nor known to be idle) is asked for its data; only clients the run started with are taken back.
     """
     connected = set(grid.get_node_ids())
     for node in [n for n in node_domains if n not in connected]:
         node_domains.pop(node)
         log.warning("node %d (%s) is no longer connected: left out until a node with its data connects", node, node_clients.pop(node))
-    new = sorted(connected - set(node_domains))
+    new = sorted(connected - set(node_domains) - idle)
     if not new:
         return
-    for node, domain, client, node_classes, m in query_nodes(grid, cfg, new):
+    for node, domain, client, node_classes, m in query_nodes(grid, cfg, new, run_config, idle):
         if client not in info:
             log.error("node %d left out: client %r was not in this run when it started", node, client)
         elif m["feature-dim"] != info[client]["feature-dim"]:
@@ -149,9 +159,18 @@ def initial_weights(cfg: DictConfig, feature_dim: int) -> dict[str, torch.Tensor
     return AttentionAdapter(feature_dim).state_dict()
 
 
+def split_replies(sent: list[Message], replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """(replies to train messages, replies to evaluate messages) of one exchange."""
+    train_ids = {m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.TRAIN}
+    train = [r for r in replies if r.metadata.reply_to_message_id in train_ids]
+    return train, [r for r in replies if r.metadata.reply_to_message_id not in train_ids]
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = config_from_run(context.run_config)
+    """Discover the nodes, then one exchange per round: round r's training carries round r-1's evaluation."""
+    composed = compose_config(str(context.run_config.get("overrides", "")))
+    cfg, run_config = local_config(composed), OmegaConf.to_yaml(composed)  # the clients get the run's config with every message
     method = cfg.method.name
     if method not in METHODS:
         raise ValueError(f"method.name={method!r} is not a method of this app; choose one of {', '.join(METHODS)} (override method=NAME)")
@@ -159,7 +178,8 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}")
     if cfg.resume and method == "local":
         raise ValueError("resume= is not available for method=local: its adapters live on the clients, the checkpoint holds no global one")
-    node_domains, node_clients, info, classes = discover_nodes(grid, cfg)
+    idle: set[int] = set()
+    node_domains, node_clients, info, classes = discover_nodes(grid, cfg, run_config, idle)
     dims = {int(m["feature-dim"]) for m in info.values()}
     if len(dims) != 1:
         raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
@@ -167,8 +187,10 @@ def main(grid: Grid, context: Context) -> None:
     weights = initial_weights(cfg, dims.pop())
     arrays = ArrayRecord(weights)
     template = {k: v.numpy() for k, v in arrays.items()}
-    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, cfg.strategy.weighting, cfg.strategy.min_train_nodes, method,
-                               node_clients)
+    last_round = 0 if method == "zero_shot" else cfg.training.rounds
+    s = cfg.strategy
+    strategy = FedClipStrategy(node_domains, cfg.dataset.held_out, template, s.weighting, s.min_train_nodes, method, node_clients,
+                               s.fraction_train, s.fraction_evaluate, cfg.seed, last_round)
     strategy.summary()
     trained = 0 if method == "zero_shot" else sum(v.numel() for v in weights.values())
     client_domains = {node_clients[n]: d for n, d in node_domains.items()}
@@ -177,26 +199,32 @@ def main(grid: Grid, context: Context) -> None:
     arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
     saved = lambda a: None if method == "local" else a  # noqa: E731 - local-only has no global weights to save
 
-    def send(messages: Iterable[Message]) -> list[Message]:
-        messages = list(messages)
-        replies = exchange(grid, messages, cfg.strategy.round_timeout, node_clients)
-        report.count_traffic(node_clients, messages, replies)
-        return replies
-
-    if not report.rows:
-        t0 = time.time()
-        replies = send(strategy.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zero-shot": True}), grid))
-        report.add_round(0, MetricRecord(), strategy.aggregate_evaluate(0, replies), time.time() - t0, None)
-        save_checkpoint(report, arrays)
-
-    for server_round in range(first_round, 0 if method == "zero_shot" else cfg.training.rounds + 1):
-        t0 = time.time()
-        refresh_nodes(grid, cfg, node_domains, node_clients, info, classes)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, send(strategy.configure_train(server_round, arrays, ConfigRecord(), grid)))
-        if new_arrays is not None:
-            arrays = new_arrays
-        replies = send(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        report.add_round(server_round, train_metrics, strategy.aggregate_evaluate(server_round, replies), time.time() - t0, saved(arrays))
-        save_checkpoint(report, arrays)
+    # `arrays` holds the weights after round `done`; its row waits for their evaluation, which rides on the next exchange
+    done, done_train, done_started = first_round - 1, MetricRecord(), time.time()
+    evaluate_done = not report.rows  # a resumed run has the row of the round it resumes from
+    for server_round in range(first_round, last_round + 2):
+        started = time.time()
+        refresh_nodes(grid, cfg, node_domains, node_clients, info, classes, run_config, idle)
+        evaluation = {"evaluate-round": done, "zero-shot": done == 0} if evaluate_done else {}
+        sent = list(strategy.configure_evaluate(done, arrays if done else ArrayRecord(), ConfigRecord({"run-config": run_config, **evaluation}),
+                                                grid)) if evaluate_done else []
+        if server_round <= last_round:
+            train = list(strategy.configure_train(server_round, arrays, ConfigRecord({"run-config": run_config, **evaluation}), grid))
+            sent = train + [m for m in sent if m.metadata.dst_node_id not in {t.metadata.dst_node_id for t in train}]
+        replies = exchange(grid, sent, cfg.strategy.round_timeout, node_clients)
+        train_replies, eval_replies = split_replies(sent, replies)
+        if evaluate_done:
+            metrics = strategy.aggregate_evaluate(done, eval_replies + train_replies)
+            if server_round > last_round:  # the last evaluation: its exchange belongs to the last round
+                report.count_traffic(node_clients, sent, replies)
+            seconds = (time.time() if server_round > last_round else started) - done_started if done else 0.0
+            report.add_round(done, done_train, metrics, seconds, saved(arrays))
+            save_checkpoint(report, arrays)
+        if server_round > last_round:
+            break
+        report.count_traffic(node_clients, sent, replies)
+        new_arrays, done_train = strategy.aggregate_train(server_round, train_replies)
+        arrays = new_arrays if new_arrays is not None else arrays
+        done, done_started, evaluate_done = server_round, started, True
 
     report.finish(saved(arrays))

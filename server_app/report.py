@@ -85,8 +85,8 @@ class RunReport:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
         for msg in replies:
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
-            if not msg.has_error() and "metrics" in msg.content.metric_records:
-                self.images_encoded += int(msg.content["metrics"].get("images-encoded", 0))
+            if not msg.has_error():  # a train reply's evaluation may have encoded images too (fedavg/fedprox)
+                self.images_encoded += sum(int(record.get("images-encoded", 0)) for record in msg.content.metric_records.values())
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
         """Record one round (0 = zero-shot); save the weights if their mean val accuracy is the best so far."""

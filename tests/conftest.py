@@ -101,10 +101,10 @@ def hub_dataset(tmp_path_factory) -> Path:
     return write_hub_dataset(tmp_path_factory.mktemp("hub-copy"))
 
 
-def reply_from(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+def reply_from(node_id: int, content: RecordDict | None = None, error: str | None = None, message_type: str = MessageType.TRAIN) -> Message:
     """A reply message as the server receives it from `node_id`."""
     metadata = Metadata(run_id=1, message_id="", src_node_id=node_id, dst_node_id=0, reply_to_message_id="x",
-                        group_id="1", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+                        group_id="1", created_at=time.time(), ttl=60, message_type=message_type)
     if error is not None:
         return Message(error=Error(code=1, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)

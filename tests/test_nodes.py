@@ -75,7 +75,7 @@ def test_refresh_forgets_lost_nodes_and_takes_back_their_domain(caplog):
     grid = FakeGrid({1001: None, 1003: None, 2000: query_reply(2000, "cartoon", ["cat"]), 2001: query_reply(2001, "cartoon", dim=16),
                      2002: query_reply(2002, "cartoon"), 2003: query_reply(2003, "photo"), 2004: query_reply(2004, "clipart")})
     with caplog.at_level(logging.INFO):
-        refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES)
+        refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES, "", set())
     assert node_domains == node_clients == {1001: "photo", 1003: "sketch", 2002: "cartoon"}
     assert "node 1002 (cartoon) is no longer connected" in caplog.text
     assert "node 2002 (re)joined holding 'cartoon'" in caplog.text
@@ -83,3 +83,17 @@ def test_refresh_forgets_lost_nodes_and_takes_back_their_domain(caplog):
     assert "node 2004 left out: client 'clipart' was not in this run" in caplog.text
     assert "node 2000 left out: its classes ['cat'] differ" in caplog.text
     assert "node 2001 left out: its CLIP gives 16 features, the run's 8" in caplog.text
+
+
+def test_an_idle_node_is_logged_once_and_never_asked_again(caplog):
+    cfg = load_config("dataset.held_out=sketch")
+    info = {d: MetricRecord(query_reply(0, d)["metrics"]) for d in ("photo", "sketch")}
+    node_domains, idle = {1001: "photo", 1003: "sketch"}, set()
+    grid = FakeGrid({1001: None, 1003: None, 3000: {"info": ConfigRecord({"idle": "no data in this run: partition-id 7"})}})
+    with caplog.at_level(logging.INFO):
+        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle)
+        grid.sent = []
+        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle)
+    assert idle == {3000} and grid.sent == []  # the second refresh asks nobody
+    assert caplog.text.count("node 3000 is idle: no data in this run") == 1
+    assert "Traceback" not in caplog.text and "left out" not in caplog.text

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from common.model import AttentionAdapter
 from server_app.strategy import FedClipStrategy, aggregate_adapters
@@ -104,11 +104,19 @@ def test_payload_that_does_not_match_its_declared_shape_is_dropped(payload, capl
 
 
 def test_evaluation_reply_without_metrics_is_left_out(caplog):
-    ok = reply_from(1, RecordDict({"metrics": MetricRecord({"val-acc": 0.5})}))
-    empty = reply_from(2, RecordDict({"info": ConfigRecord({"domain": "photo"})}))
-    metrics = strategy().aggregate_evaluate(1, [ok, empty, reply_from(3, error="lost")])
+    ok = reply_from(1, RecordDict({"metrics": MetricRecord({"val-acc": 0.5})}), message_type=MessageType.EVALUATE)
+    empty = reply_from(2, RecordDict({"info": ConfigRecord({"domain": "photo"})}), message_type=MessageType.EVALUATE)
+    metrics = strategy().aggregate_evaluate(1, [ok, empty, reply_from(3, error="lost", message_type=MessageType.EVALUATE)])
     assert dict(metrics) == {"art/val-acc": 0.5}
     assert "node 2 (photo) left out: no 'metrics' record" in caplog.text
+
+
+def test_a_train_reply_carries_its_evaluation_in_eval_metrics(caplog):
+    fused = reply_from(1, RecordDict({"metrics": MetricRecord({"train-loss": 1.0}), "eval-metrics": MetricRecord({"val-acc": 0.25})}))
+    train_only = reply_from(2, RecordDict({"metrics": MetricRecord({"train-loss": 1.0, "val-acc": 0.9})}))
+    metrics = strategy().aggregate_evaluate(1, [fused, train_only])
+    assert dict(metrics) == {"art/val-acc": 0.25}  # train metrics are never taken for an evaluation
+    assert "node 2 (photo) left out: no 'eval-metrics' record" in caplog.text
 
 
 def test_no_valid_update_keeps_the_global_adapter(caplog):
@@ -148,3 +156,32 @@ def test_local_method_keeps_each_clients_adapter_by_name_when_its_node_changes()
     assert train[7].tolist() == [2, 2] and train[1].tolist() == [1, 1]  # its own adapter, under its new id
     held_out = [m for m in strategy.configure_evaluate(2, initial, ConfigRecord(), None) if m.metadata.dst_node_id == 3][0]
     assert sorted(held_out.content.array_records) == ["arrays/a", "arrays/b"]  # every client's adapter
+
+
+def test_sampling_is_seeded_and_keeps_every_held_out_node():
+    nodes = {i: f"d{i % 4}" for i in range(40)}  # d0 is held out: 10 nodes; 30 training nodes
+    sampled = FedClipStrategy(nodes, "d0", adapter_arrays(0), "equal", 1, fraction_train=0.1, fraction_evaluate=0.2, seed=3, rounds=5)
+    again = FedClipStrategy(dict(nodes), "d0", adapter_arrays(0), "equal", 1, fraction_train=0.1, fraction_evaluate=0.2, seed=3, rounds=5)
+    assert sampled.train_sample(2) == again.train_sample(2)  # the same run draws the same clients
+    assert len(sampled.train_sample(2)) == 3 and all(nodes[n] != "d0" for n in sampled.train_sample(2))
+    assert len({tuple(sampled.train_sample(r)) for r in range(1, 6)}) > 1  # and other ones each round
+    # round 2's weights: the 3 nodes training in round 3 evaluate on their train message; 3 more get an evaluate message
+    evaluated = sampled.evaluate_sample(2)
+    assert {n for n in evaluated if nodes[n] == "d0"} == {n for n in nodes if nodes[n] == "d0"}
+    others = [n for n in evaluated if nodes[n] != "d0"]
+    assert len(others) == 3 and not set(others) & set(sampled.train_sample(3))
+    # the last round's weights have no next round to ride on: 6 training nodes get an evaluate message
+    assert len([n for n in sampled.evaluate_sample(5) if nodes[n] != "d0"]) == 6
+
+
+def test_full_participation_evaluates_the_non_training_nodes_only():
+    s = FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, rounds=3)
+    assert sorted(s.train_sample(1)) == [1, 2, 3]
+    assert s.evaluate_sample(1) == [HELD_OUT_NODE]  # the others evaluate on round 2's train message
+    assert sorted(s.evaluate_sample(3)) == [1, 2, 3, HELD_OUT_NODE]  # the last evaluation
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_a_fraction_outside_0_1_is_an_error(fraction):
+    with pytest.raises(ValueError, match="fraction_train"):
+        FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, fraction_train=fraction)
