@@ -181,6 +181,10 @@ class Bench:
         for key, run in runs:
             t_run = time.time()
             seconds, code, detail = run(folder / key)
+            if not seconds:  # a run that measured nothing (a failure the log did not name): once more
+                print(f"   {key}: no round measured (exit {code}; log {folder / key}); running it again", flush=True)
+                shutil.move(folder / key, folder / f"{key}-failed")
+                seconds, code, detail = run(folder / key)
             row[f"{key}_seconds"] = [round(s, 4) for s in seconds]
             row[f"{key}_s_per_round"] = after_round_1(seconds)
             row[f"{key}_exit_code"] = code

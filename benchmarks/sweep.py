@@ -35,7 +35,8 @@ from common.data import dataset_domains
 REPO = Path(__file__).resolve().parent.parent
 # Ray, on a busy machine, now and then fails to start its GCS server or loses its own node; the run then
 # fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
-RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed")
+RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed",
+                "The current node timed out during startup")
 SWEPT_KEYS = {"dataset.held_out": "sweep.held_out", "seed": "sweep.seeds", "method": "sweep.methods"}
 
 
