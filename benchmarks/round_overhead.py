@@ -163,7 +163,7 @@ class Bench:
         self.rows: list[dict] = []
 
     def setting(self, mode: str, clients: int, fraction: float) -> dict:
-        name = f"{mode}-{clients}" + (f"@{fraction:g}" if fraction < 1 else "")
+        name = f"{mode}-{clients}" + (f"-sampled{fraction:g}" if fraction < 1 else "")  # no '@': Flower's database path is a URL
         folder = self.work / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
