@@ -161,6 +161,7 @@ class Bench:
         self.model = model_name_or_path(self.cfg)  # builds the demo CLIP on first use (FEDCLIP_CACHE)
         self.adapter_dim = int(json.loads((Path(self.model) / "config.json").read_text())["projection_dim"])
         self.rows: list[dict] = []
+        self.commit = _git("rev-parse", "HEAD"), _git("rev-parse", "--abbrev-ref", "HEAD")  # the code measured, as it started
 
     def setting(self, mode: str, clients: int, fraction: float) -> dict:
         name = f"{mode}-{clients}" + (f"-sampled{fraction:g}" if fraction < 1 else "")  # no '@': Flower's database path is a URL
@@ -240,7 +241,7 @@ class Bench:
             self.deployment.stop()
 
     def write(self) -> None:
-        meta = {"flwr": _version("flwr"), "git_commit": _git("rev-parse", "HEAD"), "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+        meta = {"flwr": _version("flwr"), "git_commit": self.commit[0], "git_branch": self.commit[1],
                 "cpus": os.cpu_count(), "adapter_dim": self.adapter_dim, "adapter_parameters": 2 * (self.adapter_dim**2 + self.adapter_dim),
                 "images_per_client": self.args.images_per_client, "client_cpus": self.args.client_cpus, "poll_seconds": POLL,
                 "command": " ".join(sys.argv)}
