@@ -23,17 +23,13 @@ Every wait has a timeout; whatever it started is stopped on exit, also on failur
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +38,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's modules come from this checkout
+
+from benchmarks.deployment import LocalDeployment  # noqa: E402 - needs the checkout on sys.path
 
 PACS_DOMAINS = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}  # 9,991 images
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
@@ -186,106 +184,6 @@ def measure_model(model_dir: Path, device: str, dtype: str, batch: int, seconds:
     return rate
 
 
-# ----------------------------------------------------------------------------- the deployment
-
-
-class Processes:
-    """Flower processes started here, each in its own process group with its log file; all stopped on exit."""
-
-    def __init__(self, log_dir: Path, env: dict) -> None:
-        self.log_dir, self.env = log_dir, env
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
-        home.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(self.env, FLWR_HOME=str(home)), process_group=0)
-        self.procs[name] = proc
-        log(f"started {name} (pid {proc.pid}): {' '.join(cmd)}")
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} exited early with code {proc.returncode}; end of its log:\n{tail}")
-
-    def stop(self) -> None:
-        for name, proc in self.procs.items():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the group: its superexec and app processes too
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        for name, proc in self.procs.items():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM, and orphans left in the group
-            except ProcessLookupError:
-                pass
-        log(f"stopped {len(self.procs)} Flower process group(s)")
-
-
-def check_ports_free(ports: list[int]) -> None:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                raise RuntimeError(f"port {port} is in use (another SuperLink?); pass --base-port to use other ports") from None
-
-
-def wait_for_port(port: int, timeout: float, procs: Processes) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        procs.check_alive()
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s (see superlink.log)")
-
-
-def flower_bin() -> Path:
-    """The folder of Flower's executables; children need it first in PATH (they start each other by name)."""
-    for candidate in (shutil.which("flower-superlink"), Path(sys.executable).parent / "flower-superlink"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate).parent
-    raise RuntimeError("flower-superlink not found in PATH nor beside this Python: install flwr==1.28.0 "
-                       "(on the GPU machine: the carried wheels, with their bin/ folder put first in PATH)")
-
-
-def run_flwr(cmd: list[str], env: dict, log_path: Path, timeout: float, procs: Processes) -> int | None:
-    """`flwr run --stream`, its output shown live and saved; None when it outlives `timeout`."""
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=REPO, process_group=0)
-
-        def pump() -> None:
-            for line in proc.stdout:
-                out.write(line)
-                out.flush()
-                print(line, end="", flush=True)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        deadline = time.time() + timeout
-        try:
-            while proc.poll() is None:
-                if time.time() > deadline:
-                    log(f"DEADLINE: flwr run still running after {timeout:.0f} s; stopping it")
-                    return None
-                procs.check_alive()
-                time.sleep(1)
-            return proc.returncode
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            reader.join(timeout=5)
-
-
 # ----------------------------------------------------------------------------- results
 
 
@@ -331,8 +229,7 @@ def main() -> int:
         raise SystemExit(f"--work {work} contains a space: the run's overrides are space separated; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     domains = list(PACS_DOMAINS)
-    serverappio, fleet, control = args.base_port, args.base_port + 1, args.base_port + 2
-    check_ports_free([serverappio, fleet, control] + [control + 1 + i for i in range(len(domains))])  # before any slow step
+    deployment = LocalDeployment(work, len(domains), args.base_port)  # checks its ports are free, before any slow step
     root, model_dir = work / "data", work / f"clip-{args.preset}"
     counts = make_dataset(root, args.scale, args.image_size, args.workers)  # first: its workers fork before torch is loaded
 
@@ -356,57 +253,37 @@ def main() -> int:
     result["preprocess_images_per_s_one_thread_before"] = preprocessing["before"]
     result["encoder_images_per_s_model_only"] = measure_model(model_dir, device, dtype, args.encode_batch_size)
 
-    bin_dir = flower_bin()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLIP_")}  # the overrides below say where
-    env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     for stale in ("cache", "flwr", "outputs", "logs"):  # features are encoded afresh: that is what is measured
         shutil.rmtree(work / stale, ignore_errors=True)
-    (work / "logs").mkdir(parents=True)
-    procs = Processes(work / "logs", env)
     run_dir, code = None, None
     try:
-        procs.start("superlink", [str(bin_dir / "flower-superlink"), "--insecure",
-                                  "--serverappio-api-address", f"127.0.0.1:{serverappio}",
-                                  "--fleet-api-address", f"127.0.0.1:{fleet}",
-                                  "--control-api-address", f"127.0.0.1:{control}"], work / "flwr" / "superlink")
-        wait_for_port(control, args.startup_timeout, procs)
-        wait_for_port(fleet, args.startup_timeout, procs)
         threads = max(1, (os.cpu_count() or 1) // len(domains))  # four clients share this machine's cores
-        for i, domain in enumerate(domains):
-            procs.start(f"supernode-{domain}", [str(bin_dir / "flower-supernode"), "--insecure",
-                                                "--superlink", f"127.0.0.1:{fleet}",
-                                                "--clientappio-api-address", f"127.0.0.1:{control + 1 + i}",
-                                                "--node-config", f"domain='{domain}' device='{device}' cpu-threads={threads}"],
-                        work / "flwr" / f"node-{domain}")
-        cli_home = work / "flwr" / "cli"
-        cli_home.mkdir(parents=True, exist_ok=True)
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "gpu-check"\n\n[superlink.gpu-check]\naddress = "127.0.0.1:{control}"\ninsecure = true\n')
+        deployment.start(env, [f"domain='{d}' device='{device}' cpu-threads={threads}" for d in domains], args.startup_timeout)
         overrides = " ".join([
             "dataset=folder", f"dataset.root={root}", f"dataset.domains=[{','.join(domains)}]", f"dataset.held_out={HELD_OUT}",
             f"model.name_or_path={model_dir}", f"model.dtype={dtype}", f"model.encode_batch_size={args.encode_batch_size}",
             f"training.rounds={args.rounds}", f"strategy.round_timeout={args.round_timeout:.0f}",
             f"cache_dir={work / 'cache'}", f"output_dir={work / 'outputs'}",
         ])
-        cmd = [str(bin_dir / "flwr"), "run", str(REPO), "gpu-check", "--stream", "--run-config", f'overrides="{overrides}"']
         log(f"flwr run with overrides: {overrides}")
         t_run = time.time()
-        code = run_flwr(cmd, dict(env, FLWR_HOME=str(cli_home)), work / "logs" / "flwr_run.log",
-                        args.deadline - (time.time() - t_start), procs)
+        code = deployment.run(REPO, f'overrides="{overrides}"', work / "logs" / "flwr_run.log", args.deadline - (time.time() - t_start))
         result["flwr_run_seconds"] = round(time.time() - t_run, 1)
     except Exception as err:  # reported below with what was measured so far; the logs say more
         log(f"FAILED: {type(err).__name__}: {err}")
         result["error"] = f"{type(err).__name__}: {err}"
     finally:
-        procs.stop()
+        deployment.stop()
         runs = sorted((work / "outputs").glob("*/metrics.jsonl"))  # the run folder the ServerApp made, if any
         run_dir = runs[-1].parent if runs else None
 
     # results, also from a run stopped at the deadline or failed (metrics.jsonl is written every round)
     rows = read_rows(run_dir)
-    rates = encode_rates(sorted((work / "logs").glob("supernode-*.log")))
+    rates = encode_rates(deployment.node_logs())
     result["encode_per_domain"] = rates
     if rates:  # the clients encode concurrently: the slowest one bounds the wall time
         result["encode_images_per_s"] = round(sum(r["images"] for r in rates.values()) / max(r["seconds"] for r in rates.values()))
@@ -433,7 +310,7 @@ def main() -> int:
         if (work / "logs" / name).is_file():
             shutil.copy(work / "logs" / name, out / name)
     with open(out / "supernodes.log", "w") as fh:  # one file: only 8 files come back from the GPU machine
-        for path in sorted((work / "logs").glob("supernode-*.log")):
+        for path in deployment.node_logs():
             fh.write(f"===== {path.name}\n{path.read_text(errors='replace')}\n")
 
     print("\nper-domain encoding (one-off, all four clients at once):")

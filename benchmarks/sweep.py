@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Ray's own failures: its GCS server or raylet not starting (the cause we found, a crash of the forked child with
 # grpcio >= 1.80, is pinned away in pyproject.toml: docs/first-run.md), or its node lost on a busy machine; the run
 # then fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
-RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed")
+RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed",
+                "The current node timed out during startup")
 SWEPT_KEYS = {"dataset.held_out": "sweep.held_out", "seed": "sweep.seeds", "method": "sweep.methods"}
 
 
@@ -117,9 +118,11 @@ def _watch(proc: subprocess.Popen, log: Path, timeout: float | None) -> tuple[in
 
 
 def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0,
-             env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3) -> tuple[int, str]:
-    """One `flwr run` of this app in `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME
-    and the log (flwr.log) all go there; the SuperLink it starts is stopped afterwards. Returns (exit code, log).
+             env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3, app: Path = REPO,
+             run_config: str | None = None) -> tuple[int, str]:
+    """One `flwr run` of this app (or of the Flower app in `app`, with `run_config` as its --run-config) in
+    `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME and the log (flwr.log) all go there;
+    the SuperLink it starts is stopped afterwards. Returns (exit code, log).
 
     Only Ray's own failures (RAY_FAILURES in the log) are retried, each time in an emptied folder."""
     folder = folder.resolve()
@@ -131,9 +134,11 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
     if client_gpus:
         federation += f" client-resources-num-gpus={client_gpus}"
-    command = [str(bin_dir / "flwr"), "run", str(REPO), "--stream", "--federation-config", federation]
+    command = [str(bin_dir / "flwr"), "run", str(app), "--stream", "--federation-config", federation]
     if overrides:
-        command += ["--run-config", 'overrides="{}"'.format(overrides.replace("\\", "\\\\"))]
+        run_config = 'overrides="{}"'.format(overrides.replace("\\", "\\\\"))
+    if run_config:
+        command += ["--run-config", run_config]
     logs = []
     for attempt in range(1, attempts + 1):
         shutil.rmtree(folder, ignore_errors=True)  # new or empty at first; a failed start's leftovers after
