@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
-POLL_SECONDS = (0.002, 0.2)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most 0.2 s
+POLL_SECONDS = (0.002, 0.05)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
 QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports
 
 
@@ -34,7 +34,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
     For a node that stopped sending heartbeats the SuperLink answers itself, with an error from its
     own id, so replies are matched to nodes by message id; a node with no reply at all by the
     timeout is logged too. Replies are polled with a backoff (POLL_SECONDS): a round whose work takes
-    milliseconds waits milliseconds, a long one costs a poll every 0.2 s (Flower's gRPC
+    milliseconds waits milliseconds, a long one costs a poll every 50 ms (Flower's gRPC
     send_and_receive waits 3 s between polls).
     """
     messages = list(messages)
