@@ -133,8 +133,8 @@ class LocalDeployment:
     """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1 (ports from `base_port` on, else free ones), and a
     `flwr` CLI configured for them. Logs go to <work>/logs, Flower homes to <work>/flwr."""
 
-    def __init__(self, work: Path, num_nodes: int, base_port: int | None = None) -> None:
-        self.work, self.num_nodes = work, num_nodes
+    def __init__(self, work: Path, num_nodes: int, base_port: int | None = None, warm: bool = False) -> None:
+        self.work, self.num_nodes, self.warm = work, num_nodes, warm  # warm: --isolation process + a fedclip-clientapp per node
         if base_port is None:
             ports = [free_port() for _ in range(3 + num_nodes)]
         else:
@@ -158,10 +158,13 @@ class LocalDeployment:
         wait_for_port(self.control, startup_timeout, self.procs)
         wait_for_port(self.fleet, startup_timeout, self.procs)
         for i, node_config in enumerate(node_configs):
-            self.procs.start(f"supernode-{i}", [str(self.bin / "flower-supernode"), "--insecure",
-                                                "--superlink", f"127.0.0.1:{self.fleet}",
-                                                "--clientappio-api-address", f"127.0.0.1:{self.clientappio[i]}",
-                                                "--node-config", node_config], homes / f"node-{i}")
+            appio = f"127.0.0.1:{self.clientappio[i]}"
+            self.procs.start(f"supernode-{i}", [str(self.bin / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
+                                                "--clientappio-api-address", appio, "--node-config", node_config,
+                                                *(["--isolation", "process"] if self.warm else [])], homes / f"node-{i}")
+            if self.warm:  # client_app/warm.py: one interpreter handles every message of the node
+                self.procs.start(f"clientapp-{i}", [str(self.bin / "fedclip-clientapp"), "--clientappio-api-address", appio],
+                                 homes / f"node-{i}")
         self.cli_home = homes / "cli"
         self.cli_home.mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text(

@@ -229,16 +229,17 @@ class Bench:
         seconds, run_dir = fedclip_seconds(folder, rounds)
         return seconds, code, {"fedclip_run_folder": str(run_dir) if run_dir else None}
 
-    def deployed(self, clients: int) -> dict:
-        """The deployment setting: one SuperLink and a SuperNode per domain, shared by the three runs."""
-        self.deployment = LocalDeployment(self.work / "deployment", clients)
+    def deployed(self, clients: int, warm: bool = False) -> dict:
+        """The deployment setting: one SuperLink and a SuperNode per domain, shared by the three runs;
+        warm: each SuperNode's messages handled by one `fedclip-clientapp` process (client_app/warm.py)."""
+        self.deployment = LocalDeployment(self.work / "deployment", clients, warm=warm)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLIP_")}  # the overrides say where
         env.update(HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the apps run from the FAB `flwr run` ships
         shutil.rmtree(self.work / "deployment", ignore_errors=True)
         try:
             self.deployment.start(env, [f"domain='{d}' device='cpu' cpu-threads=1" for d in DOMAINS])
-            return self.setting("deployment", clients, 1.0)
+            return self.setting("deployment-warm" if warm else "deployment", clients, 1.0)
         finally:
             self.deployment.stop()
 
@@ -296,6 +297,8 @@ def main() -> int:
                         help="simulation settings: clients, or clients@fraction sampled per round (empty: none)")
     parser.add_argument("--deployment", action="store_true", help="also a real SuperLink and 4 SuperNodes (insecure, localhost)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each simulation run (rounds 2..R-1 are measured)")
+    parser.add_argument("--deployment-warm", action="store_true",
+                        help="also the deployment with warm ClientApps (--isolation process + fedclip-clientapp per SuperNode)")
     parser.add_argument("--deployment-rounds", type=int, default=5)
     parser.add_argument("--images-per-client", type=int, default=20)
     parser.add_argument("--client-cpus", type=float, default=1, help="client-resources-num-cpus of the simulation (Ray)")
@@ -314,6 +317,8 @@ def main() -> int:
         bench.setting("simulation", clients, fraction)
     if args.deployment:
         bench.deployed(len(DOMAINS))
+    if args.deployment_warm:
+        bench.deployed(len(DOMAINS), warm=True)
     print(f"\n{table(bench.rows)}\n\nseconds per round: mean of rounds 2..R-1; {args.images_per_client} images per client; "
           f"total {time.time() - t0:.0f} s; load average now {load_average():.2f} on {os.cpu_count()} CPUs; "
           f"results: {bench.out / 'round_overhead.json'} and .csv")
