@@ -260,19 +260,18 @@ def evaluate_received(local: LocalData, content: RecordDict, server_round: int, 
             adapters = [_adapter(local, record) for record in content.array_records.values()]
     metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),
                      "num-examples": len(local.feats.labels), "images-encoded": encoded}
-    splits = {"val": local.split.val, "test": local.split.test, "all": np.arange(len(local.feats.labels))}
-    for name, indices in splits.items():
-        if len(indices) == 0:  # a small client's split can be empty: it reports nothing for it
-            continue
-        results = [evaluate_adapter(adapter, feats, torch.as_tensor(indices), local.device) for adapter in adapters]
-        metrics[f"{name}-acc"] = sum(acc for acc, _ in results) / len(results)
-        metrics[f"{name}-loss"] = sum(loss for _, loss in results) / len(results)
+    splits = {name: indices for name, indices in (("val", local.split.val), ("test", local.split.test), ("all", np.arange(len(local.feats.labels))))
+              if len(indices) > 0}  # a small client's split can be empty: it reports nothing for it
+    results = [evaluate_adapter(adapter, feats, splits, local.device) for adapter in adapters]
+    for name in splits:
+        metrics[f"{name}-acc"] = sum(r[name][0] for r in results) / len(results)
+        metrics[f"{name}-loss"] = sum(r[name][1] for r in results) / len(results)
     if cfg.method.get("personalize_epochs", 0) > 0 and not local.held_out and adapters[0] is not None:
         adapter = adapters[0]
         optimizer = make_optimizer(adapter, cfg.training)
         personal = OmegaConf.merge(cfg.training, {"local_epochs": cfg.method.personalize_epochs})
         train_adapter(adapter, optimizer, feats, torch.as_tensor(local.split.train), personal, _generator(local, server_round, "personalize"))
-        metrics["personalized-test-acc"] = evaluate_adapter(adapter, feats, torch.as_tensor(local.split.test), local.device)[0]
+        metrics["personalized-test-acc"] = evaluate_adapter(adapter, feats, {"test": local.split.test}, local.device)["test"][0]
     return metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -60,13 +61,19 @@ def train_adapter(
 
 
 @torch.no_grad()
-def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, indices: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """(top-1 accuracy, cross-entropy) over the class prompts; adapter=None is zero-shot CLIP."""
+def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, splits: dict[str, np.ndarray], device: torch.device
+                     ) -> dict[str, tuple[float, float]]:
+    """(top-1 accuracy, cross-entropy) over the class prompts on each split of a client's images, from one
+    pass over all its features (val and test are part of all: each is scored once); adapter=None is zero-shot CLIP."""
     if adapter is not None:
         adapter.eval()
-    x, y = feats.image[indices].to(device), feats.labels[indices].to(device)
-    logits = class_logits(x, feats.text.to(device), feats.logit_scale.to(device), adapter)
-    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+    logits = class_logits(feats.image.to(device), feats.text.to(device), feats.logit_scale.to(device), adapter)
+    labels = feats.labels.to(device)
+    scores = {}
+    for name, indices in splits.items():
+        rows = torch.as_tensor(indices, dtype=torch.long, device=device)
+        scores[name] = (logits[rows].argmax(1) == labels[rows]).float().mean().item(), F.cross_entropy(logits[rows], labels[rows]).item()
+    return scores
 
 
 # The CLIP FedAvg/FedProx baselines fine-tune the image encoder itself, on images read from disk.
