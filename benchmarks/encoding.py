@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_check import make_clip, make_dataset  # noqa: E402
 from common.classifier import FedClipClassifier  # noqa: E402
-from common.data import DomainFolder, read_image  # noqa: E402
+from common.data import DomainFolder  # noqa: E402
 from common.features import encode_images, image_batches  # noqa: E402
 from common.model import AttentionAdapter, load_clip  # noqa: E402
 

@@ -27,7 +27,7 @@ from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.sweep_report import FAILURE_FILE, LOG_FILE, Run, read_run, run_dir, write_plots, write_tables
+from benchmarks.sweep_report import FAILURE_FILE, LOG_FILE, Run, read_run, write_plots, write_tables
 from common.config import CONF_DIR, load_config, split_overrides
 from common.data import dataset_domains
 

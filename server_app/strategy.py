@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.server.strategy.aggregate import aggregate, aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
+from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp.strategy import FedAvg
 
 from common.transport import EVALUATION_PREFIX, WIRE_DTYPES, check_transport_dtype, decode_array, encode
