@@ -16,7 +16,6 @@ round (the report's protocol) and held-out at the last round.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import statistics
@@ -73,18 +72,6 @@ def poisoned_client_app(attack: str, partitions: set[int], seed: int = 0) -> Cli
     return app
 
 
-def cache_local_data(num_nodes: int) -> None:
-    """Load each client's data once per run, not once per message (as a long-lived simulation actor would keep it)."""
-    load = client_module.load_local_data
-
-    @functools.lru_cache(maxsize=64)
-    def cached(overrides: str, partition: int):
-        return load(Context(run_id=1, node_id=0, node_config={"partition-id": partition, "num-partitions": num_nodes}, state=None,
-                            run_config={"overrides": overrides}))
-
-    client_module.load_local_data = lambda context: cached(str(context.run_config["overrides"]), int(context.node_config["partition-id"]))
-
-
 def run(overrides: str, client: ClientApp, out: Path, clients_per_domain: int) -> dict:
     """One in-process run of the demo; its summary, plus the held-out accuracy of the last round and the final epsilon."""
     folder = Path(tempfile.mkdtemp(dir=out))
@@ -117,33 +104,45 @@ RULES = {  # name in the table -> overrides; f = 2 attackers tolerated where the
 
 
 def attacks_table(args: argparse.Namespace) -> None:
+    """Each rule's clean run, then 1 and 2 poisoned clients under each attack; means over --seeds."""
     honest = client_module.app
     print(f"| rule | attackers | attack | held-out sketch (best round) | personalization | held-out, round {args.rounds} |")
     print("|---|---|---|---|---|---|")
     for name, rule in RULES.items():
         if args.rules and not any(name.startswith(r) for r in args.rules):
             continue
-        base = f"training.rounds={args.rounds} seed={args.seeds[0]} {rule}"
-        clean = run(base, honest, args.out, args.clients_per_domain)
-        print(f"| {name} | 0 | - | {pct([clean['generalization']['sketch']])} | {pct([clean['personalization_mean']])} | "
-              f"{pct([clean['last_held_out']])} |", flush=True)
+        base = [f"training.rounds={args.rounds} seed={seed} {rule}" for seed in args.seeds]
+        clean = [run(b, honest, args.out, args.clients_per_domain) for b in base]
+        print(f"| {name} | 0 | - | {pct(held(clean))} | {pct(pers(clean))} | {pct(last(clean))} |", flush=True)
         for count in args.attackers:
-            for attack in ATTACKS:
-                s = run(base, poisoned_client_app(attack, set(range(count))), args.out, args.clients_per_domain)  # photo#0, then photo#0 and photo#1
-                print(f"| {name} | {count} | {attack} | {pct([s['generalization']['sketch']])} ({diff(s, clean, 'held')}) | "
-                      f"{pct([s['personalization_mean']])} ({diff(s, clean, 'pers')}) | {pct([s['last_held_out']])} |", flush=True)
+            for attack in ATTACKS:  # photo#0, then photo#0 and photo#1
+                runs = [run(b, poisoned_client_app(attack, set(range(count)), seed), args.out, args.clients_per_domain)
+                        for b, seed in zip(base, args.seeds)]
+                print(f"| {name} | {count} | {attack} | {pct(held(runs))} ({diff(held(runs), held(clean))}) | "
+                      f"{pct(pers(runs))} ({diff(pers(runs), pers(clean))}) | {pct(last(runs))} |", flush=True)
 
 
-def diff(s: dict, clean: dict, what: str) -> str:
-    key = (lambda x: x["generalization"]["sketch"]) if what == "held" else (lambda x: x["personalization_mean"])
-    return f"{100 * (key(s) - key(clean)):+.2f}"
+def held(runs: list[dict]) -> list[float]:
+    return [s["generalization"]["sketch"] for s in runs]
+
+
+def pers(runs: list[dict]) -> list[float]:
+    return [s["personalization_mean"] for s in runs]
+
+
+def last(runs: list[dict]) -> list[float]:
+    return [s["last_held_out"] for s in runs]
+
+
+def diff(values: list[float], clean: list[float]) -> str:
+    """The difference of the means, in points."""
+    return f"{100 * (statistics.mean(values) - statistics.mean(clean)):+.2f}"
 
 
 def seeds_row(label: str, overrides: str, args: argparse.Namespace, extra=lambda s: "") -> None:
     runs = [run(f"training.rounds={args.rounds} seed={seed} {overrides}", client_module.app, args.out, args.clients_per_domain)
             for seed in args.seeds]
-    print(f"| {label} | {pct([s['generalization']['sketch'] for s in runs])} | {pct([s['personalization_mean'] for s in runs])} | "
-          f"{extra(runs)} |", flush=True)
+    print(f"| {label} | {pct(held(runs))} | {pct(pers(runs))} | {extra(runs)} |", flush=True)
 
 
 def dp_table(args: argparse.Namespace) -> None:
@@ -176,7 +175,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # the apps' per-round INFO lines would drown the tables
-    cache_local_data(DOMAINS * args.clients_per_domain)
     {"attacks": attacks_table, "dp": dp_table, "dtype": dtype_table}[args.table](args)
 
 
