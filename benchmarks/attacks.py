@@ -30,6 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 import client_app.app as client_module
 from client_app.clipping import dp_clipping_mod
+from client_app.secagg import secagg_mod
 from common.transport import WIRE_DTYPES, decode, encode
 from server_app.app import app as server_app
 from tests.inprocess import run_in_process
@@ -65,9 +66,9 @@ def poisoned_client_app(attack: str, partitions: set[int], seed: int = 0) -> Cli
         reply.content["arrays"] = encode(poison(sent, trained, attack, rng), dtype)
         return reply
 
-    app = ClientApp(mods=[attack_mod])
+    app = ClientApp()
     app.query()(client_module.query)
-    app.train(mods=[dp_clipping_mod])(client_module.train)
+    app.train(mods=[secagg_mod, attack_mod, dp_clipping_mod])(client_module.train)  # as the real app's, the attack inside SecAgg+
     app.evaluate()(client_module.evaluate)
     return app
 

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from client_app.clipping import dp_clipping_mod
+from client_app.secagg import secagg_mod
 from common.config import local_config, select_device, setup_logging
 from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
 from common.features import DomainFeatures, domain_features, encode_images, images_encoded, model_files_fingerprint
@@ -275,7 +276,7 @@ def evaluate_received(local: LocalData, content: RecordDict, server_round: int, 
     return metrics
 
 
-@app.train(mods=[dp_clipping_mod])  # Flower's client-side DP clipping, when the server asks for it
+@app.train(mods=[secagg_mod, dp_clipping_mod])  # Flower's SecAgg+ and client-side DP clipping, when the server asks for them
 def train(message: Message, context: Context) -> Message:
     """Evaluate the received weights if asked (config `evaluate-round`), then train from them locally.
 

@@ -17,6 +17,7 @@ from common.train import ENCODER_METHODS, encoder_state
 from server_app.checkpoint import resume_run, save_checkpoint
 from server_app.privacy import with_privacy
 from server_app.report import RunReport
+from server_app.secagg import secure_exchange
 from server_app.strategy import FedClipStrategy, trust_options
 
 setup_logging()
@@ -209,6 +210,9 @@ def main(grid: Grid, context: Context) -> None:
     # `arrays` holds the weights after round `done`; its row waits for their evaluation, which rides on the next exchange
     done, done_train, done_started = first_round - 1, MetricRecord(), time.time()
     evaluate_done = not report.rows  # a resumed run has the row of the round it resumes from
+    def send(messages: list[Message]) -> list[Message]:
+        return exchange(grid, messages, options.round_timeout, node_clients)
+
     for server_round in range(first_round, last_round + 2):
         started = time.time()
         refresh_nodes(grid, cfg, node_domains, node_clients, info, classes, run_config, idle)
@@ -220,8 +224,13 @@ def main(grid: Grid, context: Context) -> None:
             training = {m.metadata.dst_node_id for m in train}
             evaluate = strategy.configure_evaluate(done, arrays if done else ArrayRecord(), ConfigRecord({"run-config": run_config, **evaluation}), grid)
             sent = train + [m for m in evaluate if m.metadata.dst_node_id not in training]
-        replies = exchange(grid, sent, cfg.strategy.round_timeout, node_clients)
-        train_replies, eval_replies = split_replies(sent, replies)
+        secure = options.secagg.enabled and bool(train)  # SecAgg+: four exchanges, the evaluate-only messages ride on the first
+        if secure:
+            sent, replies, train_replies, eval_replies, mean_update = secure_exchange(
+                grid, send, train, sent[len(train):], options, strategy.client_num_train.values(), context)
+        else:
+            replies = send(sent)
+            train_replies, eval_replies = split_replies(sent, replies)
         if evaluate_done:
             metrics = strategy.aggregate_evaluate(done, eval_replies + train_replies)
             if server_round > last_round:  # the last evaluation: its exchange belongs to the last round
@@ -232,7 +241,10 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > last_round:
             break
         report.count_traffic(node_clients, sent, replies)
-        new_arrays, done_train = strategy.aggregate_train(server_round, train_replies)
+        if secure:
+            new_arrays, done_train = strategy.aggregate_secure(server_round, train_replies, mean_update)
+        else:
+            new_arrays, done_train = strategy.aggregate_train(server_round, train_replies)
         arrays = new_arrays if new_arrays is not None else arrays
         done, done_started, evaluate_done = server_round, started, True
 

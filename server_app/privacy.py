@@ -107,6 +107,9 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
     if strategy.method != "fedclip" or strategy.aggregation != "mean" or strategy.weighting != "equal":
         raise ValueError("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
                          "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
+    if strategy.secagg:
+        raise ValueError("strategy.dp with strategy.secagg.enabled is not available: the noise would have to be added to the unmasked "
+                         "mean, which Flower's DP wrappers do not see (docs/trust.md); use one of the two")
     if dp.side == "client" and strategy.transport_dtype != "float32":
         raise ValueError("strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32")
     clients = len(strategy.train_nodes)

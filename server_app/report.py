@@ -32,10 +32,13 @@ def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> N
 
 
 def message_bytes(message: Message) -> int:
-    """Bytes of tensors a message carries (its ArrayRecords' serialized arrays)."""
+    """Bytes of tensors a message carries: its ArrayRecords' serialized arrays, and the bytes in its ConfigRecords
+    (SecAgg+'s masked vectors, keys and shares)."""
     if message.has_error():
         return 0
-    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+    arrays = sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+    values = [v for record in message.content.config_records.values() for v in record.values()]
+    return arrays + sum(len(b) for v in values for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
 
 
 class RunReport:

@@ -58,6 +58,13 @@ def adapter_update(content: RecordDict, template: dict[str, np.ndarray], transpo
     return state, None
 
 
+def add_train_metrics(metrics: MetricRecord, client: str, reply_metrics: MetricRecord) -> None:
+    """A train reply's own metrics as `<client>/<metric>`; the evaluation it carries goes to aggregate_evaluate."""
+    for key, value in reply_metrics.items():
+        if not key.startswith(EVALUATION_PREFIX):
+            metrics[f"{client}/{key}"] = value
+
+
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 
 
@@ -110,7 +117,7 @@ def clipped(state: dict[str, np.ndarray], base: dict[str, np.ndarray], norm: flo
 def trust_options(strategy_cfg: Mapping) -> dict:
     """FedClipStrategy's screening, robust-aggregation and transport keyword arguments, from conf/strategy (docs/trust.md)."""
     keys = ("aggregation", "num_malicious", "max_update_norm", "max_norm_ratio", "on_large_update", "transport_dtype")
-    return {k: strategy_cfg[k] for k in keys}
+    return {**{k: strategy_cfg[k] for k in keys}, "secagg": bool(strategy_cfg.secagg.enabled)}
 
 
 class FedClipStrategy(FedAvg):
@@ -151,6 +158,7 @@ class FedClipStrategy(FedAvg):
         max_norm_ratio: float | None = None,
         on_large_update: str = "reject",
         transport_dtype: str = "float32",
+        secagg: bool = False,
         client_num_train: dict[str, int] | None = None,
     ) -> None:
         if weighting not in ("equal", "examples"):
@@ -176,6 +184,7 @@ class FedClipStrategy(FedAvg):
         self.aggregation, self.num_malicious = aggregation, int(num_malicious)
         self.max_update_norm, self.max_norm_ratio, self.on_large_update = max_update_norm, max_norm_ratio, on_large_update
         self.transport_dtype = transport_dtype
+        self.secagg = secagg  # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
         self.client_num_train = client_num_train or {}  # what each client reported at discovery
         self.client_states: dict[str, ArrayRecord] = {}  # method=local: each client's own adapter, by client name
         self.global_state: dict[str, np.ndarray] = {}  # the weights this round's updates were trained from (set in configure_train)
@@ -185,6 +194,8 @@ class FedClipStrategy(FedAvg):
         """Options that cannot work with this federation fail here, before the first round."""
         if self.transport_dtype != "float32" and self.method not in ("fedclip", "local", "centralized"):
             raise ValueError(f"strategy.transport_dtype={self.transport_dtype} is for the adapter methods; method={self.method} sends float32")
+        if self.secagg:
+            self._check_secagg()
         if self.aggregation == "mean":
             return
         if self.method not in ("fedclip", "fedavg", "fedprox"):
@@ -195,6 +206,18 @@ class FedClipStrategy(FedAvg):
         if have < need:
             raise ValueError(f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at least {need} "
                              f"training clients, this federation has {have}; lower num_malicious or choose another rule (docs/trust.md)")
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails here."""
+        if self.method != "fedclip":
+            raise ValueError(f"strategy.secagg.enabled is for method=fedclip (the adapter is averaged); method={self.method} cannot use it")
+        if self.aggregation != "mean":
+            raise ValueError(f"strategy.secagg.enabled: the server sees only the sum of the updates, so strategy.aggregation={self.aggregation}, "
+                             "which needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off")
+        if (have := len(self.train_sample(1))) < 2:
+            raise ValueError(f"strategy.secagg.enabled needs at least 2 training clients a round, this run has {have}")
+        log.info("SecAgg+: the server sees only the mean update; per-update screening (norm bounds, num-examples) cannot apply, "
+                 "each coordinate of an update is clipped to strategy.secagg.clipping_range on its client")
 
     @property
     def train_nodes(self) -> list[int]:
@@ -286,9 +309,7 @@ class FedClipStrategy(FedAvg):
                 log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
                 continue
             accepted.append((msg, client, state))
-            for key, value in msg.content["metrics"].items():
-                if not key.startswith(EVALUATION_PREFIX):  # the evaluation it carries goes to aggregate_evaluate
-                    metrics[f"{client}/{key}"] = value
+            add_train_metrics(metrics, client, msg.content["metrics"])
         if not self.global_state or not accepted:
             return accepted, metrics
         bases = [self._base(client) for _, client, _ in accepted]
@@ -329,6 +350,27 @@ class FedClipStrategy(FedAvg):
         weights = [float(msg.content["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0 for msg, _, _ in accepted]
         combined = aggregate_adapters(states, weights, self.aggregation, self.num_malicious)
         return ArrayRecord({k: Array(v.astype(self.template[k].dtype, copy=False)) for k, v in combined.items()}), metrics
+
+    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: list[np.ndarray] | None
+                         ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """A SecAgg+ round: the global adapter plus the unmasked mean update (None: the protocol halted), and the replies' train metrics.
+
+        No single update reached the server, so none can be screened; the mean is checked like one (tensors, shapes, finite).
+        """
+        metrics, count = MetricRecord(), 0
+        for msg in replies:
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                add_train_metrics(metrics, self._client(msg), msg.content["metrics"])
+                count += 1
+        keys = list(self.template)
+        if mean_update is None or count < max(self.min_train_nodes, 2):
+            log.warning("round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged", server_round, count)
+            return None, metrics
+        if [u.shape for u in mean_update] != [self.template[k].shape for k in keys] or not all(np.isfinite(u).all() for u in mean_update):
+            log.warning("round %d: the securely aggregated update has wrong shapes or NaN/Inf: the global adapter is unchanged", server_round)
+            return None, metrics
+        combined = {k: (self.global_state[k] + u).astype(self.template[k].dtype) for k, u in zip(keys, mean_update)}
+        return ArrayRecord({k: Array(v) for k, v in combined.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """Evaluation metrics keyed `<client>/<metric>`; failed replies are logged and left out.

@@ -2,11 +2,13 @@
 
 The ServerApp's main and the ClientApp's handlers run unchanged, one node per partition, with
 no SuperLink and no Ray: fast end-to-end runs of every method for the tests. A handler that
-raises becomes an error reply, as in a real run.
+raises becomes an error reply, as in a real run. Each node gets its own copy of a message, as
+over the wire: a mod that changes what it received (Flower's secaggplus_mod does) changes no other node's.
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterable
 
@@ -45,7 +47,7 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             msg.metadata.__dict__["_src_node_id"] = 0
             try:
-                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+                reply = self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 - a failing ClientApp is an error reply
                 reply = Message(error=Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             self.replies[msg.metadata.message_id] = reply
