@@ -178,7 +178,7 @@ class Bench:
         print(f"\n== {name}: {clients} clients ({k} per domain, {HELD_OUT} held out), fraction {fraction:g}, {rounds} rounds; "
               f"load average {row['load_before']:.2f}", flush=True)
         t0 = time.time()
-        overrides = fedclip_overrides(root, k, fraction, rounds, self.model, self.work / "cache")
+        overrides = f"{fedclip_overrides(root, k, fraction, rounds, self.model, self.work / 'cache')} {self.args.overrides}".strip()
         runs = [(f"floor_{e}x", lambda f, e=e: self.noop(mode, clients, k, fraction, rounds, e, f)) for e in (1, 2)]
         runs.append(("fedclip", lambda f: self.fedclip(mode, clients, overrides, rounds, f)))
         for key, run in runs:
@@ -302,6 +302,8 @@ def main() -> int:
     parser.add_argument("--deployment-rounds", type=int, default=5)
     parser.add_argument("--images-per-client", type=int, default=20)
     parser.add_argument("--client-cpus", type=float, default=1, help="client-resources-num-cpus of the simulation (Ray)")
+    parser.add_argument("--overrides", default="", help="more overrides for the FedCLIP runs, e.g. strategy.secagg.enabled=true "
+                        "(the floor stays one plain exchange a round)")
     parser.add_argument("--run-timeout", type=float, default=3600, help="seconds one `flwr run` may take")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedclip-round-overhead"), help="data, feature cache, runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "round_overhead", help="round_overhead.json and .csv")

@@ -12,7 +12,7 @@ emptied by Flower's mod, so no update leaves the node in the clear.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.client.mod import secaggplus_mod
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -36,9 +36,9 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
 def as_train_message(msg: Message) -> Message:
     """The FitIns a SecAgg+ round trains from, as the train handler reads a message: `arrays` (named) and `config`."""
     config = msg.content["fitins.config"]
-    tensors = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content.array_records.pop("fitins.parameters"), keep_input=True))
-    msg.content["arrays"] = ArrayRecord({str(k): Array(t) for k, t in zip(config["adapter-keys"], tensors, strict=True)})
-    msg.content["config"] = config
+    tensors = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content["fitins.parameters"], keep_input=True))
+    arrays = ArrayRecord({str(k): Array(t) for k, t in zip(config["adapter-keys"], tensors, strict=True)})
+    msg.content = RecordDict({"arrays": arrays, "config": config})  # one of each, as Flower's DP clipping mods require
     return msg
 
 

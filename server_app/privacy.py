@@ -77,6 +77,16 @@ class ScreenedPrivacy:
         metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
         return arrays, metrics
 
+    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: list | None) -> tuple[ArrayRecord | None, MetricRecord]:
+        """SecAgg+ with client-side fixed clipping: Flower's noise added to the unmasked mean of the clipped updates."""
+        replies = [r for r in replies if not r.has_error()]
+        arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean_update)
+        self.num_sampled_clients = max(1, len(replies))  # the updates in the sum
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined] - Flower's client-side fixed wrapper's
+        metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
+        return arrays, metrics
+
 
 class ServerSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyServerSideFixedClipping):
     pass
@@ -107,9 +117,9 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
     if strategy.method != "fedclip" or strategy.aggregation != "mean" or strategy.weighting != "equal":
         raise ValueError("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
                          "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
-    if strategy.secagg:
-        raise ValueError("strategy.dp with strategy.secagg.enabled is not available: the noise would have to be added to the unmasked "
-                         "mean, which Flower's DP wrappers do not see (docs/trust.md); use one of the two")
+    if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
+        raise ValueError("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
+                         "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)")
     if dp.side == "client" and strategy.transport_dtype != "float32":
         raise ValueError("strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32")
     clients = len(strategy.train_nodes)

@@ -3,6 +3,7 @@ no reply carries an update in the clear, a client lost mid-protocol is recovered
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,25 @@ def test_a_client_lost_mid_protocol_is_recovered(folder, tiny_clip, tmp_path):
     assert moved(b) > 100 * QUANTIZATION_STEP
 
 
+def test_client_side_dp_clips_inside_secagg(folder, tiny_clip, tmp_path):
+    """The clients clip (Flower's fixedclipping_mod) before masking: with no noise the secure mean equals the plain
+    client-side-DP mean of clipped updates; with noise it differs and epsilon is reported."""
+    common = "training.rounds=1 dataset.clients_per_domain=2 strategy.dp.side=client strategy.dp.clipping_norm=0.01"
+    runs = {"plain": "strategy.dp.noise_multiplier=0", "secure": "strategy.dp.noise_multiplier=0 strategy.secagg.enabled=true",
+            "noisy": "strategy.dp.noise_multiplier=1 strategy.secagg.enabled=true"}
+    for name, extra in runs.items():
+        run_in_process(server_app, client_module.app, overrides(folder, tiny_clip, tmp_path / name, f"{common} {extra}"), 6)
+    plain, secure, noisy = (final_adapter(tmp_path / name) for name in runs)
+    assert max(float(np.abs(plain[k] - secure[k]).max()) for k in plain) <= 2 * QUANTIZATION_STEP
+    assert 0 < moved(secure) <= 0.01 + 1e-6  # the mean of updates clipped to L2 norm 0.01
+    assert max(float(np.abs(noisy[k] - secure[k]).max()) for k in plain) > 100 * QUANTIZATION_STEP
+    [summary] = (tmp_path / "noisy" / "out").glob("*/summary.json")
+    assert json.loads(summary.read_text())["dp"]["epsilon"] > 0
+
+
 @pytest.mark.parametrize("extra,message", [
     ("strategy.aggregation=median", "aggregation=median"),
-    ("strategy.dp.side=server", "strategy.dp with strategy.secagg.enabled"),
+    ("strategy.dp.side=server", "needs strategy.dp.side=client and strategy.dp.clipping=fixed"),
     ("method=fedavg", "method=fedclip"),
     ("dataset.domains=[art,sketch]", "at least 2 training clients"),
 ])
