@@ -3,6 +3,7 @@
     python -m benchmarks.attacks attacks     # 9 training clients, 1 then 2 poisoned, under each rule (--attackers, --rules)
     python -m benchmarks.attacks dp          # utility against epsilon, a few noise multipliers, 3 seeds
     python -m benchmarks.attacks dtype       # float16 / bfloat16 transport against float32, 3 seeds
+    python -m benchmarks.attacks bytes       # bytes per training client per round with ViT-B/32's adapter, each transport and SecAgg+
     options: --rounds 20 --seeds 0 1 2 --out outputs/trust
 
 Every run is the whole app (ServerApp main + ClientApps) on the in-process grid of tests/inprocess.py,
@@ -33,6 +34,7 @@ from client_app.clipping import dp_clipping_mod
 from client_app.secagg import secagg_mod
 from common.transport import WIRE_DTYPES, decode, encode
 from server_app.app import app as server_app
+from tests.conftest import save_tiny_clip, write_image_folder
 from tests.inprocess import run_in_process
 
 ATTACKS = ("scale", "sign_flip", "noise")
@@ -101,6 +103,7 @@ RULES = {  # name in the table -> overrides; f = 2 attackers tolerated where the
     "krum (f=2)": "strategy.aggregation=krum strategy.num_malicious=2",
     "multikrum (f=2)": "strategy.aggregation=multikrum strategy.num_malicious=2",
     "bulyan (f=1: 4f+3 <= 9)": "strategy.aggregation=bulyan strategy.num_malicious=1",
+    "mean with SecAgg+ (no update is seen: no screening)": "strategy.secagg.enabled=true",
 }
 
 
@@ -161,9 +164,23 @@ def dtype_table(args: argparse.Namespace) -> None:
         seeds_row(dtype, f"strategy.transport_dtype={dtype}", args, lambda runs: f"{runs[0]['bytes_per_client_per_round']:,}")
 
 
+def bytes_table(args: argparse.Namespace) -> None:
+    """Bytes on the messages with ViT-B/32's adapter: a CLIP with tiny towers and ViT-B/32's 512-dim projection."""
+    work = Path(tempfile.mkdtemp(dir=args.out))
+    clip, data = save_tiny_clip(work / "clip", projection_dim=512), write_image_folder(work / "data")
+    print("| transport | bytes down per training client per round | up | down + up |")
+    print("|---|---|---|---|")
+    for label, extra in (("float32", ""), ("float16", "strategy.transport_dtype=float16"), ("bfloat16", "strategy.transport_dtype=bfloat16"),
+                         ("float32, SecAgg+", "strategy.secagg.enabled=true"), ("float16, SecAgg+", "strategy.transport_dtype=float16 strategy.secagg.enabled=true")):
+        s = run(f"dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={clip} training.rounds={args.rounds} "
+                f"training.batch_size=8 cache_dir={work / 'cache'} {extra}", client_module.app, args.out, 1)
+        print(f"| {label} | {s['bytes_down_per_client_per_round']:,} | {s['bytes_up_per_client_per_round']:,} | "
+              f"{s['bytes_per_client_per_round']:,} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=("attacks", "dp", "dtype"))
+    parser.add_argument("table", choices=("attacks", "dp", "dtype", "bytes"))
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0, 3.0])
@@ -176,7 +193,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # the apps' per-round INFO lines would drown the tables
-    {"attacks": attacks_table, "dp": dp_table, "dtype": dtype_table}[args.table](args)
+    {"attacks": attacks_table, "dp": dp_table, "dtype": dtype_table, "bytes": bytes_table}[args.table](args)
 
 
 if __name__ == "__main__":

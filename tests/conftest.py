@@ -19,8 +19,9 @@ from flwr.app import Error, Message, Metadata, MessageType, RecordDict  # noqa: 
 from PIL import Image  # noqa: E402
 
 
-def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """A 1-layer, 32-wide CLIP with the demo's tokenizer, saved like any Hugging Face CLIP."""
+def save_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24) -> Path:
+    """A 1-layer, 32-wide CLIP with the demo's tokenizer, saved like any Hugging Face CLIP (projection_dim=512: ViT-B/32's
+    feature size, so its adapter has ViT-B/32's 525,312 parameters)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -33,7 +34,7 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=16, patch_size=8),
-        projection_dim=24,
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)

@@ -324,3 +324,13 @@ def test_resume_from_checkpoint(deployment, federated_run):
     assert [r["round"] for r in new] == list(range(ROUNDS + 2))
     assert new[: ROUNDS + 1] == old  # earlier rounds carried over, not re-run
     assert "round | train loss" in log and json.loads((resumed / "summary.json").read_text())["rounds"] == ROUNDS + 1
+
+
+def test_secure_aggregation_over_tls(deployment):
+    """SecAgg+ across real SuperNodes: four exchanges a round, the masked vectors (int64) up, the run complete."""
+    log, folder = flwr_run(deployment, "training.rounds=2 strategy.secagg.enabled=true")
+    assert "Traceback" not in log and "Secure aggregation halted" not in log, log[-4000:]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
