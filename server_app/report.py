@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from common.features import readable_by_others
 from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> N
     """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
     an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
     save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
+    readable_by_others(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 def message_bytes(message: Message) -> int:
