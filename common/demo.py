@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFilter
 
-from common.features import readable_by_others
+from common.features import set_default_mode
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _build_once(target: Path, build) -> Path:
             build(tmp)
             for path in tmp.rglob("*"):
                 if path.is_file():
-                    readable_by_others(path)
+                    set_default_mode(path)
             tmp.rename(target)
     return target
 

@@ -57,7 +57,7 @@ class DomainFeatures:
     skipped: list[str]  # images that could not be read
 
 
-def readable_by_others(path: Path) -> None:
+def set_default_mode(path: Path) -> None:
     """Give a file the mode open() gives a new file (0o666 less the umask; 0o644 with the usual 022).
 
     safetensors' save_file (and so save_pretrained) and mkstemp write 0o600; a cache folder is shared
@@ -124,7 +124,7 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
             fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name)
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(_FILE_HASHES))
-            readable_by_others(Path(tmp))
+            set_default_mode(Path(tmp))
             os.replace(tmp, memo)
         except OSError as err:  # the memo only saves time
             log.warning("could not write %s: %s", memo, err)
@@ -245,7 +245,7 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
     tmp.write_text(json.dumps(meta))
     tmp.rename(path.with_suffix(".json"))
     save_file({"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp)
-    readable_by_others(tmp)
+    set_default_mode(tmp)
     tmp.rename(path)
 
 

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from common.features import readable_by_others
+from common.features import set_default_mode
 from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> N
     """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
     an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
     save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
-    readable_by_others(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
+    set_default_mode(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 def message_bytes(message: Message) -> int:
@@ -186,7 +186,7 @@ class RunReport:
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({**row, "missing": " ".join(row.get("missing", []))} for row in self.rows)
+            writer.writerows({**row, "missing": ";".join(row.get("missing", []))} for row in self.rows)
         zero_shot, trained = self.rows[0], self.rows[1:]
         best = self.best or zero_shot
         # personalization against zero-shot on the same clients: those evaluated both at the best round and at round 0
