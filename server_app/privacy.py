@@ -6,8 +6,9 @@ fixed- or adaptive-clipping wrapper. Either way the server adds Gaussian noise o
 noise_multiplier x clipping_norm / clients to the mean of the clipped updates: each round is a
 Gaussian mechanism of that noise multiplier on one client's whole data (Flower's adaptive wrappers
 split it between the update and the clipped-count query so that the pair keeps it, Andrew et
-al. 2021; the norm's update itself is corrected: TowardsTargetQuantile). The privacy spent after t rounds is taken from dp-accounting's RDP accountant, composing
-t such rounds; a round in which nothing was released counts as spent (an upper bound).
+al. 2021; the direction in which they move the norm is corrected here: TowardsTargetQuantile).
+The privacy spent after t rounds is taken from dp-accounting's RDP accountant, composing t such
+rounds; a round in which nothing was released counts as spent (an upper bound).
 """
 
 from __future__ import annotations

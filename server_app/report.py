@@ -124,8 +124,8 @@ class RunReport:
     def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
         """Add one exchange's bytes each way per client, and the images its replies say were encoded.
 
-        Only replies that carry something count as up traffic: a client that was sent a message and never
-        answered (or answered with an error) sent nothing, and must not count as a client that sent 0 bytes.
+        An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
+        and counted as a client that sent 0 bytes it would drag the per-client mean down.
         """
         for msg in messages:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
