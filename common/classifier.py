@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from common.config import select_device
 from common.data import read_image
-from common.features import encode_images, encode_prompts, model_files_fingerprint
+from common.features import encode_images, encode_prompts, model_files_fingerprint, set_default_mode
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ class FedClipClassifier:
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         save_file(state, folder / ADAPTER_FILE, metadata={"format": EXPORT_FORMAT})
+        set_default_mode(folder / ADAPTER_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(self.info, indent=2))
         (folder / CARD_FILE).write_text(model_card(self.info))
         return folder

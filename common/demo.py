@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFilter
 
+from common.features import set_default_mode
+
 log = logging.getLogger(__name__)
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -304,13 +306,20 @@ def _locked(path: Path):
 
 
 def _build_once(target: Path, build) -> Path:
-    """Build `target` into a temporary folder and rename it, under a lock; reuse it if present."""
+    """Build `target` into a temporary folder and rename it, under a lock; reuse it if present.
+
+    Its files get the mode open() gives (save_pretrained writes the weights 0o600): other users and
+    containers share the cache.
+    """
     with _locked(target.with_name(target.name + ".lock")):
         if not target.exists():
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("building %s (first use; later runs reuse it)", target)
             build(tmp)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    set_default_mode(path)
             tmp.rename(target)
     return target
 

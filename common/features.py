@@ -57,6 +57,27 @@ class DomainFeatures:
     skipped: list[str]  # images that could not be read
 
 
+def set_default_mode(path: Path) -> None:
+    """Give a file the mode open() gives a new file (0o666 less the umask; 0o644 with the usual 022).
+
+    safetensors' save_file (and so save_pretrained) and mkstemp write 0o600; a cache folder is shared
+    between users and containers (the compose demo mounts one into every SuperNode), so what goes into
+    it must be readable like any file the process writes.
+    """
+    path.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it, racing other threads' file creation)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):  # not Linux
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _file_hash(path: Path) -> str:
     """A content hash of one file, memoised by (path, inode, size, mtime)."""
     stat = path.stat()
@@ -103,6 +124,7 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
             fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name)
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(_FILE_HASHES))
+            set_default_mode(Path(tmp))
             os.replace(tmp, memo)
         except OSError as err:  # the memo only saves time
             log.warning("could not write %s: %s", memo, err)
@@ -223,6 +245,7 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
     tmp.write_text(json.dumps(meta))
     tmp.rename(path.with_suffix(".json"))
     save_file({"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp)
+    set_default_mode(tmp)
     tmp.rename(path)
 
 

@@ -93,9 +93,10 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tu
     report.rows = ckpt.rows
     with open(report.dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
-    trained = [r for r in ckpt.rows if r["round"] > 0 and r["val_acc_mean"] is not None]
-    if trained:
-        report.best = max(trained, key=lambda r: r["val_acc_mean"])  # the first of equals, as add_round keeps it
+    for row in ckpt.rows:  # the best round so far, chosen as add_round chose it
+        if row["round"] > 0 and report.beats(row, report.best):
+            report.best = row
+    if report.best is not None:
         best = f"{report.weights_name}_best.safetensors"
         shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
     save_checkpoint(report, ckpt.arrays)

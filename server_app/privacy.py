@@ -6,13 +6,15 @@ fixed- or adaptive-clipping wrapper. Either way the server adds Gaussian noise o
 noise_multiplier x clipping_norm / clients to the mean of the clipped updates: each round is a
 Gaussian mechanism of that noise multiplier on one client's whole data (Flower's adaptive wrappers
 split it between the update and the clipped-count query so that the pair keeps it, Andrew et
-al. 2021). The privacy spent after t rounds is taken from dp-accounting's RDP accountant, composing
-t such rounds; a round in which nothing was released counts as spent (an upper bound).
+al. 2021; the direction in which they move the norm is corrected here: TowardsTargetQuantile).
+The privacy spent after t rounds is taken from dp-accounting's RDP accountant, composing t such
+rounds; a round in which nothing was released counts as spent (an upper bound).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import dp_accounting
@@ -88,11 +90,30 @@ class ScreenedPrivacy:
         return arrays, metrics
 
 
+class TowardsTargetQuantile:
+    """The clipping norm's update of Andrew et al. 2021, in the sign that fits what Flower's adaptive wrappers count.
+
+    Flower 1.28's adaptive wrappers (and its adaptiveclipping_mod) count an update in the clipped-count
+    query when it *was* clipped (`norm_bit`: scaled down), yet apply the paper's rule for the count of
+    updates that were *not*, C <- C exp(-lr (fraction - target)): a norm that clips every update shrinks
+    further, one that clips none grows, and the norm runs away from target_clipped_quantile instead of
+    towards it. With the clipped fraction the paper's rule is C <- C exp(lr (fraction - target)). The
+    noisy count is the same query (one bit per client, the same noise), so the privacy is unchanged.
+    """
+
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
 class ServerSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyServerSideFixedClipping):
     pass
 
 
-class ServerSideAdaptiveClipping(ScreenedPrivacy, DifferentialPrivacyServerSideAdaptiveClipping):
+class ServerSideAdaptiveClipping(ScreenedPrivacy, TowardsTargetQuantile, DifferentialPrivacyServerSideAdaptiveClipping):
     pass
 
 
@@ -100,7 +121,7 @@ class ClientSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyClientSideFixe
     pass
 
 
-class ClientSideAdaptiveClipping(ScreenedPrivacy, DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientSideAdaptiveClipping(ScreenedPrivacy, TowardsTargetQuantile, DifferentialPrivacyClientSideAdaptiveClipping):
     pass
 
 

@@ -4,6 +4,13 @@ outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the
 common.classifier needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
 weights (adapter_ or encoder_ final/best .safetensors; none for local-only) and summary.json (accuracies,
 and the cost: parameters trained, bytes each way, seconds, images encoded).
+
+A client lost in a round (its node died, its reply was dropped) leaves that round's means over fewer
+clients, and a mean over other clients is not comparable. So every row records the clients with no
+evaluation (`missing`), the best round is the one that beats the best so far on the clients both
+were evaluated on, and the summary compares personalization with zero-shot on the clients evaluated
+in both rounds; summary.json lists the `incomplete_rounds`. Traffic per client is averaged over the
+clients each way actually concerns: down over those sent to, up over those that replied.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from common.features import set_default_mode
 from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
@@ -29,6 +37,7 @@ def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> N
     """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
     an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
     save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
+    set_default_mode(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 def message_bytes(message: Message) -> int:
@@ -51,6 +60,8 @@ class RunReport:
         self.held_out = cfg.dataset.held_out
         self.clients = {d: sorted(c for c, cd in client_domains.items() if cd == d) for d in set(client_domains.values())}
         self.source_domains = sorted(d for d in self.clients if d != self.held_out)
+        self.all_clients = set(client_domains)
+        self.source_clients = {c for d in self.source_domains for c in self.clients[d]}  # evaluated on their val and test splits
         self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
@@ -73,12 +84,14 @@ class RunReport:
     def _print(self, cells: list[str]) -> None:
         log.info(" | ".join(f"{c:>10}" for c in cells))
 
-    def accuracy(self, metrics: MetricRecord, domain: str, split: str | None = None) -> float | None:
-        """A domain's accuracy over its clients' images: all of them if held out, else the test splits
-        (after local fine-tuning, if any); or the given split."""
+    def accuracy(self, metrics: MetricRecord | dict, domain: str, split: str | None = None, clients: set[str] | None = None) -> float | None:
+        """A domain's accuracy over its clients' images (only `clients`, if given): all of them if held out,
+        else the test splits (after local fine-tuning, if any); or the given split."""
         split = split or ("all" if domain == self.held_out else "test")
         pairs = []
         for client in self.clients[domain]:
+            if clients is not None and client not in clients:
+                continue
             acc = metrics.get(f"{client}/personalized-test-acc") if split == "test" else None
             acc = metrics.get(f"{client}/{split}-acc") if acc is None else acc
             if acc is not None and metrics.get(f"{client}/num-{split}", 1) > 0:
@@ -86,27 +99,60 @@ class RunReport:
         total = sum(n for _, n in pairs)
         return sum(a * n for a, n in pairs) / total if pairs and total else None
 
+    def evaluated(self, metrics: MetricRecord | dict) -> set[str]:
+        """The run's clients that a round's evaluation holds an accuracy of."""
+        return {key.rpartition("/")[0] for key in metrics if key.endswith("-acc")} & self.all_clients
+
+    def val_mean(self, metrics: MetricRecord | dict, clients: set[str] | None = None) -> float | None:
+        """Mean over the training domains of their validation accuracy (over `clients` only, if given)."""
+        return _mean(self.accuracy(metrics, d, "val", clients) for d in self.source_domains)
+
+    def beats(self, row: dict, best: dict | None) -> bool:
+        """Whether a round's weights beat the best round's so far: a higher mean validation accuracy over the clients
+        evaluated in both rounds, so that a round that lost a client is not compared on a different set of clients.
+        Two rounds with no training client in common (sampled evaluation) are compared on their own means."""
+        if row["val_acc_mean"] is None:
+            return False
+        if best is None:
+            return True
+        common = self.evaluated(row["evaluate"]) & self.evaluated(best["evaluate"])
+        mine, theirs = self.val_mean(row["evaluate"], common), self.val_mean(best["evaluate"], common)
+        if mine is None or theirs is None:
+            mine, theirs = row["val_acc_mean"], best["val_acc_mean"]
+        return mine > theirs
+
     def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
-        """Add one exchange's bytes each way per client, and the images its replies say were encoded."""
+        """Add one exchange's bytes each way per client, and the images its replies say were encoded.
+
+        An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
+        and counted as a client that sent 0 bytes it would drag the per-client mean down.
+        """
         for msg in messages:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
         for msg in replies:
+            if msg.has_error():
+                continue
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
-            if not msg.has_error():  # a train reply's evaluation may have encoded images too (fedavg/fedprox)
-                self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
-                                           for key, value in record.items() if key.endswith("images-encoded"))
+            # a train reply's evaluation may have encoded images too (fedavg/fedprox)
+            self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
+                                       for key, value in record.items() if key.endswith("images-encoded"))
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
-        """Record one round (0 = zero-shot); save the weights if their mean val accuracy is the best so far."""
+        """Record one round (0 = zero-shot); save the weights if they beat the best round's so far (`beats`).
+
+        Per training client, bytes down are averaged over the clients sent to and bytes up over those that
+        replied (None: none did); `bytes_round` is every byte moved. `missing` lists the run's clients that
+        this round's evaluation has no accuracy of: the round's means leave them out.
+        """
         losses = [train[f"{c}/train-loss"] for c in self.train_clients if f"{c}/train-loss" in train]
-        vals = [v for d in self.source_domains if (v := self.accuracy(evaluation, d, "val")) is not None]
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
-            "val_acc_mean": sum(vals) / len(vals) if vals else None,
+            "val_acc_mean": self.val_mean(evaluation),
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
-            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down) or 0,  # a training client's
-            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.down) or 0,
+            "missing": sorted(self.all_clients - self.evaluated(evaluation)),
+            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down),  # a training client's
+            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.up),
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
             "dp_epsilon": train.get("dp-epsilon") if self.dp else None,
@@ -119,30 +165,37 @@ class RunReport:
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         fmt = lambda v, pct=True: "-" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}")  # noqa: E731
-        sent = row["bytes_down_per_client"] + row["bytes_up_per_client"]
+        sent = (row["bytes_down_per_client"] or 0) + (row["bytes_up_per_client"] or 0)
         self._print(
             [str(server_round), fmt(row["train_loss"], False), *[fmt(row[f"acc/{d}"]) for d in self.domains],
              fmt(row["val_acc_mean"]), format_bytes(sent), f"{seconds:.2f}", *([fmt(row["dp_epsilon"], False)] if self.dp else [])]
         )
-        if arrays is not None and server_round > 0 and row["val_acc_mean"] is not None and (self.best is None or row["val_acc_mean"] > self.best["val_acc_mean"]):
+        if row["missing"] and self.cfg.strategy.fraction_evaluate >= 1:  # sampled evaluation leaves clients out by design
+            log.warning("round %d: no evaluation from %s: the row's means are over the other clients", server_round, ", ".join(row["missing"]))
+        if server_round > 0 and self.beats(row, self.best):
             self.best = row
-            save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
+            if arrays is not None:  # local-only keeps no global weights
+                save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
 
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
         if arrays is not None and len(self.rows) > 1:
             save_weights(arrays, self.dir / f"{self.weights_name}_final.safetensors", {"round": str(self.rows[-1]["round"]), "method": self.method})
-        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains],
+        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "missing",
                    "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds"]
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows({**row, "missing": ";".join(row.get("missing", []))} for row in self.rows)
         zero_shot, trained = self.rows[0], self.rows[1:]
-        if self.best is None and trained:  # local-only keeps no global weights: pick its best round all the same
-            self.best = max(trained, key=lambda r: -1 if r["val_acc_mean"] is None else r["val_acc_mean"])
         best = self.best or zero_shot
-        pers = {d: best[f"acc/{d}"] for d in self.source_domains}
+        # personalization against zero-shot on the same clients: those evaluated both at the best round and at round 0
+        compared = self.evaluated(best["evaluate"]) & self.evaluated(zero_shot["evaluate"]) & self.source_clients
+        pers = {d: self.accuracy(best["evaluate"], d, clients=compared) for d in self.source_domains}
+        incomplete = [r["round"] for r in self.rows if self.all_clients - self.evaluated(r["evaluate"])]
+        if compared != self.source_clients:
+            log.warning("personalization and zero-shot are compared on the clients evaluated in both round %d and round 0: %s",
+                        best["round"], ", ".join(sorted(compared)))
         down, up = _mean(r["bytes_down_per_client"] for r in trained) or 0, _mean(r["bytes_up_per_client"] for r in trained) or 0
         summary = {
             "method": self.method,
@@ -154,7 +207,9 @@ class RunReport:
             "generalization": {self.held_out: best.get(f"acc/{self.held_out}")},
             "personalization": pers,
             "personalization_mean": _mean(pers.values()),
-            "zero_shot_train_domains_mean": _mean(zero_shot[f"acc/{d}"] for d in self.source_domains),
+            "zero_shot_train_domains_mean": _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains),
+            "personalization_clients": sorted(compared),
+            "incomplete_rounds": incomplete,
             "rounds": len(trained),
             "wall_seconds": time.time() - self.start,
             "seconds_per_round": _mean(r["seconds"] for r in trained),

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import dp_accounting
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
+from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
 from common.config import load_config
 from server_app.app import app as server_app
-from server_app.privacy import privacy_spent, with_privacy
+from server_app.privacy import ClientSideAdaptiveClipping, privacy_spent, with_privacy
 from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from, write_image_folder
-from tests.inprocess import run_in_process
+from tests.inprocess import InProcessGrid, run_in_process
 
 SIZE = 20_000
 TEMPLATE = {"w": np.zeros(SIZE, np.float32)}
@@ -113,14 +115,15 @@ def test_client_side_dp_clips_on_the_clients(tiny_clip, folder, tmp_path):
     assert summary["dp"]["epsilon"] == pytest.approx(privacy_spent(0.5, 2, 1e-5))
 
 
-def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update():
+@pytest.mark.parametrize("value,factor", [(0.001, math.exp(-0.2 * 0.5)), (1.0, math.exp(0.2 * 0.5))])
+def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update(value, factor):
     strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
-    wrapped = with_privacy(strategy, dp_options(clipping="adaptive", noise_multiplier=1.0, clipping_norm=1.0, clipped_count_stddev=2.0))
+    # no noise, so that the clipped count is exact (the noisy count is Flower's, tested there)
+    wrapped = with_privacy(strategy, dp_options(clipping="adaptive", noise_multiplier=0.0, clipping_norm=1.0, clip_norm_lr=0.2))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
-    np.random.seed(0)
-    arrays, metrics = wrapped.aggregate_train(1, [reply(1, 0.001), reply(2, 0.002), reply(3, 0.003)])  # all shorter than 1.0
-    assert wrapped.clipping_norm < 1.0  # nothing was clipped: the norm shrinks towards the updates' median
-    assert arrays is not None and metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
+    arrays, _ = wrapped.aggregate_train(1, [reply(n, value * n) for n in (1, 2, 3)])  # norms 0.14-0.42 (none clipped) or 141-424 (all)
+    assert arrays is not None
+    assert wrapped.clipping_norm == pytest.approx(factor)  # none clipped: the norm shrinks towards the median; all clipped: it grows
 
 
 def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
@@ -133,3 +136,57 @@ def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
     arrays, _ = wrapped.aggregate_train(1, replies)  # Flower's wrapper alone would raise on reply 3
     np.testing.assert_allclose(arrays["w"].numpy(), 0.002, rtol=1e-5)
     assert "dropped the update of node 3 (c): no 'norm_bit'" in caplog.text
+
+
+class NormRecordingGrid(InProcessGrid):
+    """The in-process grid, keeping the clipping norm each round's train messages carry to the clients."""
+
+    def __init__(self, client_app, run_config: dict, num_nodes: int) -> None:
+        super().__init__(client_app, run_config, num_nodes)
+        self.norms_sent: dict[int, set[float]] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for msg in messages:
+            config = msg.content.config_records.get("config", {})
+            if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in config:
+                self.norms_sent.setdefault(config["server-round"], set()).add(config[KEY_CLIPPING_NORM])
+        return super().push_messages(messages)
+
+
+def test_client_side_adaptive_dp_run_adapts_the_norm_the_clients_clip_to(tiny_clip, folder, tmp_path, monkeypatch):
+    counts = []  # (unclipped count, replies, noisy fraction) each round, as Flower's wrapper draws them
+    noisy_fraction = ClientSideAdaptiveClipping._noisy_fraction
+
+    def recorded(self, count: int, total: int) -> float:
+        counts.append((count, total, noisy_fraction(self, count, total)))
+        return counts[-1][2]
+
+    monkeypatch.setattr(ClientSideAdaptiveClipping, "_noisy_fraction", recorded)
+    rounds, lr, quantile = 3, 0.2, 0.5
+    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={rounds} "
+                 f"training.batch_size=8 dataset.clients_per_domain=2 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'} "
+                 f"strategy.dp.side=client strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.001 strategy.dp.noise_multiplier=0.5 "
+                 f"strategy.dp.clipped_count_stddev=0.5 strategy.dp.clip_norm_lr={lr} strategy.dp.target_clipped_quantile={quantile}")
+    grid = NormRecordingGrid(client_app, {"overrides": overrides}, 6)
+    server_app(grid, Context(1, 0, {}, RecordDict(), {"overrides": overrides}))
+    [path] = (tmp_path / "out").glob("*/summary.json")
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads(path.read_text())
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert all(len(grid.norms_sent[r]) == 1 for r in range(1, rounds + 1))  # every client of a round gets the same norm
+    norms = [grid.norms_sent[r].pop() for r in range(1, rounds + 1)]
+    assert norms[0] == 0.001
+    for r in range(1, rounds + 1):
+        train = rows[r]["train"]
+        bits = {k: v for k, v in train.items() if k.endswith(f"/{KEY_NORM_BIT}")}
+        update_norms = {k: v for k, v in train.items() if k.endswith("/update-norm")}
+        assert len(bits) == len(update_norms) == 4  # every training client's reply carries adaptiveclipping_mod's norm bit
+        assert max(update_norms.values()) <= norms[r - 1] * (1 + 1e-4)  # and what reached the server was clipped to the norm sent
+        count, total, fraction = counts[r - 1]
+        assert (count, total) == (sum(bits.values()), 4)  # Flower counted our replies' bits (1: the mod scaled the update down)
+        if r < rounds:  # the next round's norm: Andrew et al.'s geometric update on the noisy clipped fraction
+            assert norms[r] == pytest.approx(norms[r - 1] * math.exp(lr * (fraction - quantile)))
+    assert counts[0][0] == 4 and norms[1] > norms[0]  # 0.001 clips every update: the norm grows towards the median update
+    assert [r["dp_epsilon"] for r in rows[1:]] == [privacy_spent(0.5, r, 1e-5) for r in range(1, rounds + 1)]
+    assert summary["dp"]["epsilon"] == rows[-1]["dp_epsilon"] and summary["dp"]["clipping"] == "adaptive"

@@ -1,0 +1,142 @@
+"""The run report when a client is lost: rounds compared on the same clients, incomplete rounds named, honest traffic means."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+from client_app.app import app as client_app
+from common.config import load_config
+from server_app.app import app as server_app
+from server_app.report import RunReport, message_bytes
+from tests.conftest import reply_from, write_image_folder
+from tests.inprocess import InProcessGrid
+
+CLIENTS = {"a": "a", "b": "b", "sketch": "sketch"}  # one client per domain: the client is the domain
+
+
+def make_report(tmp_path) -> RunReport:
+    return RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10)
+
+
+def evaluation(**accs: float) -> MetricRecord:
+    """Each named client's val and test accuracy (the held-out one's over all its images); absent clients were lost."""
+    metrics = {}
+    for client, acc in accs.items():
+        for split in ("all",) if client == "sketch" else ("val", "test"):
+            metrics[f"{client}/{split}-acc"], metrics[f"{client}/num-{split}"] = acc, 10
+    return MetricRecord(metrics)
+
+
+def weights(value: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full(2, value, np.float32))})
+
+
+def test_a_round_that_lost_a_client_is_compared_on_the_clients_it_kept(tmp_path, caplog):
+    report = make_report(tmp_path)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
+    report.add_round(1, MetricRecord(), evaluation(a=0.8, b=0.4, sketch=0.4), 0.1, weights(1))  # val mean 0.6
+    with caplog.at_level(logging.WARNING):
+        report.add_round(2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2))  # b lost: "mean" 0.7, but a got worse
+    assert report.best["round"] == 1  # on a, the only client evaluated in both rounds, round 1 is better (0.8 > 0.7)
+    assert report.rows[2]["missing"] == ["b"] and report.rows[1]["missing"] == []
+    assert "round 2: no evaluation from b" in caplog.text
+    report.add_round(3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3))  # b still lost; a better than at round 1
+    assert report.best["round"] == 3
+    assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 3  # the best round's weights were kept
+    summary = report.finish(weights(3))
+    assert summary["best_round"] == 3 and summary["incomplete_rounds"] == [2, 3]
+    # personalization and its zero-shot baseline over the same clients: a's test split at rounds 3 and 0
+    assert summary["personalization_clients"] == ["a"]
+    assert summary["personalization_mean"] == 0.9 and summary["zero_shot_train_domains_mean"] == 0.5
+    assert summary["personalization"] == {"a": 0.9, "b": None}
+    assert "compared on the clients evaluated in both round 3 and round 0: a" in caplog.text
+    csv_rows = (report.dir / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].split(",")[6] == "missing" and csv_rows[3].split(",")[6] == "b"
+
+
+def test_a_complete_run_reports_as_before(tmp_path):
+    report = make_report(tmp_path)
+    for r, acc in enumerate([0.2, 0.6, 0.5]):
+        report.add_round(r, MetricRecord(), evaluation(a=acc, b=acc + 0.1, sketch=acc), 0.1, None)
+    summary = report.finish(None)
+    assert summary["best_round"] == 1 and summary["incomplete_rounds"] == []
+    assert summary["personalization_clients"] == ["a", "b"]
+    assert summary["personalization_mean"] == (0.6 + 0.7) / 2 and summary["zero_shot_train_domains_mean"] == (0.2 + 0.3) / 2
+
+
+def message(node: int, size: int) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}), "config": ConfigRecord()}),
+                   dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def update(node: int, size: int) -> Message:
+    return reply_from(node, RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}), "metrics": MetricRecord({"num-examples": 1})}))
+
+
+def test_a_client_that_never_replied_does_not_count_as_sending_nothing(tmp_path):
+    report = make_report(tmp_path)
+    nodes = {1: "a", 2: "b", 3: "sketch"}
+    sent = [message(1, 100), message(2, 100)]
+    replies = [update(1, 50), reply_from(2, error="Error: Node Unavailable")]  # b got the adapter, its reply was an error
+    report.count_traffic(nodes, sent, replies)
+    report.add_round(1, MetricRecord(), evaluation(a=0.5, sketch=0.5), 0.1, None)
+    row = report.rows[0]
+    assert row["bytes_down_per_client"] == message_bytes(sent[0])  # both were sent the adapter
+    assert row["bytes_up_per_client"] == message_bytes(replies[0])  # only a sent one back: b's loss does not halve it
+    assert row["bytes_round"] == 2 * message_bytes(sent[0]) + message_bytes(replies[0])  # every byte moved
+    report.count_traffic(nodes, [message(1, 100)], [])  # a round in which no training client replied at all
+    report.add_round(2, MetricRecord(), evaluation(sketch=0.5), 0.1, None)
+    assert report.rows[1]["bytes_up_per_client"] is None
+    assert json.loads((report.dir / "metrics.jsonl").read_text().splitlines()[1])["bytes_up_per_client"] is None
+
+
+class LosingGrid(InProcessGrid):
+    """The in-process grid, with one node that dies when round `dies_in`'s training reaches it: the SuperLink answers
+    for it with an error, and from the next round on it is no longer connected."""
+
+    def __init__(self, client_app, run_config: dict, num_nodes: int, lost_node: int, dies_in: int) -> None:
+        super().__init__(client_app, run_config, num_nodes)
+        self.lost_node, self.dies_in, self.dead = lost_node, dies_in, False
+
+    def get_node_ids(self):
+        return [n for n in super().get_node_ids() if not (self.dead and n == self.lost_node)]
+
+    def push_messages(self, messages):
+        messages, ids = list(messages), []
+        for msg in messages:
+            config = msg.content.config_records.get("config", {})
+            self.dead |= msg.metadata.dst_node_id == self.lost_node and config.get("server-round") == self.dies_in
+            if self.dead and msg.metadata.dst_node_id == self.lost_node:
+                msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+                reply = Message(error=Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's id: it answers for a node it lost
+                self.replies[msg.metadata.message_id] = reply
+                ids.append(msg.metadata.message_id)
+            else:
+                ids += super().push_messages([msg])
+        return ids
+
+
+def test_a_run_that_loses_a_node_names_the_incomplete_rounds_and_averages_bytes_over_the_repliers(tiny_clip, tmp_path):
+    folder = write_image_folder(tmp_path / "data")
+    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds=3 "
+                 f"training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}")
+    run_config = {"overrides": overrides}
+    grid = LosingGrid(client_app, run_config, 3, lost_node=100, dies_in=2)
+    server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
+    [path] = (tmp_path / "out").glob("*/summary.json")
+    summary = json.loads(path.read_text())
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    [lost] = [k.removesuffix("/train-loss") for k in rows[1]["train"] if k.endswith("/train-loss") and k not in rows[2]["train"]]
+    adapter = 4 * summary["trained_parameters"]  # one float32 adapter back per training client that replied
+    assert all(adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3])  # round 2: the lost node sent nothing
+    # round 1's evaluation rode on round 2's training message, which the lost node never answered
+    assert [r["missing"] for r in rows] == [[], [lost], [lost], [lost]]
+    assert summary["incomplete_rounds"] == [1, 2, 3]
+    assert lost not in summary["personalization_clients"] and summary["personalization_clients"]
