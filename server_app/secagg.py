@@ -97,8 +97,8 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
     workflow = SecAggPlusWorkflow(options.num_shares, options.reconstruction_threshold, max_weight=max_weight,
                                   clipping_range=float(options.clipping_range), quantization_range=int(options.quantization_range))
     channel = ExchangeGrid(send, others)
-    flower = logging.getLogger("flwr")
-    level, _ = flower.level, flower.setLevel(logging.WARNING)  # its four INFO lines a round; the round table says what happened
+    flower, level = logging.getLogger("flwr"), logging.getLogger("flwr").level
+    flower.setLevel(logging.WARNING)  # the workflow's four INFO lines a round; the round table says what happened
     try:
         workflow(channel, legacy)  # type: ignore[arg-type] - the workflow only calls send_and_receive
     finally:
