@@ -70,6 +70,15 @@ class ExchangeGrid:
         return [r for r in replies if r.metadata.reply_to_message_id in own]
 
 
+def share_count(clients: int, most: int) -> int | float:
+    """SecAggPlusWorkflow's num_shares: every client of the round (1.0) up to `most`, else `most` made odd (Flower wants it odd).
+
+    Each client masks against and shares its secrets with this many neighbours, so a round's cost grows
+    as clients x shares rather than clients^2 (Bell et al. 2020 take O(log n) neighbours).
+    """
+    return 1.0 if clients <= most else most | 1
+
+
 def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[Message], strategy_cfg: DictConfig,
                     num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], list[Message], list[Message], list[np.ndarray] | None]:
     """One SecAgg+ round for the train messages (and the evaluate-only `others`, sent alongside its first stage).
@@ -94,7 +103,7 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
     legacy.state[MAIN_PARAMS_RECORD] = ArrayRecord()  # the workflow reads it; configure_fit ignores it
     options = strategy_cfg.secagg
     max_weight = 1.0 if strategy_cfg.weighting == "equal" else float(max(num_train, default=1))
-    workflow = SecAggPlusWorkflow(options.num_shares, options.reconstruction_threshold, max_weight=max_weight,
+    workflow = SecAggPlusWorkflow(share_count(len(train), int(options.num_shares)), float(options.reconstruction_threshold), max_weight=max_weight,
                                   clipping_range=float(options.clipping_range), quantization_range=int(options.quantization_range))
     channel = ExchangeGrid(send, others)
     flower, level = logging.getLogger("flwr"), logging.getLogger("flwr").level

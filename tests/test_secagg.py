@@ -19,6 +19,7 @@ import client_app.app as client_module
 from client_app.secagg import secagg_mod
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
+from server_app.secagg import share_count
 from tests.conftest import write_image_folder
 from tests.inprocess import InProcessGrid, run_in_process
 
@@ -67,6 +68,19 @@ def test_secure_mean_equals_plain_mean_and_no_update_is_seen(folder, tiny_clip, 
         values = np.concatenate([v.ravel() for v in vectors[1:]])  # the first is the weight factor
         # an unmasked quantized update lies in [0, 2^22); masked it is spread over [0, 2^32)
         assert np.mean(values >= 4194304) > 0.9
+
+
+def test_fewer_neighbours_than_clients(folder, tiny_clip, tmp_path):
+    """With strategy.secagg.num_shares below the round's clients each client masks against a few neighbours only;
+    the masks still cancel: the plain mean within one quantization step."""
+    assert share_count(3, 7) == 1.0 and share_count(8, 3) == 3 and share_count(8, 4) == 5
+    common = "training.rounds=1 dataset.clients_per_domain=4"  # 8 training clients
+    run_in_process(server_app, client_module.app, overrides(folder, tiny_clip, tmp_path / "plain", common), 12)
+    run_in_process(server_app, client_module.app, overrides(folder, tiny_clip, tmp_path / "secure",
+                                                            f"{common} strategy.secagg.enabled=true strategy.secagg.num_shares=3"), 12)
+    a, b = final_adapter(tmp_path / "plain"), final_adapter(tmp_path / "secure")
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 2 * QUANTIZATION_STEP
+    assert moved(b) > 100 * QUANTIZATION_STEP
 
 
 def moved(adapter: dict[str, np.ndarray]) -> float:
