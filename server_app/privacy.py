@@ -79,7 +79,7 @@ class ScreenedPrivacy:
         metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
         return arrays, metrics
 
-    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: list | None) -> tuple[ArrayRecord | None, MetricRecord]:
+    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict | None) -> tuple[ArrayRecord | None, MetricRecord]:
         """SecAgg+ with client-side fixed clipping: Flower's noise added to the unmasked mean of the clipped updates."""
         replies = [r for r in replies if not r.has_error()]
         arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean_update)

@@ -80,14 +80,14 @@ def share_count(clients: int, most: int) -> int | float:
 
 
 def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[Message], strategy_cfg: DictConfig,
-                    num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], list[Message], list[Message], list[np.ndarray] | None]:
+                    num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], list[Message], list[Message], dict[str, np.ndarray] | None]:
     """One SecAgg+ round for the train messages (and the evaluate-only `others`, sent alongside its first stage).
 
     Each train message's adapter and config go out as FitIns (the adapter's tensor names in the config);
     a client answers with its update masked, weighted by 1 (strategy.weighting=equal) or its examples
     (at most the largest of `num_train`, the clients' train splits: SecAgg+'s max_weight).
     Returns every message sent, every reply, the train replies (their metrics, no arrays), the
-    evaluate replies, and the mean update (None when the protocol halted: too few nodes left).
+    evaluate replies, and the mean update by tensor name (None when the protocol halted: too few nodes left).
     """
     proxies, fitins = SimpleClientManager(), []
     for msg in train:
@@ -114,9 +114,10 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
         flower.setLevel(level)
     if channel.riders:  # it halted before its first exchange: the evaluations go out all the same
         channel.send_and_receive([])
+    mean = None if strategy.mean_update is None else dict(zip(train[0].content["arrays"].keys(), strategy.mean_update))  # the order sent
     stage_two = {m.metadata.message_id for m in channel.sent if "fitins.parameters" in m.content.array_records}
     train_ids = {m.metadata.message_id for m in channel.sent if m.metadata.message_type == MessageType.TRAIN}
     train_replies = [r for r in channel.replies if r.metadata.reply_to_message_id in stage_two]
     eval_replies = [r for r in channel.replies if r.metadata.reply_to_message_id not in train_ids]
-    return channel.sent, channel.replies, train_replies, eval_replies, strategy.mean_update
+    return channel.sent, channel.replies, train_replies, eval_replies, mean
 

@@ -351,7 +351,7 @@ class FedClipStrategy(FedAvg):
         combined = aggregate_adapters(states, weights, self.aggregation, self.num_malicious)
         return ArrayRecord({k: Array(v.astype(self.template[k].dtype, copy=False)) for k, v in combined.items()}), metrics
 
-    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: list[np.ndarray] | None
+    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict[str, np.ndarray] | None
                          ) -> tuple[ArrayRecord | None, MetricRecord]:
         """A SecAgg+ round: the global adapter plus the unmasked mean update (None: the protocol halted), and the replies' train metrics.
 
@@ -362,14 +362,14 @@ class FedClipStrategy(FedAvg):
             if not msg.has_error() and "metrics" in msg.content.metric_records:
                 add_train_metrics(metrics, self._client(msg), msg.content["metrics"])
                 count += 1
-        keys = list(self.template)
         if mean_update is None or count < max(self.min_train_nodes, 2):
             log.warning("round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged", server_round, count)
             return None, metrics
-        if [u.shape for u in mean_update] != [self.template[k].shape for k in keys] or not all(np.isfinite(u).all() for u in mean_update):
-            log.warning("round %d: the securely aggregated update has wrong shapes or NaN/Inf: the global adapter is unchanged", server_round)
+        if (set(mean_update) != set(self.template) or any(u.shape != self.template[k].shape for k, u in mean_update.items())
+                or not all(np.isfinite(u).all() for u in mean_update.values())):
+            log.warning("round %d: the securely aggregated update has wrong keys, shapes or NaN/Inf: the global adapter is unchanged", server_round)
             return None, metrics
-        combined = {k: (self.global_state[k] + u).astype(self.template[k].dtype) for k, u in zip(keys, mean_update)}
+        combined = {k: (self.global_state[k] + mean_update[k]).astype(self.template[k].dtype) for k in self.template}
         return ArrayRecord({k: Array(v) for k, v in combined.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:

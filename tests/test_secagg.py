@@ -83,6 +83,20 @@ def test_fewer_neighbours_than_clients(folder, tiny_clip, tmp_path):
     assert moved(b) > 100 * QUANTIZATION_STEP
 
 
+def test_resumed_run_goes_on_securely(folder, tiny_clip, tmp_path):
+    """A checkpoint's tensors come back in their file's order: the secure round still adds each mean update to its own tensor."""
+    finals = {}
+    for name, extra in (("plain", ""), ("secure", "strategy.secagg.enabled=true")):
+        first = tmp_path / name / "first"
+        run_in_process(server_app, client_module.app, overrides(folder, tiny_clip, first, f"training.rounds=1 {extra}"), 3)
+        [run] = (first / "out").glob("*")
+        run_in_process(server_app, client_module.app, overrides(folder, tiny_clip, tmp_path / name / "resumed", f"training.rounds=2 resume={run} {extra}"), 3)
+        finals[name] = final_adapter(tmp_path / name / "resumed")
+    checkpoint = final_adapter(tmp_path / "secure" / "first")
+    assert max(float(np.abs(finals["secure"][k] - checkpoint[k]).max()) for k in checkpoint) > 100 * QUANTIZATION_STEP  # round 2 trained
+    assert max(float(np.abs(finals["secure"][k] - finals["plain"][k]).max()) for k in checkpoint) < 1e-4
+
+
 def moved(adapter: dict[str, np.ndarray]) -> float:
     """How far an adapter is from the run's initial one (seed 0)."""
     torch.manual_seed(0)
