@@ -210,6 +210,7 @@ def main(grid: Grid, context: Context) -> None:
     # `arrays` holds the weights after round `done`; its row waits for their evaluation, which rides on the next exchange
     done, done_train, done_started = first_round - 1, MetricRecord(), time.time()
     evaluate_done = not report.rows  # a resumed run has the row of the round it resumes from
+
     def send(messages: list[Message]) -> list[Message]:
         return exchange(grid, messages, options.round_timeout, node_clients)
 

@@ -89,14 +89,14 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
     Returns every message sent, every reply, the train replies (their metrics, no arrays), the
     evaluate replies, and the mean update by tensor name (None when the protocol halted: too few nodes left).
     """
+    arrays = train[0].content["arrays"]  # method=fedclip: every node trains from the same global adapter, serialized once
+    parameters, keys = ndarrays_to_parameters([a.numpy() for a in arrays.values()]), list(arrays.keys())
     proxies, fitins = SimpleClientManager(), []
     for msg in train:
-        node = msg.metadata.dst_node_id
-        proxy = GridClientProxy(node, grid, context.run_id)
+        proxy = GridClientProxy(msg.metadata.dst_node_id, grid, context.run_id)
         proxies.register(proxy)
-        arrays, config = msg.content["arrays"], dict(msg.content["config"])
-        config["adapter-keys"], config["secagg-weighting"] = list(arrays.keys()), strategy_cfg.weighting
-        fitins.append((proxy, FitIns(ndarrays_to_parameters([a.numpy() for a in arrays.values()]), config)))
+        config = {**msg.content["config"], "adapter-keys": keys, "secagg-weighting": strategy_cfg.weighting}
+        fitins.append((proxy, FitIns(parameters, config)))
     strategy = SecureRound(fitins)
     legacy = LegacyContext(context, strategy=strategy, client_manager=proxies)
     legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(train[0].content["config"]["server-round"])})
@@ -114,7 +114,7 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
         flower.setLevel(level)
     if channel.riders:  # it halted before its first exchange: the evaluations go out all the same
         channel.send_and_receive([])
-    mean = None if strategy.mean_update is None else dict(zip(train[0].content["arrays"].keys(), strategy.mean_update))  # the order sent
+    mean = None if strategy.mean_update is None else dict(zip(keys, strategy.mean_update))  # in the order sent
     stage_two = {m.metadata.message_id for m in channel.sent if "fitins.parameters" in m.content.array_records}
     train_ids = {m.metadata.message_id for m in channel.sent if m.metadata.message_type == MessageType.TRAIN}
     train_replies = [r for r in channel.replies if r.metadata.reply_to_message_id in stage_two]
