@@ -6,15 +6,16 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
+from omegaconf import OmegaConf
 
-from common.config import config_from_run
+from common import wire
 
 
 def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower's fixedclipping_mod or adaptiveclipping_mod (strategy.dp.clipping) when the message carries the
     clipping norm that Flower's client-side DP wrappers send; otherwise the handler alone."""
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(wire.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, ctxt)
-    adaptive = config_from_run(ctxt.run_config).strategy.dp.clipping == "adaptive"
+    adaptive = OmegaConf.create(str(config[wire.RUN_CONFIG])).strategy.dp.clipping == "adaptive"  # the run's configuration, as sent
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, ctxt, call_next)

@@ -19,6 +19,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
+from common import wire
 from common.transport import decode
 
 
@@ -37,21 +38,21 @@ def as_train_message(msg: Message) -> Message:
     """The FitIns a SecAgg+ round trains from, as the train handler reads a message: `arrays` (named) and `config`."""
     config = msg.content["fitins.config"]
     tensors = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content["fitins.parameters"], keep_input=True))
-    arrays = ArrayRecord({str(k): Array(t) for k, t in zip(config["adapter-keys"], tensors, strict=True)})
-    msg.content = RecordDict({"arrays": arrays, "config": config})  # one of each, as Flower's DP clipping mods require
+    arrays = ArrayRecord({str(k): Array(t) for k, t in zip(config[wire.ADAPTER_KEYS], tensors, strict=True)})
+    msg.content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})  # one of each, as Flower's DP clipping mods require
     return msg
 
 
 def as_fitres(msg: Message, reply: Message, ctxt: Context) -> Message:
     """The handler's reply in the FitRes layout secaggplus_mod reads: the update and its weight, nothing else in the clear."""
-    config = msg.content["config"]
-    sent, trained = decode(msg.content["arrays"]), decode(reply.content.array_records.pop("arrays"))
-    update = [(trained[k] - sent[k]).numpy() for k in config["adapter-keys"]]
-    examples = reply.content["metrics"]["num-examples"]
-    weight = 1 if config["secagg-weighting"] == "equal" else int(examples)
+    config = msg.content[wire.CONFIG]
+    sent, trained = decode(msg.content[wire.ARRAYS]), decode(reply.content.array_records.pop(wire.ARRAYS))
+    update = [(trained[k] - sent[k]).numpy() for k in config[wire.ADAPTER_KEYS]]
+    examples = reply.content[wire.METRICS][wire.NUM_EXAMPLES]
+    weight = 1 if config[wire.SECAGG_WEIGHTING] == "equal" else int(examples)
     protocol = ctxt.state.config_records[RECORD_KEY_STATE]  # what the setup stage said
     limit = float(protocol["clipping_range"]) * float(protocol["max_weight"]) / weight  # secaggplus_mod clips weight / max_weight x update
-    reply.content["metrics"]["secagg-clipped"] = float(sum(np.sum(np.abs(u) > limit) for u in update) / sum(u.size for u in update))
+    reply.content[wire.METRICS]["secagg-clipped"] = float(sum(np.sum(np.abs(u) > limit) for u in update) / sum(u.size for u in update))
     reply.content["fitres.parameters"] = parameters_to_arrayrecord(ndarrays_to_parameters(update), keep_input=False)
     reply.content["fitres.num_examples"] = MetricRecord({"num_examples": weight})
     reply.content["fitres.metrics"] = ConfigRecord()

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from common.data import ImageSource
-from common.features import DomainFeatures, image_batches
+from common.features import DomainFeatures
 from common.model import adapter_loss, class_logits
 
 
@@ -74,62 +73,3 @@ def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, splits: d
         rows = torch.as_tensor(indices, dtype=torch.long, device=device)
         scores[name] = (logits[rows].argmax(1) == labels[rows]).float().mean().item(), F.cross_entropy(logits[rows], labels[rows]).item()
     return scores
-
-
-# The CLIP FedAvg/FedProx baselines fine-tune the image encoder itself, on images read from disk.
-ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
-ENCODER_METHODS = ("fedavg", "fedprox")
-
-
-def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The image encoder's weights (vision tower and projection): what the FedAvg baselines send."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
-
-
-def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put received encoder weights into a CLIP; every encoder key must be there, and nothing else."""
-    expected = set(encoder_state(model))
-    if set(state) != expected:
-        raise ValueError(f"encoder weights do not match this CLIP: missing {sorted(expected - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - expected)[:5]}")
-    model.load_state_dict(state, strict=False)
-
-
-def finetune_encoder(
-    model: nn.Module,
-    processor,
-    images: ImageSource,
-    indices: torch.Tensor,
-    text: torch.Tensor,
-    cfg: DictConfig,
-    generator: torch.Generator,
-) -> float:
-    """Local epochs of full fine-tuning of the image encoder, cross-entropy over the frozen class prompts.
-
-    cfg is the run config: optimiser settings from cfg.training with cfg.method.lr, FedProx's
-    (mu/2)*||w - w_global||^2 with cfg.method.proximal_mu. Images stream from disk batch by batch.
-    """
-    device = next(model.parameters()).device
-    params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = make_optimizer(params, cfg.training, lr=cfg.method.lr)
-    anchor = [p.detach().clone() for p in params]
-    mu = float(cfg.method.proximal_mu)
-    text, scale = text.to(device), model.logit_scale.detach()
-    model.vision_model.train()
-    total, count = 0.0, 0
-    for _ in range(cfg.training.local_epochs):
-        order = indices[torch.randperm(len(indices), generator=generator)]
-        for pixels, labels in image_batches(processor, images, order.tolist(), cfg.training.batch_size, device):
-            feats = model.get_image_features(pixel_values=pixels).pooler_output
-            loss = F.cross_entropy(class_logits(feats.float(), text, scale, None), labels)
-            if mu > 0:
-                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-    model.eval()
-    return total / max(count, 1)

@@ -14,9 +14,6 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
-# A train reply carries the evaluation of the weights its message brought in its one MetricRecord, under
-# this prefix: Flower's client-side DP mods want exactly one MetricRecord in a train reply.
-EVALUATION_PREFIX = "evaluation/"
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 
 

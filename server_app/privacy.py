@@ -29,6 +29,8 @@ from flwr.serverapp.strategy import (
 )
 from omegaconf import DictConfig
 
+from common import wire
+from common.methods.base import Update
 from server_app.strategy import FedClipStrategy
 
 log = logging.getLogger(__name__)
@@ -43,16 +45,33 @@ def privacy_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+class ScreenedReplies:
+    """The FedCLIP strategy as Flower's DP wrapper calls it: the replies reaching it were screened before Flower
+    clipped them (ScreenedPrivacy), so they are combined, never screened twice."""
+
+    def __init__(self, strategy: FedClipStrategy) -> None:
+        self.strategy = strategy
+
+    def __getattr__(self, name: str):
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        updates = [Update(self.strategy.client(msg), {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()},
+                          float(msg.content[wire.METRICS][wire.NUM_EXAMPLES])) for msg in replies]
+        return self.strategy.combine(server_round, updates), MetricRecord()
+
+
 class ScreenedPrivacy:
     """What FedCLIP adds to Flower's DP wrappers, ahead of them in the class order.
 
-    Replies are screened and decoded (16-bit -> float32) by the wrapped strategy before Flower
-    clips them (Flower's clipping would crash on a wrong shape), the noise is calibrated to the
-    clients whose updates are averaged this round, and the privacy spent so far is added to the
-    train metrics as `dp-epsilon`.
+    Replies are screened once and decoded (16-bit -> float32) before Flower clips them (Flower's
+    clipping would crash on a wrong shape), the noise is calibrated to the clients whose updates
+    are averaged this round, and the privacy spent so far is added to the train metrics as `dp-epsilon`.
     """
 
-    strategy: FedClipStrategy
+    strategy: ScreenedReplies
     num_sampled_clients: int
     delta: float
     total_noise_multiplier: float
@@ -66,14 +85,14 @@ class ScreenedPrivacy:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, screened_metrics = self.strategy.screen(server_round, replies)
         if isinstance(self, DifferentialPrivacyClientSideAdaptiveClipping):  # Flower's wrapper raises if one lacks the norm bit
-            for msg, client, _ in [a for a in accepted if KEY_NORM_BIT not in a[0].content["metrics"]]:
+            for msg, update in [a for a in accepted if KEY_NORM_BIT not in a[0].content[wire.METRICS]]:
                 log.warning("round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod", server_round,
-                            msg.metadata.src_node_id, client, KEY_NORM_BIT)
-            accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content["metrics"]]
-        for msg, _, state in accepted:
-            msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in state.items()})
+                            msg.metadata.src_node_id, update.client, KEY_NORM_BIT)
+            accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content[wire.METRICS]]
+        for msg, update in accepted:
+            msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})
         self.num_sampled_clients = max(1, len(accepted))  # the noise's std is noise_multiplier x clip / clients averaged
-        arrays, metrics = super().aggregate_train(server_round, [msg for msg, _, _ in accepted])  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, [msg for msg, _ in accepted])  # type: ignore[misc]
         metrics = metrics if metrics is not None else MetricRecord()
         metrics.update(screened_metrics)  # the update norms before clipping
         metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
@@ -135,7 +154,7 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
         return strategy
     if (dp.side, dp.clipping) not in WRAPPERS:
         raise ValueError(f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, got {dp.side!r}, {dp.clipping!r}")
-    if strategy.method != "fedclip" or strategy.aggregation != "mean" or strategy.weighting != "equal":
+    if not strategy.method.private or strategy.aggregation != "mean" or strategy.weighting != "equal":
         raise ValueError("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
                          "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
     if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
@@ -145,9 +164,9 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
         raise ValueError("strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32")
     clients = len(strategy.train_nodes)
     if dp.clipping == "fixed":
-        wrapper = WRAPPERS[dp.side, "fixed"](strategy, dp.noise_multiplier, dp.clipping_norm, clients)
+        wrapper = WRAPPERS[dp.side, "fixed"](ScreenedReplies(strategy), dp.noise_multiplier, dp.clipping_norm, clients)
     else:
-        wrapper = WRAPPERS[dp.side, "adaptive"](strategy, dp.noise_multiplier, clients, dp.clipping_norm, dp.target_clipped_quantile,
+        wrapper = WRAPPERS[dp.side, "adaptive"](ScreenedReplies(strategy), dp.noise_multiplier, clients, dp.clipping_norm, dp.target_clipped_quantile,
                                                  dp.clip_norm_lr, dp.clipped_count_stddev)
     wrapper.delta, wrapper.total_noise_multiplier = float(dp.delta), float(dp.noise_multiplier)
     log.info("central DP (%s side, %s clipping): noise multiplier %s, clipping norm %s, delta %s",

@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from common.features import set_default_mode
-from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
 
     def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int,
-                 classes: list[str] | None = None, model_fingerprint: str | None = None) -> None:
+                 classes: list[str] | None = None, model_fingerprint: str | None = None, weights_name: str | None = "adapter") -> None:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
@@ -65,7 +64,7 @@ class RunReport:
         self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
-        self.weights_name = "encoder" if self.method in ENCODER_METHODS else "adapter"
+        self.weights_name = weights_name  # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
         self.images_encoded = 0  # images that went through the CLIP image encoder in this run
         self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
         self.up: dict[str, int] = defaultdict(int)
@@ -174,12 +173,12 @@ class RunReport:
             log.warning("round %d: no evaluation from %s: the row's means are over the other clients", server_round, ", ".join(row["missing"]))
         if server_round > 0 and self.beats(row, self.best):
             self.best = row
-            if arrays is not None:  # local-only keeps no global weights
+            if arrays is not None and self.weights_name:
                 save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
 
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
-        if arrays is not None and len(self.rows) > 1:
+        if arrays is not None and self.weights_name and len(self.rows) > 1:
             save_weights(arrays, self.dir / f"{self.weights_name}_final.safetensors", {"round": str(self.rows[-1]["round"]), "method": self.method})
         columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "missing",
                    "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds"]

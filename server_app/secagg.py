@@ -29,6 +29,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from common import wire
+
 log = logging.getLogger(__name__)
 
 Send = Callable[[list[Message]], list[Message]]  # the app's exchange: messages out, the nodes' replies back
@@ -80,26 +82,27 @@ def share_count(clients: int, most: int) -> int | float:
 
 
 def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[Message], strategy_cfg: DictConfig,
-                    num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], list[Message], list[Message], dict[str, np.ndarray] | None]:
+                    num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], dict[str, np.ndarray] | None]:
     """One SecAgg+ round for the train messages (and the evaluate-only `others`, sent alongside its first stage).
 
     Each train message's adapter and config go out as FitIns (the adapter's tensor names in the config);
     a client answers with its update masked, weighted by 1 (strategy.weighting=equal) or its examples
     (at most the largest of `num_train`, the clients' train splits: SecAgg+'s max_weight).
-    Returns every message sent, every reply, the train replies (their metrics, no arrays), the
-    evaluate replies, and the mean update by tensor name (None when the protocol halted: too few nodes left).
+    Returns every message sent, every reply (the round loop splits them as any exchange's: the replies to the
+    stage that brings the adapter carry the train metrics, no arrays), and the mean update by tensor name
+    (None when the protocol halted: too few nodes left).
     """
-    arrays = train[0].content["arrays"]  # method=fedclip: every node trains from the same global adapter, serialized once
+    arrays = train[0].content[wire.ARRAYS]  # method=fedclip: every node trains from the same global adapter, serialized once
     parameters, keys = ndarrays_to_parameters([a.numpy() for a in arrays.values()]), list(arrays.keys())
     proxies, fitins = SimpleClientManager(), []
     for msg in train:
         proxy = GridClientProxy(msg.metadata.dst_node_id, grid, context.run_id)
         proxies.register(proxy)
-        config = {**msg.content["config"], "adapter-keys": keys, "secagg-weighting": strategy_cfg.weighting}
+        config = {**msg.content[wire.CONFIG], wire.ADAPTER_KEYS: keys, wire.SECAGG_WEIGHTING: strategy_cfg.weighting}
         fitins.append((proxy, FitIns(parameters, config)))
     strategy = SecureRound(fitins)
     legacy = LegacyContext(context, strategy=strategy, client_manager=proxies)
-    legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(train[0].content["config"]["server-round"])})
+    legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(train[0].content[wire.CONFIG][wire.SERVER_ROUND])})
     legacy.state[MAIN_PARAMS_RECORD] = ArrayRecord()  # the workflow reads it; configure_fit ignores it
     options = strategy_cfg.secagg
     max_weight = 1.0 if strategy_cfg.weighting == "equal" else float(max(num_train, default=1))
@@ -115,9 +118,4 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
     if channel.riders:  # it halted before its first exchange: the evaluations go out all the same
         channel.send_and_receive([])
     mean = None if strategy.mean_update is None else dict(zip(keys, strategy.mean_update))  # in the order sent
-    stage_two = {m.metadata.message_id for m in channel.sent if "fitins.parameters" in m.content.array_records}
-    train_ids = {m.metadata.message_id for m in channel.sent if m.metadata.message_type == MessageType.TRAIN}
-    train_replies = [r for r in channel.replies if r.metadata.reply_to_message_id in stage_two]
-    eval_replies = [r for r in channel.replies if r.metadata.reply_to_message_id not in train_ids]
-    return channel.sent, channel.replies, train_replies, eval_replies, mean
-
+    return channel.sent, channel.replies, mean

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from omegaconf import OmegaConf
 from PIL import Image
 
-import client_app.app as client
+import client_app.node as client
 from client_app.app import app as client_app
 from common.config import compose_config
 from common.model import AttentionAdapter

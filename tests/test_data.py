@@ -203,7 +203,7 @@ def test_feature_cache_key_differs_between_shards_and_sources(image_folder, hub_
 
 
 def test_simulation_partition_ids_map_to_domain_and_shard(image_folder, tiny_clip, tmp_path):
-    from client_app.app import NoClient, load_local_data
+    from client_app.node import NoClient, load_local_data
 
     cfg = lambda: load_config(f"dataset=folder dataset.root={image_folder} dataset.held_out=sketch dataset.clients_per_domain=2 "  # noqa: E731
                               f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} device=cpu")

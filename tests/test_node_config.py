@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client_app.app import LocalData, load_local_data
+from client_app.node import load_local_data
+from common.local_data import LocalData
 from common.config import load_config
 from tests.conftest import write_image_folder
 

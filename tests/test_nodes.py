@@ -8,7 +8,7 @@ import time
 from flwr.app import ConfigRecord, Error, Message, Metadata, MessageType, MetricRecord, RecordDict
 
 from common.config import load_config
-from server_app.app import exchange, refresh_nodes
+from server_app.federation import exchange, refresh_nodes
 
 SUPERLINK = 1  # the id the SuperLink answers from for a node it lost (Flower's SUPERLINK_NODE_ID)
 CLASSES = ["cat", "dog"]

@@ -121,8 +121,10 @@ def test_a_train_reply_carries_its_evaluation_in_its_metrics(caplog):
 
 def test_sampling_is_seeded_and_keeps_every_held_out_node():
     nodes = {i: f"d{i % 4}" for i in range(40)}  # d0 is held out: 10 nodes; 30 training nodes
-    sampled = FedClipStrategy(nodes, "d0", adapter_arrays(0), "equal", 1, fraction_train=0.1, fraction_evaluate=0.2, seed=3, rounds=5)
-    again = FedClipStrategy(dict(nodes), "d0", adapter_arrays(0), "equal", 1, fraction_train=0.1, fraction_evaluate=0.2, seed=3, rounds=5)
+    clients = {i: f"d{i % 4}#{i // 4}" for i in nodes}  # 10 clients per domain
+    sampled = FedClipStrategy(nodes, "d0", adapter_arrays(0), "equal", 1, None, clients, fraction_train=0.1, fraction_evaluate=0.2, seed=3, rounds=5)
+    again = FedClipStrategy(dict(nodes), "d0", adapter_arrays(0), "equal", 1, None, dict(clients), fraction_train=0.1, fraction_evaluate=0.2,
+                            seed=3, rounds=5)
     assert sampled.train_sample(2) == again.train_sample(2)  # the same run draws the same clients
     assert len(sampled.train_sample(2)) == 3 and all(nodes[n] != "d0" for n in sampled.train_sample(2))
     assert len({tuple(sampled.train_sample(r)) for r in range(1, 6)}) > 1  # and other ones each round

@@ -8,7 +8,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.transport import decode, encode
-from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, update_norm
+from common.methods.fedclip import FedClip
+from common.methods.local import Local
+from server_app.screening import update_norm
+from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients
 from tests.conftest import reply_from
 
 TEMPLATE = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
@@ -25,7 +28,7 @@ def reply(node: int, s: dict[str, np.ndarray], num_examples: int = 10, dtype: st
 
 def make_strategy(num_train: int = 5, **options) -> FedClipStrategy:
     nodes = {n: f"c{n}" for n in range(1, num_train + 1)} | {99: "held"}
-    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, "fedclip", None, **options)
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, FedClip(), None, **options)
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)  # the global adapter: zeros
     return strategy
 
@@ -130,7 +133,7 @@ def test_unknown_rule_and_robust_rule_on_a_method_that_does_not_aggregate_are_er
     with pytest.raises(ValueError, match="strategy.aggregation must be one of"):
         make_strategy(3, aggregation="average")
     with pytest.raises(ValueError, match="method=local has none to combine"):
-        FedClipStrategy({1: "a", 2: "b", 3: "c"}, "c", TEMPLATE, "equal", 1, "local", aggregation="median")
+        FedClipStrategy({1: "a", 2: "b", 3: "c"}, "c", TEMPLATE, "equal", 1, Local(), aggregation="median")
 
 
 # --- 16-bit transport --------------------------------------------------------------------------------------

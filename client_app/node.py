@@ -1,0 +1,96 @@
+"""Which client a SuperNode holds, and its local data kept for every later message this process handles.
+
+A node says what it holds with `flower-supernode --node-config` (a deployment) or through Flower's
+simulation partition id; the local data (common/local_data.py) is built on a run's first message and
+reused until the run, the configuration, the node config or the image files change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from omegaconf import DictConfig
+
+from common import wire
+from common.config import local_config, select_device
+from common.data import dataset_domains
+from common.local_data import LocalData, client_data
+
+
+class NoClient(Exception):
+    """This node holds no client of the run (more SuperNodes than clients): it sits the run out."""
+
+
+# What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
+# sets partition-id and num-partitions.
+NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
+_LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
+
+
+def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
+    """The run's configuration as this node sees it: its data folder, cache and device win.
+
+    `data-dir` (a folder DATA_DIR/<domain>/<class>/<image>, or `demo`) replaces dataset.root,
+    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device, and
+    `cpu-threads` replaces cpu_threads (set it when several SuperNodes share one machine).
+    """
+    unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, device and cpu-threads, "
+            "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
+        )
+    if "data-dir" in node_config:
+        cfg.dataset.root = str(node_config["data-dir"])
+    if "cache-dir" in node_config:
+        cfg.cache_dir = cfg.demo.cache_dir = str(Path(str(node_config["cache-dir"])).expanduser())
+    if "device" in node_config:
+        cfg.device = str(node_config["device"])
+    if "cpu-threads" in node_config:
+        cfg.cpu_threads = int(node_config["cpu-threads"])
+    return cfg
+
+
+def local_data(message: Message, context: Context) -> LocalData:
+    """This node's client for the message's run: built on the first message, then reused.
+
+    The key holds the run, the configuration the server sent and the node config, so another run or
+    node never sees stale data; added, removed or renamed image files make it build again.
+    """
+    if wire.RUN_CONFIG not in message.content.config_records.get(wire.CONFIG, {}):
+        raise ValueError("the message carries no 'run-config': the ServerApp of this run is not FedCLIP's, or older than this ClientApp")
+    run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
+    key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
+    local = _LOCAL.get(key)
+    if local is None or local.changed():
+        local = _LOCAL[key] = load_local_data(local_config(run_config), context.node_config)
+    return local
+
+
+def load_local_data(cfg: DictConfig, node_config: Mapping) -> LocalData:
+    """This node's client: node config `domain` (and `shard`), else its simulation partition-id; and its features.
+
+    With k = dataset.clients_per_domain, partition-id p is shard p % k of domain p // k. A deployed
+    node (node config `domain`) may hold only its own domain's images. Raises NoClient for a
+    partition-id beyond the run's clients.
+    """
+    cfg = apply_node_config(cfg, node_config)
+    if cfg.cpu_threads:  # several client processes on one machine each take every core by default: far slower together
+        torch.set_num_threads(int(cfg.cpu_threads))
+    k = int(cfg.dataset.clients_per_domain)
+    device = select_device(cfg.device)
+    if "domain" in node_config:
+        domain = str(node_config["domain"])
+        if k > 1 and "shard" not in node_config:
+            raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
+        return client_data(cfg, domain, int(node_config.get("shard", 0)), device, own_only=True)
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode does not say which data it holds: start it with --node-config \"domain='<domain>' data-dir='DATA_DIR'\"")
+    domains = dataset_domains(cfg)
+    partition = int(node_config["partition-id"])
+    if partition >= len(domains) * k:
+        raise NoClient(f"partition-id {partition}: the run has {len(domains) * k} clients ({len(domains)} domains x {k})")
+    return client_data(cfg, domains[partition // k], partition % k, device)

@@ -1,0 +1,108 @@
+"""What every method is asked, on the server and on a client; the defaults are those of a method that averages one set of weights.
+
+A method is one class that its conf/method/<name>.yaml names (`_target_`, with the method's own
+options beside it). The server's round loop and strategy and the ClientApp call these hooks and
+never ask which method they have: adding a method is one module here and one file in conf/method/
+(docs/methods.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from common import wire
+from common.features import DomainFeatures
+from common.local_data import LocalData
+from common.train import evaluate_adapter
+
+
+@dataclass
+class Update:
+    """One client's update as the server combines it, after screening: its tensors (float32) and its example count."""
+
+    client: str
+    state: dict[str, np.ndarray]
+    num_examples: float
+
+
+Combine = Callable[[list[Update]], dict[str, np.ndarray]]  # the strategy's rule: weighted mean, or a robust one
+
+
+class Method:
+    """One federated method: what it trains and sends, who trains, what a client does with a message, how the server combines."""
+
+    trains = True  # False: nothing trains, the run is round 0's evaluation
+    weights_name: str | None = "adapter"  # the run folder's <weights_name>_best/_final.safetensors; None: no global weights
+    combines_updates = True  # several clients' updates make one: strategy.aggregation's robust rules apply
+    sends_adapter = True  # what travels is an adapter: strategy.transport_dtype may narrow it to 16 bits
+    private = False  # one adapter averaged over the clients: SecAgg+ and central DP apply
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def refuse(self, cfg: DictConfig) -> None:
+        """Raise a ValueError, saying why and what to do, for an option this method cannot run with (before any round)."""
+
+    # On the server
+    def initial_weights(self, cfg: DictConfig, feature_dim: int) -> dict[str, torch.Tensor]:
+        """What the run trains, as first sent."""
+        raise NotImplementedError
+
+    def train_nodes(self, nodes: list[int]) -> list[int]:
+        """Of the training clients' nodes (in client order), those that train."""
+        return nodes
+
+    def records(self, client: str, arrays: ArrayRecord, held_out: bool) -> dict[str, ArrayRecord]:
+        """The weights a client's message carries, given the global ones (as they travel); `held_out`: the held-out domain's."""
+        return {wire.ARRAYS: arrays}
+
+    def update_base(self, client: str, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The weights a client's update was trained from: screening measures the update against them."""
+        return global_state
+
+    def max_examples(self, client: str, num_train: dict[str, int]) -> int | None:
+        """The most examples a client can have trained on (its train split at discovery); None: not known."""
+        return num_train.get(client)
+
+    def aggregate(self, updates: list[Update], combine: Combine) -> dict[str, np.ndarray] | None:
+        """The new global weights from a round's screened updates; None keeps the current ones."""
+        return combine(updates)
+
+    # On a client
+    def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Train from the received weights: the trained weights and the metrics (train-loss, num-examples, images-encoded).
+
+        `state` is the client's Flower context state, kept between rounds (an optimiser's moments).
+        """
+        raise NotImplementedError
+
+    def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
+        """Accuracy and loss of the received weights (or of zero-shot CLIP) on the client's val, test and all images."""
+        return scores(local, local.feats, [None])
+
+
+def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:
+    """Accuracy and loss on val, test and all of a client's images, averaged over `adapters` (None: zero-shot CLIP)."""
+    metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),
+                     wire.NUM_EXAMPLES: len(local.feats.labels), "images-encoded": images_encoded}
+    splits = {name: indices for name, indices in (("val", local.split.val), ("test", local.split.test), ("all", np.arange(len(local.feats.labels))))
+              if len(indices) > 0}  # a small client's split can be empty: it reports nothing for it
+    results = [evaluate_adapter(adapter, feats, splits, local.device) for adapter in adapters]
+    for name in splits:
+        metrics[f"{name}-acc"] = sum(r[name][0] for r in results) / len(results)
+        metrics[f"{name}-loss"] = sum(r[name][1] for r in results) / len(results)
+    return metrics
+
+
+def load_method(cfg: DictConfig) -> Method:
+    """The run's method, built from conf/method/<name>.yaml: its `_target_` class with the file's other keys."""
+    if "_target_" not in cfg.method:
+        raise ValueError(f"method {cfg.method.get('name')!r} names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`")
+    return instantiate(cfg.method, _convert_="all")

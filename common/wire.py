@@ -1,0 +1,20 @@
+"""The names that messages carry between the ServerApp and the ClientApps, written once for both sides."""
+
+# Records of a message's RecordDict
+ARRAYS = "arrays"  # the weights: the global ones down, a client's trained ones up
+CONFIG = "config"  # the run's configuration and the round
+METRICS = "metrics"  # what a client reports (one MetricRecord: Flower's client-side DP mods want exactly one)
+INFO = "info"  # which client a node holds: domain, client name, classes, the CLIP's fingerprint
+
+# Keys of the config record
+RUN_CONFIG = "run-config"  # the run's resolved configuration as YAML: a client never composes Hydra
+SERVER_ROUND = "server-round"
+EVALUATE_ROUND = "evaluate-round"  # a train message also carries the evaluation of the weights it brings, of this round
+ZERO_SHOT = "zero-shot"  # round 0: evaluate CLIP with no trained weights
+ADAPTER_KEYS = "adapter-keys"  # SecAgg+: the tensor names, in the order of the FitIns parameters
+SECAGG_WEIGHTING = "secagg-weighting"  # SecAgg+: strategy.weighting, for the weight a client gives its masked update
+
+# Metric names
+NUM_EXAMPLES = "num-examples"
+# A train reply carries the evaluation of the weights its message brought in its one MetricRecord, under this prefix.
+EVALUATION_PREFIX = "evaluation/"

@@ -1,0 +1,91 @@
+"""The round schedule: one exchange a round, in which round r's training also carries the evaluation of round r-1's weights.
+
+Round r pushes the train messages of round r (each also asks its node to evaluate the weights it
+brings: round r-1's) together with evaluate messages for the nodes that do not train (held out, or
+not sampled), in one push. Its replies give round r-1's row of the report and round r's updates.
+After the last round one more exchange evaluates the final weights. With strategy.secagg.enabled a
+round's training takes SecAgg+'s four exchanges (server_app/secagg.py); its replies are split and
+aggregated the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from common import wire
+from server_app.checkpoint import save_checkpoint
+from server_app.federation import Federation
+from server_app.report import RunReport
+from server_app.secagg import secure_exchange
+from server_app.strategy import FedClipStrategy
+
+
+@dataclass
+class Trained:
+    """Weights whose evaluation rides on the next exchange: those after round `round`, with that round's train metrics."""
+
+    round: int
+    arrays: ArrayRecord
+    train: MetricRecord
+    started: float  # when the round that trained them started
+
+
+def split_replies(sent: list[Message], replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """(replies to the messages that brought weights to train, replies to evaluate messages) of one exchange.
+
+    SecAgg+'s protocol stages send train messages without weights: their replies are in neither list.
+    """
+    train_ids = {m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.TRAIN and m.content.array_records}
+    evaluate_ids = {m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.EVALUATE}
+    return ([r for r in replies if r.metadata.reply_to_message_id in train_ids],
+            [r for r in replies if r.metadata.reply_to_message_id in evaluate_ids])
+
+
+def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federation, strategy: FedClipStrategy, report: RunReport,
+               arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
+    """Rounds first_round .. last_round from `arrays`, then the last evaluation; returns the final weights.
+
+    The weights to start from are evaluated first (round 0: zero-shot), unless the report already has their row (a resumed run).
+    """
+    trained = None if report.rows else Trained(first_round - 1, arrays, MetricRecord(), time.time())
+    config = {wire.RUN_CONFIG: federation.run_config}
+    for server_round in range(first_round, last_round + 2):
+        started, final = time.time(), server_round > last_round
+        federation.refresh()
+        evaluation = {wire.EVALUATE_ROUND: trained.round, wire.ZERO_SHOT: trained.round == 0} if trained else {}
+        train = [] if final else list(strategy.configure_train(server_round, arrays, ConfigRecord({**config, **evaluation}), grid))
+        evaluate = []
+        if trained:  # the nodes that do not train now get their evaluation in the same push
+            training = {m.metadata.dst_node_id for m in train}
+            weights = trained.arrays if trained.round else ArrayRecord()  # round 0 is zero-shot
+            evaluate = [m for m in strategy.configure_evaluate(trained.round, weights, ConfigRecord({**config, **evaluation}), grid)
+                        if m.metadata.dst_node_id not in training]
+        secure = strategy.secagg and bool(train)
+        if secure:
+            sent, replies, mean_update = secure_exchange(grid, federation.exchange, train, evaluate, cfg.strategy,
+                                                         strategy.client_num_train.values(), context)
+        else:
+            sent, replies, mean_update = train + evaluate, federation.exchange(train + evaluate), None
+        train_replies, eval_replies = split_replies(sent, replies)
+        if final:  # the last evaluation's exchange belongs to the last round's row
+            report.count_traffic(federation.node_clients, sent, replies)
+        if trained:
+            metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
+            seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
+            report.add_round(trained.round, trained.train, metrics, seconds, trained.arrays)
+            save_checkpoint(report, trained.arrays)
+        if final:
+            break
+        report.count_traffic(federation.node_clients, sent, replies)
+        if secure:
+            new_arrays, train_metrics = strategy.aggregate_secure(server_round, train_replies, mean_update)
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
+        arrays = new_arrays if new_arrays is not None else arrays
+        trained = Trained(server_round, arrays, train_metrics, started)
+    return arrays
