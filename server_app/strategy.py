@@ -282,7 +282,8 @@ class FedClipStrategy(FedAvg):
         if mean_update is None or count < max(self.min_train_nodes, 2):
             log.warning("round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged", server_round, count)
             return None, metrics
-        mean, reason = screening.checked_tensors(mean_update, self.template)
+        unmasked = {k: np.empty(v.shape, np.float64) for k, v in self.template.items()}  # SecAgg+ dequantizes to float64
+        mean, reason = screening.checked_tensors(mean_update, unmasked)
         if mean is None:
             log.warning("round %d: the securely aggregated update is unusable (%s): the global adapter is unchanged", server_round, reason)
             return None, metrics
