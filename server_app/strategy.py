@@ -114,6 +114,15 @@ def clipped(state: dict[str, np.ndarray], base: dict[str, np.ndarray], norm: flo
     return {k: (base[k] + scale * (state[k].astype(np.float64) - base[k])).astype(np.float32) for k in base}
 
 
+def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_round: int) -> list[str]:
+    """n of the client names, sorted: the sorted names sampled by a generator seeded by the run's seed, the purpose
+    ("train", "evaluate") and the round; all of them when n >= len(clients). benchmarks/noop_app.py draws the same way."""
+    clients = sorted(clients)
+    if n >= len(clients):
+        return clients
+    return sorted(random.Random(f"{seed}/{purpose}/{server_round}").sample(clients, n))
+
+
 def trust_options(strategy_cfg: Mapping) -> dict:
     """FedClipStrategy's screening, robust-aggregation and transport keyword arguments, from conf/strategy (docs/trust.md)."""
     keys = ("aggregation", "num_malicious", "max_update_norm", "max_norm_ratio", "on_large_update", "transport_dtype")
@@ -237,8 +246,12 @@ class FedClipStrategy(FedAvg):
         """n of the nodes, drawn by client name with a generator seeded by the run's seed, the purpose and the round."""
         if n >= len(nodes):
             return nodes
-        rng = random.Random(f"{self.seed}/{purpose}/{server_round}")
-        return sorted(rng.sample(sorted(nodes, key=lambda node: self.node_clients[node]), n), key=lambda node: self.node_clients[node])
+        ordered = sorted(nodes, key=lambda node: self.node_clients[node])
+        names = [self.node_clients[node] for node in ordered]
+        if len(set(names)) < len(names):  # nodes named alike (no node_clients given): told apart, in the same order
+            names = [f"{name}\0{i:09d}" for i, name in enumerate(names)]
+        by_name = dict(zip(names, ordered))
+        return [by_name[name] for name in sample_clients(names, n, self.seed, purpose, server_round)]
 
     def train_sample(self, server_round: int) -> list[int]:
         """The nodes that train in a round: strategy.fraction_train of the training nodes (at least min_train_nodes)."""
