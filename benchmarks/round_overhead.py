@@ -80,6 +80,7 @@ clients-per-domain = 1
 held-out = "sketch"
 fraction-train = 1.0
 fraction-evaluate = 1.0
+min-train-nodes = 1
 poll-first = 0.2
 poll-max = 0.2
 timeout = 600

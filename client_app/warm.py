@@ -1,7 +1,11 @@
 """A warm ClientApp process for a deployed SuperNode: imports once, keeps each client's world between messages.
 
 Flower 1.28's SuperNode (default `--isolation subprocess`) starts a fresh `flwr-clientapp` process for
-every message: 4-5 s of imports and a rebuild of the client's data, twice a round in the old protocol.
+every message: 4-5 s of imports and a rebuild of the client's data each time. The ServerApp does one
+exchange a round (server_app/app.py), so a node gets at most one message a round (besides the discovery
+query and the run's last evaluation): a train message that also carries the evaluation of the adapter
+it brings, or an evaluate message. That cost comes once a round per node, not twice as when train and
+evaluate were separate exchanges; a SecAgg+ round is four exchanges, so a training node pays it four times.
 With `flower-supernode --isolation process` the SuperNode leaves running the ClientApp to us; this
 process does it with Flower's own pieces (the ClientAppIo API, `pull_appinputs`, `push_appoutputs`,
 Flower's app loader), one message after another in the same interpreter, so the app's modules and its
