@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from common.config import select_device
 from common.data import read_image
-from common.features import encode_images, encode_prompts, model_files_fingerprint, set_default_mode
+from common.features import encode_images, encode_prompts, model_files_fingerprint
+from common.files import set_default_mode
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
 
 log = logging.getLogger(__name__)

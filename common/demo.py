@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFilter
 
-from common.features import set_default_mode
+from common.files import set_default_mode
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from common.features import set_default_mode
+from common.files import set_default_mode
 from common.train import ENCODER_METHODS
 
 log = logging.getLogger(__name__)
