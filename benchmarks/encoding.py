@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_check import make_clip, make_dataset  # noqa: E402
-from common.classifier import FedClipClassifier  # noqa: E402
+from client_app.predict import FedClipClassifier  # noqa: E402
 from common.data import DomainFolder  # noqa: E402
 from common.features import encode_images, image_batches  # noqa: E402
 from common.model import AttentionAdapter, load_clip  # noqa: E402
