@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,37 +28,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_check import make_clip, make_dataset  # noqa: E402
-from common.classifier import FedClipClassifier  # noqa: E402
+from benchmarks.gpu_check import best_rate, image_set, make_clip, make_dataset, preprocessing_rates, serial_batches  # noqa: E402
+from client_app.predict import FedClipClassifier  # noqa: E402
+from common.config import load_config  # noqa: E402
 from common.data import DomainFolder  # noqa: E402
+from common.demo import demo_dataset_root, demo_model_path  # noqa: E402
 from common.features import encode_images, image_batches  # noqa: E402
 from common.model import AttentionAdapter, load_clip  # noqa: E402
-
-
-def serial_batches(processor, images: DomainFolder, batch_size: int, device: torch.device):
-    """Main's image_batches until this change: one thread decodes a batch with PIL, the processor takes PIL images on the CPU."""
-    for start in range(0, len(images), batch_size):
-        batch = [img for i in range(start, min(start + batch_size, len(images))) if (img := images.read(i)) is not None]
-        yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-
-
-def best_rate(run, n: int, repeats: int, device: torch.device) -> float:
-    """Images/s of the fastest of `repeats` calls of run() over n images."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return n / best
-
-
-def preprocessing_rates(processor, images: DomainFolder, batch_size: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Images/s from files to pixel tensors on the device: main's serial path (before) and image_batches (after)."""
-    before = best_rate(lambda: list(serial_batches(processor, images, batch_size, device)), len(images), repeats, device)
-    after = best_rate(lambda: list(image_batches(processor, images, range(len(images)), batch_size, device)), len(images), repeats, device)
-    return {"before": before, "after": after}
 
 
 @torch.no_grad()
@@ -75,11 +50,6 @@ def encoding_rates(model, processor, images: DomainFolder, batch_size: int, devi
             "after": best_rate(lambda: encode_images(model, processor, images, device, batch_size), len(images), repeats, device)}
 
 
-def image_set(root: Path, n: int) -> DomainFolder:
-    paths = sorted(p for p in root.rglob("*") if p.suffix in {".png", ".jpg"})[:n]
-    return DomainFolder(root.name, ["x"], paths, [0] * len(paths))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512, help="images for the preprocessing rates")
@@ -92,9 +62,6 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-
-    from common.config import load_config
-    from common.demo import demo_dataset_root, demo_model_path
 
     demo = load_config().demo
     make_dataset(args.work / "jpeg224", scale=max(args.images / 9991, 0.01), size=224, workers=2)

@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -40,6 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's modules come from this checkout
 
 from benchmarks.deployment import LocalDeployment  # noqa: E402 - needs the checkout on sys.path
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.data import DomainFolder
 
 PACS_DOMAINS = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}  # 9,991 images
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
@@ -140,14 +146,54 @@ def make_clip(folder: Path, preset: str) -> int:
     return params
 
 
+# ----------------------------------------------------------------------------- preprocessing, before and after
+# (benchmarks/encoding.py times these too). Like everything heavy here, torch and the app's modules are imported
+# inside the functions: make_dataset's workers fork before torch is loaded.
+
+
+def image_set(root: Path, n: int) -> DomainFolder:
+    from common.data import DomainFolder
+
+    paths = sorted(p for p in root.rglob("*") if p.suffix in {".png", ".jpg"})[:n]
+    return DomainFolder(root.name, ["x"], paths, [0] * len(paths))
+
+
+def serial_batches(processor, images: DomainFolder, batch_size: int, device: torch.device):
+    """Main's image_batches until this change: one thread decodes a batch with PIL, the processor takes PIL images on the CPU."""
+    for start in range(0, len(images), batch_size):
+        batch = [img for i in range(start, min(start + batch_size, len(images))) if (img := images.read(i)) is not None]
+        yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+
+
+def best_rate(run, n: int, repeats: int, device: torch.device) -> float:
+    """Images/s of the fastest of `repeats` calls of run() over n images."""
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def preprocessing_rates(processor, images: DomainFolder, batch_size: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Images/s from files to pixel tensors on the device: main's serial path (before) and image_batches (after)."""
+    from common.features import image_batches
+
+    before = best_rate(lambda: list(serial_batches(processor, images, batch_size, device)), len(images), repeats, device)
+    after = best_rate(lambda: list(image_batches(processor, images, range(len(images)), batch_size, device)), len(images), repeats, device)
+    return {"before": before, "after": after}
+
+
 def measure_preprocessing(model_dir: Path, root: Path, n: int, device: str) -> dict[str, float]:
     """Images/s from JPEG files to pixel tensors on the device in one process: the app's `image_batches` (decoding in
     threads, torchvision preprocessing on the device; "after") and one thread decoding with PIL, preprocessing on the
     CPU ("before", the app until it decoded in parallel)."""
     import torch
     from transformers import CLIPProcessor
-
-    from benchmarks.encoding import image_set, preprocessing_rates
 
     processor = CLIPProcessor.from_pretrained(model_dir)
     rates = preprocessing_rates(processor, image_set(root / "photo", n), 256, torch.device(device), repeats=1)

@@ -23,6 +23,8 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+from common.demo import demo_dataset_root
+
 if TYPE_CHECKING:
     import datasets
 
@@ -148,8 +150,6 @@ def read_image(file: Path | BinaryIO, name: str | None = None) -> Image.Image | 
 def dataset_root(cfg: DictConfig) -> Path:
     """The dataset folder of a run: the built demo for root=demo, else the configured path."""
     if cfg.dataset.root == "demo":
-        from common.demo import demo_dataset_root
-
         return demo_dataset_root(cfg.demo)
     root = Path(cfg.dataset.root).expanduser()
     if not root.is_dir():

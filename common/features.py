@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.data import ImageSource
+from common.files import set_default_mode
 from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
@@ -55,27 +56,6 @@ class DomainFeatures:
     text: torch.Tensor  # [C, d] projected features of one prompt per class
     logit_scale: torch.Tensor
     skipped: list[str]  # images that could not be read
-
-
-def set_default_mode(path: Path) -> None:
-    """Give a file the mode open() gives a new file (0o666 less the umask; 0o644 with the usual 022).
-
-    safetensors' save_file (and so save_pretrained) and mkstemp write 0o600; a cache folder is shared
-    between users and containers (the compose demo mounts one into every SuperNode), so what goes into
-    it must be readable like any file the process writes.
-    """
-    path.chmod(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (os.umask sets it, racing other threads' file creation)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):  # not Linux
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
 
 
 def _file_hash(path: Path) -> str:

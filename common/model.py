@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from common.demo import demo_model_path
+
 
 class AttentionAdapter(nn.Module):
     """FedCLIP's adapter: a = Softmax(Linear(Tanh(Linear(f)))) over the feature dim; output a * f.
@@ -70,8 +72,6 @@ def model_unavailable(name_or_path: str, err: Exception) -> RuntimeError:
 def model_name_or_path(cfg: DictConfig) -> str:
     """The CLIP of a run: the built demo CLIP for name_or_path=demo, else the hub id or folder as given."""
     if cfg.model.name_or_path == "demo":
-        from common.demo import demo_model_path
-
         return str(demo_model_path(cfg.demo))
     return str(cfg.model.name_or_path)
 

@@ -1,7 +1,7 @@
 """A run's outputs: the per-round table in the log and the run folder a user opens afterwards.
 
 outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the CLIP's fingerprint: what
-common.classifier needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
+client_app.predict needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
 weights (adapter_ or encoder_ final/best .safetensors; none for local-only) and summary.json (accuracies,
 and the cost: parameters trained, bytes each way, seconds, images encoded).
 
@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from common.features import set_default_mode
+from common.files import set_default_mode
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from common.config import load_config
-from common.demo import CLIP_KEYS, SHIPPED_CLIP, _settings, demo_dataset_root, demo_model_path, pack_clip, tree_sha256, unpack_clip
+from common.demo import CLIP_KEYS, SHIPPED_CLIP, demo_dataset_root, demo_model_path, pack_clip, tree_sha256, unpack_clip
+from common.demo.build import _settings
 
 # tree_sha256 of the demo built from the default configuration; a change here changes every demo number in the README
 DEMO_IMAGES_SHA256 = "e4a5062672b69508a6eb84b52fdc0a4784bee5b2496a5be505ece7d14458ecec"

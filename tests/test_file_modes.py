@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.demo import _build_once
+from common.demo.build import _build_once
 from common.features import DomainFeatures, _save_cached, model_files_fingerprint
 from server_app.report import save_weights
 from tests.conftest import save_tiny_clip

@@ -1,4 +1,4 @@
-"""Using a run's adapter (common/classifier.py, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
+"""Using a run's adapter (client_app/predict/, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
 
 One real run (ServerApp + ClientApps in this process) makes the run folder every test reads.
 """
@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from client_app.app import app as client_app
-from common.classifier import FedClipClassifier, push_to_hub
+from client_app.predict import FedClipClassifier, push_to_hub
+from client_app.predict.cli import main as predict_main
 from common.data import DomainFolder, domain_folder
 from common.features import encode_images
 from common.model import load_clip
-from common.predict import main as predict_main
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
 from tests.inprocess import run_in_process

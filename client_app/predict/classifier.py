@@ -1,6 +1,6 @@
-"""Use what a run learned: a classifier from a run folder or an exported adapter, and the export itself.
+"""Use what a run learned: a classifier from a run folder or an exported adapter.
 
-    from common.classifier import FedClipClassifier
+    from client_app.predict import FedClipClassifier
     clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's adapter; which="final"
     clf.predict(["cat.jpg", "dog.png"]).labels                         # ['cat', 'dog']
 
@@ -8,7 +8,7 @@ A classifier is the run's frozen CLIP, one prompt per class and the adapter. It 
 code of training's one-off feature extraction (`common.features.encode_images`) and scores them with the
 logits of training and evaluation (`common.model.class_logits`), so a prediction and the run's own
 evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors, a model
-card) that `from_pretrained` loads, from a folder or the hub.
+card; client_app/predict/export.py) that `from_pretrained` loads, from a folder or the hub.
 """
 
 from __future__ import annotations
@@ -22,17 +22,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from client_app.predict.export import ADAPTER_FILE, CONFIG_FILE, EXPORT_FORMAT, write_export
 from common.config import select_device
 from common.data import read_image
-from common.features import encode_images, encode_prompts, model_files_fingerprint, set_default_mode
+from common.features import encode_images, encode_prompts, model_files_fingerprint
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
 
 log = logging.getLogger(__name__)
-
-EXPORT_FORMAT = "fedclip-adapter"  # config.json's "format": what from_pretrained accepts
-ADAPTER_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "config.json", "README.md"
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 
@@ -224,14 +222,7 @@ class FedClipClassifier:
         """Write config.json, adapter.safetensors and a model card README.md to `folder`; `from_pretrained` loads it."""
         if self.adapter is None:
             raise ValueError("a zero-shot classifier has no adapter to export")
-        folder = Path(folder).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
-        save_file(state, folder / ADAPTER_FILE, metadata={"format": EXPORT_FORMAT})
-        set_default_mode(folder / ADAPTER_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.info, indent=2))
-        (folder / CARD_FILE).write_text(model_card(self.info))
-        return folder
+        return write_export(folder, self.adapter, self.info)
 
 
 def _run_results(cfg, summary: dict, which: str | None) -> dict:
@@ -261,72 +252,3 @@ def _download(repo_id: str) -> Path:
     except Exception as err:  # noqa: BLE001 - offline mode, no network, no such repository: all say the same to the user
         raise RuntimeError(f"{repo_id!r} is neither a folder here nor a hub repository that can be downloaded now ({type(err).__name__}: "
                            f"{err}). Offline, copy the exported folder here and pass its path") from err
-
-
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload an exported folder to a hub model repository (created if missing); returns its URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="FedCLIP adapter")
-    except Exception as err:  # noqa: BLE001 - offline mode, no network, no token: the export on disk stays usable
-        raise RuntimeError(f"could not push {folder} to the hub repository {repo_id!r} ({type(err).__name__}: {err}). "
-                           "It needs network access (HF_HUB_OFFLINE unset) and a write token (`hf auth login` or HF_TOKEN); "
-                           f"the exported folder is complete, upload it later with `hf upload {repo_id} {folder}`") from err
-    return f"https://huggingface.co/{repo_id}"
-
-
-def model_card(info: dict) -> str:
-    """The README.md of an exported adapter: what it is, how it was trained, its results, how to load it, its limits."""
-    run = info["run"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    zero, pers, gen = run.get("zero_shot") or {}, run.get("personalization") or {}, run.get("generalization") or {}
-    rows = [f"| {d}{' (held out)' if d == run['held_out'] else ''} | {pct(zero.get(d))} | {pct(gen.get(d) if d == run['held_out'] else pers.get(d))} |"
-            for d in zero]
-    classes = ", ".join(info["classes"][:20]) + (f", ... ({len(info['classes'])} in all)" if len(info["classes"]) > 20 else "")
-    return f"""---
-library_name: fedclip
-tags: [fedclip, clip, federated-learning, flower, image-classification]
----
-
-# FedCLIP adapter
-
-A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters) for the frozen CLIP
-`{info['clip']}` (files' fingerprint `{info['clip_fingerprint']}`), trained federated with
-[Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info['classes'])} classes
-({classes}) with the prompt `{info['prompt']}`.
-
-## Training
-
-Method `{run['method']}`, {run['rounds']} rounds, seed {run['seed']}, domain `{run['held_out']}` held out (never trained on).
-This file holds the {'best round' + (f" ({run['best_round']})" if run.get('best_round') is not None else '') if info['adapter'] == 'best' else 'final'}
-adapter. Traffic: {run.get('bytes_per_client_per_round') or '-'} bytes per training client per round, {run.get('bytes_total') or '-'} bytes in all.
-
-## Results (accuracy %, {run['accuracies_are_of']})
-
-Training domains: their clients' test splits; the held-out domain: all its images.
-
-| domain | zero-shot CLIP | with this adapter |
-|---|---|---|
-{chr(10).join(rows) if rows else '| - | - | - |'}
-
-## Use
-
-```python
-from common.classifier import FedClipClassifier   # the FedCLIP app (pip install -e <the app>)
-clf = FedClipClassifier.from_pretrained("<this folder or hub repository>")
-print(clf.predict(["image.jpg"]).labels)
-```
-
-or `fedclip-predict --model <this folder or hub repository> IMAGES_OR_FOLDER`. The CLIP is loaded from
-`{info['clip']}` (`clip=` / `--clip` point elsewhere); a CLIP whose files differ from the one it was trained
-with is refused.
-
-## Limitations
-
-It only knows the {len(info['classes'])} classes above and the CLIP it was trained on; its accuracy was
-measured on the run's own domains and may not carry over to other images. The held-out accuracy is the
-best estimate of how it does on a new domain.
-"""

@@ -7,7 +7,7 @@
 One row per image (path, its class if the folder says it, the top-k classes and probabilities) goes to
 --out or to stdout. A labelled folder, ROOT/<class>/<image> or ROOT/<domain>/<class>/<image> with the
 run's class names, also gets its accuracy per domain next to zero-shot CLIP (on stderr). Unreadable
-images are reported and skipped. Also `python -m common.predict`.
+images are reported and skipped. Also `python -m client_app.predict`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common.classifier import Encoded, FedClipClassifier, InputImages, push_to_hub
+from client_app.predict.classifier import Encoded, FedClipClassifier, InputImages
+from client_app.predict.export import push_to_hub
 from common.data import IMAGE_EXTENSIONS, DomainFolder, _is_data_dir, domain_folder
 
 log = logging.getLogger("fedclip-predict")
