@@ -42,7 +42,10 @@ from benchmarks.sweep import REPO, flwr_run
 from common.config import load_config
 from common.demo import DIGIT_NAMES
 from common.model import model_name_or_path
-from server_app.app import POLL_SECONDS
+try:
+    from server_app.federation import POLL_SECONDS
+except ImportError:  # a checkout from before server_app/federation.py (run against older commits)
+    from server_app.app import POLL_SECONDS
 
 DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's names, so the demo CLIP's tokenizer knows them
 HELD_OUT = "sketch"

@@ -15,6 +15,7 @@ from flwr.app import Context, MessageType, RecordDict
 
 from benchmarks import noop_app
 from common.data import client_name
+from common.methods.fedclip import FedClip
 from server_app.strategy import FedClipStrategy, sample_clients
 from tests.inprocess import InProcessGrid
 
@@ -60,7 +61,7 @@ def floor_samples(clients: int, fraction_train: float, fraction_evaluate: float,
 def test_floor_trains_and_evaluates_the_clients_fedclip_samples(clients, fraction_train, fraction_evaluate, min_train, seed):
     rounds = 4
     node_domains, node_clients, held_out, _ = federation(clients)
-    strategy = FedClipStrategy(node_domains, held_out, TEMPLATE, "equal", min_train, "fedclip", node_clients,
+    strategy = FedClipStrategy(node_domains, held_out, TEMPLATE, "equal", min_train, FedClip(), node_clients,
                                fraction_train, fraction_evaluate, seed, rounds)
     names = lambda nodes: sorted(node_clients[n] for n in nodes)  # noqa: E731
     per_round, last = floor_samples(clients, fraction_train, fraction_evaluate, seed, rounds, min_train)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from client_app.app import app as client_app
 from common.config import load_config
 from server_app.app import app as server_app
+from server_app import screening
 from server_app.privacy import ClientSideAdaptiveClipping, privacy_spent, with_privacy
 from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from, write_image_folder
@@ -60,6 +61,20 @@ def test_noise_is_added_with_the_calibrated_spread_to_the_clipped_mean():
     np.testing.assert_array_equal(noisy0, noisy0_again)
     assert np.std(noisy0 - exact) == pytest.approx(1.0 * 1.0 / 3, rel=0.03)  # noise_multiplier x clip / clients
     assert metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_server_side_dp_screens_each_update_once(clipping, monkeypatch):
+    """Screening runs ahead of Flower's wrapper; the strategy it wraps only combines what reaches it."""
+    checked, real = [], screening.checked_update
+    monkeypatch.setattr(screening, "checked_update", lambda content, *a: checked.append(content) or real(content, *a))
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(clipping=clipping, noise_multiplier=0.0, clipping_norm=1.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    replies = [reply(1, 0.001), reply(2, 0.002), reply(3, 1.0)]
+    arrays, metrics = wrapped.aggregate_train(1, replies)
+    assert len(checked) == 3 and {id(c) for c in checked} == {id(r.content) for r in replies}  # each update once
+    assert arrays is not None and set(metrics) >= {f"{c}/update-norm" for c in "abc"}
 
 
 def test_malformed_update_is_dropped_before_flowers_clipping(caplog):

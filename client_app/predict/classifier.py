@@ -28,6 +28,7 @@ from client_app.predict.export import ADAPTER_FILE, CONFIG_FILE, EXPORT_FORMAT, 
 from common.config import select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
+from common.methods.base import load_method
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,9 @@ class FedClipClassifier:
         if which is not None:
             path = run / f"adapter_{which}.safetensors"
             if not path.is_file():
-                kind = {"local": "method=local keeps one adapter per client, no global one",
-                        "fedavg": "method=fedavg trains the image encoder, not an adapter",
-                        "fedprox": "method=fedprox trains the image encoder, not an adapter",
-                        "zero_shot": "method=zero_shot trains nothing"}.get(cfg.method.name, f"which={which!r} is 'best' or 'final'")
+                saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"  # a run from before methods named their class
+                kind = (f"which={which!r} is 'best' or 'final'" if saves == "adapter" else
+                        f"method={cfg.method.name} keeps no global weights" if saves is None else f"method={cfg.method.name} trains its {saves}, not an adapter")
                 raise FileNotFoundError(f"{path} does not exist: {kind}. which=None gives zero-shot CLIP")
             adapter_state = load_file(path)
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
