@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 
 from benchmarks import noop_app
-from common.data import client_name
+from common.partition import client_name
 from server_app.strategy import FedClipStrategy, sample_clients
 from tests.inprocess import InProcessGrid
 
