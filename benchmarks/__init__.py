@@ -14,8 +14,12 @@
   images/s, seconds per round, held-out accuracy, wall time.
 - noop_app: helper, Flower's floor for round_overhead: a ServerApp/ClientApp sending FedCLIP's messages to the
   clients FedCLIP samples, doing no work.
+- preprocessing: helper, images/s from image files to pixel tensors before and after parallel decoding, for
+  encoding and gpu_check.
 - round_overhead: FedCLIP's seconds per round against that floor's, in simulation (4 to 1000 clients, sampled or
   not) and deployment, and their ratio.
 - sweep: the leave-one-domain-out sweep: one real `flwr run` per method, held-out domain and seed, then the table.
 - sweep_report: the sweep's tables and plots, read back from its run folders.
+- synthetic: helper, the stand-ins encoding and gpu_check run on: a PACS-shaped synthetic folder, a CLIP of
+  ViT-B/32's sizes with random weights.
 """

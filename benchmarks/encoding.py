@@ -28,7 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_check import best_rate, image_set, make_clip, make_dataset, preprocessing_rates, serial_batches  # noqa: E402
+from benchmarks.preprocessing import best_rate, image_set, preprocessing_rates, serial_batches  # noqa: E402
+from benchmarks.synthetic import make_clip, make_dataset  # noqa: E402
 from client_app.predict import FedClipClassifier  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.data import DomainFolder  # noqa: E402

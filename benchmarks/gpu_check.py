@@ -1,6 +1,6 @@
 """GPU check: the whole FedCLIP federation on one machine with a ViT-B/32-sized CLIP on PACS-sized data.
 
-Builds a synthetic folder with PACS's shape (art_painting 2048, cartoon 2344, photo 1670,
+Builds (benchmarks/synthetic.py) a synthetic folder with PACS's shape (art_painting 2048, cartoon 2344, photo 1670,
 sketch 3929 images; 7 classes; 224 px JPEGs) and a CLIP with ViT-B/32's sizes
 (`transformers.CLIPConfig()` defaults, random weights: the same cost as the real one, chance
 accuracy), then runs the app exactly as a deployment does: one `flower-superlink`, one
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -32,160 +31,21 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's modules come from this checkout
 
 from benchmarks.deployment import LocalDeployment  # noqa: E402 - needs the checkout on sys.path
+from benchmarks.preprocessing import image_set, preprocessing_rates  # noqa: E402
+from benchmarks.synthetic import PACS_CLASSES, PACS_DOMAINS, PRESETS, log, make_clip, make_dataset  # noqa: E402
 
-if TYPE_CHECKING:
-    import torch
-
-    from common.data import DomainFolder
-
-PACS_DOMAINS = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}  # 9,991 images
-PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 HELD_OUT = "sketch"
-PRESETS = {
-    "vit-b32": {},  # transformers.CLIPConfig() defaults are ViT-B/32's sizes (151M parameters)
-    "tiny": {  # ViT-B/32's input geometry (224 px, patch 32) and preprocessing, tiny towers: for CPU trials
-        "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-        "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-        "projection_dim": 64,
-    },
-}
 ENCODED = re.compile(r"\[(\w+)\] encoded (\d+)/(\d+) images \((\d+) images/s\)")
 
 
-def log(msg: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------- synthetic PACS
-
-
-def _render(job: tuple[str, int, int, int, int]) -> None:
-    """One 224 px JPEG: a class-specific colored grating drawn in a domain-specific style."""
-    path, domain_i, class_i, seed, size = job
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle = np.pi * class_i / len(PACS_CLASSES) + rng.normal(0, 0.15)
-    freq = 2 + class_i + rng.normal(0, 0.3)
-    wave = np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
-    color = np.array([(class_i * 37) % 256, (class_i * 91) % 256, (class_i * 157) % 256], np.float32) / 255
-    color = np.clip(color * rng.uniform(0.7, 1.3, 3) + 0.2, 0, 1)
-    img = 0.5 + 0.4 * wave[..., None] * color
-    if domain_i == 0:  # art_painting: low-frequency color blobs, brushed
-        blobs = rng.uniform(-0.3, 0.3, (6, 6, 3)).astype(np.float32)
-        img = img + np.kron(blobs, np.ones((size // 6 + 1, size // 6 + 1, 1), np.float32))[:size, :size]
-    elif domain_i == 1:  # cartoon: flat, quantized colors
-        img = np.round(img * 4) / 4
-    elif domain_i == 2:  # photo: a lighting gradient and sensor noise
-        img = img * (0.6 + 0.6 * x[..., None]) + rng.normal(0, 0.04, img.shape)
-    else:  # sketch: dark strokes on white
-        edges = np.abs(np.diff(wave, axis=0, prepend=wave[:1])) * size / (4 * freq)
-        img = np.repeat(1 - np.clip(edges, 0, 1)[..., None], 3, axis=2)
-    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path, quality=90)
-
-
-def make_dataset(root: Path, scale: float, size: int, workers: int) -> dict[str, int]:
-    """ROOT/<domain>/<class>/<i>.jpg with PACS's domains, classes and (scaled) counts; reused if already there."""
-    counts = {d: max(len(PACS_CLASSES), round(n * scale)) for d, n in PACS_DOMAINS.items()}
-    spec = {"counts": counts, "classes": PACS_CLASSES, "size": size, "version": 1}
-    marker = root / ".gpu_check.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        log(f"dataset: reusing {root} ({sum(counts.values()):,} images)")
-        return counts
-    shutil.rmtree(root, ignore_errors=True)
-    jobs = []
-    for domain_i, (domain, n) in enumerate(counts.items()):
-        for class_i, name in enumerate(PACS_CLASSES):
-            (root / domain / name).mkdir(parents=True, exist_ok=True)
-            per_class = n // len(PACS_CLASSES) + (class_i < n % len(PACS_CLASSES))
-            jobs += [(str(root / domain / name / f"{i:05d}.jpg"), domain_i, class_i, len(jobs) + i, size) for i in range(per_class)]
-    t0 = time.time()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:  # nothing heavy is imported yet: fork is safe
-        for _ in pool.imap_unordered(_render, jobs, chunksize=64):
-            pass
-    marker.write_text(json.dumps(spec))
-    log(f"dataset: {len(jobs):,} JPEGs of {size} px in {time.time() - t0:.1f} s with {workers} processes -> {root}")
-    return counts
-
-
-# ----------------------------------------------------------------------------- the CLIP
-
-
-def make_clip(folder: Path, preset: str) -> int:
-    """A CLIP of the preset's sizes with random weights, saved with its processor like a hub checkpoint."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from common.demo import build_tokenizer
-
-    marker = folder / ".gpu_check.json"
-    if marker.is_file() and json.loads(marker.read_text())["preset"] == preset:
-        log(f"model: reusing {folder}")
-        return json.loads(marker.read_text())["parameters"]
-    shutil.rmtree(folder, ignore_errors=True)
-    tokenizer = build_tokenizer(["a", "picture", "of", *PACS_CLASSES])
-    sizes = PRESETS[preset]
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config={**sizes.get("text_config", {}), **special},
-                        vision_config=sizes.get("vision_config", {}), projection_dim=sizes.get("projection_dim", 512))
-    torch.manual_seed(0)
-    model = CLIPModel(config)
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(folder)  # defaults: 224 px
-    params = sum(p.numel() for p in model.parameters())
-    marker.write_text(json.dumps({"preset": preset, "parameters": params}))
-    log(f"model: {preset} CLIP, {params:,} parameters, random weights -> {folder}")
-    return params
-
-
-# ----------------------------------------------------------------------------- preprocessing, before and after
-# (benchmarks/encoding.py times these too). Like everything heavy here, torch and the app's modules are imported
-# inside the functions: make_dataset's workers fork before torch is loaded.
-
-
-def image_set(root: Path, n: int) -> DomainFolder:
-    from common.data import DomainFolder
-
-    paths = sorted(p for p in root.rglob("*") if p.suffix in {".png", ".jpg"})[:n]
-    return DomainFolder(root.name, ["x"], paths, [0] * len(paths))
-
-
-def serial_batches(processor, images: DomainFolder, batch_size: int, device: torch.device):
-    """Main's image_batches until this change: one thread decodes a batch with PIL, the processor takes PIL images on the CPU."""
-    for start in range(0, len(images), batch_size):
-        batch = [img for i in range(start, min(start + batch_size, len(images))) if (img := images.read(i)) is not None]
-        yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-
-
-def best_rate(run, n: int, repeats: int, device: torch.device) -> float:
-    """Images/s of the fastest of `repeats` calls of run() over n images."""
-    import torch
-
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return n / best
-
-
-def preprocessing_rates(processor, images: DomainFolder, batch_size: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """Images/s from files to pixel tensors on the device: main's serial path (before) and image_batches (after)."""
-    from common.features import image_batches
-
-    before = best_rate(lambda: list(serial_batches(processor, images, batch_size, device)), len(images), repeats, device)
-    after = best_rate(lambda: list(image_batches(processor, images, range(len(images)), batch_size, device)), len(images), repeats, device)
-    return {"before": before, "after": after}
+# ----------------------------------------------------------------------------- preprocessing and the encoder, in this process
+# Like everything heavy here, torch and the app's modules are imported inside the functions: make_dataset's workers
+# fork before torch is loaded.
 
 
 def measure_preprocessing(model_dir: Path, root: Path, n: int, device: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ strategy draws them (`sample_clients` here copies server_app/strategy.py's, and 
 train_sample's and evaluate_sample's: max(min-train-nodes, ceil(fraction-train * training clients))
 train; at least ceil(fraction-evaluate * training clients) evaluated, those training next round on their
 train message; tests/test_noop_sampling.py checks both choose the same clients); the held-out domain's
-nodes are always evaluated. A node's client name is FedCLIP's (common.data.client_name): its domain, or
+nodes are always evaluated. A node's client name is FedCLIP's (common.partition.client_name): its domain, or
 "<domain>#<shard>" with several clients per domain, the shard being node config `shard` (deployment) or
 partition-id % clients-per-domain (simulation). This file imports none of FedCLIP's code: it is also run
 against older checkouts, so what it shares with the app is copied, not imported.
@@ -53,7 +53,7 @@ def node_domain(context: Context) -> str:
 
 
 def node_client(context: Context) -> str:
-    """The node's client name as FedCLIP's (common.data.client_name): the domain with one client per domain, else
+    """The node's client name as FedCLIP's (common.partition.client_name): the domain with one client per domain, else
     "<domain>#<shard>", the shard being node config `shard` (default 0) where `domain` is set, else partition-id % clients-per-domain."""
     k = int(context.run_config["clients-per-domain"])
     shard = int(context.node_config.get("shard", 0)) if "domain" in context.node_config else int(context.node_config["partition-id"]) % k

@@ -1,10 +1,11 @@
-"""Where a run's images come from, and how they are divided among clients.
+"""Where a run's images come from: each domain's images, from a folder or the Hugging Face hub.
 
 Two sources stand behind one interface, `ImageSource` (a domain's images, or one client's share of them):
 a folder in the common ROOT/<domain>/<class>/<image> layout (DomainBed's), or a Hugging Face dataset with
 image/domain/label columns read through flwr-datasets (`FederatedDataset` + `NaturalIdPartitioner` on the
 domain). Images are decoded one at a time when encoded, never all held in memory; unreadable ones are
-skipped and reported. Class order comes from the config, so labels agree across clients.
+skipped and reported. Class order comes from the config, so labels agree across clients. How a domain's
+images are divided among its clients, and each client's into train/val/test: common/partition.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import io
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-PARTITIONS = ("shards", "dirichlet")
-DIRICHLET_TRIES = 10  # fresh draws before a Dirichlet split that leaves a client empty is an error
 
 
 class ImageSource(Protocol):
@@ -123,15 +121,6 @@ class HubDomain:
 
     def subset(self, rows: np.ndarray) -> HubDomain:
         return HubDomain(self.domain, self.classes, self.dataset, self.rows[rows], [self.labels[r] for r in rows], self.hub_id)
-
-
-@dataclass
-class DomainSplit:
-    """Disjoint train/val/test indices into one client's images."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
 
 
 def read_image(file: Path | BinaryIO, name: str | None = None) -> Image.Image | None:
@@ -257,7 +246,7 @@ def hub_domain(hub_id: str, split: str, domain: str, classes: list[str] | None) 
     return HubDomain(domain, classes, rows, np.arange(len(rows)), labels.tolist(), hub_id)
 
 
-# ---- a run's domains and each client's images ---------------------------------------------------------------
+# ---- a run's domains and their images -----------------------------------------------------------------------
 
 
 def dataset_domains(cfg: DictConfig, require_held_out: bool = True) -> list[str]:
@@ -304,71 +293,3 @@ def domain_images(cfg: DictConfig, domain: str, own_only: bool = False) -> Image
     root = dataset_root(cfg)
     classes = list(cfg.dataset.classes) if cfg.dataset.classes else dataset_classes(root, domains)
     return domain_folder(root, domain, classes)
-
-
-def client_name(domain: str, shard: int, clients_per_domain: int) -> str:
-    """The domain itself with one client per domain, else "<domain>#<shard>" ('/' separates metric keys)."""
-    return domain if clients_per_domain == 1 else f"{domain}#{shard}"
-
-
-def client_images(cfg: DictConfig, domain: str, shard: int, own_only: bool = False) -> ImageSource:
-    """The images of client `shard` of `domain`: the whole domain, or its share of dataset.clients_per_domain."""
-    images = domain_images(cfg, domain, own_only)
-    k = int(cfg.dataset.clients_per_domain)
-    if not 0 <= shard < k:
-        raise ValueError(f"shard {shard} does not exist: dataset.clients_per_domain={k}, so shards are 0..{k - 1}")
-    if k == 1:
-        return images
-    shards = shard_domain(images.labels, k, cfg.dataset.partition, cfg.dataset.dirichlet_alpha, cfg.seed, domain)
-    return images.subset(shards[shard])
-
-
-def shard_domain(labels: list[int], num_shards: int, partition: str, alpha: float, seed: int, domain: str) -> list[np.ndarray]:
-    """Divide one domain's images among `num_shards` clients, seeded so that every machine agrees.
-
-    `shards`: a random permutation cut into equal parts. `dirichlet`: each class is spread over the clients
-    in proportions drawn from Dirichlet(alpha) (small alpha: each client sees few classes). Every client gets
-    at least one image, or this is an error.
-    """
-    labels = np.asarray(labels)
-    if num_shards < 1:
-        raise ValueError(f"dataset.clients_per_domain must be at least 1, got {num_shards}")
-    if len(labels) < num_shards:
-        raise ValueError(
-            f"domain {domain!r} has {len(labels)} images, fewer than dataset.clients_per_domain={num_shards}: "
-            "lower dataset.clients_per_domain"
-        )
-    rng = np.random.default_rng([seed, zlib.crc32(domain.encode()), num_shards])
-    if partition == "shards":
-        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_shards)]
-    if partition != "dirichlet":
-        raise ValueError(f"dataset.partition={partition!r} is not one of: {', '.join(PARTITIONS)}")
-    if not alpha > 0:
-        raise ValueError(f"dataset.dirichlet_alpha must be positive, got {alpha}")
-    for _ in range(DIRICHLET_TRIES):
-        shards: list[list[int]] = [[] for _ in range(num_shards)]
-        for label in np.unique(labels):
-            rows = rng.permutation(np.flatnonzero(labels == label))
-            cuts = np.round(np.cumsum(rng.dirichlet(np.full(num_shards, alpha)))[:-1] * len(rows)).astype(int)
-            for shard, part in zip(shards, np.split(rows, cuts)):
-                shard.extend(part.tolist())
-        if all(shards):
-            return [np.array(sorted(shard), dtype=np.int64) for shard in shards]
-    raise ValueError(
-        f"a Dirichlet split (alpha={alpha}) of domain {domain!r} ({len(labels)} images, {len(np.unique(labels))} classes) "
-        f"left a client with no image in {DIRICHLET_TRIES} draws: raise dataset.dirichlet_alpha, lower "
-        "dataset.clients_per_domain, or use dataset.partition=shards"
-    )
-
-
-def split_domain(num_images: int, fractions: list[float], seed: int, domain: str) -> DomainSplit:
-    """A seeded train/val/test split of one client's images (60/20/20 by default), the same on every machine.
-
-    `domain` seeds it: the domain's name, or the client's name when a domain has several clients.
-    """
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"dataset.split must be three fractions summing to 1, got {list(fractions)}")
-    order = np.random.default_rng([seed, zlib.crc32(domain.encode())]).permutation(num_images)
-    n_train = int(round(fractions[0] * num_images))
-    n_val = int(round(fractions[1] * num_images))
-    return DomainSplit(order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])

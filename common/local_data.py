@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from common.data import DomainFolder, DomainSplit, ImageSource, client_images, client_name, dataset_domains, split_domain
+from common.data import DomainFolder, ImageSource, dataset_domains
 from common.features import DomainFeatures, domain_features
 from common.model import model_name_or_path
+from common.partition import DomainSplit, client_images, client_name, split_domain
 
 
 @dataclass

@@ -3,18 +3,9 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.data import (
-    HubDomain,
-    client_images,
-    client_name,
-    dataset_domains,
-    dataset_root,
-    domain_images,
-    read_image,
-    shard_domain,
-    split_domain,
-)
+from common.data import HubDomain, dataset_domains, dataset_root, domain_images, read_image
 from common.features import domain_features, features_key
+from common.partition import client_images, client_name, shard_domain, split_domain
 from tests.conftest import write_image_folder
 
 

@@ -14,8 +14,8 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 
 from benchmarks import noop_app
-from common.data import client_name
 from common.methods.fedclip import FedClip
+from common.partition import client_name
 from server_app.strategy import FedClipStrategy, sample_clients
 from tests.inprocess import InProcessGrid
 
@@ -29,7 +29,7 @@ def federation(clients: int) -> tuple[dict[int, str], dict[int, str], str, int]:
     domains, k, held_out = FEDERATIONS[clients]
     names = domains.split(",")
     node_domains = {100 + p: names[p // k] for p in range(clients)}
-    node_clients = {100 + p: client_name(names[p // k], p % k, k) for p in range(clients)}  # the app's naming (common/data.py)
+    node_clients = {100 + p: client_name(names[p // k], p % k, k) for p in range(clients)}  # the app's naming (common/partition.py)
     return node_domains, node_clients, held_out, k
 
 

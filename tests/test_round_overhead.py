@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 from benchmarks import noop_app
 from benchmarks.round_overhead import DOMAINS, HELD_OUT, make_folder, parse_sizes
 from common.config import load_config
-from common.data import client_images
+from common.partition import client_images
 from common.demo import DIGIT_NAMES
 from common.model import AttentionAdapter
 from tests.inprocess import InProcessGrid
