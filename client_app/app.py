@@ -21,7 +21,7 @@ from common import wire
 from common.config import setup_logging
 from common.features import images_encoded, model_files_fingerprint
 from common.local_data import LocalData
-from common.methods.base import load_method
+from common.methods.base import Method, load_method
 from common.model import model_name_or_path
 from common.transport import encode
 
@@ -29,6 +29,15 @@ setup_logging()
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+_METHODS: dict[str, Method] = {}  # the run's method by the configuration the server sent: built once per process and run
+
+
+def method_of(message: Message, local: LocalData) -> Method:
+    """The method of the message's run (building it takes about a millisecond: once, not per message)."""
+    run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
+    if run_config not in _METHODS:
+        _METHODS[run_config] = load_method(local.cfg)
+    return _METHODS[run_config]
 def _reply(message: Message, local: LocalData, records: dict) -> Message:
     info = ConfigRecord({"domain": local.domain, "client": local.client, "classes": local.images.classes})
     return Message(content=RecordDict({**records, wire.INFO: info}), reply_to=message)
@@ -69,7 +78,7 @@ def train(message: Message, context: Context) -> Message:
     local = local_data(message, context)
     if local.held_out:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
-    method, config = load_method(local.cfg), message.content[wire.CONFIG]
+    method, config = method_of(message, local), message.content[wire.CONFIG]
     evaluation = {}
     if wire.EVALUATE_ROUND in config:
         evaluation = method.evaluate(local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False)))
@@ -85,5 +94,5 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation."""
     local = local_data(message, context)
     config = message.content[wire.CONFIG]
-    metrics = load_method(local.cfg).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
+    metrics = method_of(message, local).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})
