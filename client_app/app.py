@@ -55,13 +55,13 @@ def query(message: Message, context: Context) -> Message:
     except NoClient as idle:
         return Message(content=RecordDict({wire.INFO: ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message)
     metrics = {
-        "feature-dim": local.feats.image.shape[1],
+        wire.FEATURE_DIM: local.feats.image.shape[1],
         "num-images": len(local.feats.labels),
         "num-skipped": len(local.feats.skipped),
-        "num-train": len(local.split.train),
+        wire.NUM_TRAIN: len(local.split.train),
         "num-val": len(local.split.val),
         "num-test": len(local.split.test),
-        "images-encoded": images_encoded() - before,  # 0 when the features came from the cache
+        wire.IMAGES_ENCODED: images_encoded() - before,  # 0 when the features came from the cache
     }
     reply = _reply(message, local, {wire.METRICS: MetricRecord(metrics)})
     reply.content[wire.INFO]["model-fingerprint"] = model_files_fingerprint(model_name_or_path(local.cfg), local.cfg.cache_dir)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from common.data import DomainFolder, ImageSource, dataset_domains
 from common.features import DomainFeatures, domain_features
-from common.model import model_name_or_path
+from common.model import load_clip, model_name_or_path
 from common.partition import DomainSplit, client_images, client_name, split_domain
 
 
@@ -31,7 +31,7 @@ class LocalData:
     device: torch.device
     folders: dict[Path, int] = field(default_factory=dict)  # the image folders and their mtimes when built
     pooled: tuple[DomainFeatures, torch.Tensor] | None = None  # method=centralized: every training client's train split
-    clip: tuple | None = None  # fedavg/fedprox: this node's CLIP (model, processor), loaded once
+    clip: tuple | None = None  # this node's CLIP (model, processor) for the methods that run it (clip_model)
 
     @property
     def held_out(self) -> bool:
@@ -40,6 +40,12 @@ class LocalData:
     def changed(self) -> bool:
         """Whether image files were added, removed or renamed since it was built (a few stat calls)."""
         return any(_mtime(folder) != mtime for folder, mtime in self.folders.items())
+
+    def clip_model(self) -> tuple:
+        """This node's CLIP (model, processor), loaded once, for methods that run it: fedavg's image encoder, promptfl's text tower."""
+        if self.clip is None:
+            self.clip = load_clip(model_name_or_path(self.cfg), self.device)
+        return self.clip
 
     def generator(self, server_round: int, purpose: str) -> torch.Generator:
         """A seeded generator per client, round and purpose, so runs repeat exactly."""

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from common import wire
 from common.config import compose_config, local_config, setup_logging
 from common.methods.base import load_method
 from server_app.checkpoint import resume_run
@@ -41,12 +42,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedClipStrategy(federation.node_domains, cfg.dataset.held_out, {k: v.numpy() for k, v in arrays.items()}, options.weighting,
                                options.min_train_nodes, method, federation.node_clients, options.fraction_train, options.fraction_evaluate,
                                cfg.seed, last_round, **trust_options(options),
-                               client_num_train={c: int(m["num-train"]) for c, m in federation.info.items()})
+                               client_num_train={c: int(m[wire.NUM_TRAIN]) for c, m in federation.info.items()})
     strategy = with_privacy(strategy, options.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
     strategy.summary()
     trained = sum(v.numel() for v in weights.values()) if method.trains else 0
     report = RunReport(cfg, federation.client_domains, [federation.node_clients[n] for n in strategy.train_nodes], trained, federation.classes,
                        federation.fingerprint, method.weights_name)
-    report.images_encoded += sum(int(m.get("images-encoded", 0)) for m in federation.info.values())
+    report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
     arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
     report.finish(run_rounds(grid, context, cfg, federation, strategy, report, arrays, first_round, last_round))

@@ -109,7 +109,7 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int])
             continue
         node_domains[node], node_clients[node], info[client], federation_classes, fingerprints[client] = domain, client, m, classes, fingerprint
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, client, m["num-images"],
-                 m["num-skipped"], m["num-train"], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
+                 m["num-skipped"], m[wire.NUM_TRAIN], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in node_domains.values()):
         raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in node_domains.values():
@@ -136,8 +136,8 @@ def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], nod
     for node, domain, client, node_classes, m, _ in query_nodes(grid, cfg, new, run_config, idle):
         if client not in info:
             log.error("node %d left out: client %r was not in this run when it started", node, client)
-        elif m["feature-dim"] != info[client]["feature-dim"]:
-            log.error("node %d left out: its CLIP gives %d features, the run's %d", node, m["feature-dim"], info[client]["feature-dim"])
+        elif m[wire.FEATURE_DIM] != info[client][wire.FEATURE_DIM]:
+            log.error("node %d left out: its CLIP gives %d features, the run's %d", node, m[wire.FEATURE_DIM], info[client][wire.FEATURE_DIM])
         elif _accept(node, client, node_classes, node_clients, classes):
             node_domains[node], node_clients[node] = domain, client
             log.info("node %d (re)joined holding %r: it takes part from this round on", node, client)
@@ -150,7 +150,7 @@ class Federation:
         self.grid, self.cfg, self.run_config = grid, cfg, run_config
         self.idle: set[int] = set()
         self.node_domains, self.node_clients, self.info, self.classes, self.fingerprint = discover_nodes(grid, cfg, run_config, self.idle)
-        dims = {int(m["feature-dim"]) for m in self.info.values()}
+        dims = {int(m[wire.FEATURE_DIM]) for m in self.info.values()}
         if len(dims) != 1:
             raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
         self.feature_dim = dims.pop()

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from common import wire
 from common.files import set_default_mode
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class RunReport:
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
             # a train reply's evaluation may have encoded images too (fedavg/fedprox)
             self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
-                                       for key, value in record.items() if key.endswith("images-encoded"))
+                                       for key, value in record.items() if key.endswith(wire.IMAGES_ENCODED))
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
         """Record one round (0 = zero-shot); save the weights if they beat the best round's so far (`beats`).
@@ -143,7 +144,7 @@ class RunReport:
         replied (None: none did); `bytes_round` is every byte moved. `missing` lists the run's clients that
         this round's evaluation has no accuracy of: the round's means leave them out.
         """
-        losses = [train[f"{c}/train-loss"] for c in self.train_clients if f"{c}/train-loss" in train]
+        losses = [train[f"{c}/{wire.TRAIN_LOSS}"] for c in self.train_clients if f"{c}/{wire.TRAIN_LOSS}" in train]
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,

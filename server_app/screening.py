@@ -21,7 +21,6 @@ from common.transport import WIRE_DTYPES, decode_array
 
 log = logging.getLogger(__name__)
 
-QUERY_KEYS = {"feature-dim", "num-images", "num-skipped", "num-train", "num-val", "num-test"}  # what a node reports at discovery
 ON_LARGE_UPDATE = ("clip", "reject")
 
 
@@ -147,6 +146,6 @@ def query_answer(msg: Message) -> str | None:
     content = msg.content
     if wire.INFO in content.config_records and "idle" in content[wire.INFO]:
         return None
-    if wire.INFO not in content.config_records or wire.METRICS not in content.metric_records or not QUERY_KEYS <= set(content[wire.METRICS]):
-        return f"its query reply lacks {wire.INFO!r} or the metrics {sorted(QUERY_KEYS)}"
+    if wire.INFO not in content.config_records or wire.METRICS not in content.metric_records or not set(wire.QUERY_METRICS) <= set(content[wire.METRICS]):
+        return f"its query reply lacks {wire.INFO!r} or the metrics {sorted(wire.QUERY_METRICS)}"
     return None

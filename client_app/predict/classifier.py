@@ -29,6 +29,7 @@ from common.config import select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
 from common.methods.base import load_method
+from common.methods.promptfl import CONTEXT, prompt_features
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,10 @@ class FedClipClassifier:
     """A frozen CLIP, one prompt per class and a FedCLIP adapter (None: zero-shot CLIP)."""
 
     def __init__(self, model, processor, classes: list[str], prompt: str, adapter: AttentionAdapter | None, device: torch.device,
-                 batch_size: int, info: dict, text: torch.Tensor | None = None) -> None:
+                 batch_size: int, info: dict, text: torch.Tensor | None = None, context: torch.Tensor | None = None) -> None:
         self.model, self.processor, self.device = model, processor, device
         self.classes, self.prompt, self.adapter, self.batch_size, self.info = list(classes), prompt, adapter, batch_size, info
+        self.context = context  # a PromptFL run's learned context: `text` holds the class features it gives
         self.text = encode_prompts(model, processor, class_prompts(self.classes, prompt), device) if text is None else text
         self.logit_scale = model.logit_scale.detach().float().cpu()
         if adapter is not None:
@@ -124,15 +126,15 @@ class FedClipClassifier:
         if not classes:
             raise ValueError(f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
                              "with dataset.classes=null); run it again to use its adapter")
-        adapter_state = None
+        weights = None
         if which is not None:
-            path = run / f"adapter_{which}.safetensors"
-            if not path.is_file():
-                saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"  # a run from before methods named their class
-                kind = (f"which={which!r} is 'best' or 'final'" if saves == "adapter" else
+            saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"  # a run from before methods named their class
+            path = run / f"{saves or 'adapter'}_{which}.safetensors"
+            if saves not in ("adapter", "prompt") or not path.is_file():
+                kind = (f"which={which!r} is 'best' or 'final'" if saves in ("adapter", "prompt") else
                         f"method={cfg.method.name} keeps no global weights" if saves is None else f"method={cfg.method.name} trains its {saves}, not an adapter")
                 raise FileNotFoundError(f"{path} does not exist: {kind}. which=None gives zero-shot CLIP")
-            adapter_state = load_file(path)
+            weights = load_file(path)
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         run_clip = model_name_or_path(cfg)  # the hub id or folder; the built demo CLIP for model=demo
         info = {
@@ -145,7 +147,7 @@ class FedClipClassifier:
             "encode_batch_size": int(cfg.model.encode_batch_size),
             "run": _run_results(cfg, summary, which),
         }
-        return cls._build(clip or run_clip, info, adapter_state, device, dtype, batch_size)
+        return cls._build(clip or run_clip, info, weights, device, dtype, batch_size)
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | Path, clip: str | None = None, device: str = "auto",
@@ -160,16 +162,22 @@ class FedClipClassifier:
         return cls._build(clip or info["clip"], info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
 
     @classmethod
-    def _build(cls, clip: str, info: dict, adapter_state: dict | None, device: str, dtype: str | torch.dtype,
+    def _build(cls, clip: str, info: dict, weights: dict | None, device: str, dtype: str | torch.dtype,
                batch_size: int | None) -> FedClipClassifier:
-        """Load the CLIP, refuse it unless it is the one the adapter was trained with, and put the adapter on it."""
+        """Load the CLIP, refuse it unless it is the one the weights were trained with, and put them on it: an adapter on the
+        image features, or a PromptFL context in the class prompts."""
         device_ = select_device(device)
         dtype_ = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model, processor = load_clip(str(clip), device_, dtype_)
         dim = int(model.config.projection_dim)
+        context = weights.pop(CONTEXT) if weights is not None and CONTEXT in weights else None
+        adapter_state = weights or None
         if adapter_state is not None and adapter_state["fc1.weight"].shape[1] != dim:
             raise ValueError(f"the CLIP {clip!r} gives {dim} features but the adapter was trained on "
                              f"{adapter_state['fc1.weight'].shape[1]}: it needs the CLIP its run used ({info['clip']!r})")
+        if context is not None and context.shape[1] != (width := int(model.config.text_config.hidden_size)):
+            raise ValueError(f"the CLIP {clip!r} has text width {width} but the context was trained for {context.shape[1]}: "
+                             f"it needs the CLIP its run used ({info['clip']!r})")
         expected, found = info.get("clip_fingerprint"), model_files_fingerprint(str(clip))
         if expected and found != expected:
             raise ValueError(f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
@@ -181,12 +189,13 @@ class FedClipClassifier:
             adapter = AttentionAdapter(dim).to(device_)
             adapter.load_state_dict(adapter_state)
         info = {**info, "clip_fingerprint": found, "feature_dim": dim}
-        return cls(model, processor, info["classes"], info["prompt"], adapter, device_, batch_size or info["encode_batch_size"], info)
+        text = None if context is None else prompt_features(model, processor.tokenizer, info["classes"], info["prompt"], context)
+        return cls(model, processor, info["classes"], info["prompt"], adapter, device_, batch_size or info["encode_batch_size"], info, text, context)
 
     def zero_shot(self) -> FedClipClassifier:
-        """The same CLIP and prompts without the adapter (shares the loaded CLIP)."""
+        """The same CLIP and prompts without the adapter or learned context (shares the loaded CLIP)."""
         return FedClipClassifier(self.model, self.processor, self.classes, self.prompt, None, self.device, self.batch_size,
-                                 {**self.info, "adapter": None}, self.text)
+                                 {**self.info, "adapter": None}, self.text if self.context is None else None)
 
     # ---- prediction ------------------------------------------------------------------------------------------
 
@@ -220,6 +229,9 @@ class FedClipClassifier:
 
     def export(self, folder: str | Path) -> Path:
         """Write config.json, adapter.safetensors and a model card README.md to `folder`; `from_pretrained` loads it."""
+        if self.context is not None:
+            raise ValueError("exporting a PromptFL run's context is not built yet: use FedClipClassifier.from_run(<run folder>) "
+                             "or fedclip-predict --run <run folder>")
         if self.adapter is None:
             raise ValueError("a zero-shot classifier has no adapter to export")
         return write_export(folder, self.adapter, self.info)

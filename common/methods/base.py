@@ -91,7 +91,7 @@ class Method:
 def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:
     """Accuracy and loss on val, test and all of a client's images, averaged over `adapters` (None: zero-shot CLIP)."""
     metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),
-                     wire.NUM_EXAMPLES: len(local.feats.labels), "images-encoded": images_encoded}
+                     wire.NUM_EXAMPLES: len(local.feats.labels), wire.IMAGES_ENCODED: images_encoded}
     splits = {name: indices for name, indices in (("val", local.split.val), ("test", local.split.test), ("all", np.arange(len(local.feats.labels))))
               if len(indices) > 0}  # a small client's split can be empty: it reports nothing for it
     results = [evaluate_adapter(adapter, feats, splits, local.device) for adapter in adapters]

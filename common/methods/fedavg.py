@@ -42,8 +42,8 @@ class FedAvg(Method):
         model, processor = received_encoder(local, content[wire.ARRAYS])
         train_files = file_indices(local, local.split.train)
         loss = self.finetune(model, processor, local.images, train_files, local.feats.text, local.cfg.training, local.generator(server_round, "train"))
-        return encoder_state(model), {"train-loss": loss, wire.NUM_EXAMPLES: len(train_files),
-                                      "images-encoded": len(train_files) * local.cfg.training.local_epochs}
+        return encoder_state(model), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(train_files),
+                                      wire.IMAGES_ENCODED: len(train_files) * local.cfg.training.local_epochs}
 
     def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
         """The images encoded again with the received encoder (the text tower is frozen: its prompts stay)."""
@@ -99,9 +99,7 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 def received_encoder(local: LocalData, arrays: ArrayRecord):
     """This node's CLIP (loaded once) with the received image-encoder weights."""
-    if local.clip is None:
-        local.clip = load_clip(model_name_or_path(local.cfg), local.device)
-    model, processor = local.clip
+    model, processor = local.clip_model()
     load_encoder_state(model, arrays.to_torch_state_dict())
     return model, processor
 

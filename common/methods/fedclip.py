@@ -45,7 +45,7 @@ class FedClip(Method):
             load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
         loss = train_adapter(adapter, optimizer, feats, rows, local.cfg.training, local.generator(server_round, "train"))
         state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
-        return adapter.state_dict(), {"train-loss": loss, wire.NUM_EXAMPLES: len(rows), "images-encoded": 0}
+        return adapter.state_dict(), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
     def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
         """Every adapter the message carries is evaluated and their accuracies averaged (the held-out node of method=local
