@@ -1,6 +1,7 @@
-"""A method's gains over zero-shot CLIP on the demo (FedCLIP by default; --overrides "method=promptfl"), over several seeds, with 95% confidence intervals.
+"""A method's gains over zero-shot CLIP on the demo, over several seeds, with 95% confidence intervals.
 
     python -m benchmarks.demo_seeds --seeds 0 1 2 3 4 5 6 7 8 9
+    python -m benchmarks.demo_seeds --seeds 10 11 12 13 14 15 16 17 18 19 --overrides "method=promptfl"
     python -m benchmarks.demo_seeds --seeds 0 1 2 3 4 --overrides "dataset.held_out=photo"
 
 Each seed is one whole run of the default configuration in this process (tests/inprocess.py: the

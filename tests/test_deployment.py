@@ -334,3 +334,16 @@ def test_secure_aggregation_over_tls(deployment):
     assert [r["round"] for r in rows] == [0, 1, 2]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
+
+
+def test_promptfl_over_tls(deployment):
+    """PromptFL across real SuperNodes: only the context vectors travel, and the held-out domain is evaluated with them."""
+    log, folder = flwr_run(deployment, "training.rounds=1 method=promptfl")
+    assert "Traceback" not in log, log[-4000:]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["method"] == "promptfl" and summary["generalization"]["sketch"] is not None
+    assert summary["trained_parameters"] == 4 * 64  # "a picture of a": 4 vectors of the demo CLIP's text width
+    assert summary["bytes_up_per_client_per_round"] < 2048  # the context (1 KiB) and the .npy header, not an adapter (33 KiB)
+    assert (folder / "prompt_final.safetensors").exists()
