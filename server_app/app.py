@@ -16,6 +16,7 @@ from server_app.federation import Federation
 from server_app.privacy import with_privacy
 from server_app.report import RunReport
 from server_app.rounds import run_rounds
+from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy, trust_options
 
 setup_logging()
@@ -33,6 +34,9 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:
         raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}")
     method.refuse(cfg)
+    optimizer = ServerOptimizer.from_config(cfg.strategy)
+    if optimizer.kind != "mean" and not method.weights_name:
+        raise ValueError(f"strategy.server_optimizer={optimizer.kind} steps the global weights; method={method.name} keeps none")
     federation = Federation(grid, cfg, run_config)
 
     weights = method.initial_weights(cfg, federation.feature_dim)
@@ -49,5 +53,5 @@ def main(grid: Grid, context: Context) -> None:
     report = RunReport(cfg, federation.client_domains, [federation.node_clients[n] for n in strategy.train_nodes], trained, federation.classes,
                        federation.fingerprint, method.weights_name)
     report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
-    arrays, first_round = resume_run(cfg.resume, report, arrays) if cfg.resume else (arrays, 1)
-    report.finish(run_rounds(grid, context, cfg, federation, strategy, report, arrays, first_round, last_round))
+    arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer) if cfg.resume else (arrays, 1)
+    report.finish(run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round))

@@ -15,12 +15,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from server_app.report import RunReport, save_weights
+from server_app.server_optimizer import STATE_PREFIX, ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Checkpoint:
     arrays: ArrayRecord
     rows: list[dict]
     protocol: dict
+    optimizer: dict[str, np.ndarray]  # the server optimizer's moments (server_app/server_optimizer.py), if it has any
 
 
 def protocol(cfg: DictConfig) -> dict:
@@ -43,12 +46,13 @@ def protocol(cfg: DictConfig) -> dict:
             "clients_per_domain": cfg.dataset.clients_per_domain, "partition": cfg.dataset.partition, "model": cfg.model.name_or_path}
 
 
-def save_checkpoint(report: RunReport, arrays: ArrayRecord) -> None:
-    """Write the adapter and the rows of every round so far, replacing the last checkpoint atomically."""
+def save_checkpoint(report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None) -> None:
+    """Write the adapter (and the server optimizer's moments) and the rows of every round so far, replacing the last checkpoint atomically."""
     path = report.dir / CHECKPOINT
     tmp = path.with_suffix(".tmp")
     meta = {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows), "protocol": json.dumps(protocol(report.cfg))}
-    save_weights(arrays, tmp, meta)
+    moments = optimizer.state() if optimizer is not None else {}
+    save_weights(ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}}), tmp, meta)
     os.replace(tmp, path)
 
 
@@ -67,16 +71,19 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     rows = json.loads(meta["rows"])
     if not rows or rows[-1]["round"] != int(meta["round"]):
         raise ValueError(f"{path} is inconsistent: round {meta['round']} but {len(rows)} report rows")
-    return Checkpoint(int(meta["round"]), ArrayRecord(load_file(path)), rows, json.loads(meta.get("protocol", "{}")))
+    tensors = load_file(path)
+    weights = ArrayRecord({k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)})
+    moments = {k: v.numpy() for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    return Checkpoint(int(meta["round"]), weights, rows, json.loads(meta.get("protocol", "{}")), moments)
 
 
-def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None) -> tuple[ArrayRecord, int]:
     """Continue from a run folder's checkpoint: the adapter to start from and the next round.
 
     The earlier rows go into the new run folder's metrics and the best adapter so far is copied,
     so the summary covers the whole run. `arrays` is this run's fresh adapter: the checkpoint must
     have the same keys and shapes (same CLIP), and the same domains must be in the federation.
-    Clients' optimiser states are not part of it: they restart from zero.
+    The server optimizer (if given) goes on with its moments; clients' optimiser states are not part of it: they restart from zero.
     """
     ckpt = load_checkpoint(folder)
     changed = {k: (v, ckpt.protocol.get(k)) for k, v in protocol(report.cfg).items() if ckpt.protocol.get(k) != v}
@@ -99,6 +106,8 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord) -> tu
     if report.best is not None:
         best = f"{report.weights_name}_best.safetensors"
         shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
-    save_checkpoint(report, ckpt.arrays)
+    if optimizer is not None:
+        optimizer.load_state(ckpt.optimizer)
+    save_checkpoint(report, ckpt.arrays, optimizer)
     log.info("resumed from %s after round %d; going on with round %d", folder, ckpt.round, ckpt.round + 1)
     return ckpt.arrays, ckpt.round + 1

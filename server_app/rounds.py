@@ -22,6 +22,7 @@ from server_app.checkpoint import save_checkpoint
 from server_app.federation import Federation
 from server_app.report import RunReport
 from server_app.secagg import secure_exchange
+from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy
 
 
@@ -47,9 +48,10 @@ def split_replies(sent: list[Message], replies: list[Message]) -> tuple[list[Mes
 
 
 def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federation, strategy: FedClipStrategy, report: RunReport,
-               arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
+               optimizer: ServerOptimizer, arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
     """Rounds first_round .. last_round from `arrays`, then the last evaluation; returns the final weights.
 
+    The strategy's combined weights become the next global ones through the server optimizer (the mean: as they are).
     The weights to start from are evaluated first (round 0: zero-shot), unless the report already has their row (a resumed run).
     """
     trained = None if report.rows else Trained(first_round - 1, arrays, MetricRecord(), time.time())
@@ -78,7 +80,7 @@ def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federa
             metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
             seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
             report.add_round(trained.round, trained.train, metrics, seconds, trained.arrays)
-            save_checkpoint(report, trained.arrays)
+            save_checkpoint(report, trained.arrays, optimizer)
         if final:
             break
         report.count_traffic(federation.node_clients, sent, replies)
@@ -86,6 +88,6 @@ def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federa
             new_arrays, train_metrics = strategy.aggregate_secure(server_round, train_replies, mean_update)
         else:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, train_replies)
-        arrays = new_arrays if new_arrays is not None else arrays
+        arrays = optimizer.step(server_round, arrays, new_arrays) if new_arrays is not None else arrays
         trained = Trained(server_round, arrays, train_metrics, started)
     return arrays
