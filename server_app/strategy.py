@@ -156,10 +156,11 @@ class FedClipStrategy(FedAvg):
             raise ValueError(f"strategy.aggregation={self.aggregation} combines several clients' updates; method={method} has none to combine")
         if self.num_malicious < 0:
             raise ValueError(f"strategy.num_malicious must be >= 0, got {self.num_malicious}")
-        need, have = min_clients(self.aggregation, self.num_malicious), len(self.train_nodes)
+        need, have = min_clients(self.aggregation, self.num_malicious), len(self.train_sample(1))  # every round samples as many
         if have < need:
             raise ValueError(f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at least {need} "
-                             f"training clients, this federation has {have}; lower num_malicious or choose another rule (docs/trust.md)")
+                             f"training clients, this federation has {have} a round ({len(self.train_nodes)} training, strategy.fraction_train="
+                             f"{self.fraction_train}); lower num_malicious, raise fraction_train or choose another rule (docs/trust.md)")
 
     def _check_secagg(self) -> None:
         """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails here."""

@@ -129,6 +129,12 @@ def test_a_round_with_fewer_valid_updates_than_the_rule_needs_keeps_the_adapter(
     assert "4 valid update(s), need 5" in caplog.text
 
 
+def test_a_rule_needs_its_clients_in_every_sampled_round_not_only_in_the_federation():
+    with pytest.raises(ValueError, match="needs at least 5 training clients, this federation has 3 a round"):  # 12 training, 25% a round
+        make_strategy(12, aggregation="krum", num_malicious=1, fraction_train=0.25)
+    make_strategy(12, aggregation="krum", num_malicious=1, fraction_train=0.5)  # 6 a round: enough
+
+
 def test_unknown_rule_and_robust_rule_on_a_method_that_does_not_aggregate_are_errors():
     with pytest.raises(ValueError, match="strategy.aggregation must be one of"):
         make_strategy(3, aggregation="average")
