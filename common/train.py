@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def train_epochs(logits_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 cfg: DictConfig, generator: torch.Generator) -> float:
+    """`cfg.local_epochs` epochs of minibatches of cached features `x` (labels `y`), the loss on `logits_of(batch)`; the mean loss."""
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(y), generator=generator).to(x.device)
+        for start in range(0, len(y), cfg.batch_size):  # the last, smaller batch is kept
+            batch = order[start : start + cfg.batch_size]
+            loss = adapter_loss(logits_of(x[batch]), y[batch], cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+    return total / max(count, 1)
+
+
 def train_adapter(
     adapter: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -40,23 +59,12 @@ def train_adapter(
     cfg: DictConfig,
     generator: torch.Generator,
 ) -> float:
-    """`cfg.local_epochs` epochs of minibatch training on the given examples; returns the mean loss."""
+    """`cfg.local_epochs` epochs of minibatch training of the adapter on the given examples; returns the mean loss."""
     device = next(adapter.parameters()).device
     x, y = feats.image[indices].to(device), feats.labels[indices].to(device)
     text, scale = feats.text.to(device), feats.logit_scale.to(device)
     adapter.train()
-    total, count = 0.0, 0
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(len(y), generator=generator).to(device)
-        for start in range(0, len(y), cfg.batch_size):  # the last, smaller batch is kept
-            batch = order[start : start + cfg.batch_size]
-            loss = adapter_loss(class_logits(x[batch], text, scale, adapter), y[batch], cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-    return total / max(count, 1)
+    return train_epochs(lambda batch: class_logits(batch, text, scale, adapter), optimizer, x, y, cfg, generator)
 
 
 @torch.no_grad()

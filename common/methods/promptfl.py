@@ -17,8 +17,8 @@ from common import wire
 from common.features import DomainFeatures
 from common.local_data import LocalData
 from common.methods.base import Method, scores
-from common.model import adapter_loss, class_logits, load_clip, model_name_or_path
-from common.train import evaluate_adapter, load_optimizer_state, optimizer_state
+from common.model import class_logits, load_clip, model_name_or_path
+from common.train import evaluate_adapter, load_optimizer_state, optimizer_state, train_epochs
 from common.transport import decode
 
 CONTEXT = "ctx"  # the one tensor that trains and travels: [n_ctx, text width]
@@ -115,20 +115,10 @@ class PromptFL(Method):
         if state is not None and OPTIMIZER in state:
             load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
         x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
-        total, count = 0.0, 0
-        for _ in range(training.local_epochs):
-            order = torch.randperm(len(y), generator=generator).to(device)
-            for start in range(0, len(y), training.batch_size):
-                batch = order[start : start + training.batch_size]
-                loss = adapter_loss(class_logits(x[batch], text(ctx), scale, None), y[batch], training.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
+        loss = train_epochs(lambda batch: class_logits(batch, text(ctx), scale, None), optimizer, x, y, training, generator)
         if state is not None:
             state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
-        return ctx.detach().cpu(), total / max(count, 1)
+        return ctx.detach().cpu(), loss
 
     def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
         rows = torch.as_tensor(local.split.train)
