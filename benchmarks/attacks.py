@@ -3,7 +3,8 @@
     python -m benchmarks.attacks attacks     # 9 training clients, 1 then 2 poisoned, under each rule (--attackers, --rules)
     python -m benchmarks.attacks dp          # utility against epsilon, a few noise multipliers, 3 seeds
     python -m benchmarks.attacks dtype       # float16 / bfloat16 transport against float32, 3 seeds
-    python -m benchmarks.attacks bytes       # bytes per training client per round with ViT-B/32's adapter, each transport and SecAgg+
+    python -m benchmarks.attacks bytes       # bytes per training client per round with ViT-B/32's adapter and PromptFL context,
+                                             # each transport and SecAgg+ (--rules PromptFL: only PromptFL's rows)
     options: --rounds 20 --seeds 0 1 2 --out outputs/trust
 
 Every run is the whole app (ServerApp main + ClientApps) on the in-process grid of tests/inprocess.py,
@@ -165,13 +166,20 @@ def dtype_table(args: argparse.Namespace) -> None:
 
 
 def bytes_table(args: argparse.Namespace) -> None:
-    """Bytes on the messages with ViT-B/32's adapter: a CLIP with tiny towers and ViT-B/32's 512-dim projection."""
+    """Bytes on the messages with ViT-B/32's adapter and PromptFL context: a CLIP with 1-layer towers and ViT-B/32's
+    512-dim projection, 512-wide text tower and 77 text positions (PromptFL: 16 random context vectors)."""
     work = Path(tempfile.mkdtemp(dir=args.out))
-    clip, data = save_tiny_clip(work / "clip", projection_dim=512), write_image_folder(work / "data")
+    clip = save_tiny_clip(work / "clip", projection_dim=512, text_width=512, text_positions=77)
+    data = write_image_folder(work / "data")
+    promptfl = "method=promptfl method.init=random method.n_ctx=16"
     print("| transport | bytes down per training client per round | up | down + up |")
     print("|---|---|---|---|")
     for label, extra in (("float32", ""), ("float16", "strategy.transport_dtype=float16"), ("bfloat16", "strategy.transport_dtype=bfloat16"),
-                         ("float32, SecAgg+", "strategy.secagg.enabled=true"), ("float16, SecAgg+", "strategy.transport_dtype=float16 strategy.secagg.enabled=true")):
+                         ("float32, SecAgg+", "strategy.secagg.enabled=true"), ("float16, SecAgg+", "strategy.transport_dtype=float16 strategy.secagg.enabled=true"),
+                         ("PromptFL, float32", promptfl), ("PromptFL, float16", f"{promptfl} strategy.transport_dtype=float16"),
+                         ("PromptFL, float32, SecAgg+", f"{promptfl} strategy.secagg.enabled=true")):
+        if args.rules and not any(label.lower().startswith(r.lower()) for r in args.rules):
+            continue
         s = run(f"dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={clip} training.rounds={args.rounds} "
                 f"training.batch_size=8 cache_dir={work / 'cache'} {extra}", client_module.app, args.out, 1)
         print(f"| {label} | {s['bytes_down_per_client_per_round']:,} | {s['bytes_up_per_client_per_round']:,} | "
@@ -186,7 +194,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--attackers", type=int, nargs="+", default=[1, 2], help="attacks table: numbers of poisoned clients")
-    parser.add_argument("--rules", nargs="+", default=None, help="attacks table: only the rules whose name starts so (default: all)")
+    parser.add_argument("--rules", nargs="+", default=None, help="attacks table: only the rules whose name starts so; bytes table: only the rows (default: all)")
     parser.add_argument("--clients-per-domain", type=int, default=3, help="3: 9 training clients; 1: the default demo")
     parser.add_argument("--out", type=Path, default=Path("outputs/trust"))
     args = parser.parse_args()

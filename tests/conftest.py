@@ -19,9 +19,10 @@ from flwr.app import Error, Message, Metadata, MessageType, RecordDict  # noqa: 
 from PIL import Image  # noqa: E402
 
 
-def save_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24) -> Path:
+def save_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24, text_width: int = 32, text_positions: int = 16) -> Path:
     """A 1-layer, 32-wide CLIP with the demo's tokenizer, saved like any Hugging Face CLIP (projection_dim=512: ViT-B/32's
-    feature size, so its adapter has ViT-B/32's 525,312 parameters)."""
+    feature size, so its adapter has ViT-B/32's 525,312 parameters; text_width=512 and text_positions=77: ViT-B/32's text
+    tower's, so a PromptFL context has ViT-B/32's size)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -29,8 +30,8 @@ def save_tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 24) -> Pat
 
     tokenizer = build_tokenizer(["a", "picture", "of", "cat", "dog", "bird"])
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=text_positions, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=16, patch_size=8),

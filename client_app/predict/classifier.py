@@ -4,11 +4,13 @@
     clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's adapter; which="final"
     clf.predict(["cat.jpg", "dog.png"]).labels                         # ['cat', 'dog']
 
-A classifier is the run's frozen CLIP, one prompt per class and the adapter. It encodes images with the
+A classifier is the run's frozen CLIP, one prompt per class and the adapter (a PromptFL run: the learned context
+in the class prompts instead). It encodes images with the
 code of training's one-off feature extraction (`common.features.encode_images`) and scores them with the
 logits of training and evaluation (`common.model.class_logits`), so a prediction and the run's own
-evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors, a model
-card; client_app/predict/export.py) that `from_pretrained` loads, from a folder or the hub.
+evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors or a PromptFL
+run's context and class text features, a model card; client_app/predict/export.py) that `from_pretrained` loads,
+from a folder or the hub.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from client_app.predict.export import ADAPTER_FILE, CONFIG_FILE, EXPORT_FORMAT, write_export
+from client_app.predict.export import ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE, write_export
 from common.config import select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
@@ -152,20 +154,26 @@ class FedClipClassifier:
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | Path, clip: str | None = None, device: str = "auto",
                         dtype: str | torch.dtype = "float32", batch_size: int | None = None) -> FedClipClassifier:
-        """An exported adapter (see `export`), from a folder or a Hugging Face hub repository; `clip` overrides where its CLIP is."""
+        """An export (see `export`), from a folder or a Hugging Face hub repository; `clip` overrides where its CLIP is.
+
+        A PromptFL export's class text features are used as they are (the text encoder does not run); its context is
+        kept in `context`."""
         folder = Path(folder_or_hub_id).expanduser()
         if not folder.is_dir():
             folder = _download(str(folder_or_hub_id))
         info = json.loads((folder / CONFIG_FILE).read_text())
         if info.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, expected {EXPORT_FORMAT!r})")
+        if info.get("weights") == "prompt":
+            return cls._build(clip or info["clip"], info, load_file(folder / CONTEXT_FILE), device, dtype, batch_size,
+                              load_file(folder / TEXT_FILE)[TEXT_FEATURES])
         return cls._build(clip or info["clip"], info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
 
     @classmethod
     def _build(cls, clip: str, info: dict, weights: dict | None, device: str, dtype: str | torch.dtype,
-               batch_size: int | None) -> FedClipClassifier:
+               batch_size: int | None, text: torch.Tensor | None = None) -> FedClipClassifier:
         """Load the CLIP, refuse it unless it is the one the weights were trained with, and put them on it: an adapter on the
-        image features, or a PromptFL context in the class prompts."""
+        image features, or a PromptFL context in the class prompts (`text`: the class features it gives, when known)."""
         device_ = select_device(device)
         dtype_ = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model, processor = load_clip(str(clip), device_, dtype_)
@@ -178,6 +186,9 @@ class FedClipClassifier:
         if context is not None and context.shape[1] != (width := int(model.config.text_config.hidden_size)):
             raise ValueError(f"the CLIP {clip!r} has text width {width} but the context was trained for {context.shape[1]}: "
                              f"it needs the CLIP its run used ({info['clip']!r})")
+        if text is not None and tuple(text.shape) != (len(info["classes"]), dim):
+            raise ValueError(f"the class text features are {tuple(text.shape)}, but {len(info['classes'])} classes and the CLIP {clip!r}'s "
+                             f"{dim} features need ({len(info['classes'])}, {dim}): it needs the CLIP its run used ({info['clip']!r})")
         expected, found = info.get("clip_fingerprint"), model_files_fingerprint(str(clip))
         if expected and found != expected:
             raise ValueError(f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
@@ -189,7 +200,8 @@ class FedClipClassifier:
             adapter = AttentionAdapter(dim).to(device_)
             adapter.load_state_dict(adapter_state)
         info = {**info, "clip_fingerprint": found, "feature_dim": dim}
-        text = None if context is None else prompt_features(model, processor.tokenizer, info["classes"], info["prompt"], context)
+        if text is None and context is not None:
+            text = prompt_features(model, processor.tokenizer, info["classes"], info["prompt"], context)
         return cls(model, processor, info["classes"], info["prompt"], adapter, device_, batch_size or info["encode_batch_size"], info, text, context)
 
     def zero_shot(self) -> FedClipClassifier:
@@ -228,13 +240,17 @@ class FedClipClassifier:
     # ---- export ----------------------------------------------------------------------------------------------
 
     def export(self, folder: str | Path) -> Path:
-        """Write config.json, adapter.safetensors and a model card README.md to `folder`; `from_pretrained` loads it."""
+        """Write config.json, the weights and a model card README.md to `folder`; `from_pretrained` loads it.
+
+        The weights: adapter.safetensors, or for a PromptFL run the context and the class text features this classifier
+        scores with (computed with the CLIP in the precision it was loaded in; float32 by default), so the export
+        predicts exactly what this classifier predicts."""
         if self.context is not None:
-            raise ValueError("exporting a PromptFL run's context is not built yet: use FedClipClassifier.from_run(<run folder>) "
-                             "or fedclip-predict --run <run folder>")
+            info = {**self.info, "weights": "prompt", "n_ctx": int(self.context.shape[0]), "text_width": int(self.context.shape[1])}
+            return write_export(folder, {CONTEXT_FILE: {CONTEXT: self.context}, TEXT_FILE: {TEXT_FEATURES: self.text}}, info)
         if self.adapter is None:
-            raise ValueError("a zero-shot classifier has no adapter to export")
-        return write_export(folder, self.adapter, self.info)
+            raise ValueError("a zero-shot classifier has no adapter or prompt context to export")
+        return write_export(folder, {ADAPTER_FILE: self.adapter.state_dict()}, {**self.info, "weights": "adapter"})
 
 
 def _run_results(cfg, summary: dict, which: str | None) -> dict:

@@ -1,4 +1,4 @@
-"""fedclip-predict: classify images with a run's adapter, and export it for others.
+"""fedclip-predict: classify images with a run's adapter (or PromptFL context), and export it for others.
 
     fedclip-predict --run outputs/<run> IMAGES_OR_FOLDER... [--top-k 3] [--out preds.csv]
     fedclip-predict --model EXPORTED_FOLDER_OR_HUB_ID IMAGES_OR_FOLDER...
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="precision of the CLIP")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's model.encode_batch_size)")
-    parser.add_argument("--export", metavar="DIR", help="write the adapter as a Hugging Face-style folder")
+    parser.add_argument("--export", metavar="DIR", help="write the adapter (a PromptFL run: its context and class text features) as a Hugging Face-style folder")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         clf = clf.zero_shot() if args.zero_shot else clf
     if args.export or args.push_to_hub:
         folder = clf.export(args.export or tempfile.mkdtemp(prefix="fedclip-adapter-"))
-        print(f"exported the adapter to {folder}", file=sys.stderr)
+        print(f"exported the {'prompt context' if clf.context is not None else 'adapter'} to {folder}", file=sys.stderr)
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(folder, args.push_to_hub, args.private)}", file=sys.stderr)
     if args.inputs:
@@ -135,7 +135,7 @@ def classify(clf: FedClipClassifier, groups: list[InputGroup], top_k: int, out: 
     labelled = [(g.domain, e) for g, e in zip(groups, encoded) if g.domain is not None and len(e.names)]
     if labelled:
         zero_shot = clf.zero_shot()
-        which = "adapter" if clf.adapter is not None else "(no adapter)"
+        which = "adapter" if clf.adapter is not None else "prompt" if clf.context is not None else "(no adapter)"
         print(f"{'domain':>16} {'images':>8} {which:>12} {'zero-shot':>10}", file=sys.stderr)
         for domain, enc in labelled + ([("all", _joined([e for _, e in labelled]))] if len(labelled) > 1 else []):
             print(f"{domain:>16} {len(enc.names):>8} {100 * accuracy(clf, enc):>12.2f} {100 * accuracy(zero_shot, enc):>10.2f}",

@@ -1,7 +1,11 @@
-"""An adapter exported for others: a Hugging Face-style folder (config.json, adapter.safetensors, a model card), and the hub.
+"""What a run learned, exported for others: a Hugging Face-style folder, and the hub.
 
-`FedClipClassifier.export` writes it (`write_export`), `FedClipClassifier.from_pretrained` reads it back,
-from a folder or a hub repository that `push_to_hub` uploaded it to.
+A FedCLIP run's folder holds config.json, adapter.safetensors and a model card; a PromptFL run's holds
+config.json, prompt_context.safetensors (the learned context) and class_text_features.safetensors (the class
+text features the context gives, computed once: with them the classifier is zero-shot CLIP's formula with no
+text encoder and no custom code), and the card. `FedClipClassifier.export` writes it (`write_export`),
+`FedClipClassifier.from_pretrained` reads it back, from a folder or a hub repository that `push_to_hub`
+uploaded it to.
 """
 
 from __future__ import annotations
@@ -9,22 +13,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from common.files import set_default_mode
 
 EXPORT_FORMAT = "fedclip-adapter"  # config.json's "format": what from_pretrained accepts
 ADAPTER_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "config.json", "README.md"
+CONTEXT_FILE, TEXT_FILE = "prompt_context.safetensors", "class_text_features.safetensors"  # a PromptFL export's
+TEXT_FEATURES = "text_features"  # TEXT_FILE's tensor: [classes, projection dim], in the order of config.json's classes
 
 
-def write_export(folder: str | Path, adapter: nn.Module, info: dict) -> Path:
-    """Write the adapter's weights, `info` as config.json and a model card README.md to `folder`."""
+def write_export(folder: str | Path, files: dict[str, dict[str, torch.Tensor]], info: dict) -> Path:
+    """Write each safetensors file of `files` (name -> tensors, stored float32), `info` as config.json and a model card
+    README.md to `folder`."""
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    save_file(state, folder / ADAPTER_FILE, metadata={"format": EXPORT_FORMAT})
-    set_default_mode(folder / ADAPTER_FILE)
+    for name, tensors in files.items():
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, folder / name, metadata={"format": EXPORT_FORMAT})
+        set_default_mode(folder / name)
     (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2))
     (folder / CARD_FILE).write_text(model_card(info))
     return folder
@@ -45,6 +52,15 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
+def _weights_description(info: dict) -> str:
+    """What the export holds, for the card: a FedCLIP adapter, or a PromptFL context and its class text features."""
+    if info.get("weights") == "prompt":
+        return (f"A PromptFL prompt context ({info['n_ctx']} vectors, {info['n_ctx'] * info['text_width']:,} parameters, `{CONTEXT_FILE}`) "
+                f"and the class text features it gives (`{TEXT_FILE}`: the `{TEXT_FEATURES}` that replace the encoded prompts "
+                "in zero-shot CLIP's logits)")
+    return f"A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters)"
+
+
 def model_card(info: dict) -> str:
     """The README.md of an exported adapter: what it is, how it was trained, its results, how to load it, its limits."""
     run = info["run"]
@@ -60,7 +76,7 @@ tags: [fedclip, clip, federated-learning, flower, image-classification]
 
 # FedCLIP adapter
 
-A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters) for the frozen CLIP
+{_weights_description(info)} for the frozen CLIP
 `{info['clip']}` (files' fingerprint `{info['clip_fingerprint']}`), trained federated with
 [Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info['classes'])} classes
 ({classes}) with the prompt `{info['prompt']}`.
