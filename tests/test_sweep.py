@@ -142,3 +142,23 @@ def test_real_sweep_stops_and_resumes(tmp_path, demo_cache, monkeypatch, capsys)
     summary = json.loads(done_before["photo"].read_text())
     assert summary["rounds"] == 2 and summary["held_out"] == "photo"
     assert (out / "plots" / "accuracy_cartoon.png").is_file() and (out / "plots" / "bytes_vs_accuracy.png").is_file()
+
+
+def test_sweep_runs_promptfl_through_flwr_run(tmp_path, demo_cache, monkeypatch, capsys):
+    """method=promptfl in a sweep: one real `flwr run` simulation (Ray) with the method set by --run-config overrides,
+    its context the only thing that travels, and its column and cost row in the table."""
+    monkeypatch.setenv("FEDCLIP_CACHE", demo_cache)
+    out = tmp_path / "sweep"
+    assert sweep_main([f"dataset.domains=[photo,sketch,cartoon] training.rounds=2 sweep.methods=[promptfl] sweep.held_out=[sketch] "
+                       f"sweep.out_dir={out}"]) == 0
+    assert "run 1/1: method=promptfl held_out=sketch seed=0: held-out" in capsys.readouterr().out
+    [path] = run_dir(out, "promptfl", "sketch", 0).glob("*/summary.json")
+    summary = json.loads(path.read_text())
+    assert 'overrides="dataset.domains=[photo,sketch,cartoon] training.rounds=2 dataset.held_out=sketch seed=0 method=promptfl"' in \
+        (run_dir(out, "promptfl", "sketch", 0) / "flwr.log").read_text()
+    assert summary["method"] == "promptfl" and summary["rounds"] == 2 and summary["generalization"]["sketch"] is not None
+    assert summary["trained_parameters"] == 4 * 64  # "a picture of a": 4 vectors of the demo CLIP's text width
+    assert 4 * 4 * 64 <= summary["bytes_up_per_client_per_round"] < 2048  # the context (1 KiB) and its .npy header
+    assert (path.parent / "prompt_final.safetensors").is_file() and (path.parent / "prompt_best.safetensors").is_file()
+    md = (out / "table.md").read_text()
+    assert "| held out | promptfl |" in md and "| promptfl | 256 |" in md
