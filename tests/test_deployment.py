@@ -259,14 +259,22 @@ def test_unregistered_supernode_is_refused(deployment):
 
 
 @pytest.fixture(scope="module")
-def federated_run(deployment):
-    """Four registered SuperNodes; the cartoon one is killed after round 2 and started again once the server lost it."""
+def nodes(deployment) -> Deployment:
+    """Four registered SuperNodes, one per domain, online: what every test that runs the app needs (without them a run
+    waits for nodes until flwr_run's timeout)."""
     dep = deployment
     for domain in DOMAINS:
         dep.register(domain)
     for index, domain in enumerate(DOMAINS):
         dep.start_supernode(index, domain)
     dep.wait_for(lambda: dep.online_nodes() == len(DOMAINS), 120, f"{len(DOMAINS)} SuperNodes")
+    return dep
+
+
+@pytest.fixture(scope="module")
+def federated_run(nodes):
+    """A 6-round FedCLIP run; the cartoon node is killed after round 2 and started again once the server lost it."""
+    dep = nodes
     events: dict[str, float] = {}
 
     def on_line(line: str) -> None:
@@ -326,9 +334,9 @@ def test_resume_from_checkpoint(deployment, federated_run):
     assert "round | train loss" in log and json.loads((resumed / "summary.json").read_text())["rounds"] == ROUNDS + 1
 
 
-def test_secure_aggregation_over_tls(deployment):
+def test_secure_aggregation_over_tls(nodes):
     """SecAgg+ across real SuperNodes: four exchanges a round, the masked vectors (int64) up, the run complete."""
-    log, folder = flwr_run(deployment, "training.rounds=2 strategy.secagg.enabled=true")
+    log, folder = flwr_run(nodes, "training.rounds=2 strategy.secagg.enabled=true")
     assert "Traceback" not in log and "Secure aggregation halted" not in log, log[-4000:]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -336,9 +344,9 @@ def test_secure_aggregation_over_tls(deployment):
     assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
 
 
-def test_promptfl_over_tls(deployment):
+def test_promptfl_over_tls(nodes):
     """PromptFL across real SuperNodes: only the context vectors travel, and the held-out domain is evaluated with them."""
-    log, folder = flwr_run(deployment, "training.rounds=1 method=promptfl")
+    log, folder = flwr_run(nodes, "training.rounds=1 method=promptfl")
     assert "Traceback" not in log, log[-4000:]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
