@@ -96,9 +96,9 @@ def test_the_command_reproduces_the_runs_held_out_accuracy(run, data, tmp_path, 
     for args in (["--run", str(run), str(data), "--export", str(export)], ["--model", str(export), str(data)]):
         assert predict_main(args) == 0
         err = capsys.readouterr().err
-        header, [sketch] = err.splitlines()[[line.split()[:1] for line in err.splitlines()].index(["domain"])], \
-            [line.split() for line in err.splitlines() if line.split()[:1] == ["sketch"]]
-        assert header.split()[2] == "prompt" and sketch[1] == "24"
+        rows = {line.split()[0]: line.split() for line in err.splitlines() if line.split()[:1] in (["domain"], ["sketch"])}
+        header, sketch = rows["domain"], rows["sketch"]
+        assert header[2] == "prompt" and sketch[1] == "24"
         assert float(sketch[2]) == pytest.approx(100 * summary["generalization"]["sketch"], abs=0.006)
         assert float(sketch[3]) == pytest.approx(100 * summary["zero_shot"]["sketch"], abs=0.006)
     assert (export / CONTEXT_FILE).is_file()
