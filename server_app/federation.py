@@ -20,6 +20,14 @@ from server_app import screening
 
 log = logging.getLogger(__name__)
 
+class FederationError(Exception):
+    """The federation cannot run this app (every site refused it, no node can train, CLIPs differ): the run stops with this message.
+
+    Not a RuntimeError: Flower 1.28's `flwr-serverapp` reports a RuntimeError from the ServerApp only as
+    "Failed to start run" (exit code 203) and drops its message; any other exception is logged with it.
+    """
+
+
 POLL_SECONDS = (0.002, 0.05)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
 
 
@@ -122,10 +130,10 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int],
                  m["num-skipped"], m[wire.NUM_TRAIN], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in node_domains.values()):
         if refused:
-            raise RuntimeError(f"{len(refused)} of {len(node_ids)} node(s) refused to run this app, and no other node holds a training "
+            raise FederationError(f"{len(refused)} of {len(node_ids)} node(s) refused to run this app, and no other node holds a training "
                                f"domain: the sites run only apps they approved. First refusal: {next(iter(refused.values()))} (every "
                                "refusal is logged above)")
-        raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
+        raise FederationError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
     if len(set(fingerprints.values())) > 1:
@@ -168,7 +176,7 @@ class Federation:
                                                                                                          self.refused)
         dims = {int(m[wire.FEATURE_DIM]) for m in self.info.values()}
         if len(dims) != 1:
-            raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
+            raise FederationError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
         self.feature_dim = dims.pop()
 
     def refresh(self) -> None:

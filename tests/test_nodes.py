@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, Metadata, MessageType, Metric
 from flwr.common.constant import ErrorCode
 
 from common.config import load_config
-from server_app.federation import discover_nodes, exchange, refresh_nodes
+from server_app.federation import FederationError, discover_nodes, exchange, refresh_nodes
 
 SUPERLINK = 1  # the id the SuperLink answers from for a node it lost (Flower's SUPERLINK_NODE_ID)
 CLASSES = ["cat", "dog"]
@@ -111,7 +111,7 @@ def refusal(node: int) -> Error:
 def test_a_run_every_site_refuses_stops_at_discovery_naming_each_refusal(caplog):
     cfg = load_config("dataset.held_out=sketch")
     nodes = (5001, 5002, 5003, 5004)
-    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match=r"4 of 4 node\(s\) refused to run this app.*node 5001 \(photo\) refused"):
+    with caplog.at_level(logging.INFO), pytest.raises(FederationError, match=r"4 of 4 node\(s\) refused to run this app.*node 5001 \(photo\) refused"):
         discover_nodes(FakeGrid({n: refusal(n) for n in nodes}), cfg, "", set(), refused := {})
     assert sorted(refused) == list(nodes)
     for node in nodes:
