@@ -228,10 +228,13 @@ def deployment(tmp_path_factory):
         dep.close()
 
 
-def stream_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900, app: Path = REPO) -> tuple[str, list[Path]]:
-    """`flwr run --stream` of an app against the deployment's SuperLink; returns the streamed log and the new run folders."""
+def stream_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900, app: Path = REPO, run_config: tuple[str, ...] = ()
+               ) -> tuple[str, list[Path]]:
+    """`flwr run --stream` of an app against the deployment's SuperLink (more run-config in `run_config`); returns the streamed log
+    and the new run folders."""
     before = set((dep.tmp / "outputs").glob("*")) if (dep.tmp / "outputs").exists() else set()
-    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"'],
+    more = [arg for value in run_config for arg in ("--run-config", value)]
+    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"', *more],
                             env=dep.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=dep.tmp)
     lines, deadline = [], time.time() + timeout
     try:
