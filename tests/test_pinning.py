@@ -171,3 +171,29 @@ def test_an_ssh_keygen_key_signs_too(tmp_path, capsys, fab):
 def test_key_ids_are_flower_style_and_stable():
     key = ed25519.Ed25519PrivateKey.generate().public_key()
     assert public_key_id(key) == public_key_id(key) and public_key_id(key).startswith("fpk_") and len(public_key_id(key)) == 36
+
+
+def test_the_run_config_cannot_name_code_for_a_site_to_run(tmp_path):
+    """Pinning the app is void if the configuration a run brings can call any function: only this app's method classes are built."""
+    from common.config import load_config
+    from common.methods.base import load_method
+
+    (tmp_path / "secret").write_text("site data")
+    copied = tmp_path / "copied"
+    with pytest.raises(ValueError, match="not a method of this app"):
+        load_method(load_config("method._target_=shutil.copyfile"))
+    with pytest.raises(Exception):  # noqa: B017 - the method rejects the unknown key; the point is that nothing nested ran
+        load_method(load_config(f"+method.x._target_=shutil.copyfile +method.x._args_=[{tmp_path / 'secret'},{copied}]"))
+    assert not copied.exists()
+    assert type(load_method(load_config("method=promptfl"))).__name__ == "PromptFL"
+
+
+def test_a_node_resolves_no_resolver_from_the_run_config():
+    """`${oc.env:...}` in a run's configuration would read the site's environment into values errors carry back."""
+    from omegaconf import OmegaConf
+
+    from common.config import compose_config, local_config
+
+    assert local_config(OmegaConf.to_yaml(compose_config(""))).cache_dir  # plain ${key} interpolations resolve
+    with pytest.raises(ValueError, match=r"calls an OmegaConf resolver \(\$\{oc.env:HOME\}\)"):
+        local_config(OmegaConf.to_yaml(compose_config("+dataset.x=${oc.env:HOME}")))
