@@ -34,8 +34,19 @@ def compose_config(overrides: str | list[str] = "") -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")  # ${oc.env:NAME}, ${oc.decode:...}: an OmegaConf resolver call, not a plain ${key}
+
+
 def local_config(composed: DictConfig | str) -> DictConfig:
-    """A composed configuration (or its YAML) as this machine sees it: FEDCLIP_CACHE/FEDCLIP_OUTPUTS win, then resolved."""
+    """A composed configuration (or its YAML, as a message brings it) as this machine sees it: FEDCLIP_CACHE/FEDCLIP_OUTPUTS win,
+    then resolved.
+
+    YAML from a message may interpolate other keys (`${cache_dir}`) but call no resolver: `${oc.env:NAME}` would put
+    this machine's environment (secrets included) into values that error messages carry back to the server.
+    """
+    if isinstance(composed, str) and (call := RESOLVER.search(composed)):
+        raise ValueError(f"the run's configuration calls an OmegaConf resolver ({composed[call.start():].split('}')[0]}}}); a node "
+                         "resolves only plain ${key} interpolations in the configuration a run sends: remove it from the overrides")
     cfg = OmegaConf.create(composed) if isinstance(composed, str) else composed.copy()
     for key, env in MACHINE_ENV:
         if os.environ.get(env):

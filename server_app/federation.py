@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
@@ -18,6 +19,14 @@ from common import wire
 from server_app import screening
 
 log = logging.getLogger(__name__)
+
+class FederationError(Exception):
+    """The federation cannot run this app (every site refused it, no node can train, CLIPs differ): the run stops with this message.
+
+    Not a RuntimeError: Flower 1.28's `flwr-serverapp` reports a RuntimeError from the ServerApp only as
+    "Failed to start run" (exit code 203) and drops its message; any other exception is logged with it.
+    """
+
 
 POLL_SECONDS = (0.002, 0.05)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
 
@@ -55,17 +64,24 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
     return kept
 
 
-def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int]) -> list[tuple[int, str, str, list[str], MetricRecord, str]]:
+def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int], refused: dict[int, str]
+                ) -> list[tuple[int, str, str, list[str], MetricRecord, str]]:
     """Ask nodes which client (domain, or share of one), classes and CLIP (its files' fingerprint) they hold; malformed answers and
     failures are logged and left out.
 
-    A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`.
+    A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`; one whose site
+    refused to run this app (its warm ClientApp checks the app's hash, client_app/pinning.py) is logged with its reason and
+    added to `refused`: it is not asked again during the run.
     """
     queries = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}), dst_node_id=n, message_type=MessageType.QUERY)
                for n in node_ids]
     answers = []
     for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
         node = reply.metadata.src_node_id
+        if reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB:
+            refused[node] = reply.error.reason
+            log.error("node %d refused the app: %s", node, reply.error.reason)
+            continue
         if (reason := screening.query_answer(reply)) is not None:
             log.error("node %d left out: %s", node, reason)
             continue
@@ -92,10 +108,12 @@ def _accept(node: int, client: str, classes: list[str], node_clients: dict[int, 
     return True
 
 
-def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int]) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str], str]:
+def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int], refused: dict[int, str]
+                   ) -> tuple[dict[int, str], dict[int, str], dict[str, MetricRecord], list[str], str]:
     """Ask every connected node which client it holds (a query message); nodes encode their features now.
 
     Returns node -> domain, node -> client name, client -> what it reported, the classes and the CLIP's fingerprint.
+    A run that no node would train because the sites refused the app stops here with their reasons.
     """
     expected = len(cfg.dataset.domains) * int(cfg.dataset.clients_per_domain) if cfg.dataset.domains else cfg.strategy.min_available_nodes
     deadline = time.time() + cfg.strategy.round_timeout
@@ -104,14 +122,18 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int])
         time.sleep(2)
     log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
     node_domains, node_clients, info, federation_classes, fingerprints = {}, {}, {}, None, {}
-    for node, domain, client, classes, m, fingerprint in query_nodes(grid, cfg, node_ids, run_config, idle):
+    for node, domain, client, classes, m, fingerprint in query_nodes(grid, cfg, node_ids, run_config, idle, refused):
         if not _accept(node, client, classes, node_clients, federation_classes):
             continue
         node_domains[node], node_clients[node], info[client], federation_classes, fingerprints[client] = domain, client, m, classes, fingerprint
         log.info("node %d holds %r: %d images (%d unreadable skipped), split %d/%d/%d%s", node, client, m["num-images"],
                  m["num-skipped"], m[wire.NUM_TRAIN], m["num-val"], m["num-test"], "  [held out]" if domain == cfg.dataset.held_out else "")
     if not any(d != cfg.dataset.held_out for d in node_domains.values()):
-        raise RuntimeError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
+        if refused:
+            raise FederationError(f"{len(refused)} of {len(node_ids)} node(s) refused to run this app, and no other node holds a training "
+                               f"domain: the sites run only apps they approved. First refusal: {next(iter(refused.values()))} (every "
+                               "refusal is logged above)")
+        raise FederationError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
     if len(set(fingerprints.values())) > 1:
@@ -120,7 +142,7 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int])
 
 
 def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], node_clients: dict[int, str], info: dict[str, MetricRecord],
-                  classes: list[str], run_config: str, idle: set[int]) -> None:
+                  classes: list[str], run_config: str, idle: set[int], refused: dict[int, str]) -> None:
     """Before a round: forget nodes that left, and take back a client's node when one (re)connects.
 
     A restarted SuperNode may come back under a new node id, so every connected node that is not
@@ -130,10 +152,10 @@ def refresh_nodes(grid: Grid, cfg: DictConfig, node_domains: dict[int, str], nod
     for node in [n for n in node_domains if n not in connected]:
         node_domains.pop(node)
         log.warning("node %d (%s) is no longer connected: left out until a node with its data connects", node, node_clients.pop(node))
-    new = sorted(connected - set(node_domains) - idle)
+    new = sorted(connected - set(node_domains) - idle - set(refused))
     if not new:
         return
-    for node, domain, client, node_classes, m, _ in query_nodes(grid, cfg, new, run_config, idle):
+    for node, domain, client, node_classes, m, _ in query_nodes(grid, cfg, new, run_config, idle, refused):
         if client not in info:
             log.error("node %d left out: client %r was not in this run when it started", node, client)
         elif m[wire.FEATURE_DIM] != info[client][wire.FEATURE_DIM]:
@@ -149,14 +171,17 @@ class Federation:
     def __init__(self, grid: Grid, cfg: DictConfig, run_config: str) -> None:
         self.grid, self.cfg, self.run_config = grid, cfg, run_config
         self.idle: set[int] = set()
-        self.node_domains, self.node_clients, self.info, self.classes, self.fingerprint = discover_nodes(grid, cfg, run_config, self.idle)
+        self.refused: dict[int, str] = {}  # node -> why its site refused to run this app
+        self.node_domains, self.node_clients, self.info, self.classes, self.fingerprint = discover_nodes(grid, cfg, run_config, self.idle,
+                                                                                                         self.refused)
         dims = {int(m[wire.FEATURE_DIM]) for m in self.info.values()}
         if len(dims) != 1:
-            raise RuntimeError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
+            raise FederationError(f"nodes report different CLIP feature sizes {sorted(dims)}: every node must use the same CLIP")
         self.feature_dim = dims.pop()
 
     def refresh(self) -> None:
-        refresh_nodes(self.grid, self.cfg, self.node_domains, self.node_clients, self.info, self.classes, self.run_config, self.idle)
+        refresh_nodes(self.grid, self.cfg, self.node_domains, self.node_clients, self.info, self.classes, self.run_config, self.idle,
+                      self.refused)
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         return exchange(self.grid, messages, self.cfg.strategy.round_timeout, self.node_clients)

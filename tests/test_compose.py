@@ -63,7 +63,8 @@ def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     command = gpu["services"]["superlink"]["command"]
     assert flags(command) == SUPERLINK_FLAGS - {"--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
     assert "--insecure" not in command
-    assert {p["target"] for p in gpu["services"]["superlink"]["ports"]} == {9092, 9093}
+    # the Control API (who may start a run) is published on this host's loopback only; SuperNodes reach the Fleet API from anywhere
+    assert {p["target"]: p.get("host_ip") for p in gpu["services"]["superlink"]["ports"]} == {9092: None, 9093: "127.0.0.1"}
     build = gpu["services"]["superlink"]["build"]
     assert build["args"]["BASE_IMAGE"] == "flwr/superlink:1.28.0"  # Flower's official image unless FLWR_REPOSITORY says otherwise
     assert build["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"

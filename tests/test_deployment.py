@@ -136,8 +136,12 @@ class Deployment:
         out = run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"supernode-{name}.pub"), "fedclip"], env=self.cli_env)
         assert out.returncode == 0, out.stdout + out.stderr
 
-    def start_supernode(self, index: int, domain: str, key: str | None = None) -> subprocess.Popen:
-        """docker/compose.yml's SuperNode command: the CA, its private key, its domain, data, cache and device."""
+    def start_supernode(self, index: int, domain: str, key: str | None = None, warm: list[str] | None = None) -> subprocess.Popen:
+        """docker/compose.yml's SuperNode command: the CA, its private key, its domain, data, cache and device.
+
+        With `warm` (fedclip-clientapp's flags, e.g. --approved-apps FILE) the SuperNode runs with
+        `--isolation process` and a warm ClientApp beside it on its host, from this checkout (PYTHONPATH).
+        """
         data = self.tmp / f"data-{domain}"
         if not data.exists():  # only this node's domain, as on its own site
             data.mkdir()
@@ -146,16 +150,22 @@ class Deployment:
         home = self.tmp / f"supernode-home-{domain}-{index}"
         home.mkdir()
         node_config = f"domain='{domain}' data-dir='{data}' cache-dir='{self.cache}' device='cpu'"
+        clientappio = f"127.0.0.1:{free_port()}"
         command = [
             str(BIN / "flower-supernode"),
             "--superlink", f"{host}:{self.fleet}",
             "--root-certificates", str(self.certs / "ca.crt"),
             "--auth-supernode-private-key", str(self.certs / f"supernode-{key or domain}"),
-            "--clientappio-api-address", f"127.0.0.1:{free_port()}",
+            "--clientappio-api-address", clientappio,
             "--node-config", node_config,
         ]
         assert {c for c in command if c.startswith("--")} == SUPERNODE_FLAGS
-        return self._start(f"supernode-{domain}-{index}", [*prefix, *command], dict(self.env, FLWR_HOME=str(home)))
+        env = dict(self.env, FLWR_HOME=str(home))
+        if warm is not None:
+            command += ["--isolation", "process"]
+            self._start(f"warm-{domain}-{index}", [*prefix, str(BIN / "fedclip-clientapp"), "--clientappio-api-address", clientappio, *warm],
+                        dict(env, PYTHONPATH=str(REPO)))
+        return self._start(f"supernode-{domain}-{index}", [*prefix, *command], env)
 
     def online_nodes(self) -> int:
         out = run([str(BIN / "flwr"), "supernode", "ls", "fedclip", "--format", "json"], env=self.cli_env)
@@ -194,11 +204,15 @@ class Deployment:
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def skip_without_cert_tools() -> None:
     missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"docker/make-certs.sh needs {' and '.join(missing)} (Debian: openssl, openssh-client)")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    skip_without_cert_tools()
     tmp = tmp_path_factory.mktemp("deploy")
     cache = os.environ.get("FEDCLIP_CACHE") or str(tmp_path_factory.mktemp("cache"))  # set it to reuse a built demo
     cfg = load_config(f"cache_dir={cache}")
@@ -214,10 +228,13 @@ def deployment(tmp_path_factory):
         dep.close()
 
 
-def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900) -> tuple[str, Path]:
-    """`flwr run` of the app against the deployment's SuperLink; returns the streamed log and the run folder."""
+def stream_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900, app: Path = REPO, run_config: tuple[str, ...] = ()
+               ) -> tuple[str, list[Path]]:
+    """`flwr run --stream` of an app against the deployment's SuperLink (more run-config in `run_config`); returns the streamed log
+    and the new run folders."""
     before = set((dep.tmp / "outputs").glob("*")) if (dep.tmp / "outputs").exists() else set()
-    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(REPO), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"'],
+    more = [arg for value in run_config for arg in ("--run-config", value)]
+    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"', *more],
                             env=dep.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=dep.tmp)
     lines, deadline = [], time.time() + timeout
     try:
@@ -232,8 +249,13 @@ def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900
             proc.kill()
         proc.wait()
     log = "".join(lines)
-    (dep.tmp / f"flwr-run-{len(before)}.log").write_text(log)
-    new = sorted(set((dep.tmp / "outputs").glob("*")) - before)
+    (dep.tmp / f"flwr-run-{len(list(dep.tmp.glob('flwr-run-*.log')))}.log").write_text(log)
+    return log, sorted(set((dep.tmp / "outputs").glob("*")) - before)
+
+
+def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900) -> tuple[str, Path]:
+    """`flwr run` of this app against the deployment's SuperLink; returns the streamed log and the run folder, which holds summary.json."""
+    log, new = stream_run(dep, overrides, on_line, timeout)
     assert new and (new[-1] / "summary.json").is_file(), f"the run wrote no summary.json:\n{log[-8000:]}"
     return log, new[-1]
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 from flwr.app import ConfigRecord, Error, Message, Metadata, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from common.config import load_config
-from server_app.federation import exchange, refresh_nodes
+from server_app.federation import FederationError, discover_nodes, exchange, refresh_nodes
 
 SUPERLINK = 1  # the id the SuperLink answers from for a node it lost (Flower's SUPERLINK_NODE_ID)
 CLASSES = ["cat", "dog"]
@@ -20,7 +22,7 @@ def query_reply(node: int, domain: str, classes=CLASSES, dim: int = 8) -> dict:
 
 
 class FakeGrid:
-    """Connected nodes and how each answers: a dict of records, 'lost' (the SuperLink's error) or None (silence)."""
+    """Connected nodes and how each answers: a dict of records, 'lost' (the SuperLink's error), an Error of its own or None (silence)."""
 
     def __init__(self, answers: dict[int, object]) -> None:
         self.answers = answers
@@ -41,11 +43,13 @@ class FakeGrid:
             answer = self.answers[dst]
             if msg.metadata.message_id not in message_ids or answer is None:
                 continue
-            src = SUPERLINK if answer == "lost" else dst
+            src = SUPERLINK if isinstance(answer, str) else dst
             meta = Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=f"m{dst}",
                             group_id="", created_at=time.time(), ttl=60, message_type=msg.metadata.message_type)
-            if answer == "lost":
+            if isinstance(answer, str):  # "lost"
                 replies.append(Message(error=Error(code=5, reason="Error: Node Unavailable"), metadata=meta))
+            elif isinstance(answer, Error):
+                replies.append(Message(error=answer, metadata=meta))
             else:
                 replies.append(Message(content=RecordDict(answer), metadata=meta))
         return replies
@@ -75,7 +79,7 @@ def test_refresh_forgets_lost_nodes_and_takes_back_their_domain(caplog):
     grid = FakeGrid({1001: None, 1003: None, 2000: query_reply(2000, "cartoon", ["cat"]), 2001: query_reply(2001, "cartoon", dim=16),
                      2002: query_reply(2002, "cartoon"), 2003: query_reply(2003, "photo"), 2004: query_reply(2004, "clipart")})
     with caplog.at_level(logging.INFO):
-        refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES, "", set())
+        refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES, "", set(), {})
     assert node_domains == node_clients == {1001: "photo", 1003: "sketch", 2002: "cartoon"}
     assert "node 1002 (cartoon) is no longer connected" in caplog.text
     assert "node 2002 (re)joined holding 'cartoon'" in caplog.text
@@ -91,9 +95,38 @@ def test_an_idle_node_is_logged_once_and_never_asked_again(caplog):
     node_domains, idle = {1001: "photo", 1003: "sketch"}, set()
     grid = FakeGrid({1001: None, 1003: None, 3000: {"info": ConfigRecord({"idle": "no data in this run: partition-id 7"})}})
     with caplog.at_level(logging.INFO):
-        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle)
+        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle, {})
         grid.sent = []
-        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle)
+        refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle, {})
     assert idle == {3000} and grid.sent == []  # the second refresh asks nobody
     assert caplog.text.count("node 3000 is idle: no data in this run") == 1
     assert "Traceback" not in caplog.text and "left out" not in caplog.text
+
+
+def refusal(node: int) -> Error:
+    """What a site's warm ClientApp answers for an app it did not approve (client_app/warm.py)."""
+    return Error(code=ErrorCode.INVALID_FAB, reason=f"node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12 is not approved")
+
+
+def test_a_run_every_site_refuses_stops_at_discovery_naming_each_refusal(caplog):
+    cfg = load_config("dataset.held_out=sketch")
+    nodes = (5001, 5002, 5003, 5004)
+    with caplog.at_level(logging.INFO), pytest.raises(FederationError, match=r"4 of 4 node\(s\) refused to run this app.*node 5001 \(photo\) refused"):
+        discover_nodes(FakeGrid({n: refusal(n) for n in nodes}), cfg, "", set(), refused := {})
+    assert sorted(refused) == list(nodes)
+    for node in nodes:
+        assert f"node {node} refused the app: node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12" in caplog.text
+
+
+def test_a_refusing_node_is_left_out_once_and_the_others_train(caplog):
+    cfg = load_config("dataset.held_out=sketch")
+    grid = FakeGrid({1001: query_reply(1001, "photo"), 1002: refusal(1002), 1003: query_reply(1003, "cartoon"),
+                     1004: query_reply(1004, "sketch")})
+    idle, refused = set(), {}
+    with caplog.at_level(logging.INFO):
+        node_domains, node_clients, info, _, _ = discover_nodes(grid, cfg, "", idle, refused)
+        grid.sent = []
+        refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES, "", idle, refused)
+    assert node_domains == {1001: "photo", 1003: "cartoon", 1004: "sketch"} and list(refused) == [1002]
+    assert grid.sent == []  # the refusing node is not asked again
+    assert caplog.text.count("node 1002 refused the app") == 1

@@ -1,0 +1,125 @@
+"""App pinning across real processes: a SuperLink (TLS, SuperNode authentication) and two SuperNodes in their own network
+namespaces, each with a warm ClientApp (`--isolation process`) that runs only the app its site approved: the photo site by
+its approved-apps file, the sketch site by a signature of a key it trusts, which comes with the run (run-config fab-signature).
+
+The approved app trains; the same app with one line changed (it writes a marker file when its ClientApp module is
+imported) is refused by every site before any of its code runs, the ServerApp names each refusal and the run stops at
+once. The Control API, bound to the SuperLink's loopback, cannot be reached from a SuperNode's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_image_folder
+from flwr.cli.build import build_fab_from_disk
+
+from client_app.pinning import fab_sha256
+from tests.test_deployment import BIN, REPO, Deployment, run, skip_without_cert_tools, stream_run
+
+SITES = ("photo", "sketch")  # sketch is held out: photo trains
+
+
+def overrides(clip: Path) -> str:
+    return f"dataset=folder dataset.held_out=sketch model.name_or_path={clip} training.rounds=2 training.batch_size=8"
+
+
+def changed_copy(dest: Path, marker: Path, approved: str) -> Path:
+    """This app's files (what git tracks or would track: the approved FAB) with one line added to the ClientApp: it writes `marker`
+    on import."""
+    listed = run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"])
+    assert listed.returncode == 0, listed.stderr
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    assert fab_sha256(build_fab_from_disk(dest)) == approved  # unchanged, the copy is the approved app
+    with open(dest / "client_app" / "app.py", "a") as app:
+        app.write(f"\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('the changed app ran')\n")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory, tiny_clip):
+    skip_without_cert_tools()
+    tmp = tmp_path_factory.mktemp("pinned")
+    dep = Deployment(tmp, str(tmp / "cache"))
+    dep.demo_root = write_image_folder(tmp / "data", domains=SITES, per_class=6)
+    # the release's publisher: a signing key (the sketch site trusts it) and the release's hash and signature
+    keygen = run([sys.executable, "-m", "client_app.approve", "--keygen", str(tmp / "release-key")], cwd=REPO)
+    out = run([sys.executable, "-m", "client_app.approve", str(REPO), "--sign", str(tmp / "release-key")], cwd=REPO)
+    assert keygen.returncode == 0 and out.returncode == 0, keygen.stderr + out.stderr
+    approval_line, signature = out.stdout.splitlines()
+    (tmp / "approved-apps.txt").write_text(f"# approved by the photo site after review\n{approval_line}\n")
+    (tmp / "trusted-keys.yaml").write_text(keygen.stdout)
+    policies = {"photo": ["--approved-apps", str(tmp / "approved-apps.txt")], "sketch": ["--trusted-keys", str(tmp / "trusted-keys.yaml")]}
+    try:
+        dep.start_superlink()
+        for index, site in enumerate(SITES):
+            dep.register(site)
+            dep.start_supernode(index, site, warm=policies[site])
+        dep.wait_for(lambda: dep.online_nodes() == len(SITES), 120, f"{len(SITES)} SuperNodes")
+        yield dep, approval_line.split()[0], signature
+    finally:
+        dep.close()
+
+
+def test_the_approved_app_trains(pinned, tiny_clip):
+    dep, sha256, signature = pinned
+    log, folders = stream_run(dep, overrides(tiny_clip), run_config=(signature,))
+    assert folders and (folders[-1] / "summary.json").is_file(), log[-6000:]
+    rows = [json.loads(line) for line in (folders[-1] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and "photo/train-loss" in rows[-1]["train"]
+    for index, site in enumerate(SITES):
+        assert f"app fedclip/fedclip 0.1.0 with SHA-256 {sha256} is approved: it runs" in dep.log(f"warm-{site}-{index}")
+
+
+def test_a_changed_app_is_refused_by_every_site_before_it_runs(pinned, tiny_clip, tmp_path):
+    dep, sha256, signature = pinned
+    marker = tmp_path / "changed-app-ran"
+    app = changed_copy(tmp_path / "fedclip", marker, sha256)
+    t0 = time.time()
+    log, folders = stream_run(dep, overrides(tiny_clip), timeout=300, app=app, run_config=(signature,))  # the release's signature
+    seconds = time.time() - t0
+    print(f"the refused run ended after {seconds:.1f} s")
+    assert not marker.exists(), "the changed ClientApp was imported on a site"
+    assert not folders, "a run folder was written for an app nobody ran"
+    refusals = re.findall(r"node (\d+) refused the app: node (\d+) \((\w+)\) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 "
+                          r"([0-9a-f]{64}) is not approved: (.*?)\. To run", log)
+    assert sorted(site for _, _, site, _, _ in refusals) == sorted(SITES), log[-6000:]
+    assert all(a == b for a, b, *_ in refusals) and len({r[3] for r in refusals}) == 1 and refusals[0][3] != sha256
+    reasons = {site: reason for _, _, site, _, reason in refusals}
+    assert reasons["photo"].startswith("its SHA-256 is not in the approved-apps file")
+    assert reasons["sketch"].startswith("its fab-signature by fpk_") and "does not match this FAB" in reasons["sketch"]
+    assert "2 of 2 node(s) refused to run this app" in log
+    assert seconds < 120, f"the refused run took {seconds:.0f} s to end"
+    for index, site in enumerate(SITES):
+        warm_log = dep.log(f"warm-{site}-{index}")
+        assert "REFUSED run" in warm_log and refusals[0][3] in warm_log
+    assert not list(dep.tmp.glob(f"supernode-home-*/**/*.{refusals[0][3][:8]}"))  # never installed
+
+
+def test_control_api_is_not_reachable_from_a_supernodes_host(pinned):
+    """Bound to 127.0.0.1 (as docs/deployment.md starts it), the Control API answers on the SuperLink's host only."""
+    dep = pinned[0]
+    if dep.netns_error or not dep.namespaces:
+        pytest.skip(f"no network namespaces here: {dep.netns_error}")
+
+    def connects(port: int) -> str:
+        probe = (f"import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n s.connect(('superlink', {port})); print('open')\n"
+                 "except OSError as err:\n print(type(err).__name__)")
+        return run(["ip", "netns", "exec", dep.namespaces[0], sys.executable, "-c", probe]).stdout.strip()
+
+    assert connects(dep.fleet) == "open"  # the namespace does reach the SuperLink's host
+    assert connects(dep.control) == "ConnectionRefusedError"
+    with socket.create_connection(("127.0.0.1", dep.control), timeout=5):
+        pass  # from the host itself it answers
+    assert run([str(BIN / "flwr"), "supernode", "ls", "fedclip"], env=dep.cli_env).returncode == 0
