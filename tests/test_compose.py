@@ -224,3 +224,21 @@ def test_build_context_holds_what_the_dockerfiles_copy_and_nothing_big():
                 sources = [p for p in parts[1:-1] if not p.startswith("--")]
                 assert sources and all(in_context(s) for s in sources), f"{dockerfile}: {line}"
     assert not any(in_context(p) for p in (".venv", "docker/certs/ca.key", "outputs", ".git"))
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_compose_up_skips_unless_opted_in_and_then_fails_on_a_missing_engine(opted_in, tmp_path):
+    """tests/test_compose_up.py without FEDCLIP_DOCKER_TEST=1 is skipped and says why; with it (.ci/run sets it where it
+    installed Docker), a machine without what it needs (here: no docker client on PATH) fails instead of skipping."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FEDCLIP_DOCKER_TEST"}
+    env.update(PATH=str(tmp_path), PYTHONPATH=str(REPO), **({"FEDCLIP_DOCKER_TEST": "1"} if opted_in else {}))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'tmp'}",
+                          str(REPO / "tests/test_compose_up.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if opted_in:
+        assert out.returncode == 1 and "FEDCLIP_DOCKER_TEST=1 but there is no docker client" in out.stdout, out.stdout[-3000:]
+        assert "skipped" not in out.stdout.splitlines()[-1]
+    else:
+        assert out.returncode == 0 and "opt in with FEDCLIP_DOCKER_TEST=1" in out.stdout, out.stdout[-3000:]
+        assert "passed" not in out.stdout.splitlines()[-1] and "error" not in out.stdout.splitlines()[-1]
