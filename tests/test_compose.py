@@ -104,6 +104,7 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         assert supernode["networks"][site]["aliases"] == [appio.split(":")[0]] and not (supernode["networks"]["default"] or {}).get("aliases")
         assert sorted(n for n, members in networks_of.items() if site in members) == [f"clientapp-{site}", f"supernode-{site}"]
         assert clientapp["entrypoint"] == ["fedclip-clientapp"] and clientapp["command"] == [f"--clientappio-api-address={appio}"]
+        assert clientapp["init"] is True  # a Python PID 1 ignores SIGTERM: `docker compose stop` would wait 10 s, then kill
         assert set(clientapp["networks"]) == {site} and "ports" not in clientapp
         config = node_config(supernode)
         assert config == {"domain": site, "data-dir": "demo", "cache-dir": "/cache", "device": "cuda:0"}
