@@ -54,7 +54,7 @@ def save(fig: Figure, path: Path) -> Path:
 def run_accuracy_plot(rows: list[dict], domains: list[str], held_out: str, best_round: int | None, title: str, path: Path) -> Path:
     """A run's accuracy.png: each domain's accuracy against the round (held out marked), its zero-shot accuracy (round 0)
     as a dashed line of the same colour, and the best round (by mean validation accuracy) marked."""
-    fig, [ax] = figure(size=(7.5, 4.5))
+    fig, [ax] = figure(size=(8.5, 4.5))
     trained = [r for r in rows if r["round"] > 0]
     for i, domain in enumerate(domains):
         color, key = f"C{i % 10}", f"acc/{domain}"
@@ -72,5 +72,5 @@ def run_accuracy_plot(rows: list[dict], domains: list[str], held_out: str, best_
         ax.axvline(best_round, color="0.5", linestyle=":", label=f"best round ({best_round})")
     ax.plot([], [], linestyle="--", color="0.5", label="zero-shot CLIP")  # what the dashed lines are
     style(ax, title)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
     return save(fig, path)

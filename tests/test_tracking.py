@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from client_app.app import app as client_app
+from client_app.predict import FedClipClassifier
 from common.config import load_config
 from server_app.app import app as server_app
 from server_app.report import RunReport
@@ -110,6 +111,9 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     adapter = client.download_artifacts(run.info.run_id, "adapter_best.safetensors", str(tmp_path))
     assert Path(adapter).read_bytes() == (folder / "adapter_best.safetensors").read_bytes()
     assert Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path))).read_text() == (folder / "run.json").read_text()
+    # the artifacts are a run folder fedclip-predict can use: the adapter fetched from MLflow classifies as the run's own
+    fetched = FedClipClassifier.from_run(client.download_artifacts(run.info.run_id, "", str(tmp_path / "all")))
+    assert fetched.info["run"]["generalization"] == summary["generalization"] and fetched.classes == json.loads((folder / "run.json").read_text())["classes"]
 
 
 def _leaves(node, prefix: str = ""):
