@@ -39,6 +39,7 @@ ROW_COUNTS = {  # a report row's list of clients -> the name its length is logge
     "missing": "clients/missing_evaluation",
 }
 NAME_CHARACTERS = re.compile(r"[^\w.\- /]")  # what MLflow accepts in a metric name on every platform
+FOLDER_NAME = re.compile(r"[^\w.-]+")  # what an experiment's artifact folder name may not hold
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # an absent server: a warning
 # within seconds, not after MLflow's default minutes of retries (a user's own setting wins)
 
@@ -153,7 +154,8 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: next to a sqlite database (mlartifacts/<experiment>/), as `mlflow server`
     keeps them beside its store, rather than ./mlruns of whatever folder the ServerApp runs in; else the server's choice."""
     database = sqlite_database(uri)
-    return None if database is None else (database.parent / "mlartifacts" / metric_name(experiment).replace(" ", "_")).as_uri()
+    folder = FOLDER_NAME.sub("_", experiment).strip("_") or "experiment"  # one folder, also for a sweep's path-like name
+    return None if database is None else (database.parent / "mlartifacts" / folder).as_uri()
 
 
 def sqlite_database(uri: str) -> Path | None:

@@ -21,6 +21,7 @@ from client_app.predict import FedClipClassifier
 from common.config import load_config
 from server_app.app import app as server_app
 from server_app.report import RunReport
+from server_app.tracking import artifact_root
 from tests.inprocess import run_in_process
 
 MLFLOW = importlib.util.find_spec("mlflow") is not None
@@ -154,3 +155,10 @@ def test_mlflow_not_installed_is_one_warning_saying_how_to_install_it(tmp_path, 
     with caplog.at_level(logging.WARNING):
         made = report(tmp_path, "tracking.mlflow_uri=sqlite:///x.db tracking.tensorboard=false")
     assert 'pip install -e ".[mlflow]"' in caplog.text and made.tracking.writers == []
+
+
+def test_a_sqlite_stores_artifacts_stay_next_to_it_whatever_the_experiment_is_called(tmp_path):
+    for experiment in ("fedclip", str(tmp_path / "sweep"), "a b/../c"):  # a sweep names its experiment by its folder
+        root = Path(artifact_root(f"sqlite:///{tmp_path}/mlflow.db", experiment).removeprefix("file://"))
+        assert root.parent == tmp_path / "mlartifacts", experiment
+    assert artifact_root("http://127.0.0.1:5000", "fedclip") is None  # a server keeps them where it is configured to
