@@ -7,6 +7,7 @@ Each run lands in <out_dir>/runs/<method>/<held_out>/seed<k>/. A run with a summ
 skipped when the command is repeated; a run stopped half-way is deleted and done again, so an
 interrupted sweep resumes by running the same command. A failed run is recorded (failure.json, its
 log) and the sweep goes on. Writes <out_dir>/table.md, table.csv, plots/*.png and sweep.json.
+With tracking.mlflow_uri among the overrides, every run goes to one MLflow experiment named by <out_dir>.
 """
 
 from __future__ import annotations

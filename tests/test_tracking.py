@@ -162,3 +162,20 @@ def test_a_sqlite_stores_artifacts_stay_next_to_it_whatever_the_experiment_is_ca
         root = Path(artifact_root(f"sqlite:///{tmp_path}/mlflow.db", experiment).removeprefix("file://"))
         assert root.parent == tmp_path / "mlartifacts", experiment
     assert artifact_root("http://127.0.0.1:5000", "fedclip") is None  # a server keeps them where it is configured to
+
+
+@pytest.mark.skipif(not MLFLOW, reason=NO_MLFLOW)
+def test_a_run_that_stops_on_an_error_keeps_its_plot_and_is_marked_failed_in_mlflow(tmp_path):
+    from flwr.app import MetricRecord
+    from mlflow.tracking import MlflowClient
+
+    database = tmp_path / "mlflow.db"
+    made = report(tmp_path / "out", f"tracking.mlflow_uri=sqlite:///{database}")
+    accuracies = {"a/val-acc": 0.5, "a/test-acc": 0.5, "a/num-val": 10, "a/num-test": 10, "sketch/all-acc": 0.4, "sketch/num-all": 10}
+    made.add_round(0, MetricRecord(), MetricRecord(accuracies), 0.0, None)
+    made.abort()
+    assert (made.dir / "accuracy.png").is_file() and not (made.dir / "summary.json").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    [run] = client.search_runs([client.get_experiment_by_name("fedclip").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics["accuracy/sketch_held_out"] == 0.4
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["accuracy.png"]
