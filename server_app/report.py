@@ -255,7 +255,6 @@ class RunReport:
                  f"{self.trained_parameters:,}", format_bytes(down), format_bytes(up), self.images_encoded, self.dir / "summary.json")
         return summary
 
-
     def plot(self) -> Path:
         """accuracy.png: each domain's accuracy against the round, zero-shot dashed, the best round marked (server_app/plots.py)."""
         title = f"{self.method}, held out {self.held_out}, seed {self.cfg.seed}"
