@@ -7,6 +7,7 @@ Each run lands in <out_dir>/runs/<method>/<held_out>/seed<k>/. A run with a summ
 skipped when the command is repeated; a run stopped half-way is deleted and done again, so an
 interrupted sweep resumes by running the same command. A failed run is recorded (failure.json, its
 log) and the sweep goes on. Writes <out_dir>/table.md, table.csv, plots/*.png and sweep.json.
+With tracking.mlflow_uri among the overrides, every run goes to one MLflow experiment named by <out_dir>.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmarks.sweep_report import FAILURE_FILE, LOG_FILE, Run, read_run, write_plots, write_tables
 from common.config import CONF_DIR, load_config, split_overrides
 from common.data import dataset_domains
+from common.features import duration
 
 REPO = Path(__file__).resolve().parent.parent
 # Ray's own failures: its GCS server or raylet not starting (the cause we found, a crash of the forked child with
@@ -184,6 +186,14 @@ def run_overrides(base: list[str], method: str, held_out: str, seed: int) -> str
     return " ".join(base + swept)
 
 
+def shared_experiment(base: list[str], out_dir: Path) -> list[str]:
+    """The overrides with every run of the sweep in one MLflow experiment (tracking.mlflow_uri), named by the sweep's folder,
+    unless they name one themselves."""
+    if any(o.lstrip("+~").startswith("tracking.mlflow_experiment=") for o in base):
+        return base
+    return [*base, f"tracking.mlflow_experiment={hydra_value(str(out_dir))}"]
+
+
 def plan(overrides: list[str]) -> tuple[DictConfig, list[str], list[str], int]:
     """The sweep settings, the overrides every run shares, the held-out domains and the clients per run;
     checks the overrides and method names before any run starts."""
@@ -222,16 +232,12 @@ def failure_reason(log: str) -> str:
     return (errors or [line for line in lines if line] or ["empty log"])[-1][:300]
 
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
-
-
 def main(argv: list[str]) -> int:
     overrides = [o for arg in argv for o in split_overrides(arg)]
     sweep, base, held_outs, clients = plan(overrides)
     out_dir = Path(sweep.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    base = shared_experiment(base, out_dir)
     methods, seeds = list(sweep.methods), [int(s) for s in sweep.seeds]
     cells = [(m, d, s) for m in methods for d in held_outs for s in seeds]
     print(f"sweep: {len(methods)} method(s) {methods} x {len(held_outs)} held-out domain(s) {held_outs} x "
@@ -286,8 +292,8 @@ def main(argv: list[str]) -> int:
             if sweep.max_runs is not None:
                 todo = min(todo, sweep.max_runs - launched)
             eta = sum(durations) / len(durations) * todo
-            print(f"{name}: {result} in {durations[-1]:.0f} s; elapsed {_duration(time.time() - start)}, "
-                  f"ETA {_duration(eta)} for {todo} more", flush=True)
+            print(f"{name}: {result} in {durations[-1]:.0f} s; elapsed {duration(time.time() - start)}, "
+                  f"ETA {duration(eta)} for {todo} more", flush=True)
             write_outputs()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume (finished runs are kept)", flush=True)
@@ -298,7 +304,7 @@ def main(argv: list[str]) -> int:
         print(f"{not_started} run(s) not started (sweep.max_runs={sweep.max_runs}): run again to go on", flush=True)
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "incomplete", "pending")}
     print(f"sweep: {counts['done']}/{len(runs)} done, {counts['failed']} failed, "
-          f"{counts['pending'] + counts['incomplete']} not run, in {_duration(time.time() - start)}")
+          f"{counts['pending'] + counts['incomplete']} not run, in {duration(time.time() - start)}")
     print(f"table: {out_dir / 'table.md'} and table.csv; plots: {out_dir / 'plots'}; index: {out_dir / 'sweep.json'}")
     print((out_dir / "table.md").read_text())
     return 0 if counts["failed"] == 0 else 1

@@ -14,13 +14,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from server_app.report import format_bytes  # noqa: E402
+from server_app.plots import figure, line, save, style
+from server_app.report import format_bytes
 
 FAILURE_FILE = "failure.json"
 SAFE_NAME = re.compile(r"[^\w.-]+")  # a domain name as part of a file name
@@ -231,18 +226,6 @@ def _train_acc(run: Run, row: dict) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _line(ax, xs: list[float], means: list[float], stds: list[float], label: str, color: str) -> None:
-    """A curve with its ± std band; a single point (zero-shot: round 0 only) as a level line."""
-    ys = [100 * m for m in means]
-    if len(xs) == 1:
-        ax.axhline(ys[0], linestyle="--", color=color, label=label)
-        return
-    ax.plot(xs, ys, color=color, label=label)
-    if any(stds):
-        ax.fill_between(xs, [100 * (m - s) for m, s in zip(means, stds)], [100 * (m + s) for m, s in zip(means, stds)],
-                        color=color, alpha=0.2)
-
-
 def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: list[str]) -> list[Path]:
     """accuracy_<held out>.png (held-out and training-client accuracy per round, one line per method)
     and bytes_vs_accuracy.png (held-out accuracy against cumulative bytes sent, per method)."""
@@ -255,23 +238,17 @@ def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: l
         cell = {m: [r for r in done if r.method == m and r.held_out == d] for m in methods}
         if not any(cell.values()):
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        fig, axes = figure(2, size=(11, 4), sharex=True)
         for ax, value, title in ((axes[0], _held_out_acc, f"held out: {d} (generalization)"),
                                  (axes[1], _train_acc, "training clients' test splits (personalization)")):
             for m, group in cell.items():
                 if group:
-                    _line(ax, *_curve(group, value), f"{m} ({len(group)} seed{'s' * (len(group) > 1)})", colors[m])
-            ax.set(title=title, xlabel="round", ylabel="accuracy (%)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
+                    line(ax, *_curve(group, value), f"{m} ({len(group)} seed{'s' * (len(group) > 1)})", colors[m])
+            style(ax, title)
         axes[0].legend()
-        fig.tight_layout()
-        path = plots / f"accuracy_{SAFE_NAME.sub('_', d)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, plots / f"accuracy_{SAFE_NAME.sub('_', d)}.png"))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, [ax] = figure()
     for m in methods:
         group = [r for r in done if r.method == m]
         if not group:
@@ -287,16 +264,12 @@ def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: l
         xs = [statistics.mean(c[k] for c in sent) for k in rounds]
         keep = [i for i, x in enumerate(xs) if x > 0]  # log axis: a method that sends nothing is a level line
         if keep:
-            _line(ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m])  # no band: it would mix domains
+            line(ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m])  # no band: it would mix domains
         elif rounds:
-            _line(ax, [1], acc[-1:], [0.0], f"{m} (sends nothing)", colors[m])
-    ax.set(xscale="log", xlabel="bytes sent, all clients, cumulative", ylabel="held-out accuracy (%), mean over domains and seeds",
-           title="communication against generalization")
-    ax.grid(alpha=0.3, which="both")
+            line(ax, [1], acc[-1:], [0.0], f"{m} (sends nothing)", colors[m])
+    ax.set(xscale="log")
+    style(ax, "communication against generalization", "bytes sent, all clients, cumulative",
+          "held-out accuracy (%), mean over domains and seeds", integer_x=False)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.tight_layout()
-    path = plots / "bytes_vs_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [*written, path]
+    return [*written, save(fig, plots / "bytes_vs_accuracy.png")]

@@ -33,7 +33,7 @@ from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
 
-PROGRESS_SECONDS = 10  # while encoding, a progress line at most this often (and one at the end)
+PROGRESS_SECONDS = 5  # while encoding, a progress line at most this often (and one at the end)
 FEATURES_VERSION = 2  # bump when what is computed or stored changes, so old cache entries are not reused
 DECODE_AHEAD = 2  # batches being decoded while one is preprocessed and encoded
 _MEMORY: dict[str, DomainFeatures] = {}
@@ -45,6 +45,36 @@ def images_encoded() -> int:
     return _ENCODED["images"]
 _MODEL_DIRS: dict[str, Path] = {}
 _FILE_HASHES: dict[str, str] = {}
+
+
+class Progress:
+    """Log lines while a long job goes on: done of total, the rate and the time left, at most every `every` seconds and once
+    at the end. Plain logging, so each client's lines reach its log also under Ray and in a deployment; `clock` for tests."""
+
+    def __init__(self, label: str, total: int, unit: str = "images", every: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.unit, self.every, self.clock = label, total, unit, every, clock
+        self.done, self.start = 0, clock()
+        self.last = self.start
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if self.done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        left = f", about {duration((self.total - self.done) / rate)} left" if self.done < self.total and rate > 0 else ""
+        log.info("[%s] encoded %d/%d %s (%.0f %s/s)%s", self.label, self.done, self.total, self.unit, rate, self.unit, left)
+
+
+def duration(seconds: float) -> str:
+    """A time span for a log line: 42 s, 3m05s, 2h07m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @dataclass
@@ -172,8 +202,7 @@ def encode_images(model, processor, images: ImageSource, device: torch.device, b
     """
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
-    t0 = last_log = time.time()
-    done = 0
+    done, logged = 0, Progress(images.domain, len(images))
     for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
         feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         labels.append(batch_labels.cpu())
@@ -181,10 +210,8 @@ def encode_images(model, processor, images: ImageSource, device: torch.device, b
         now = sum(len(b) for b in labels) + len(skipped)
         if progress is not None:
             progress(now - done)
+        logged.update(now - done)
         done = now
-        if done == len(images) or time.time() - last_log > PROGRESS_SECONDS:
-            log.info("[%s] encoded %d/%d images (%.0f images/s)", images.domain, done, len(images), done / (time.time() - t0 + 1e-9))
-            last_log = time.time()
     if not feats:
         raise RuntimeError(f"none of the {len(images)} images of domain {images.domain!r} could be read")
     return torch.cat(feats), torch.cat(labels), skipped

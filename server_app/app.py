@@ -51,7 +51,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy.summary()
     trained = sum(v.numel() for v in weights.values()) if method.trains else 0
     report = RunReport(cfg, federation.client_domains, [federation.node_clients[n] for n in strategy.train_nodes], trained, federation.classes,
-                       federation.fingerprint, method.weights_name)
+                       federation.fingerprint, method.weights_name, context.run_id)
     report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
-    arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer) if cfg.resume else (arrays, 1)
-    report.finish(run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round))
+    try:
+        arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer) if cfg.resume else (arrays, 1)
+        final = run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round)
+    except BaseException:  # the plot of the rounds so far; the MLflow run is marked FAILED rather than left running
+        report.abort()
+        raise
+    report.finish(final)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from common import wire
 from common.methods.base import Update
+from server_app import screening
 from server_app.strategy import FedClipStrategy
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class ScreenedPrivacy:
             for msg, update in [a for a in accepted if KEY_NORM_BIT not in a[0].content[wire.METRICS]]:
                 log.warning("round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod", server_round,
                             msg.metadata.src_node_id, update.client, KEY_NORM_BIT)
+                screened_metrics[f"{update.client}/{screening.REJECTED}"] = 1
             accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content[wire.METRICS]]
         for msg, update in accepted:
             msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})

@@ -2,8 +2,9 @@
 
 outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the CLIP's fingerprint: what
 client_app.predict needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
-weights (adapter_ or encoder_ final/best .safetensors; none for local-only) and summary.json (accuracies,
-and the cost: parameters trained, bytes each way, seconds, images encoded).
+weights (adapter_ or encoder_ final/best .safetensors; none for local-only), summary.json (accuracies,
+and the cost: parameters trained, bytes each way, seconds, images encoded) and accuracy.png (plots.py); with
+tracking.tensorboard, TensorBoard's event files, and with tracking.mlflow_uri an MLflow run (tracking.py).
 
 A client lost in a round (its node died, its reply was dropped) leaves that round's means over fewer
 clients, and a mean over other clients is not comparable. So every row records the clients with no
@@ -29,8 +30,13 @@ from safetensors.torch import save_file
 
 from common import wire
 from common.files import set_default_mode
+from server_app import screening
+from server_app.plots import run_accuracy_plot
+from server_app.tracking import Tracking
 
 log = logging.getLogger(__name__)
+
+PLOT_FILE = "accuracy.png"
 
 
 def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
@@ -54,7 +60,8 @@ class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
 
     def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int,
-                 classes: list[str] | None = None, model_fingerprint: str | None = None, weights_name: str | None = "adapter") -> None:
+                 classes: list[str] | None = None, model_fingerprint: str | None = None, weights_name: str | None = "adapter",
+                 flwr_run_id: int | None = None) -> None:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
@@ -69,6 +76,7 @@ class RunReport:
         self.images_encoded = 0  # images that went through the CLIP image encoder in this run
         self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
         self.up: dict[str, int] = defaultdict(int)
+        self.lost: set[str] = set()  # clients sent a message this round that got no reply, or an error
         self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.dir / "config.yaml")
@@ -76,7 +84,10 @@ class RunReport:
         self.rows: list[dict] = []
         self.best: dict | None = None
         self.start = time.time()
+        self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
         log.info("run folder: %s", self.dir)
+        self.tracking = Tracking(cfg, self.dir, self.domains, self.held_out, {"method": self.method, "held_out": str(self.held_out),
+                                 "seed": str(cfg.seed), **({"flwr_run_id": str(flwr_run_id)} if flwr_run_id is not None else {})})
         names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
         self.dp = cfg.strategy.dp.side is not None  # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
         self._print(["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])])
@@ -127,22 +138,28 @@ class RunReport:
         An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
         and counted as a client that sent 0 bytes it would drag the per-client mean down.
         """
+        unanswered: dict[str, int] = defaultdict(int)  # per client: messages sent minus replies that came back without an error
         for msg in messages:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
+            unanswered[node_clients[msg.metadata.dst_node_id]] += 1
         for msg in replies:
             if msg.has_error():
                 continue
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
+            unanswered[node_clients.get(msg.metadata.src_node_id, "?")] -= 1
             # a train reply's evaluation may have encoded images too (fedavg/fedprox)
             self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
                                        for key, value in record.items() if key.endswith(wire.IMAGES_ENCODED))
+        self.lost |= {client for client, count in unanswered.items() if count > 0}
 
     def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
         """Record one round (0 = zero-shot); save the weights if they beat the best round's so far (`beats`).
 
         Per training client, bytes down are averaged over the clients sent to and bytes up over those that
         replied (None: none did); `bytes_round` is every byte moved. `missing` lists the run's clients that
-        this round's evaluation has no accuracy of: the round's means leave them out.
+        this round's evaluation has no accuracy of: the round's means leave them out; `lost` the clients that did not
+        answer a message of the round's exchanges (or answered with an error); `rejected` those whose update screening
+        left out. The row also goes to TensorBoard and MLflow (server_app/tracking.py).
         """
         losses = [train[f"{c}/{wire.TRAIN_LOSS}"] for c in self.train_clients if f"{c}/{wire.TRAIN_LOSS}" in train]
         row = {
@@ -151,6 +168,8 @@ class RunReport:
             "val_acc_mean": self.val_mean(evaluation),
             **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
             "missing": sorted(self.all_clients - self.evaluated(evaluation)),
+            "lost": sorted(self.lost),
+            "rejected": sorted(key.rpartition("/")[0] for key in train if key.endswith(f"/{screening.REJECTED}")),
             "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down),  # a training client's
             "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.up),
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
@@ -161,9 +180,11 @@ class RunReport:
         }
         self.down.clear()
         self.up.clear()
+        self.lost.clear()
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.tracking.log_round(row)
         fmt = lambda v, pct=True: "-" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}")  # noqa: E731
         sent = (row["bytes_down_per_client"] or 0) + (row["bytes_up_per_client"] or 0)
         self._print(
@@ -181,12 +202,13 @@ class RunReport:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
         if arrays is not None and self.weights_name and len(self.rows) > 1:
             save_weights(arrays, self.dir / f"{self.weights_name}_final.safetensors", {"round": str(self.rows[-1]["round"]), "method": self.method})
+        lists = ("missing", "lost", "rejected")  # clients, ";"-separated
         columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "missing",
-                   "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds"]
+                   "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({**row, "missing": ";".join(row.get("missing", []))} for row in self.rows)
+            writer.writerows({**row, **{k: ";".join(row.get(k, [])) for k in lists}} for row in self.rows)
         zero_shot, trained = self.rows[0], self.rows[1:]
         best = self.best or zero_shot
         # personalization against zero-shot on the same clients: those evaluated both at the best round and at round 0
@@ -221,15 +243,37 @@ class RunReport:
             "features_encoded": self.images_encoded,
             "dp": {**OmegaConf.to_container(self.cfg.strategy.dp), "epsilon": self.rows[-1]["dp_epsilon"]} if self.dp else None,
             "run_folder": str(self.dir),
+            "flwr_run_id": self.flwr_run_id,
         }
         with open(self.dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=2)
+        self.tracking.finish(summary, [self.plot(), *self.files()])
         log.info("%s: best round %s (mean val %s): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
                  self.method, best["round"], _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
                  _pct(zero_shot.get(f"acc/{self.held_out}")), _pct(summary["personalization_mean"]), _pct(summary["zero_shot_train_domains_mean"]))
         log.info("trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
                  f"{self.trained_parameters:,}", format_bytes(down), format_bytes(up), self.images_encoded, self.dir / "summary.json")
         return summary
+
+    def plot(self) -> Path:
+        """accuracy.png: each domain's accuracy against the round, zero-shot dashed, the best round marked (server_app/plots.py)."""
+        title = f"{self.method}, held out {self.held_out}, seed {self.cfg.seed}"
+        return run_accuracy_plot(self.rows, self.domains, self.held_out, self.best["round"] if self.best else None, title,
+                                 self.dir / PLOT_FILE)
+
+    def files(self) -> list[Path]:
+        """The run folder's files that MLflow keeps as artifacts: the weights, run.json, the configuration, the summary."""
+        weights = [self.dir / f"{self.weights_name}_{which}.safetensors" for which in ("best", "final")] if self.weights_name else []
+        return [*weights, *(self.dir / name for name in ("run.json", "config.yaml", "metrics.csv", "summary.json"))]
+
+    def abort(self) -> None:
+        """A run that stopped on an error: the plot of its rounds so far, and its MLflow run marked FAILED."""
+        try:
+            files = [self.plot()] if self.rows else []
+        except Exception as err:  # noqa: BLE001 - the error that stopped the run is the one to see
+            log.warning("could not draw %s: %s", PLOT_FILE, err)
+            files = []
+        self.tracking.finish({}, files, "FAILED")
 
 
 def _mean(values) -> float | None:

@@ -22,6 +22,7 @@ from common.transport import WIRE_DTYPES, decode_array
 log = logging.getLogger(__name__)
 
 ON_LARGE_UPDATE = ("clip", "reject")
+REJECTED = "rejected"  # `<client>/rejected` = 1 in a round's train metrics: its update was left out (the report counts them)
 
 
 def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_dtype: str = "float32"
@@ -101,6 +102,8 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
             state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
         if state is None:
             log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
+            if not msg.has_error():  # an error reply is a lost client (the report counts those from the traffic), not a rejected update
+                metrics[f"{client}/{REJECTED}"] = 1
             continue
         accepted.append((msg, Update(client, state, float(examples))))
         add_train_metrics(metrics, client, msg.content[wire.METRICS])
@@ -119,6 +122,7 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
             log.warning("round %d: update of node %d (%s) has norm %.4g > %.4g: %s", server_round, msg.metadata.src_node_id, update.client,
                         norm, bound, "clipped" if on_large_update == "clip" else "rejected")
             if on_large_update == "reject":
+                metrics[f"{update.client}/{REJECTED}"] = 1
                 continue
             update.state = clipped(update.state, b, norm, bound)
         kept.append((msg, update))

@@ -135,3 +135,26 @@ def _no_file_reads(blake2b):
             return self.h.hexdigest()
 
     return Guard
+
+
+def test_encoding_progress_is_logged_at_a_steady_pace_with_the_rate_and_time_left(caplog):
+    """One line every 5 s of work (not every batch) and one at the end: done of total, images per second, time left."""
+    now = [0.0]
+    progress = features.Progress("photo", 1000, every=5, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="common.features"):
+        for _ in range(100):  # 100 batches of 10 images, one a second
+            now[0] += 1
+            progress.update(10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 20  # t = 5, 10, ..., 100 s: the last is the end
+    assert lines[0] == "[photo] encoded 50/1000 images (10 images/s), about 1m35s left"
+    assert lines[-2] == "[photo] encoded 950/1000 images (10 images/s), about 5 s left"
+    assert lines[-1] == "[photo] encoded 1000/1000 images (10 images/s)"
+
+
+def test_encode_images_logs_its_progress(tiny_clip, image_folder, caplog):
+    model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
+    images = domain_folder(image_folder, "photo", dataset_classes(image_folder, ["art", "photo", "sketch"]))
+    with caplog.at_level("INFO", logger="common.features"):
+        features.encode_images(model, processor, images, torch.device("cpu"), 4)
+    assert caplog.records[-1].getMessage().startswith(f"[photo] encoded {len(images)}/{len(images)} images (")

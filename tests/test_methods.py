@@ -26,6 +26,7 @@ def run_method(method: str, tiny_clip: Path, folder: Path, tmp_path: Path, extra
                  f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'} {extra}")
     run_in_process(server_app, client_app, overrides, len(DOMAINS))
     [summary] = (tmp_path / "out").glob("*/summary.json")
+    assert (summary.parent / "accuracy.png").is_file()  # every run folder, every method
     return json.loads(summary.read_text())
 
 

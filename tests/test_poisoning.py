@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +32,6 @@ def test_one_scaled_update(options, damaged, tiny_clip, folder, tmp_path):
     [path] = (tmp_path / "out").glob("*/adapter_final.safetensors")
     largest = max(float(np.abs(v).max()) for v in load_file(path).values())
     assert (largest > 1e3) == damaged, largest
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    screened = options == ""  # only the default screening leaves the update out: the median takes it in and outvotes it
+    assert [r["rejected"] for r in rows] == [[], ["art#0"], ["art#0"]] if screened else [[]] * 3

@@ -148,6 +148,60 @@ def test_export_then_load_gives_identical_predictions(run, data, tmp_path):
     assert half.model.dtype == torch.bfloat16 and half.predict(images).probabilities.shape == (len(images), 3)
 
 
+def card_results(card) -> dict[tuple[str, str], float]:
+    """(domain, metric name) -> value of a card's model-index, as huggingface_hub parses it."""
+    return {(r.dataset_config, r.metric_name): r.metric_value for r in card.data.eval_results}
+
+
+def assert_card_holds_the_runs_results(card, run: Path) -> None:
+    s = summary(run)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert {r.task_type for r in card.data.eval_results} == {"zero-shot-image-classification"}
+    expected = {("sketch", "accuracy (%)"): s["generalization"]["sketch"], **{(d, "accuracy (%)"): s["personalization"][d] for d in ("art", "photo")},
+                **{(d, "zero-shot CLIP accuracy (%)"): s["zero_shot"][d] for d in ("art", "photo", "sketch")}}
+    assert card_results(card) == {k: round(100 * v, 2) for k, v in expected.items()}
+    assert {r.dataset_config: r.dataset_split for r in card.data.eval_results} == {"art": "test", "photo": "test", "sketch": "all"}
+
+
+def test_exported_card_has_no_base_model_and_no_local_path_for_a_clip_with_no_hub_id(run, tiny_clip, tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = FedClipClassifier.from_run(run).export(tmp_path / "export")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model is None and "no Hugging Face hub id" in card.text
+    assert_card_holds_the_runs_results(card, run)
+    assert str(tiny_clip) not in card.content and str(tmp_path) not in card.content and "/tmp" not in card.content
+
+
+@pytest.fixture(scope="module")
+def hub_run(tiny_clip, data, tmp_path_factory) -> Path:
+    """A run whose model names a hub id (conf/model/clip-vit-b32.yaml) but loads a local copy, as offline users run it."""
+    tmp = tmp_path_factory.mktemp("hub-run")
+    overrides = (f"dataset=folder dataset.root={data} dataset.held_out=sketch model=clip-vit-b32 model.name_or_path={tiny_clip} "
+                 f"model.encode_batch_size=64 training.rounds=2 training.lr=0.01 training.batch_size=8 cache_dir={tmp / 'cache'} "
+                 f"output_dir={tmp / 'out'}")
+    run_in_process(server_app, client_app, overrides, 3)
+    [folder] = (tmp / "out").iterdir()
+    return folder
+
+
+def test_exported_card_names_the_hub_base_model_and_the_runs_results(hub_run, tiny_clip, tmp_path):
+    from huggingface_hub import ModelCard
+
+    export = tmp_path / "export"
+    assert predict_main(["--run", str(hub_run), "--export", str(export)]) == 0
+    card = ModelCard.load(export / "README.md")
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
+    assert_card_holds_the_runs_results(card, hub_run)
+    assert str(tiny_clip) not in card.content and str(tmp_path) not in card.content
+    assert json.loads((export / "config.json").read_text())["run"]["rounds"] == 2
+    # elsewhere, where the run's local copy is not, the export loads its base model from the hub (offline here: a clear error)
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "clip": "/nowhere/clip-copy"}))
+    with pytest.raises(RuntimeError, match="could not load the CLIP 'openai/clip-vit-base-patch32'"):
+        FedClipClassifier.from_pretrained(export)
+
+
 def test_push_to_hub_offline_is_a_clear_error(run, tmp_path, capsys):
     import huggingface_hub.constants
 

@@ -90,6 +90,7 @@ def test_a_client_that_never_replied_does_not_count_as_sending_nothing(tmp_path)
     assert row["bytes_down_per_client"] == message_bytes(sent[0])  # both were sent the adapter
     assert row["bytes_up_per_client"] == message_bytes(replies[0])  # only a sent one back: b's loss does not halve it
     assert row["bytes_round"] == 2 * message_bytes(sent[0]) + message_bytes(replies[0])  # every byte moved
+    assert row["lost"] == ["b"]  # an error for a reply: lost this round
     report.count_traffic(nodes, [message(1, 100)], [])  # a round in which no training client replied at all
     report.add_round(2, MetricRecord(), evaluation(sketch=0.5), 0.1, None)
     assert report.rows[1]["bytes_up_per_client"] is None
@@ -138,5 +139,6 @@ def test_a_run_that_loses_a_node_names_the_incomplete_rounds_and_averages_bytes_
     assert all(adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3])  # round 2: the lost node sent nothing
     # round 1's evaluation rode on round 2's training message, which the lost node never answered
     assert [r["missing"] for r in rows] == [[], [lost], [lost], [lost]]
+    assert [r["lost"] for r in rows] == [[], [], [lost], []]  # its round-2 message went unanswered; after that it was not sent one
     assert summary["incomplete_rounds"] == [1, 2, 3]
     assert lost not in summary["personalization_clients"] and summary["personalization_clients"]

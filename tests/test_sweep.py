@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sweep import main as sweep_main
-from benchmarks.sweep import failure_reason, run_overrides
+from benchmarks.sweep import failure_reason, run_overrides, shared_experiment
 from benchmarks.sweep_report import read_run, run_dir, write_plots, write_tables
+from common.config import load_config
 
 METHODS, HELD_OUT, SEEDS = ["fedclip", "fedavg"], ["photo", "sketch"], [0, 1]
 
@@ -85,6 +86,16 @@ def test_table_markdown_and_csv(sweep_folder):
 def test_run_overrides_quote_domains_and_add_the_method_only_when_not_the_default():
     assert run_overrides(["training.rounds=2"], "fedclip", "sketch", 1) == "training.rounds=2 dataset.held_out=sketch seed=1"
     assert run_overrides([], "fedavg", "Real World", 0) == "dataset.held_out='Real World' seed=0 method=fedavg"
+
+
+def test_a_sweeps_runs_share_one_mlflow_experiment_named_by_its_folder(tmp_path):
+    out = tmp_path / "my sweep"
+    base = shared_experiment(["training.rounds=2"], out)
+    assert base == ["training.rounds=2", f"tracking.mlflow_experiment='{out}'"]
+    runs = {run_overrides(base, m, d, s) for m in ("fedclip", "promptfl") for d in ("photo", "sketch") for s in (0, 1)}
+    assert all(f"tracking.mlflow_experiment='{out}'" in r for r in runs) and len(runs) == 8
+    assert load_config(base).tracking.mlflow_experiment == str(out)
+    assert shared_experiment(["tracking.mlflow_experiment=mine"], out) == ["tracking.mlflow_experiment=mine"]  # the user's wins
 
 
 def test_failure_reason_is_the_server_apps_exception_not_flowers_wrapper():

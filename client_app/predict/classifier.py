@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from client_app.predict.export import ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE, write_export
+from client_app.predict.export import (ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, DEMO_DATASET, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE,
+                                        exported_clip, hub_id, write_export)
 from common.config import select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
@@ -142,6 +143,7 @@ class FedClipClassifier:
         info = {
             "format": EXPORT_FORMAT,
             "clip": run_clip,
+            "base_model": hub_id(cfg.model.get("hub_id")) or hub_id(cfg.model.name_or_path),  # the model card's; None: no hub id
             "clip_fingerprint": run_info.get("model_fingerprint"),
             "prompt": str(cfg.model.prompt),
             "classes": classes,
@@ -165,9 +167,9 @@ class FedClipClassifier:
         if info.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, expected {EXPORT_FORMAT!r})")
         if info.get("weights") == "prompt":
-            return cls._build(clip or info["clip"], info, load_file(folder / CONTEXT_FILE), device, dtype, batch_size,
+            return cls._build(clip or exported_clip(info), info, load_file(folder / CONTEXT_FILE), device, dtype, batch_size,
                               load_file(folder / TEXT_FILE)[TEXT_FEATURES])
-        return cls._build(clip or info["clip"], info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
+        return cls._build(clip or exported_clip(info), info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
 
     @classmethod
     def _build(cls, clip: str, info: dict, weights: dict | None, device: str, dtype: str | torch.dtype,
@@ -258,6 +260,7 @@ def _run_results(cfg, summary: dict, which: str | None) -> dict:
     return {
         "method": str(cfg.method.name),
         "held_out": str(cfg.dataset.held_out),
+        "dataset": hub_id(cfg.dataset.get("hub_id")) or (DEMO_DATASET if cfg.dataset.get("root") == "demo" else None),
         "rounds": summary.get("rounds", int(cfg.training.rounds)),
         "seed": int(cfg.seed),
         "best_round": summary.get("best_round"),
