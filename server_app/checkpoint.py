@@ -102,9 +102,8 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optim
         fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
     for row in ckpt.rows:  # the new run folder's TensorBoard and MLflow curves start at round 0 too
         report.tracking.log_round(row)
-    for row in ckpt.rows:  # the best round so far, chosen as add_round chose it
-        if row["round"] > 0 and report.beats(row, report.best):
-            report.best = row
+    for row in ckpt.rows[1:]:  # the best round so far, chosen as add_round chose it
+        report.choose(row)
     if report.best is not None:
         best = f"{report.weights_name}_best.safetensors"
         shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)

@@ -35,6 +35,7 @@ from server_app.plots import run_accuracy_plot
 from server_app.tracking import Tracking
 
 log = logging.getLogger(__name__)
+SELECTIONS = ("val_mean", "val_pooled", "last")  # the ways to choose the best round (RunReport.beats)
 
 PLOT_FILE = "accuracy.png"
 
@@ -82,7 +83,11 @@ class RunReport:
         OmegaConf.save(cfg, self.dir / "config.yaml")
         (self.dir / "run.json").write_text(json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2))
         self.rows: list[dict] = []
-        self.best: dict | None = None
+        self.selection = cfg.selection  # how the best round is chosen (SELECTIONS); the others are in summary.json too
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}")
+        self.chosen: dict[str, dict] = {}  # each selection rule's best round so far
+        self.best: dict | None = None  # the run's own rule's
         self.start = time.time()
         self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
         log.info("run folder: %s", self.dir)
@@ -118,19 +123,41 @@ class RunReport:
         """Mean over the training domains of their validation accuracy (over `clients` only, if given)."""
         return _mean(self.accuracy(metrics, d, "val", clients) for d in self.source_domains)
 
-    def beats(self, row: dict, best: dict | None) -> bool:
-        """Whether a round's weights beat the best round's so far: a higher mean validation accuracy over the clients
-        evaluated in both rounds, so that a round that lost a client is not compared on a different set of clients.
-        Two rounds with no training client in common (sampled evaluation) are compared on their own means."""
-        if row["val_acc_mean"] is None:
+    def val_pooled(self, metrics: MetricRecord | dict, clients: set[str] | None = None) -> float | None:
+        """Validation accuracy over the training clients' validation images pooled (over `clients` only, if given):
+        every image counts once, so a domain of many tiny clients is not scored on a few images each."""
+        pairs = [(metrics[f"{c}/val-acc"], metrics.get(f"{c}/num-val", 1)) for c in sorted(self.source_clients)
+                 if (clients is None or c in clients) and f"{c}/val-acc" in metrics and metrics.get(f"{c}/num-val", 1) > 0]
+        total = sum(n for _, n in pairs)
+        return sum(a * n for a, n in pairs) / total if total else None
+
+    def beats(self, row: dict, best: dict | None, rule: str | None = None) -> bool:
+        """Whether a round's weights beat the best round's so far under a selection rule (default: the run's
+        `selection`): `last` takes every new round; `val_mean` (the mean over the training domains) and `val_pooled`
+        (all validation images pooled) compare the validation accuracy over the clients evaluated in both rounds,
+        so that a round that lost a client is not compared on a different set of clients. Two rounds with no
+        training client in common (sampled evaluation) are compared on their own scores; a tie keeps the earlier."""
+        rule = rule or self.selection
+        if rule == "last":
+            return True
+        score = {"val_mean": self.val_mean, "val_pooled": self.val_pooled}[rule]
+        if score(row["evaluate"]) is None:
             return False
         if best is None:
             return True
         common = self.evaluated(row["evaluate"]) & self.evaluated(best["evaluate"])
-        mine, theirs = self.val_mean(row["evaluate"], common), self.val_mean(best["evaluate"], common)
+        mine, theirs = score(row["evaluate"], common), score(best["evaluate"], common)
         if mine is None or theirs is None:
-            mine, theirs = row["val_acc_mean"], best["val_acc_mean"]
+            mine, theirs = score(row["evaluate"]), score(best["evaluate"])
         return mine > theirs
+
+    def choose(self, row: dict) -> bool:
+        """Update each selection rule's best round with a new round; whether it is the run's own rule's new best."""
+        for rule in SELECTIONS:
+            if self.beats(row, self.chosen.get(rule), rule):
+                self.chosen[rule] = row
+        self.best = self.chosen.get(self.selection)
+        return self.best is row
 
     def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
         """Add one exchange's bytes each way per client, and the images its replies say were encoded.
@@ -193,10 +220,22 @@ class RunReport:
         )
         if row["missing"] and self.cfg.strategy.fraction_evaluate >= 1:  # sampled evaluation leaves clients out by design
             log.warning("round %d: no evaluation from %s: the row's means are over the other clients", server_round, ", ".join(row["missing"]))
-        if server_round > 0 and self.beats(row, self.best):
-            self.best = row
+        if server_round > 0 and self.choose(row):
             if arrays is not None and self.weights_name:
                 save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
+
+    def personalization(self, best: dict, zero_shot: dict) -> tuple[set[str], dict[str, float | None], float | None]:
+        """Each training domain's test accuracy at a round, and zero-shot's mean, on the same clients: those evaluated
+        both at that round and at round 0."""
+        compared = self.evaluated(best["evaluate"]) & self.evaluated(zero_shot["evaluate"]) & self.source_clients
+        pers = {d: self.accuracy(best["evaluate"], d, clients=compared) for d in self.source_domains}
+        return compared, pers, _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains)
+
+    def outcome(self, best: dict, zero_shot: dict) -> dict:
+        """What a selection rule's round gives: held-out and personalization accuracy, zero-shot's beside them."""
+        _, pers, zero_shot_pers = self.personalization(best, zero_shot)
+        return {"round": best["round"], "held_out": best.get(f"acc/{self.held_out}"), "zero_shot_held_out": zero_shot.get(f"acc/{self.held_out}"),
+                "personalization_mean": _mean(pers.values()), "zero_shot_train_domains_mean": zero_shot_pers}
 
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
@@ -211,9 +250,7 @@ class RunReport:
             writer.writerows({**row, **{k: ";".join(row.get(k, [])) for k in lists}} for row in self.rows)
         zero_shot, trained = self.rows[0], self.rows[1:]
         best = self.best or zero_shot
-        # personalization against zero-shot on the same clients: those evaluated both at the best round and at round 0
-        compared = self.evaluated(best["evaluate"]) & self.evaluated(zero_shot["evaluate"]) & self.source_clients
-        pers = {d: self.accuracy(best["evaluate"], d, clients=compared) for d in self.source_domains}
+        compared, pers, zero_shot_pers = self.personalization(best, zero_shot)
         incomplete = [r["round"] for r in self.rows if self.all_clients - self.evaluated(r["evaluate"])]
         if compared != self.source_clients:
             log.warning("personalization and zero-shot are compared on the clients evaluated in both round %d and round 0: %s",
@@ -224,13 +261,15 @@ class RunReport:
             "seed": self.cfg.seed,
             "held_out": self.held_out,
             "zero_shot": {d: zero_shot[f"acc/{d}"] for d in self.domains},
+            "selection": self.selection,
             "best_round": best["round"],
             "best_val_acc_mean": best["val_acc_mean"],
             "generalization": {self.held_out: best.get(f"acc/{self.held_out}")},
             "personalization": pers,
             "personalization_mean": _mean(pers.values()),
-            "zero_shot_train_domains_mean": _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains),
+            "zero_shot_train_domains_mean": zero_shot_pers,
             "personalization_clients": sorted(compared),
+            "selections": {rule: self.outcome(self.chosen.get(rule, zero_shot), zero_shot) for rule in SELECTIONS},
             "incomplete_rounds": incomplete,
             "rounds": len(trained),
             "wall_seconds": time.time() - self.start,

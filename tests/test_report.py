@@ -7,6 +7,7 @@ import logging
 import uuid
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
@@ -142,3 +143,42 @@ def test_a_run_that_loses_a_node_names_the_incomplete_rounds_and_averages_bytes_
     assert [r["lost"] for r in rows] == [[], [], [lost], []]  # its round-2 message went unanswered; after that it was not sent one
     assert summary["incomplete_rounds"] == [1, 2, 3]
     assert lost not in summary["personalization_clients"] and summary["personalization_clients"]
+
+
+def sized(**accs: tuple[float, int]) -> MetricRecord:
+    """Each named training client's val accuracy over its number of val images (held-out sketch fixed at 0.3)."""
+    metrics = {"sketch/all-acc": 0.3, "sketch/num-all": 10}
+    for client, (acc, n) in accs.items():
+        metrics[f"{client}/val-acc"], metrics[f"{client}/num-val"] = acc, n
+        metrics[f"{client}/test-acc"], metrics[f"{client}/num-test"] = acc, n
+    return MetricRecord(metrics)
+
+
+def test_the_selection_rules_choose_their_own_rounds_and_the_summary_gives_each(tmp_path):
+    # domain a has 30 validation images, b has 2: the mean over domains weighs b's two images like a's thirty
+    rounds = [sized(a=(0.5, 30), b=(0.5, 2)),
+              sized(a=(0.4, 30), b=(1.0, 2)),   # domain mean 0.70, pooled 0.44
+              sized(a=(0.6, 30), b=(0.5, 2)),   # domain mean 0.55, pooled 0.59
+              sized(a=(0.6, 30), b=(0.0, 2))]   # the last round: domain mean 0.30, pooled 0.56
+    chosen = {}
+    for rule, expected in (("val_mean", 1), ("val_pooled", 2), ("last", 3)):
+        report = RunReport(load_config(f"output_dir={tmp_path / rule} dataset.held_out=sketch selection={rule}"), CLIENTS, ["a", "b"], 10)
+        for r, metrics in enumerate(rounds):
+            report.add_round(r, MetricRecord(), metrics, 0.1, weights(r))
+        summary = report.finish(weights(3))
+        assert summary["selection"] == rule and summary["best_round"] == expected
+        assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == expected
+        chosen[rule] = summary["selections"]
+    assert chosen["val_mean"] == chosen["last"] == chosen["val_pooled"]  # every run reports every rule's round
+    assert {rule: o["round"] for rule, o in chosen["last"].items()} == {"val_mean": 1, "val_pooled": 2, "last": 3}
+    assert chosen["last"]["val_pooled"]["personalization_mean"] == (0.6 + 0.5) / 2
+    assert chosen["last"]["last"]["zero_shot_train_domains_mean"] == 0.5
+
+
+def test_a_tie_keeps_the_earlier_round_and_an_unknown_rule_is_refused(tmp_path):
+    report = make_report(tmp_path)
+    for r, acc in enumerate([0.2, 0.6, 0.6]):
+        report.add_round(r, MetricRecord(), evaluation(a=acc, b=acc, sketch=acc), 0.1, None)
+    assert report.best["round"] == 1
+    with pytest.raises(ValueError, match=r"selection='best': choose one of val_mean, val_pooled, last"):
+        RunReport(load_config(f"output_dir={tmp_path} selection=best"), CLIENTS, ["a", "b"], 10)
