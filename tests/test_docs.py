@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from client_app.node import NODE_CONFIG_KEYS
-from common.config import CONF_DIR
+from common.config import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -100,14 +100,6 @@ def split_top_level(cell: str) -> list[str]:
     return [*parts, part.strip()]
 
 
-def compose(conf_dir: Path, overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def leaves(node: object, prefix: str = "") -> dict[str, object]:
     """Dotted key -> value of every leaf (lists are leaves), interpolations and ??? left as written."""
     if isinstance(node, dict):
@@ -121,11 +113,11 @@ def leaves(node: object, prefix: str = "") -> dict[str, object]:
 def config_keys(conf_dir: Path = CONF_DIR) -> tuple[dict[str, object], set[str], set[str]]:
     """The default configuration's leaves, then the leaves and the inner keys (`method`, `strategy.dp`) of
     every composition: the default and each group choice (`method=fedprox`, `dataset=pacs`, ...)."""
-    default = OmegaConf.to_container(compose(conf_dir, []), resolve=False)
+    default = OmegaConf.to_container(compose_config([], conf_dir), resolve=False)
     all_leaves, inner = set(leaves(default)), nodes(default)
     for group in GROUPS:
         for option in sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if not p.stem.startswith("_")):
-            composed = OmegaConf.to_container(compose(conf_dir, [f"{group}={option}"]), resolve=False)
+            composed = OmegaConf.to_container(compose_config([f"{group}={option}"], conf_dir), resolve=False)
             all_leaves |= set(leaves(composed))
             inner |= nodes(composed)
     return leaves(default), all_leaves, inner
@@ -192,7 +184,7 @@ def test_a_renamed_option_is_caught(tmp_path):
     shutil.copytree(CONF_DIR, tmp_path / "conf")
     strategy = tmp_path / "conf" / "strategy" / "fedclip.yaml"
     strategy.write_text(strategy.read_text().replace("\nmax_norm_ratio:", "\nmax_update_ratio:"))
-    default = OmegaConf.to_container(compose(tmp_path / "conf", []), resolve=False)
+    default = OmegaConf.to_container(compose_config([], tmp_path / "conf"), resolve=False)
     found = problems(documented(), leaves(default), set(leaves(default)), nodes(default))
     assert any("`strategy.max_norm_ratio` is not in conf/" in p for p in found)
     assert any("`strategy.max_update_ratio` is in no option table" in p for p in found)
