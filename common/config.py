@@ -24,13 +24,14 @@ def split_overrides(overrides: str) -> list[str]:
     return re.findall(r"""(?:[^\s'"]|'[^']*'|"[^"]*")+""", overrides)
 
 
-def compose_config(overrides: str | list[str] = "") -> DictConfig:
-    """conf/config.yaml with Hydra overrides, before this machine's settings and interpolations are applied."""
+def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -> DictConfig:
+    """conf/config.yaml with Hydra overrides, before this machine's settings and interpolations are applied
+    (`conf_dir`: another copy of conf/, for tests)."""
     from hydra import compose, initialize_config_dir
 
     if isinstance(overrides, str):
         overrides = split_overrides(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
 
 

@@ -30,7 +30,7 @@ from common.model import model_name_or_path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
 DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's; sketch is held out
-ROUNDS = 6  # not the demo's 40: each message starts a ClientApp process (README, "Measured in deployment")
+ROUNDS = 6  # not the demo's 40: each message starts a ClientApp process (docs/measurements.md, "Deployment")
 KILLED = "cartoon"  # a training domain whose node dies mid-run and comes back
 KILL_AFTER_ROUND = 2
 # the flags of docker/compose.yml's commands (tests/test_compose.py checks they agree); here the
