@@ -53,7 +53,7 @@ def save(fig: Figure, path: Path) -> Path:
 
 def run_accuracy_plot(rows: list[dict], domains: list[str], held_out: str, best_round: int | None, title: str, path: Path) -> Path:
     """A run's accuracy.png: each domain's accuracy against the round (held out marked), its zero-shot accuracy (round 0)
-    as a dashed line of the same colour, and the best round (by mean validation accuracy) marked."""
+    as a dashed line of the same colour, and the round `selection` chose (the best, or the last) marked."""
     fig, [ax] = figure(size=(8.5, 4.5))
     trained = [r for r in rows if r["round"] > 0]
     for i, domain in enumerate(domains):
@@ -69,7 +69,7 @@ def run_accuracy_plot(rows: list[dict], domains: list[str], held_out: str, best_
         if best is not None:
             ax.plot([best_round], [100 * best], marker="o", color=color)
     if best_round is not None:
-        ax.axvline(best_round, color="0.5", linestyle=":", label=f"best round ({best_round})")
+        ax.axvline(best_round, color="0.5", linestyle=":", label=f"chosen round ({best_round})")
     ax.plot([], [], linestyle="--", color="0.5", label="zero-shot CLIP")  # what the dashed lines are
     style(ax, title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them

@@ -287,8 +287,8 @@ class RunReport:
         with open(self.dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=2)
         self.tracking.finish(summary, [self.plot(), *self.files()])
-        log.info("%s: best round %s (mean val %s): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
-                 self.method, best["round"], _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
+        log.info("%s: round %s (selection=%s, mean val %s): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
+                 self.method, best["round"], self.selection, _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
                  _pct(zero_shot.get(f"acc/{self.held_out}")), _pct(summary["personalization_mean"]), _pct(summary["zero_shot_train_domains_mean"]))
         log.info("trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
                  f"{self.trained_parameters:,}", format_bytes(down), format_bytes(up), self.images_encoded, self.dir / "summary.json")

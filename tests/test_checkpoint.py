@@ -17,7 +17,7 @@ DOMAINS = ["a", "b", "sketch"]
 
 
 def make_report(tmp_path, dim: int = 8, extra: str = "") -> tuple[RunReport, ArrayRecord]:
-    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch {extra}")
+    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean {extra}")
     torch.manual_seed(0)
     arrays = ArrayRecord(AttentionAdapter(dim).state_dict())
     return RunReport(cfg, {d: d for d in DOMAINS}, ["a", "b"], 2 * (dim * dim + dim)), arrays

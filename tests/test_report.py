@@ -22,7 +22,7 @@ CLIENTS = {"a": "a", "b": "b", "sketch": "sketch"}  # one client per domain: the
 
 
 def make_report(tmp_path) -> RunReport:
-    return RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10)
+    return RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean"), CLIENTS, ["a", "b"], 10)
 
 
 def evaluation(**accs: float) -> MetricRecord:
