@@ -53,5 +53,5 @@ def main(grid: Grid, context: Context) -> None:
     report = RunReport(cfg, federation.client_domains, [federation.node_clients[n] for n in strategy.train_nodes], trained, federation.classes,
                        federation.fingerprint, method.weights_name)
     report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
-    arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer) if cfg.resume else (arrays, 1)
+    arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer, strategy) if cfg.resume else (arrays, 1)
     report.finish(run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round))

@@ -216,6 +216,19 @@ def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
     assert "dropped the update of node 3 (c): no 'norm_bit'" in caplog.text
 
 
+@pytest.mark.parametrize("side,clipping", [("server", "adaptive"), ("client", "adaptive"), ("server", "fixed"), ("client", "fixed")])
+def test_a_round_with_no_usable_update_keeps_the_adapter_and_the_norm(side, clipping, caplog):
+    """Every reply lost or malformed: nothing is released, the adapter and the clipping norm stay (Flower's adaptive
+    wrappers alone would divide the clipped count by zero replies and stop the run), and the round counts as spent."""
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    wrapped = with_privacy(strategy, dp_options(side=side, clipping=clipping, noise_multiplier=1.0, clipping_norm=0.5, clipped_count_stddev=2.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    arrays, metrics = wrapped.aggregate_train(4, [reply_from(1, error="lost"), reply(2, 0.1, shape=(3,))])
+    assert arrays is None and wrapped.clipping_norm == 0.5
+    assert metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 4, 1e-5))
+    assert "round 4: no update to aggregate" in caplog.text
+
+
 class NormRecordingGrid(InProcessGrid):
     """The in-process grid, keeping the clipping norm each round's train messages carry to the clients."""
 
