@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
                        federation.fingerprint, method.weights_name, context.run_id)
     report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
     try:
-        arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer) if cfg.resume else (arrays, 1)
+        arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer, strategy) if cfg.resume else (arrays, 1)
         final = run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round)
     except BaseException:  # the plot of the rounds so far; the MLflow run is marked FAILED rather than left running
         report.abort()

@@ -1,9 +1,10 @@
 """Checkpoint after every round, so a run that stops (server crash, restart) can resume.
 
-`<run folder>/checkpoint.safetensors` holds the global weights (adapter, or encoder for fedavg/fedprox); its metadata holds the round and
-every report row so far (JSON), in one file replaced atomically, so the adapter and the round
-always agree. `resume=<run folder>` starts a new run folder from there: the earlier rows are
-copied over and training goes on with the next round.
+`<run folder>/checkpoint.safetensors` holds the global weights (adapter, or encoder for fedavg/fedprox) and the server
+optimizer's moments; its metadata holds the round, every report row so far (JSON) and what the strategy learnt on the way
+(adaptive DP's clipping norm), in one file replaced atomically, so the adapter, the round and that state always agree.
+`resume=<run folder>` starts a new run folder from there: the earlier rows are copied over and training goes on with
+the next round.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -38,6 +41,15 @@ class Checkpoint:
     rows: list[dict]
     protocol: dict
     optimizer: dict[str, np.ndarray]  # the server optimizer's moments (server_app/server_optimizer.py), if it has any
+    strategy: dict[str, float] = field(default_factory=dict)  # the strategy's checkpoint_state() (adaptive DP's clipping norm)
+
+
+class StrategyState(Protocol):
+    """A strategy whose state outlives a round (FedClipStrategy has none; adaptive DP keeps its clipping norm)."""
+
+    def checkpoint_state(self) -> dict[str, float]: ...
+
+    def load_checkpoint_state(self, state: Mapping[str, float]) -> None: ...
 
 
 def protocol(cfg: DictConfig) -> dict:
@@ -46,11 +58,14 @@ def protocol(cfg: DictConfig) -> dict:
             "clients_per_domain": cfg.dataset.clients_per_domain, "partition": cfg.dataset.partition, "model": cfg.model.name_or_path}
 
 
-def save_checkpoint(report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None) -> None:
-    """Write the adapter (and the server optimizer's moments) and the rows of every round so far, replacing the last checkpoint atomically."""
+def save_checkpoint(report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None,
+                    strategy_state: Mapping[str, float] | None = None) -> None:
+    """Write the adapter (and the server optimizer's moments), the rows of every round so far and the strategy's state
+    (the one the next round starts from), replacing the last checkpoint atomically."""
     path = report.dir / CHECKPOINT
     tmp = path.with_suffix(".tmp")
-    meta = {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows), "protocol": json.dumps(protocol(report.cfg))}
+    meta = {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows), "protocol": json.dumps(protocol(report.cfg)),
+            "strategy": json.dumps(dict(strategy_state or {}))}
     moments = optimizer.state() if optimizer is not None else {}
     save_weights(ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}}), tmp, meta)
     os.replace(tmp, path)
@@ -74,16 +89,18 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     tensors = load_file(path)
     weights = ArrayRecord({k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)})
     moments = {k: v.numpy() for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-    return Checkpoint(int(meta["round"]), weights, rows, json.loads(meta.get("protocol", "{}")), moments)
+    return Checkpoint(int(meta["round"]), weights, rows, json.loads(meta.get("protocol", "{}")), moments, json.loads(meta.get("strategy", "{}")))
 
 
-def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None) -> tuple[ArrayRecord, int]:
+def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None,
+               strategy: StrategyState | None = None) -> tuple[ArrayRecord, int]:
     """Continue from a run folder's checkpoint: the adapter to start from and the next round.
 
     The earlier rows go into the new run folder's metrics and the best adapter so far is copied,
     so the summary covers the whole run. `arrays` is this run's fresh adapter: the checkpoint must
     have the same keys and shapes (same CLIP), and the same domains must be in the federation.
-    The server optimizer (if given) goes on with its moments; clients' optimiser states are not part of it: they restart from zero.
+    The server optimizer (if given) goes on with its moments and the strategy (if given) with its state (adaptive DP's
+    clipping norm); clients' optimiser states are not part of it: they restart from zero.
     """
     ckpt = load_checkpoint(folder)
     changed = {k: (v, ckpt.protocol.get(k)) for k, v in protocol(report.cfg).items() if ckpt.protocol.get(k) != v}
@@ -97,6 +114,8 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optim
     old_domains = {k.removeprefix("acc/") for k in ckpt.rows[0] if k.startswith("acc/")}
     if old_domains != set(report.domains):
         raise ValueError(f"resume={folder}: the checkpoint's run had domains {sorted(old_domains)}, this federation has {sorted(report.domains)}")
+    weights = ArrayRecord({k: ckpt.arrays[k] for k in arrays.keys()})  # in this run's order, not the file's (sorted): Flower's
+    # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the client was sent
     report.rows = ckpt.rows
     with open(report.dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
@@ -109,6 +128,8 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optim
         shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
     if optimizer is not None:
         optimizer.load_state(ckpt.optimizer)
-    save_checkpoint(report, ckpt.arrays, optimizer)
+    if strategy is not None:
+        strategy.load_checkpoint_state(ckpt.strategy)
+    save_checkpoint(report, weights, optimizer, strategy.checkpoint_state() if strategy is not None else None)
     log.info("resumed from %s after round %d; going on with round %d", folder, ckpt.round, ckpt.round + 1)
-    return ckpt.arrays, ckpt.round + 1
+    return weights, ckpt.round + 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import dp_accounting
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -35,6 +35,8 @@ from server_app import screening
 from server_app.strategy import FedClipStrategy
 
 log = logging.getLogger(__name__)
+
+CLIPPING_NORM_STATE = "dp-clipping-norm"  # adaptive clipping's norm in the checkpoint (server_app/checkpoint.py)
 
 
 def privacy_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -83,6 +85,10 @@ class ScreenedPrivacy:
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
+    def spent(self, server_round: int) -> float:
+        """Epsilon after `server_round` rounds; a round that released nothing counts too (an upper bound)."""
+        return privacy_spent(self.total_noise_multiplier, server_round, self.delta)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, screened_metrics = self.strategy.screen(server_round, replies)
         if isinstance(self, DifferentialPrivacyClientSideAdaptiveClipping):  # Flower's wrapper raises if one lacks the norm bit
@@ -91,13 +97,17 @@ class ScreenedPrivacy:
                             msg.metadata.src_node_id, update.client, KEY_NORM_BIT)
                 screened_metrics[f"{update.client}/{screening.REJECTED}"] = 1
             accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content[wire.METRICS]]
+        if not accepted:  # nothing to release; Flower's adaptive wrappers would divide the clipped count by zero replies
+            log.warning("round %d: no update to aggregate: the global adapter and the clipping norm are unchanged", server_round)
+            screened_metrics["dp-epsilon"] = self.spent(server_round)
+            return None, screened_metrics
         for msg, update in accepted:
             msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})
-        self.num_sampled_clients = max(1, len(accepted))  # the noise's std is noise_multiplier x clip / clients averaged
+        self.num_sampled_clients = len(accepted)  # the noise's std is noise_multiplier x clip / clients averaged
         arrays, metrics = super().aggregate_train(server_round, [msg for msg, _ in accepted])  # type: ignore[misc]
         metrics = metrics if metrics is not None else MetricRecord()
         metrics.update(screened_metrics)  # the update norms before clipping
-        metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
+        metrics["dp-epsilon"] = self.spent(server_round)
         return arrays, metrics
 
     def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict | None) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -107,7 +117,7 @@ class ScreenedPrivacy:
         self.num_sampled_clients = max(1, len(replies))  # the updates in the sum
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined] - Flower's client-side fixed wrapper's
-        metrics["dp-epsilon"] = privacy_spent(self.total_noise_multiplier, server_round, self.delta)
+        metrics["dp-epsilon"] = self.spent(server_round)
         return arrays, metrics
 
 
@@ -128,6 +138,18 @@ class TowardsTargetQuantile:
 
     def _geometric_update(self, clipped_fraction: float) -> None:
         self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+    def checkpoint_state(self) -> dict[str, float]:
+        """The clipping norm the next round clips to: learnt over the rounds, so a resumed run must go on with it."""
+        return {CLIPPING_NORM_STATE: self.clipping_norm}
+
+    def load_checkpoint_state(self, state: Mapping[str, float]) -> None:
+        if CLIPPING_NORM_STATE not in state:
+            log.warning("the checkpoint holds no adaptive clipping norm (its run did not clip adaptively): the norm starts again "
+                        "from strategy.dp.clipping_norm=%s", self.clipping_norm)
+            return
+        self.clipping_norm = float(state[CLIPPING_NORM_STATE])
+        log.info("adaptive clipping goes on from the checkpoint's clipping norm %.6g", self.clipping_norm)
 
 
 class ServerSideFixedClipping(ScreenedPrivacy, DifferentialPrivacyServerSideFixedClipping):

@@ -80,7 +80,7 @@ def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federa
             metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
             seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
             report.add_round(trained.round, trained.train, metrics, seconds, trained.arrays)
-            save_checkpoint(report, trained.arrays, optimizer)
+            save_checkpoint(report, trained.arrays, optimizer, strategy.checkpoint_state())  # the state round trained.round + 1 starts from
         if final:
             break
         report.count_traffic(federation.node_clients, sent, replies)

@@ -180,6 +180,14 @@ class FedClipStrategy(FedAvg):
         nodes = sorted((n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_clients[n])
         return self.method.train_nodes(nodes)
 
+    def checkpoint_state(self) -> dict[str, float]:
+        """What the strategy learnt during the run and the next round needs, for the checkpoint: nothing (the weights
+        and the server optimizer are checkpointed themselves); adaptive DP adds its clipping norm (server_app/privacy.py)."""
+        return {}
+
+    def load_checkpoint_state(self, state: Mapping[str, float]) -> None:
+        """Take back what checkpoint_state() gave, on resume: nothing to take here."""
+
     def summary(self) -> None:
         train = sorted(self.node_clients[n] for n in self.train_nodes)
         log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting, %s aggregation (tolerates %d faulty), %s transport",

@@ -1,17 +1,29 @@
-"""Checkpoint after every round and resume from it: the adapter, the round and the report rows survive."""
+"""Checkpoint after every round and resume from it: the weights, the round, the report rows and the strategy's state
+(adaptive DP's clipping norm) survive; resumed runs driven through the ServerApp's loop."""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Context, MessageType, MetricRecord, RecordDict
+from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
+from safetensors.torch import load_file
 
+from client_app.app import app as client_app
 from common.config import load_config
 from common.model import AttentionAdapter
+from server_app.app import app as server_app
 from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint
+from server_app.privacy import CLIPPING_NORM_STATE, with_privacy
 from server_app.report import RunReport
+from server_app.strategy import FedClipStrategy
+from tests.conftest import write_image_folder
+from tests.inprocess import InProcessGrid, run_in_process
 
 DOMAINS = ["a", "b", "sketch"]
 
@@ -76,3 +88,130 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
         resume_run(str(old.dir), other, fresh)
     with pytest.raises(ValueError, match=r"seed \(now 1, then 0\)"):  # another protocol: the rows would not mean the same
         resume_run(str(old.dir), *make_report(tmp_path / "run5", extra="seed=1"))
+
+
+# --- resume through the server loop (ServerApp main on the in-process grid) ---------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), per_class=6)
+
+
+class CrashingGrid(InProcessGrid):
+    """The in-process grid, keeping what each round's train messages carry; the server "crashes" (raises) when round
+    `crash_round`'s train messages are pushed."""
+
+    def __init__(self, client_app, run_config: dict, num_nodes: int, crash_round: int | None = None) -> None:
+        super().__init__(client_app, run_config, num_nodes)
+        self.crash_round = crash_round
+        self.sent: dict[int, list[tuple[dict[str, np.ndarray], dict]]] = {}  # round -> (arrays, config) of each train message
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type == MessageType.TRAIN and "arrays" in msg.content.array_records:
+                config = dict(msg.content["config"])
+                if config["server-round"] == self.crash_round:
+                    raise RuntimeError("the server crashed")
+                self.sent.setdefault(config["server-round"], []).append(({k: v.numpy() for k, v in msg.content["arrays"].items()}, config))
+        return super().push_messages(messages)
+
+
+def serve(grid_overrides: str, out: Path, crash_round: int | None = None, nodes: int = 3) -> tuple[CrashingGrid, Path]:
+    """One run of the ServerApp (crashing at `crash_round`, if given); the grid and the run folder."""
+    run_config = {"overrides": f"{grid_overrides} output_dir={out}"}
+    grid = CrashingGrid(client_app, run_config, nodes, crash_round)
+    if crash_round is None:
+        server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
+    else:
+        with pytest.raises(RuntimeError, match="the server crashed"):
+            server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
+    [run] = out.iterdir()
+    return grid, run
+
+
+def common(folder: Path, tiny_clip: Path, tmp_path: Path, rounds: int, extra: str = "") -> str:
+    # a short round_timeout: a client that cannot answer fails the test in a minute, not an hour
+    return (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={rounds} "
+            f"training.batch_size=8 strategy.round_timeout=60 cache_dir={tmp_path / 'cache'} {extra}")
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint(folder, tiny_clip, tmp_path, caplog):
+    """The server dies while pushing round 3: the checkpoint holds round 1's weights and rows 0-1 (round 2's row
+    would have come with round 3's exchange). The resumed run trains round 2 from exactly those weights, does not
+    evaluate round 1 again, and ends with every round's row once."""
+    crashed_grid, crashed = serve(common(folder, tiny_clip, tmp_path, 3), tmp_path / "crashed", crash_round=3)
+    ckpt = load_checkpoint(crashed)
+    assert ckpt.round == 1 and [r["round"] for r in ckpt.rows] == [0, 1] and ckpt.rows == rows_of(crashed)
+    with caplog.at_level(logging.INFO):
+        grid, resumed = serve(common(folder, tiny_clip, tmp_path, 3, f"resume={crashed}"), tmp_path / "resumed")
+    assert f"resumed from {crashed} after round 1; going on with round 2" in caplog.text
+    assert sorted(grid.sent) == [2, 3]  # no round trained twice
+    for arrays, config in grid.sent[2]:
+        for key, value in ckpt.arrays.to_torch_state_dict().items():
+            np.testing.assert_array_equal(arrays[key], value.numpy())  # round 2 trains from the checkpoint's weights
+        assert list(arrays) == list(crashed_grid.sent[2][0][0])  # in the run's order, not the file's (Flower's DP mods compare it)
+        assert "evaluate-round" not in config  # round 1's weights were evaluated before the crash: not again
+    assert [config["evaluate-round"] for _, config in grid.sent[3]] == [2, 2]
+    rows = rows_of(resumed)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[:2] == ckpt.rows
+    assert load_checkpoint(resumed).round == 3
+    assert json.loads((resumed / "summary.json").read_text())["rounds"] == 3
+
+
+def test_adaptive_clipping_goes_on_with_the_norm_it_had_learnt(folder, tiny_clip, tmp_path):
+    """Client-side adaptive DP: the clipping norm the clients are sent in the resumed run's first round is the one the
+    crashed run had learnt for that round, not strategy.dp.clipping_norm again."""
+    dp = ("strategy.dp.side=client strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.001 strategy.dp.noise_multiplier=0.5 "
+          "strategy.dp.clipped_count_stddev=0.5 strategy.dp.clip_norm_lr=0.5")
+    crashed_grid, crashed = serve(common(folder, tiny_clip, tmp_path, 3, dp), tmp_path / "crashed", crash_round=3)
+    norms = {r: {config[KEY_CLIPPING_NORM] for _, config in sent} for r, sent in crashed_grid.sent.items()}
+    assert norms[1] == {0.001} and len(norms[2]) == 1 and norms[2] != {0.001}  # 0.001 clips every update: round 2's grew
+    assert load_checkpoint(crashed).strategy == {CLIPPING_NORM_STATE: norms[2].pop()}
+    grid, resumed = serve(common(folder, tiny_clip, tmp_path, 3, f"{dp} resume={crashed}"), tmp_path / "resumed")
+    assert {config[KEY_CLIPPING_NORM] for _, config in grid.sent[2]} == {load_checkpoint(crashed).strategy[CLIPPING_NORM_STATE]}
+    round3 = {config[KEY_CLIPPING_NORM] for _, config in grid.sent[3]}
+    assert load_checkpoint(resumed).strategy[CLIPPING_NORM_STATE] not in round3  # each checkpoint keeps the norm of the round after it
+
+
+def test_an_old_checkpoint_without_the_norm_restarts_it_and_says_so(tmp_path, caplog):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "sketch"}, "sketch", {"w": np.zeros(2, np.float32)}, "equal", 1)
+    dp = load_config("strategy.dp.side=server strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.3 strategy.dp.noise_multiplier=0").strategy.dp
+    wrapped = with_privacy(strategy, dp)
+    wrapped.load_checkpoint_state({})
+    assert wrapped.clipping_norm == 0.3 and "the checkpoint holds no adaptive clipping norm" in caplog.text
+    wrapped.load_checkpoint_state({CLIPPING_NORM_STATE: 0.7})
+    assert wrapped.checkpoint_state() == {CLIPPING_NORM_STATE: 0.7}
+    fixed = with_privacy(strategy, load_config("strategy.dp.side=server").strategy.dp)
+    assert fixed.checkpoint_state() == {} == strategy.checkpoint_state()  # nothing learnt: nothing kept
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_encoder_baselines_resume_with_their_best_encoder(method, folder, tiny_clip, tmp_path):
+    """fedavg/fedprox checkpoint the image encoder: the resumed run starts from it and carries encoder_best over."""
+    _, first = serve(common(folder, tiny_clip, tmp_path, 1, f"method={method}"), tmp_path / "first")
+    best = first / "encoder_best.safetensors"
+    assert best.exists() and load_checkpoint(first).arrays.keys() == load_file(best).keys()
+    grid, resumed = serve(common(folder, tiny_clip, tmp_path, 2, f"method={method} resume={first}"), tmp_path / "resumed")
+    for arrays, _ in grid.sent[2]:
+        for key, value in load_file(first / "encoder_final.safetensors").items():
+            np.testing.assert_array_equal(arrays[key], value.numpy())  # round 2 trains from round 1's encoder
+    rows = rows_of(resumed)
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[:2] == rows_of(first)
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert (resumed / "encoder_final.safetensors").exists()
+    if summary["best_round"] == 1:  # the copied best encoder is the first run's
+        assert (resumed / "encoder_best.safetensors").read_bytes() == best.read_bytes()
+    else:
+        assert load_file(resumed / "encoder_best.safetensors").keys() == load_file(best).keys()
+
+
+def test_local_refuses_to_resume(folder, tiny_clip, tmp_path):
+    _, first = serve(common(folder, tiny_clip, tmp_path, 1, "method=local"), tmp_path / "first")
+    with pytest.raises(ValueError, match="resume= is not available for method=local: its adapters live on the clients"):
+        run_in_process(server_app, client_app, common(folder, tiny_clip, tmp_path, 2, f"method=local resume={first} output_dir={tmp_path / 'r'}"), 3)
+    assert not (tmp_path / "r").exists()  # refused before anything ran

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.data import HubDomain, dataset_domains, dataset_root, domain_images, read_image
+from common.data import HubDomain, dataset_domains, dataset_root, domain_images
 from common.features import domain_features, features_key
 from common.partition import client_images, client_name, shard_domain, split_domain
 from tests.conftest import write_image_folder
@@ -95,12 +95,6 @@ def test_benchmark_configs_name_every_domain_and_class_once(name, num_domains, n
 def test_missing_root_says_what_layout_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="ROOT/<domain>/<class>/<image>"):
         dataset_root(folder_cfg(tmp_path / "nope"))
-
-
-def test_corrupt_image_is_skipped_not_fatal(image_folder, caplog):
-    assert read_image(image_folder / "art" / "cat" / "broken.jpg") is None
-    assert "skipping unreadable image" in caplog.text
-    assert read_image(image_folder / "art" / "cat" / "0.png").size == (20, 20)
 
 
 def test_saved_hub_dataset_goes_through_flwr_datasets_with_its_corrupt_image_skipped(hub_dataset, caplog):

@@ -1,10 +1,11 @@
-"""A deployed SuperNode's --node-config: its domain, its own data folder, its cache and device."""
+"""A deployed SuperNode's --node-config: its domain, its own data folder, its cache, device and CPU threads."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from client_app.node import load_local_data
+from client_app.node import apply_node_config, load_local_data
 from common.local_data import LocalData
 from common.config import load_config
 from tests.conftest import write_image_folder
@@ -26,13 +27,37 @@ def run_overrides(tiny_clip) -> str:
     return f"dataset=folder dataset.root=/nonexistent dataset.domains=[art,photo,sketch] dataset.held_out=sketch model.name_or_path={tiny_clip}"
 
 
-def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, site, tmp_path):
+def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, site, tmp_path, monkeypatch):
+    """The run asks for cuda:0 and CUDA looks available; the node's own `device='cpu'` must still win (were the run's
+    device used, the CLIP would be moved to a GPU this machine may not have: the test would fail either way)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cache = tmp_path / "node-cache"
-    local = node({"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu"}, run_overrides(tiny_clip))
+    local = node({"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu"}, f"{run_overrides(tiny_clip)} device=cuda:0")
     assert local.domain == "photo" and not local.held_out
     assert local.images.classes == ["bird", "cat", "dog"] and len(local.feats.labels) == 9  # the corrupt file is skipped
-    assert str(local.device) == "cpu" and local.cfg.cache_dir == str(cache)
+    assert str(local.device) == "cpu" and local.cfg.device == "cpu" and local.cfg.cache_dir == str(cache)
     assert list((cache / "features").glob("*.safetensors"))
+
+
+def test_node_config_wins_over_the_run_for_device_and_cpu_threads(tiny_clip):
+    cfg = apply_node_config(load_config(f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8"), {"device": "cuda:1", "cpu-threads": 2})
+    assert cfg.device == "cuda:1" and cfg.cpu_threads == 2
+    cfg = apply_node_config(load_config(f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8"), {"domain": "photo"})
+    assert cfg.device == "cpu" and cfg.cpu_threads == 8  # what the node does not set stays the run's
+
+
+@pytest.mark.parametrize("node_config,run,expected", [
+    ({"cpu-threads": 1}, "cpu_threads=3", [1]),  # the node's setting wins
+    ({"cpu-threads": "2"}, "", [2]),  # --node-config "cpu-threads='2'": a string is taken too
+    ({}, "cpu_threads=3", [3]),
+    ({}, "", []),  # null: torch keeps its default (every core)
+])
+def test_cpu_threads_sets_torchs_threads_for_the_node(node_config, run, expected, tiny_clip, site, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # not this test process's real thread count
+    node({"domain": "photo", "data-dir": str(site), "cache-dir": str(tmp_path / "c"), "device": "cpu", **node_config},
+         f"{run_overrides(tiny_clip)} {run}")
+    assert calls == expected
 
 
 def test_node_config_errors_say_what_to_pass(tiny_clip, site, tmp_path):

@@ -1,4 +1,5 @@
-"""One exchange per round reports exactly what two exchanges did: every accuracy and loss of every method.
+"""One exchange per round reports exactly what two exchanges did: every accuracy and loss of every method; and what
+each method's run must hold beyond the reference numbers (CHECKS: what travels, what is saved), on the same run.
 
 tests/fixtures/two_exchange_reference.json was recorded on commit 47d4f29, the last with the two-exchange
 round (train, then evaluate, then the next round's train), by `python -m tests.test_protocol_equality`
@@ -45,6 +46,7 @@ def comparable(value):
 
 
 def run_case(name: str, clip: Path, folder: Path, tmp: Path) -> dict:
+    """A case's run: its rows and summary (as run.json and metrics.jsonl hold them)."""
     overrides, nodes = CASES[name]
     rounds = 1 if "fedavg" in name or "fedprox" in name else 3
     out = tmp / name
@@ -53,7 +55,52 @@ def run_case(name: str, clip: Path, folder: Path, tmp: Path) -> dict:
                    f"output_dir={out}", nodes)
     [summary] = out.glob("*/summary.json")
     rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
-    return comparable({"rows": rows, "summary": json.loads(summary.read_text())})
+    return {"rows": rows, "summary": json.loads(summary.read_text())}
+
+
+ADAPTER_PARAMETERS = 2 * (24 * 24 + 24)  # the tiny CLIP's projection dim is 24
+
+
+def adapter_method(run: dict, clip: Path) -> None:
+    """fedclip, centralized, local: only the adapter is trained and travels (one float32 adapter back, plus .npy headers);
+    the global methods keep their best adapter, local (no global one) keeps none."""
+    summary = run["summary"]
+    assert summary["trained_parameters"] == ADAPTER_PARAMETERS  # (features_encoded, the images encoded once at the query, is compared above)
+    assert 4 * ADAPTER_PARAMETERS <= summary["bytes_up_per_client_per_round"] <= 4 * ADAPTER_PARAMETERS + 1024
+    assert (Path(summary["run_folder"]) / "adapter_best.safetensors").exists() == (summary["method"] != "local")
+
+
+def encoder_method(run: dict, clip: Path) -> None:
+    """fedavg, fedprox: the CLIP's image encoder is trained and sent, saved fine-tuned."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    summary = run["summary"]
+    encoder = {k: v for k, v in CLIPModel.from_pretrained(clip).state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
+    assert summary["trained_parameters"] == sum(v.numel() for v in encoder.values())
+    assert summary["bytes_up_per_client_per_round"] >= 4 * summary["trained_parameters"]
+    saved = load_file(Path(summary["run_folder"]) / "encoder_final.safetensors")
+    assert set(saved) == set(encoder) and any((saved[k] != encoder[k]).any() for k in encoder)  # fine-tuned
+
+
+def personalized(run: dict, clip: Path) -> None:
+    """Local fine-tuning: every trained round has the training clients' personalized accuracy, never the held-out one's."""
+    for row in run["rows"][1:]:
+        assert "art/personalized-test-acc" in row["evaluate"] and "sketch/personalized-test-acc" not in row["evaluate"]
+
+
+def two_clients_per_domain(run: dict, clip: Path) -> None:
+    """Four training clients; a domain's accuracy pools its clients' test images."""
+    summary = run["summary"]
+    assert all({k.split("/")[0] for k in row["train"]} == {"art#0", "art#1", "photo#0", "photo#1"} for row in run["rows"][1:])
+    best = run["rows"][summary["best_round"]]["evaluate"]
+    pooled = [(best[f"art#{s}/test-acc"], best[f"art#{s}/num-test"]) for s in (0, 1)]
+    assert summary["personalization"]["art"] == pytest.approx(sum(a * n for a, n in pooled) / sum(n for _, n in pooled))
+    assert set(summary["zero_shot"]) == {"art", "photo", "sketch"}
+
+
+CHECKS = {"fedclip": adapter_method, "centralized": adapter_method, "local": adapter_method, "fedavg": encoder_method,
+          "fedprox": encoder_method, "personalized": personalized, "two-clients-per-domain": two_clients_per_domain}
 
 
 def assert_same(reference, actual, where: str = "") -> None:
@@ -79,7 +126,10 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_metrics_as_two_exchange_rounds(name, data, tmp_path):
     reference = json.loads(REFERENCE.read_text())[name]
-    assert_same(reference, run_case(name, *data, tmp_path), name)
+    run = run_case(name, *data, tmp_path)
+    assert_same(reference, comparable(run), name)
+    if name in CHECKS:
+        CHECKS[name](run, data[0])
 
 
 if __name__ == "__main__":  # record the reference (only when the reported numbers are meant to change)
@@ -88,5 +138,5 @@ if __name__ == "__main__":  # record the reference (only when the reported numbe
     tmp = Path(tempfile.mkdtemp())
     clip, folder = save_tiny_clip(tmp / "clip"), write_image_folder(tmp / "data", per_class=6)
     names = sys.argv[1:] or list(CASES)
-    REFERENCE.write_text(json.dumps({n: run_case(n, clip, folder, tmp) for n in names}, indent=1, sort_keys=True))
+    REFERENCE.write_text(json.dumps({n: comparable(run_case(n, clip, folder, tmp)) for n in names}, indent=1, sort_keys=True))
     print(f"wrote {REFERENCE}")

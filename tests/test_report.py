@@ -175,10 +175,77 @@ def test_the_selection_rules_choose_their_own_rounds_and_the_summary_gives_each(
     assert chosen["last"]["last"]["zero_shot_train_domains_mean"] == 0.5
 
 
-def test_a_tie_keeps_the_earlier_round_and_an_unknown_rule_is_refused(tmp_path):
-    report = make_report(tmp_path)
-    for r, acc in enumerate([0.2, 0.6, 0.6]):
-        report.add_round(r, MetricRecord(), evaluation(a=acc, b=acc, sketch=acc), 0.1, None)
-    assert report.best["round"] == 1
+def test_an_unknown_selection_rule_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"selection='best': choose one of val_mean, val_pooled, last"):
         RunReport(load_config(f"output_dir={tmp_path} selection=best"), CLIENTS, ["a", "b"], 10)
+
+
+# --- best-round selection (RunReport.beats) -----------------------------------------------------------------
+# selection=val_mean: the rules that compare validation accuracies share its comparison (common clients, ties).
+
+SHARDED = {"a#0": "a", "a#1": "a", "b#0": "b", "b#1": "b", "sketch": "sketch"}  # two clients per training domain
+
+
+def sharded_report(tmp_path, fraction_evaluate: float = 1.0) -> RunReport:
+    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean strategy.fraction_evaluate={fraction_evaluate}")
+    return RunReport(cfg, SHARDED, ["a#0", "a#1", "b#0", "b#1"], 10)
+
+
+def sharded_evaluation(**accs: float) -> MetricRecord:
+    """Val and test accuracy of each named training client (100 images each), and the held-out client's."""
+    metrics = {"sketch/all-acc": 0.3, "sketch/num-all": 10}
+    for client, acc in accs.items():
+        name = client.replace("_", "#")
+        for split in ("val", "test"):
+            metrics[f"{name}/{split}-acc"], metrics[f"{name}/num-{split}"] = acc, 100
+    return MetricRecord(metrics)
+
+
+def test_rounds_with_no_training_client_in_common_are_compared_on_their_own_means(tmp_path, caplog):
+    """Sampled evaluation: each round evaluates other clients. The held-out client is in every round but says nothing
+    about the validation mean, so two rounds that share no training client fall back to their own means."""
+    report = sharded_report(tmp_path, fraction_evaluate=0.5)
+    report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
+    with caplog.at_level(logging.WARNING):
+        report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.5, b_0=0.5), 0.1, weights(1))  # own mean 0.5
+        report.add_round(2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2))  # nothing in common: 0.6 > 0.5
+    assert report.best["round"] == 2
+    assert report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text  # sampled by design: no warning
+    # b#1 in common with round 2: compared on it alone (0.45 < 0.5), although this round's own mean (0.675) is higher
+    report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.9, b_1=0.45), 0.1, weights(3))
+    assert report.best["round"] == 2
+    assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 2
+
+
+def test_a_round_that_only_ties_the_best_does_not_replace_it(tmp_path):
+    report = sharded_report(tmp_path)
+    report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
+    report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.5), 0.1, weights(1))  # 0.5
+    report.add_round(2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2))  # 0.5: a tie
+    assert report.best["round"] == 1  # the earlier round is kept: a later equal one is not better
+    report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3))  # b#0 lost: a tie on the rest
+    assert report.best["round"] == 1
+    report.add_round(4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4))  # barely better
+    assert report.best["round"] == 4 and load_file(report.dir / "adapter_best.safetensors")["w"][0] == 4
+    assert report.finish(weights(4))["best_round"] == 4
+
+
+def test_a_round_with_no_validation_accuracy_is_never_the_best(tmp_path):
+    """A round in which only the held-out client was evaluated has no validation mean: it cannot be chosen, and a
+    round that has one is chosen over none."""
+    report = sharded_report(tmp_path, fraction_evaluate=0.5)
+    report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
+    report.add_round(1, MetricRecord(), sharded_evaluation(), 0.1, weights(1))
+    assert report.rows[1]["val_acc_mean"] is None and report.best is None
+    report.add_round(2, MetricRecord(), sharded_evaluation(b_1=0.1), 0.1, weights(2))
+    assert report.best["round"] == 2
+    report.add_round(3, MetricRecord(), sharded_evaluation(), 0.1, weights(3))
+    assert report.best["round"] == 2
+    assert report.finish(weights(3))["best_round"] == 2
+
+
+def test_zero_shot_is_never_the_best_round_even_when_no_round_beats_it(tmp_path):
+    report = sharded_report(tmp_path)
+    report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.9, a_1=0.9, b_0=0.9, b_1=0.9), 0.0, weights(0))
+    report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.1, a_1=0.1, b_0=0.1, b_1=0.1), 0.1, weights(1))
+    assert report.best["round"] == 1  # the best trained round: round 0's weights are no adapter
