@@ -143,6 +143,12 @@ def test_each_clientapp_runs_only_the_apps_of_the_hosts_approved_apps_file(compo
             service = config["services"][name]
             assert service["configs"] == [{"source": "approved-apps", "target": APPROVED_IN_CONTAINER}]
             assert f"--approved-apps={APPROVED_IN_CONTAINER}" in service["entrypoint"] + service.get("command", [])
+    # `register`, which every SuperNode waits for, mounts it too and stops `up` if no app is approved: created before any site's
+    # container, it also fails first when the file is missing
+    register = gpu["services"]["register"]
+    assert register["configs"] == [{"source": "approved-apps", "target": APPROVED_IN_CONTAINER}]
+    assert f"grep -Eq '^[[:space:]]*[0-9a-fA-F]{{64}}' {APPROVED_IN_CONTAINER} ||" in register["command"][0]
+    assert all(gpu["services"][f"supernode-{site}"]["depends_on"]["register"] for site in SITES)
     elsewhere = tmp_path / "site-approvals.txt"
     assert compose_project("compose.yml", FEDCLIP_APPROVED_APPS=str(elsewhere))["configs"]["approved-apps"]["file"] == str(elsewhere)
     assert "docker/approved-apps.txt" in (REPO / ".gitignore").read_text().splitlines()  # made per checkout by `fedclip-approve`

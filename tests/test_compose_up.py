@@ -1,7 +1,8 @@
 """The docker-compose demo for real, on its default warm, pinned path: builds the images, starts the SuperLink (TLS,
 SuperNode authentication), the `register` service and, per site, a SuperNode (`--isolation process`) with its
 warm `fedclip-clientapp` container (CPU variant) that runs only the apps of the approved-apps file (`fedclip-approve`
-of this tree and of the floor's no-op app; without the file `up` fails), then from the host with `flwr run`:
+of this tree and of the floor's no-op app; without the file, or with none approved, `up` fails), then from the host
+with `flwr run`:
 
 1. Flower's floor (benchmarks/noop_app.py: FedCLIP's messages, no work, its ClientApp loaded by the same warm
    ClientApps), measured as benchmarks/round_overhead.py measures it;
@@ -229,7 +230,7 @@ def demo(tmp_path_factory):
         lines = [approval_line(REPO), approval_line(noop_app(project / "noop-app"))]
         (project / "docker/approved-apps.txt").write_text(f"# approved after review\n{lines[0]}\n{lines[1]}  # Flower's floor\n")
         seed_demo_cache(env, project)
-        missing_approvals_fail_up(env, project)
+        unapproved_up_fails(env, project)
         t0 = time.time()
         run([*COMPOSE, "up", "--build", "-d"], env, timeout=3600, cwd=project)
         print(f"docker compose up --build -d: {time.time() - t0:.0f} s")
@@ -261,15 +262,32 @@ def approval_line(app: Path) -> str:
     return run([sys.executable, "-m", "client_app.approve", str(app)], dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.strip()
 
 
-def missing_approvals_fail_up(env: dict, project: Path) -> None:
-    """Without its approved-apps file the demo does not come up (rather than running unpinned): `up` fails naming the file,
-    and no container was started."""
-    missing = project / "docker/no-approved-apps.txt"
-    out = subprocess.run([*COMPOSE, "up", "-d", "--no-build"], env=dict(env, FEDCLIP_APPROVED_APPS=str(missing)), cwd=project,
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert out.returncode != 0 and str(missing) in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
-    assert run([*COMPOSE, "ps", "-q", "--status", "running"], env, cwd=project).stdout.strip() == ""
-    print(f"up without the approved-apps file: {(out.stdout + out.stderr).strip().splitlines()[-1]}")
+def unapproved_up_fails(env: dict, project: Path) -> None:
+    """Without an approved app the demo does not come up (rather than running unpinned, or refusing every run): as a user
+    would meet it, `up` without docker/approved-apps.txt fails naming the file and starts nothing; with the file empty (a
+    failed `fedclip-approve . > ...`), `register` says what to do and no site starts; with the approvals, `up` works."""
+    approvals = project / "docker/approved-apps.txt"
+    approved = approvals.read_text()
+    approvals.unlink()
+
+    def up() -> str:
+        out = subprocess.run([*COMPOSE, "up", "-d", "--no-build"], env=env, cwd=project, capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert out.returncode != 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return (out.stdout + out.stderr).strip()
+
+    def running() -> set[str]:
+        return set(run([*COMPOSE, "ps", "--status", "running", "--services"], env, cwd=project).stdout.split())
+
+    missing = up()
+    assert f"bind source path does not exist: {approvals}" in missing and running() == set(), missing[-3000:]
+    approvals.write_text("# no app approved yet\n")
+    empty = up()
+    register = run([*COMPOSE, "logs", "--no-color", "register"], env, cwd=project).stdout
+    assert "approves no app" in register and "fedclip-approve . > docker/approved-apps.txt" in register, empty[-3000:] + register
+    assert running() == {"superlink"}, running()
+    approvals.write_text(approved)  # in place: the containers created above bind-mount this very file
+    print(f"up without the approved-apps file: {missing.splitlines()[-1]}\nup with it empty: {empty.splitlines()[-1]}")
 
 
 def seed_demo_cache(env: dict, project: Path) -> None:
