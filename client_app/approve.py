@@ -6,10 +6,11 @@
 
 The FAB is built with Flower's own `build_fab_from_disk`, exactly as `flwr run APP_FOLDER` builds the
 FAB it sends, so the hash is the one the SuperLink stores (`flwr ls`) and the sites compute. Flower
-writes every zip entry with a fixed date and in sorted order, so the same files give the same bytes;
-the folder is built twice and the two hashes must agree. The FAB holds every file of the folder
-that .gitignore and Flower's include rules let through, tracked by git or not: approve a clean
-checkout of the release (a warning names files git does not know or that differ from the commit).
+writes every zip entry uncompressed, with a fixed date and in sorted order, so the same files give
+the same bytes; the folder is built twice and the two hashes must agree. The FAB holds the files of
+pyproject.toml's `fab-include` (the app's packages and conf/) that .gitignore lets through, tracked
+by git or not: approve a clean checkout of the release (a warning names the FAB's files that git
+does not know or that differ from the commit).
 """
 
 from __future__ import annotations
@@ -42,10 +43,18 @@ def reproducible_fab(app: Path) -> bytes:
     return first
 
 
-def uncommitted(app: Path) -> list[str]:
-    """Files git reports as changed or untracked in the folder (they would go into the FAB); [] outside a git checkout."""
-    out = subprocess.run(["git", "-C", str(app), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False)
-    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else []
+def uncommitted(app: Path, fab: bytes) -> list[str]:
+    """The FAB's files that git reports as changed or untracked in the folder; [] outside a git checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(app), *args], capture_output=True, text=True, check=False)
+
+    status, prefix = git("status", "--porcelain", "--untracked-files=all", "--", "."), git("rev-parse", "--show-prefix")
+    if status.returncode != 0 or prefix.returncode != 0:
+        return []
+    in_fab = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    # porcelain paths are relative to the repository's root (a rename reads `old -> new`); the FAB's to the app folder
+    paths = [line[3:].split(" -> ")[-1].strip('"').removeprefix(prefix.stdout.strip()) for line in status.stdout.splitlines()]
+    return [path for path in paths if path in in_fab]
 
 
 def keygen(path: Path) -> str:
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{sha256}  {fab_id} {version}")
     print(f"built {app} as `flwr run` does, twice, same bytes: {files} files, {len(fab):,} bytes; add the line above to each "
           "site's approved-apps file (fedclip-clientapp --approved-apps)", file=sys.stderr)
-    if changed := uncommitted(app):
+    if changed := uncommitted(app, fab):
         print(f"WARNING: not a clean checkout, the FAB holds these changes: {', '.join(changed[:10])}"
               f"{' ...' if len(changed) > 10 else ''}", file=sys.stderr)
     if args.sign:

@@ -31,6 +31,7 @@ def docker_config(tmp: Path) -> Path | None:
 
 
 SITES = ["photo", "cartoon", "painting", "sketch"]  # the compose file's sites (services, keys); each holds one domain
+APPROVED_IN_CONTAINER = "/etc/fedclip/approved-apps.txt"  # where each ClientApp container reads the host's approved-apps file
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         # the address the SuperNode binds is an alias on its site's network only: no other container resolves it
         assert supernode["networks"][site]["aliases"] == [appio.split(":")[0]] and not (supernode["networks"]["default"] or {}).get("aliases")
         assert sorted(n for n, members in networks_of.items() if site in members) == [f"clientapp-{site}", f"supernode-{site}"]
-        assert clientapp["entrypoint"] == ["fedclip-clientapp"] and clientapp["command"] == [f"--clientappio-api-address={appio}"]
+        assert clientapp["entrypoint"] == ["fedclip-clientapp", f"--approved-apps={APPROVED_IN_CONTAINER}"]
+        assert clientapp["command"] == [f"--clientappio-api-address={appio}"]
         assert clientapp["init"] is True  # a Python PID 1 ignores SIGTERM: `docker compose stop` would wait 10 s, then kill
         assert set(clientapp["networks"]) == {site} and "ports" not in clientapp
         config = node_config(supernode)
@@ -121,9 +123,35 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         assert "deploy" not in cpu_app or not cpu_app["deploy"].get("resources")
         # the CPU variant's ClientApps run the SuperLink's image (CPU PyTorch): one image to build
         assert "build" not in cpu_app and cpu_app["image"] == cpu["services"]["superlink"]["image"]
+        assert cpu_app["entrypoint"] == clientapp["entrypoint"] and cpu_app["configs"] == clientapp["configs"]  # pinned too
         assert cpu["services"][f"supernode-{site}"]["image"] == "flwr/supernode:1.28.0"
     registered = {s["target"] for s in gpu["services"]["register"]["secrets"]}
     assert {f"/app/certificates/supernode-{s}.pub" for s in SITES} <= registered
+
+
+def test_each_clientapp_runs_only_the_apps_of_the_hosts_approved_apps_file(compose_project, compose_config, tmp_path):
+    """The approved-apps file is the host's docker/approved-apps.txt (or FEDCLIP_APPROVED_APPS), mounted read-only where
+    each ClientApp's --approved-apps reads it: a file, so that `up` fails if it is missing (tests/test_compose_up.py runs
+    that) rather than starting unpinned; and no site is left without it (there is no unpinned variant)."""
+    gpu, cpu = compose_config
+    for config in (gpu, cpu):
+        default = Path(config["configs"]["approved-apps"]["file"])
+        assert default.name == "approved-apps.txt" and default.parent.name == "docker"  # beside compose.yml: the host's
+        clientapps = [name for name in config["services"] if name.startswith("clientapp-")]
+        assert sorted(clientapps) == sorted(f"clientapp-{site}" for site in SITES)
+        for name in clientapps:
+            service = config["services"][name]
+            assert service["configs"] == [{"source": "approved-apps", "target": APPROVED_IN_CONTAINER}]
+            assert f"--approved-apps={APPROVED_IN_CONTAINER}" in service["entrypoint"] + service.get("command", [])
+    # `register`, which every SuperNode waits for, mounts it too and stops `up` if no app is approved: created before any site's
+    # container, it also fails first when the file is missing
+    register = gpu["services"]["register"]
+    assert register["configs"] == [{"source": "approved-apps", "target": APPROVED_IN_CONTAINER}]
+    assert f"grep -Eq '^[[:space:]]*[0-9a-fA-F]{{64}}' {APPROVED_IN_CONTAINER} ||" in register["command"][0]
+    assert all(gpu["services"][f"supernode-{site}"]["depends_on"]["register"] for site in SITES)
+    elsewhere = tmp_path / "site-approvals.txt"
+    assert compose_project("compose.yml", FEDCLIP_APPROVED_APPS=str(elsewhere))["configs"]["approved-apps"]["file"] == str(elsewhere)
+    assert "docker/approved-apps.txt" in (REPO / ".gitignore").read_text().splitlines()  # made per checkout by `fedclip-approve`
 
 
 def test_demo_sites_hold_the_demo_domains(compose_config):

@@ -1,12 +1,15 @@
-"""The docker-compose demo for real, on its default warm path: builds the images, starts the SuperLink (TLS,
+"""The docker-compose demo for real, on its default warm, pinned path: builds the images, starts the SuperLink (TLS,
 SuperNode authentication), the `register` service and, per site, a SuperNode (`--isolation process`) with its
-warm `fedclip-clientapp` container (CPU variant), then from the host with `flwr run`:
+warm `fedclip-clientapp` container (CPU variant) that runs only the apps of the approved-apps file (`fedclip-approve`
+of this tree and of the floor's no-op app; without the file, or with none approved, `up` fails), then from the host
+with `flwr run`:
 
 1. Flower's floor (benchmarks/noop_app.py: FedCLIP's messages, no work, its ClientApp loaded by the same warm
    ClientApps), measured as benchmarks/round_overhead.py measures it;
 2. the demo as it ships (40 rounds): its seconds per round against the floor, and its wall time;
 3. one SecAgg+ run;
-4. a short run with one site's SuperNode and ClientApp containers killed mid-run;
+4. this app with one line changed, refused by every site before any of its code runs;
+5. a short run with one site's SuperNode and ClientApp containers killed mid-run;
 
 copies the run folders out with `docker compose cp` and tears everything down. The commands are
 docs/deployment.md's ("2a. The compose demo").
@@ -41,6 +44,7 @@ from common.data import dataset_root
 from common.model import model_name_or_path
 from tests.test_compose import SITES, docker_config
 from tests.test_deployment import DOMAINS, ROW, free_port
+from tests.test_pinned_deployment import changed_copy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flwr
@@ -55,6 +59,9 @@ STOP_AFTER_ROUND = 2  # row r is printed once round r+1's exchange (which carrie
 # issue 17's targets for this machine: a demo round at most 2x the floor, the 40-round demo in under 5 minutes
 TARGET_RATIO, TARGET_DEMO_SECONDS = 2.0, 300.0
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+CHANGED_APP_MARKER = "/tmp/fedclip-changed-app-ran"  # a path in a ClientApp's container: the changed app writes it when imported
+REFUSAL = re.compile(r"node (\d+) refused the app: node (\d+) \((\w+)\) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 "
+                     r"([0-9a-f]{64}) is not approved: its SHA-256 is not in the approved-apps file")
 
 
 def run(cmd: list[str], env: dict, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -131,8 +138,9 @@ class Engine:
 class Demo:
     """The compose demo, up: its compose environment, project folder and `flwr` CLI environment."""
 
-    def __init__(self, env: dict, project: Path, cli_env: dict) -> None:
+    def __init__(self, env: dict, project: Path, cli_env: dict, approved: str) -> None:
         self.env, self.project, self.cli_env = env, project, cli_env
+        self.approved = approved  # the SHA-256 of this tree's FAB, which the sites approved
         self.copies = 0
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -218,7 +226,11 @@ def demo(tmp_path_factory):
         run(["bash", "docker/make-certs.sh", "-o", "docker/certs", *sum((["--node", s] for s in SITES), []),
              "superlink", "localhost", "127.0.0.1"], env, cwd=project)
         run(["chown", "-R", "49999:49999", "docker/certs"], env, cwd=project)  # Flower's images run as uid 49999
+        # the sites approve this tree's FAB and the floor's no-op app (the one-line step docs/deployment.md gives)
+        lines = [approval_line(REPO), approval_line(noop_app(project / "noop-app"))]
+        (project / "docker/approved-apps.txt").write_text(f"# approved after review\n{lines[0]}\n{lines[1]}  # Flower's floor\n")
         seed_demo_cache(env, project)
+        unapproved_up_fails(env, project)
         t0 = time.time()
         run([*COMPOSE, "up", "--build", "-d"], env, timeout=3600, cwd=project)
         print(f"docker compose up --build -d: {time.time() - t0:.0f} s")
@@ -230,7 +242,7 @@ def demo(tmp_path_factory):
         )
         cli_env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", FLWR_HOME=str(home))
         cli_env.pop("PYTHONPATH", None)
-        up = Demo(env, project, cli_env)
+        up = Demo(env, project, cli_env, lines[0].split()[0])
         deadline = time.time() + 300
         while online_nodes(cli_env) < len(SITES):
             assert time.time() < deadline, f"the four SuperNodes did not come online within 300 s:\n{up.logs('supernode-photo')[-3000:]}"
@@ -243,6 +255,39 @@ def demo(tmp_path_factory):
             print(f"the containers' logs: {tmp / 'compose.log'}")
             subprocess.run([*COMPOSE, "down", "--volumes", "--remove-orphans"], env=env, cwd=project, capture_output=True, timeout=300, check=False)
         engine.stop()
+
+
+def approval_line(app: Path) -> str:
+    """`fedclip-approve APP` (this tree's code): the approved-apps line of the FAB `flwr run APP` sends."""
+    return run([sys.executable, "-m", "client_app.approve", str(app)], dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.strip()
+
+
+def unapproved_up_fails(env: dict, project: Path) -> None:
+    """Without an approved app the demo does not come up (rather than running unpinned, or refusing every run): as a user
+    would meet it, `up` without docker/approved-apps.txt fails naming the file and starts nothing; with the file empty (a
+    failed `fedclip-approve . > ...`), `register` says what to do and no site starts; with the approvals, `up` works."""
+    approvals = project / "docker/approved-apps.txt"
+    approved = approvals.read_text()
+    approvals.unlink()
+
+    def up() -> str:
+        out = subprocess.run([*COMPOSE, "up", "-d", "--no-build"], env=env, cwd=project, capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert out.returncode != 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return (out.stdout + out.stderr).strip()
+
+    def running() -> set[str]:
+        return set(run([*COMPOSE, "ps", "--status", "running", "--services"], env, cwd=project).stdout.split())
+
+    missing = up()
+    assert f"bind source path does not exist: {approvals}" in missing and running() == set(), missing[-3000:]
+    approvals.write_text("# no app approved yet\n")
+    empty = up()
+    register = run([*COMPOSE, "logs", "--no-color", "register"], env, cwd=project).stdout
+    assert "approves no app" in register and "fedclip-approve . > docker/approved-apps.txt" in register, empty[-3000:] + register
+    assert running() == {"superlink"}, running()
+    approvals.write_text(approved)  # in place: the containers created above bind-mount this very file
+    print(f"up without the approved-apps file: {missing.splitlines()[-1]}\nup with it empty: {empty.splitlines()[-1]}")
 
 
 def seed_demo_cache(env: dict, project: Path) -> None:
@@ -298,10 +343,13 @@ def test_warm_demo_trains_fedclip_over_tls(demo, demo_run):
     assert rows[1]["bytes_down_per_client"] >= rows[1]["bytes_up_per_client"]
     assert summary["bytes_total"] == sum(r["bytes_round"] for r in rows) > 0
     assert all(f"holds '{d}'" in log for d in DOMAINS)
-    # the warm path: each site's one ClientApp process handled every message of the run (none was started per message)
+    # the warm, pinned path: each site's one ClientApp process handled every message of the run (none was started per
+    # message), and ran the app because the site approved its hash
     for site in SITES:
         clientapp = demo.logs(f"clientapp-{site}")
         assert clientapp.count("warm ClientApp process serving") == 1, clientapp[-3000:]
+        assert f"app fedclip/fedclip 0.1.0 with SHA-256 {demo.approved} is approved: it runs" in clientapp, clientapp[-3000:]
+        assert "unchecked" not in clientapp and "ANY app" not in clientapp
         handled = clientapp.count("handled a train message") + clientapp.count("handled a evaluate message")
         assert handled >= DEMO_ROUNDS, f"{site}: {handled} messages handled by its warm ClientApp:\n{clientapp[-3000:]}"
 
@@ -332,6 +380,25 @@ def test_secure_aggregation_in_compose(demo):
     assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
     per_round = ", ".join(f"{r['seconds']:.2f}" for r in rows[1:])
     print(f"SecAgg+ in compose: {SECAGG_ROUNDS} rounds in {wall:.0f} s; rounds 1..{SECAGG_ROUNDS}: {per_round} s")
+
+
+def test_a_changed_app_is_refused_in_compose(demo, tmp_path):
+    """This app with one line added to its ClientApp (it writes a marker file when imported): every site refuses it before any
+    of its code runs (no marker in any ClientApp container), the server names each refusal, the run ends with the error."""
+    app = changed_copy(tmp_path / "fedclip", Path(CHANGED_APP_MARKER), demo.approved)
+    before = {p.name for p in demo.outputs().iterdir()}
+    log, seconds = demo.flwr_run(app, 'overrides="training.rounds=2"', "changed", timeout=300)
+    refusals = REFUSAL.findall(log)
+    assert sorted(site for _, _, site, _ in refusals) == sorted(SITES), log[-6000:]
+    hashes = {sha for *_, sha in refusals}
+    assert all(a == b for a, b, *_ in refusals) and len(hashes) == 1 and demo.approved not in hashes  # each site named itself
+    assert f"{len(SITES)} of {len(SITES)} node(s) refused to run this app" in log, log[-6000:]
+    for site in SITES:
+        marker = demo.compose("exec", "-T", f"clientapp-{site}", "sh", "-c", f"test -e {CHANGED_APP_MARKER} && echo RAN || echo clean")
+        assert marker.stdout.strip() == "clean", f"the changed ClientApp was imported at the {site} site"
+        assert "REFUSED run" in demo.logs(f"clientapp-{site}")
+    assert {p.name for p in demo.outputs().iterdir()} == before, "a run folder was written for an app nobody ran"
+    print(f"the changed app: refused by {len(refusals)} sites, `flwr run` ended after {seconds:.0f} s")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import sys
 import time
@@ -24,6 +23,7 @@ from flwr.cli.build import build_fab_from_disk
 
 from client_app.pinning import fab_sha256
 from tests.test_deployment import BIN, REPO, Deployment, run, skip_without_cert_tools, stream_run
+from tests.test_pinning import app_copy
 
 SITES = ("photo", "sketch")  # sketch is held out: photo trains
 
@@ -35,12 +35,7 @@ def overrides(clip: Path) -> str:
 def changed_copy(dest: Path, marker: Path, approved: str) -> Path:
     """This app's files (what git tracks or would track: the approved FAB) with one line added to the ClientApp: it writes `marker`
     on import."""
-    listed = run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"])
-    assert listed.returncode == 0, listed.stderr
-    for name in listed.stdout.splitlines():
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
+    app_copy(dest)
     assert fab_sha256(build_fab_from_disk(dest)) == approved  # unchanged, the copy is the approved app
     with open(dest / "client_app" / "app.py", "a") as app:
         app.write(f"\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('the changed app ran')\n")

@@ -3,9 +3,12 @@ refusal, and `fedclip-approve` (the hash `flwr run` would send, reproducibly; ke
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def fab() -> bytes:
     return build_fab_from_disk(REPO)
+
+
+def app_copy(dest: Path) -> Path:
+    """A copy of this app's files as a checkout of it holds them (what git tracks or would track): the FAB of `fab`."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, check=True)
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
 
 
 def tampered(fab: bytes) -> bytes:
@@ -136,11 +150,55 @@ def test_approve_prints_the_hash_flwr_run_sends(capsys, fab):
     assert "twice, same bytes" in err
 
 
+def test_the_fab_holds_the_apps_packages_and_config_only_uncompressed(fab):
+    """pyproject.toml's fab-include: the FAB holds server_app/, client_app/, common/ and conf/ (and Flower's pyproject.toml and
+    manifest), not docs/, tests/, benchmarks/ or docker/. Every entry is stored, not deflated: the bytes, and so the hash,
+    do not depend on the zlib the Python that builds it links."""
+    entries = zipfile.ZipFile(io.BytesIO(fab)).infolist()
+    included = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    assert included == ["server_app/**", "client_app/**", "common/**", "conf/**"]
+    assert {e.filename.split("/")[0] for e in entries} == {"server_app", "client_app", "common", "conf", "pyproject.toml", ".info"}
+    assert {e.compress_type for e in entries} == {zipfile.ZIP_STORED}
+    assert "common/demo/demo_clip.json" in {e.filename for e in entries}  # the demo's pretrained CLIP ships with the app
+
+
+def test_editing_docs_tests_benchmarks_or_docker_keeps_the_approved_hash(tmp_path, fab):
+    """Sites re-approve only when the app's code or configuration changes, not at every doc edit."""
+    app = app_copy(tmp_path / "fedclip")
+    assert fab_sha256(build_fab_from_disk(app)) == fab_sha256(fab)  # the copy is the approved app
+    for name in ("README.md", "docs/security.md", "tests/conftest.py", "benchmarks/noop_app.py", "docker/compose.yml"):
+        with open(app / name, "a") as file:
+            file.write("\n# an edit\n")
+    (app / "docs" / "new-page.md").write_text("# a new page\n")
+    assert fab_sha256(build_fab_from_disk(app)) == fab_sha256(fab)
+    with open(app / "conf" / "config.yaml", "a") as file:  # the app's configuration is part of what a site approves
+        file.write("\n# an edit\n")
+    assert fab_sha256(build_fab_from_disk(app)) != fab_sha256(fab)
+
+
+def test_approve_warns_of_uncommitted_changes_in_the_fab_only(tmp_path, capsys):
+    app = app_copy(tmp_path / "fedclip")
+    git = ["git", "-C", str(app), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "release"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    approve.main([str(app)])
+    assert "WARNING" not in capsys.readouterr().err  # a clean checkout
+    with open(app / "docs" / "security.md", "a") as file:
+        file.write("\nan edit\n")
+    (app / "common" / "extra.py").write_text("x = 1\n")
+    approve.main([str(app)])
+    assert capsys.readouterr().err.splitlines()[-1] == "WARNING: not a clean checkout, the FAB holds these changes: common/extra.py"
+
+
 def test_approve_names_the_files_that_differ_between_two_builds(monkeypatch, tmp_path):
-    builds = iter([build_fab_from_files({"pyproject.toml": (REPO / "pyproject.toml").read_bytes(), "a.py": b"x = 1\n"})[0],
-                   build_fab_from_files({"pyproject.toml": (REPO / "pyproject.toml").read_bytes(), "a.py": b"x = 2\n"})[0]])
+    def build(source: bytes) -> bytes:
+        files = {"pyproject.toml": (REPO / "pyproject.toml").read_bytes(), "client_app/a.py": source}
+        files.update({f"{package}/__init__.py": b"" for package in ("server_app", "common")} | {"conf/config.yaml": b""})
+        return build_fab_from_files(files)[0]  # every fab-include pattern must match a file
+
+    builds = iter([build(b"x = 1\n"), build(b"x = 2\n")])
     monkeypatch.setattr(approve, "build_fab_from_disk", lambda app: next(builds))
-    with pytest.raises(SystemExit, match=r"two builds of .* differ \(a.py\)"):
+    with pytest.raises(SystemExit, match=r"two builds of .* differ \(client_app/a.py\)"):
         approve.reproducible_fab(tmp_path)
 
 
