@@ -52,7 +52,7 @@ def run_case(name: str, clip: Path, folder: Path, tmp: Path) -> dict:
     out = tmp / name
     run_in_process(server_app, client_app, f"{overrides} dataset=folder dataset.root={folder} dataset.held_out=sketch "
                    f"model.name_or_path={clip} training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} "
-                   f"output_dir={out}", nodes)
+                   f"output_dir={out} selection=val_mean", nodes)  # the reference chose its best round by validation
     [summary] = out.glob("*/summary.json")
     rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "summary": json.loads(summary.read_text())}

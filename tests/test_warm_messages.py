@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import pytest
 from flwr.app import Context, Message, Metadata, MessageType, RecordDict
 from flwr.cli.build import build_fab_from_files
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common import object_ref
 from flwr.common.constant import ErrorCode
 from flwr.common.typing import Fab, Run
 
 from client_app import warm
+from client_app.pinning import AppPolicy
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -129,27 +129,25 @@ def supernode(tmp_path, monkeypatch) -> FakeSuperNode:
         del sys.modules[name]
 
 
-def loader():
-    """Flower's app loader as warm.serve builds it: an app per FAB id, version and hash."""
-    return get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+OPEN = AppPolicy()  # no --approved-apps or --trusted-keys: every app runs (tests/test_pinning.py checks the pinned cases)
 
 
 def test_a_fab_with_a_new_hash_replaces_the_loaded_code(supernode):
     v1, v2 = fab(1), fab(2)
     assert v1.hash_str != v2.hash_str
-    load = loader()
+    seen: set[str] = set()
     for token, version in (("a", v1), ("b", v2), ("c", v1)):
         supernode.add(token, 1, version)
-        warm.handle(supernode, token, load)
+        warm.handle(supernode, token, OPEN, seen)
     assert [r.content["metrics"]["version"] for r in supernode.replies] == [1, 2, 1]  # each message runs its own FAB's code
 
 
 def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goes_on(supernode):
-    load = loader()
+    seen: set[str] = set()
     supernode.add("train", 1, fab(3), MessageType.TRAIN)
     supernode.add("query", 1, fab(3))
-    warm.handle(supernode, "train", load)
-    warm.handle(supernode, "query", load)
+    warm.handle(supernode, "train", OPEN, seen)
+    warm.handle(supernode, "query", OPEN, seen)
     failed, answered = supernode.replies
     assert failed.has_error() and failed.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert "ValueError" in failed.error.reason and "this app cannot train: version 3" in failed.error.reason
@@ -157,13 +155,15 @@ def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goe
     assert not answered.has_error() and answered.content["metrics"]["version"] == 3
 
 
-@pytest.mark.parametrize("fab_,reason", [(lambda: fab(4, clientapp="missing"), "Unable to load attribute missing"),
-                                          (lambda: None, "Failed to load ClientApp")])
-def test_an_app_that_cannot_be_loaded_is_a_load_error_reply(fab_, reason, supernode):
+@pytest.mark.parametrize("fab_,code,reason", [
+    (lambda: fab(4, clientapp="missing"), ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "Unable to load attribute missing"),
+    (lambda: None, ErrorCode.INVALID_FAB, "refused the run: no FAB came with its message"),  # nothing to check: refused
+])
+def test_an_app_that_cannot_be_loaded_is_an_error_reply(fab_, code, reason, supernode):
     supernode.add("t", 1, fab_())
-    warm.handle(supernode, "t", loader())
+    warm.handle(supernode, "t", OPEN, set())
     [reply] = supernode.replies
-    assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION and reason in reply.error.reason
+    assert reply.has_error() and reply.error.code == code and reason in reply.error.reason
 
 
 def test_the_process_serves_a_second_run_after_the_first(supernode, monkeypatch):
@@ -175,5 +175,5 @@ def test_the_process_serves_a_second_run_after_the_first(supernode, monkeypatch)
     supernode.add("run2", 2, fab(6))
     supernode.pending = [[], [1], [], [2], [1]]
     with pytest.raises(StopServing):
-        warm.serve("127.0.0.1:9094")
+        warm.serve("127.0.0.1:9094", OPEN)
     assert [(r.content["metrics"]["run"], r.content["metrics"]["version"]) for r in supernode.replies] == [(1, 5), (2, 6), (1, 5)]
