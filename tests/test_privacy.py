@@ -16,7 +16,7 @@ from client_app.app import app as client_app
 from common.config import load_config
 from server_app.app import app as server_app
 from server_app import screening
-from server_app.privacy import ClientSideAdaptiveClipping, privacy_spent, with_privacy
+from server_app.privacy import ClientSideAdaptiveClipping, ScreenedReplies, ServerSideFixedClipping, privacy_spent, with_privacy
 from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from, write_image_folder
 from tests.inprocess import InProcessGrid, run_in_process
@@ -163,6 +163,26 @@ def test_dp_with_a_rule_it_cannot_account_for_is_an_error(option, message):
                                aggregation=option.get("aggregation", "mean"))
     with pytest.raises(ValueError, match=message):
         with_privacy(strategy, dp_options())
+
+
+@pytest.mark.parametrize("side,clipping", [("both", "fixed"), ("server", "median")])
+def test_unknown_dp_side_or_clipping_is_an_error(side, clipping):
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    with pytest.raises(ValueError, match=f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
+                                         f"got '{side}', '{clipping}'"):
+        with_privacy(strategy, dp_options(side=side, clipping=clipping))
+
+
+def test_dp_off_is_the_strategy_itself():
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    assert with_privacy(strategy, load_config().strategy.dp) is strategy
+
+
+def test_a_wrapper_without_its_strategy_has_no_attributes_rather_than_recursing():
+    """The wrappers hand unknown attributes to `strategy`; before it is set (copy, pickle) they must say AttributeError."""
+    for cls in (ScreenedReplies, ServerSideFixedClipping):
+        with pytest.raises(AttributeError, match="strategy"):
+            cls.__new__(cls).train_nodes
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ each method's run must hold beyond the reference numbers (CHECKS: what travels, 
 tests/fixtures/two_exchange_reference.json was recorded on commit 47d4f29, the last with the two-exchange
 round (train, then evaluate, then the next round's train), by `python -m tests.test_protocol_equality`
 on the tiny CLIP and image folder of the tests. Only time and byte counts may differ; keys added
-since (new metrics) are not compared.
+since (new metrics) are not compared. Each case now starts with no features in the process's memory (as in a fresh
+process), so its images are encoded once at the query whatever case ran before: `features_encoded` of the cases the
+recording had run after one that encoded the same images was raised by those 54 images (0 -> 54, fedavg/fedprox 76 -> 130).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from client_app.app import app as client_app
+from common import features
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip, write_image_folder
 from tests.inprocess import run_in_process
@@ -116,6 +119,12 @@ def assert_same(reference, actual, where: str = "") -> None:
         assert actual == pytest.approx(reference, rel=1e-4, abs=1e-6), where
     else:
         assert actual == reference, where
+
+
+@pytest.fixture(autouse=True)
+def cold_feature_memory(monkeypatch) -> None:
+    """No features in this process's memory: a case reports the same whatever ran before it (in any order)."""
+    monkeypatch.setattr(features, "_MEMORY", {})
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import uuid
@@ -9,12 +10,14 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
 from common.config import load_config
 from server_app.app import app as server_app
-from server_app.report import RunReport, message_bytes
+from server_app.report import RunReport, format_bytes, message_bytes
 from tests.conftest import reply_from, write_image_folder
 from tests.inprocess import InProcessGrid
 
@@ -249,3 +252,80 @@ def test_zero_shot_is_never_the_best_round_even_when_no_round_beats_it(tmp_path)
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.9, a_1=0.9, b_0=0.9, b_1=0.9), 0.0, weights(0))
     report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.1, a_1=0.1, b_0=0.1, b_1=0.1), 0.1, weights(1))
     assert report.best["round"] == 1  # the best trained round: round 0's weights are no adapter
+
+
+# --- what a run folder holds, the round table, the byte counts ----------------------------------------------
+
+def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        report = make_report(tmp_path)
+        report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.25, sketch=0.125), 0.0, None)
+        report.count_traffic({1: "a", 2: "b"}, [message(1, 2048), message(2, 2048)], [update(1, 1024), update(2, 1024)])
+        report.add_round(1, MetricRecord({"a/train-loss": 0.5, "b/train-loss": 0.25}), evaluation(a=0.75, b=0.5, sketch=0.25), 1.5, None)
+    lines = [r.getMessage() for r in caplog.records if " | " in r.getMessage()]
+    cell = lambda c: f"{c:>10}"  # noqa: E731
+    assert lines[0] == " | ".join(map(cell, ["round", "train loss", "a", "b", "sketch*", "val mean", "sent/client", "seconds"]))
+    assert lines[1] == " | ".join(map(cell, ["0", "-", "50.00", "25.00", "12.50", "37.50", "0 B", "0.00"]))
+    sent = format_bytes(message_bytes(message(1, 2048)) + message_bytes(update(1, 1024)))
+    assert lines[2] == " | ".join(map(cell, ["1", "0.3750", "75.00", "50.00", "25.00", "62.50", sent, "1.50"]))
+
+
+def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
+    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch")
+    report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
+    assert json.loads((report.dir / "run.json").read_text()) == {"classes": ["cat", "dog"], "model_fingerprint": "abc123"}
+    assert OmegaConf.load(report.dir / "config.yaml") == cfg
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
+    report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
+    summary = report.finish(weights(1))
+    with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:
+        assert fh.metadata() == {"round": "1", "method": "fedclip"}
+    with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
+        assert fh.metadata() == {"round": "1", "method": "fedclip"}
+    rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
+    assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
+                             "bytes_up_per_client", "bytes_round", "seconds"]
+    assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
+    assert json.loads((report.dir / "summary.json").read_text()) == summary
+    assert summary["seconds_per_round"] == 2.0 and summary["rounds"] == 1 and summary["trained_parameters"] == 10 and summary["dp"] is None
+    assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
+
+
+def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
+    report = RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10, weights_name=None)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
+    report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.4, sketch=0.4), 0.1, weights(1))
+    report.finish(weights(1))
+    assert not list(report.dir.glob("*.safetensors"))
+    zero_shot_only = make_report(tmp_path / "zs")
+    zero_shot_only.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
+    summary = zero_shot_only.finish(weights(0))
+    assert not list(zero_shot_only.dir.glob("*.safetensors")) and summary["best_round"] == 0 and summary["rounds"] == 0
+
+
+def test_message_bytes_count_the_tensors_and_the_bytes_in_config_records():
+    arrays = ArrayRecord({"w": Array(np.zeros(10, np.float32))})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"key": b"12345", "shares": [b"ab", b"cde"], "round": 3, "name": "x"})})
+    msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    assert message_bytes(msg) == len(arrays["w"].data) + 5 + 2 + 3
+    assert message_bytes(reply_from(1, error="lost")) == 0
+    assert len(arrays["w"].data) > 40  # the .npy header is counted: what travels
+
+
+@pytest.mark.parametrize("n,text", [(None, "—"), (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (2**20, "1.0 MiB"),
+                                    (4.01 * 2**20, "4.0 MiB"), (3 * 2**30, "3.0 GiB")])
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
+    report = make_report(tmp_path)
+    fused = update(1, 100)
+    fused.content["metrics"]["evaluation/images-encoded"] = 7
+    fused.content["metrics"]["images-encoded"] = 5
+    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [fused, update(2, 100)])
+    assert report.images_encoded == 12 and report.up["a"] == report.up["b"] == message_bytes(fused)
+    assert report.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
+    report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)
+    assert not report.down and not report.up  # the next round counts afresh
+    assert report.rows[0]["bytes_round"] == 2 * message_bytes(message(1, 10)) + 2 * message_bytes(fused)

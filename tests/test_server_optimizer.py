@@ -54,16 +54,16 @@ ONE_NODE = {"min_available_nodes": 1, "min_train_nodes": 1}  # Flower's strategi
 COMBINED = [{k: v + RNG.normal(scale=0.1, size=v.shape).astype(np.float32) * (r + 1) for k, v in START.items()} for r in range(4)]
 
 
-@pytest.mark.parametrize("kind,flower", [
-    ("fedadam", FedAdam(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-    ("fedyogi", FedYogi(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-    ("fedadagrad", FedAdagrad(**ONE_NODE, eta=0.05, tau=1e-3)),
-    ("fedavgm", FedAvgM(**ONE_NODE, server_learning_rate=0.7, server_momentum=0.9)),
+@pytest.mark.parametrize("kind,flower", [  # built per test: a strategy keeps its moments, so one instance cannot serve twice
+    ("fedadam", lambda: FedAdam(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+    ("fedyogi", lambda: FedYogi(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+    ("fedadagrad", lambda: FedAdagrad(**ONE_NODE, eta=0.05, tau=1e-3)),
+    ("fedavgm", lambda: FedAvgM(**ONE_NODE, server_learning_rate=0.7, server_momentum=0.9)),
 ])
 def test_each_step_equals_flowers(kind, flower):
     lr = 0.7 if kind == "fedavgm" else 0.05
     mine = ours(ServerOptimizer(kind, lr=lr, momentum=0.9, betas=(0.9, 0.99), tau=1e-3), COMBINED)
-    theirs = flower_rounds(flower, COMBINED)
+    theirs = flower_rounds(flower(), COMBINED)
     for a, b in zip(mine, theirs):
         for k in START:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from common.model import AttentionAdapter
+from common import wire
+from server_app import screening
 from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from
 
@@ -57,14 +59,78 @@ def corrupt(kind: str) -> dict[str, np.ndarray]:
     return bad
 
 
-@pytest.mark.parametrize("kind", ["missing key", "extra key", "wrong shape", "wrong dtype", "nan", "inf"])
-def test_malformed_update_is_dropped_and_the_rest_aggregated(kind, caplog):
+@pytest.mark.parametrize("kind,reason", [
+    ("missing key", "tensor names differ (missing ['fc2.bias'], unexpected [])"),
+    ("extra key", "tensor names differ (missing [], unexpected ['clip.visual.weight'])"),
+    ("wrong shape", "fc1.weight has shape (7, 6), expected (6, 6)"),
+    ("wrong dtype", "fc1.bias has dtype float64, expected float32"),
+    ("nan", "fc2.weight holds NaN or Inf"),
+    ("inf", "fc1.bias holds NaN or Inf"),
+])
+def test_malformed_update_is_dropped_and_the_rest_aggregated(kind, reason, caplog):
     good1, good2 = adapter_arrays(1), adapter_arrays(2)
     replies = [train_reply(1, good1), train_reply(2, corrupt(kind)), train_reply(3, good2)]
-    arrays, _ = strategy().aggregate_train(5, replies)
+    arrays, metrics = strategy().aggregate_train(5, replies)
     for key in good1:
         np.testing.assert_allclose(arrays[key].numpy(), (good1[key] + good2[key]) / 2, rtol=1e-6)
-    assert "dropped the update of node 2 (photo)" in caplog.text
+    assert f"round 5: dropped the update of node 2 (photo): {reason}" in caplog.text
+    assert "photo/train-loss" not in metrics and "art/train-loss" in metrics  # a dropped reply's metrics are left out too
+
+
+@pytest.mark.parametrize("content,reason", [
+    (RecordDict({"metrics": MetricRecord({"num-examples": 10})}), "no 'arrays' record"),
+    (RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in adapter_arrays(2).items()})}), "no 'metrics' record with 'num-examples'"),
+    (RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in adapter_arrays(2).items()}), "metrics": MetricRecord({"train-loss": 1.0})}),
+     "no 'metrics' record with 'num-examples'"),
+])
+def test_a_reply_without_its_records_is_dropped(content, reason, caplog):
+    good = adapter_arrays(1)
+    arrays, _ = strategy().aggregate_train(1, [train_reply(1, good), reply_from(2, content)])
+    for key in good:
+        np.testing.assert_array_equal(arrays[key].numpy(), good[key])
+    assert f"dropped the update of node 2 (photo): {reason}" in caplog.text
+
+
+def test_train_metrics_are_the_replies_own_without_the_evaluation_they_carry():
+    fused = train_reply(1, adapter_arrays(1))
+    fused.content["metrics"]["evaluation/val-acc"] = 0.5
+    _, metrics = strategy().aggregate_train(1, [fused])
+    assert dict(metrics) == {"art/train-loss": 0.5, "art/num-examples": 10}  # no update-norm: no round was configured, no base
+
+
+def test_update_norms_are_measured_from_the_weights_sent(caplog):
+    s = strategy()
+    sent = adapter_arrays(0)
+    s.configure_train(1, ArrayRecord({k: Array(v) for k, v in sent.items()}), ConfigRecord(), None)
+    moved = {k: v + 0.5 for k, v in sent.items()}
+    _, metrics = s.aggregate_train(1, [train_reply(1, moved), train_reply(2, sent)])
+    assert metrics["art/update-norm"] == pytest.approx(0.5 * np.sqrt(sum(v.size for v in sent.values())))
+    assert metrics["photo/update-norm"] == 0.0
+
+
+@pytest.mark.parametrize("reply,reason", [
+    (reply_from(1, error="Node Unavailable", message_type=MessageType.QUERY), "its query failed: Node Unavailable"),
+    (reply_from(1, RecordDict({"info": ConfigRecord({"domain": "art"})}), message_type=MessageType.QUERY),
+     "its query reply lacks 'info' or the metrics ['feature-dim', 'num-images', 'num-skipped', 'num-test', 'num-train', 'num-val']"),
+    (reply_from(1, RecordDict({"metrics": MetricRecord({k: 1 for k in wire.QUERY_METRICS})}), message_type=MessageType.QUERY),
+     "its query reply lacks 'info'"),
+    (reply_from(1, RecordDict({"info": ConfigRecord({"domain": "art"}), "metrics": MetricRecord({"num-images": 3})}), message_type=MessageType.QUERY),
+     "its query reply lacks 'info' or the metrics"),
+    (reply_from(1, RecordDict({"info": ConfigRecord({"domain": "art"}), "metrics": MetricRecord({k: 1 for k in wire.QUERY_METRICS})}),
+                message_type=MessageType.QUERY), None),
+    (reply_from(1, RecordDict({"info": ConfigRecord({"idle": "no data in this run"})}), message_type=MessageType.QUERY), None),
+])
+def test_discovery_answers_are_checked(reply, reason):
+    found = screening.query_answer(reply)
+    assert found == reason if reason is None else found.startswith(reason)
+
+
+def test_an_evaluate_reply_with_only_evaluation_prefixed_metrics_has_no_evaluation(caplog):
+    odd = reply_from(2, RecordDict({"metrics": MetricRecord({"evaluation/val-acc": 0.5})}), message_type=MessageType.EVALUATE)
+    lost = reply_from(3, error="Node Unavailable", message_type=MessageType.EVALUATE)
+    assert dict(strategy().aggregate_evaluate(4, [odd, lost])) == {}
+    assert "round 4: evaluation of node 2 (photo) left out: no evaluation metrics" in caplog.text
+    assert "round 4: evaluation of node 3 (cartoon) left out: Node Unavailable" in caplog.text
 
 
 @pytest.mark.parametrize("num_examples", [0, -5, float("inf"), float("nan")])

@@ -78,6 +78,23 @@ def test_more_examples_than_reported_at_discovery_is_rejected(caplog):
     assert "num-examples 1000000000000 exceeds the 10 training examples it reported at discovery" in caplog.text
 
 
+def test_the_example_count_bound_is_what_discovery_reported_exactly(caplog):
+    strategy = make_strategy(3, client_num_train={"c1": 10, "c2": 10, "c3": 10})
+    strategy.weighting = "examples"
+    result = aggregated(strategy, [reply(1, state(1.0), 10), reply(2, state(2.0), 5), reply(3, state(9.0), 11)])  # 10 is the limit
+    np.testing.assert_allclose(result["w"], (10 * 1.0 + 5 * 2.0) / 15)
+    assert "node 3 (c3): num-examples 11 exceeds the 10 training examples" in caplog.text and "(c1)" not in caplog.text
+
+
+def test_the_relative_bound_needs_three_updates_for_its_median():
+    """With one or two updates the median is no reference (it is one of them, or their mean): max_norm_ratio does not
+    apply, however small; from three updates on it does."""
+    strategy = make_strategy(3, max_norm_ratio=1.5)
+    np.testing.assert_allclose(aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.5))])["w"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(aggregated(strategy, [reply(1, state(0.5))])["w"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.2)), reply(3, state(0.5))])["w"], 0.15, rtol=1e-6)
+
+
 def test_all_rejected_leaves_the_adapter_unchanged(caplog):
     strategy = make_strategy(2, max_update_norm=0.5)
     assert aggregated(strategy, [reply(1, state(2.0)), reply(2, state(-3.0))]) is None
@@ -97,6 +114,14 @@ def test_each_rule_on_hand_made_updates():
     seven = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1000.0)]  # Bulyan needs 4f+3 = 7 for f=1
     # Krum picks 3, 4, 2, 5, 1 (n - 2f = 5); the mean of the 3 (5 - 2f) closest to their median 3 per coordinate
     np.testing.assert_allclose(aggregate_adapters(seven, [1.0] * 7, "bulyan", 1)["w"], 3.0, rtol=1e-6)
+
+
+def test_trimmed_mean_cuts_exactly_num_malicious_from_each_end_whatever_the_float_rounding():
+    """49 updates, f=1: 1/49 x 49 is 0.99999... in floating point, so a cut fraction of f/n would cut nothing."""
+    updates = [state(0.0)] * 48 + [state(1000.0)]
+    np.testing.assert_allclose(aggregate_adapters(updates, [1.0] * 49, "trimmed_mean", num_malicious=1)["w"], 0.0)
+    three = [state(v) for v in (1.0, 2.0, 100.0)]  # the smallest case: one left in the middle
+    np.testing.assert_allclose(aggregate_adapters(three, [1.0] * 3, "trimmed_mean", num_malicious=1)["w"], 2.0)
 
 
 def test_ties():
