@@ -284,7 +284,7 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
     assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
-                             "bytes_up_per_client", "bytes_round", "seconds"]
+                             "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
     assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
     assert json.loads((report.dir / "summary.json").read_text()) == summary
     assert summary["seconds_per_round"] == 2.0 and summary["rounds"] == 1 and summary["trained_parameters"] == 10 and summary["dp"] is None
