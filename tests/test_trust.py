@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.transport import decode, encode
+from common.methods.fedavg import FedAvg
 from common.methods.fedclip import FedClip
 from common.methods.local import Local
 from server_app.screening import update_norm
-from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients
+from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, sample_clients
 from tests.conftest import reply_from
 
 TEMPLATE = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
@@ -202,3 +205,52 @@ def test_update_in_an_unexpected_dtype_is_dropped(caplog):
 def test_unknown_transport_dtype_is_an_error():
     with pytest.raises(ValueError, match="transport_dtype must be one of float32, float16, bfloat16"):
         make_strategy(2, transport_dtype="int8")
+
+
+# --- options refused at start, and what each option does to the round ----------------------------------------
+
+@pytest.mark.parametrize("options,message", [
+    ({"weighting": "median"}, "strategy.weighting must be 'equal' or 'examples', got 'median'"),
+    ({"fraction_evaluate": 0.0}, "strategy.fraction_evaluate must be in (0, 1], got 0.0"),
+    ({"fraction_train": 1.01}, "strategy.fraction_train must be in (0, 1], got 1.01"),
+    ({"on_large_update": "drop"}, "strategy.on_large_update must be 'clip' or 'reject', got 'drop'"),
+    ({"aggregation": "median", "num_malicious": -1}, "strategy.num_malicious must be >= 0, got -1"),
+    ({"transport_dtype": "float16", "method": FedAvg()}, "strategy.transport_dtype=float16 is for the adapter methods; method=fedavg sends float32"),
+    ({"aggregation": "krum", "num_malicious": 1, "fraction_train": 0.25},
+     "strategy.aggregation=krum with strategy.num_malicious=1 needs at least 5 training clients, this federation has 3 a round (12 training, "
+     "strategy.fraction_train=0.25); lower num_malicious, raise fraction_train or choose another rule (docs/trust.md)"),
+])
+def test_options_that_cannot_work_are_refused_with_what_to_change(options, message):
+    weighting, method = options.pop("weighting", "equal"), options.pop("method", FedClip())
+    nodes = {n: f"c{n}" for n in range(1, 13)} | {99: "held"}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        FedClipStrategy(nodes, "held", TEMPLATE, weighting, 1, method, None, **options)
+
+
+def test_unknown_rule_given_to_aggregate_adapters_is_an_error():
+    with pytest.raises(ValueError, match=f"^{re.escape('strategy.aggregation must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, got')}"):
+        aggregate_adapters([state(1.0)], [1.0], "average")
+
+
+def test_the_robust_rules_ignore_the_weights_and_multikrum_uses_them():
+    updates = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    heavy = [1.0, 1.0, 1.0, 10.0, 1.0]  # an honest client with many examples
+    for rule in ("median", "trimmed_mean", "krum"):
+        np.testing.assert_allclose(aggregate_adapters(updates, heavy, rule, 1)["w"], aggregate_adapters(updates, [1.0] * 5, rule, 1)["w"], err_msg=rule)
+    # multikrum keeps the 4 most central (1-4) and averages them with their weights
+    np.testing.assert_allclose(aggregate_adapters(updates, heavy, "multikrum", 1)["w"], (1 + 2 + 3 + 40) / 13, rtol=1e-6)
+
+
+def test_a_round_samples_at_least_min_train_nodes_and_draws_reproducibly():
+    nodes = {n: f"c{n:02d}" for n in range(1, 31)} | {99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 5, FedClip(), None, fraction_train=0.1, seed=7)
+    assert len(strategy.train_sample(1)) == 5  # 10% of 30 is 3, min_train_nodes is 5
+    # the draw itself is pinned: a run must sample the same clients on every machine and version (benchmarks/noop_app.py too)
+    assert sample_clients([f"c{n:02d}" for n in range(1, 31)], 5, 7, "train", 1) == ["c01", "c12", "c20", "c27", "c29"]
+    assert sample_clients(["b", "a", "c"], 5, 7, "train", 1) == ["a", "b", "c"]
+
+
+def test_a_reply_from_a_node_not_in_the_federation_is_named_by_its_id(caplog):
+    strategy = make_strategy(2)
+    aggregated(strategy, [reply(1, state(0.1)), reply(42, state(np.nan))])
+    assert "dropped the update of node 42 (node-42): w holds NaN or Inf" in caplog.text
