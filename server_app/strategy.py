@@ -189,9 +189,9 @@ class FedClipStrategy(FedAvg):
         """Take back what checkpoint_state() gave, on resume: nothing to take here."""
 
     def summary(self) -> None:
-        train = sorted(self.node_clients[n] for n in self.train_nodes)
         log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting, %s aggregation (tolerates %d faulty), %s transport",
-                 self.method.name, train, self.held_out, self.weighting, self.aggregation, self.num_malicious, self.transport_dtype)
+                 self.method.name, sorted(self.node_clients[n] for n in self.train_nodes), self.held_out, self.weighting, self.aggregation,
+                 self.num_malicious, self.transport_dtype)
         if self.fraction_train < 1 or self.fraction_evaluate < 1:
             log.info("each round trains %.0f%% and evaluates at least %.0f%% of the training clients (seeded); held-out clients: all",
                      100 * self.fraction_train, 100 * self.fraction_evaluate)

@@ -59,6 +59,19 @@ def test_clip_scales_the_update_down_to_the_bound():
         np.testing.assert_allclose(result[k], clipped[k] / 2, rtol=1e-5)
 
 
+def test_clip_moves_the_update_back_towards_the_weights_it_was_trained_from():
+    """A non-zero global adapter: clipping scales the update (state - base), not the state, and keeps float32."""
+    strategy = make_strategy(2, max_update_norm=1.0, on_large_update="clip")
+    base = {"w": np.full(4, 2.0, np.float32), "b": np.full(2, -1.0, np.float32)}
+    strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord(), None)
+    accepted, _ = strategy.screen(2, [reply(1, state(5.0, b=3.0))])  # update (3, 3, 3, 3 | 4, 4): norm sqrt(68)
+    [(_, update)] = accepted
+    assert all(v.dtype == np.float32 for v in update.state.values())
+    np.testing.assert_allclose(update.state["w"], 2.0 + 3.0 / np.sqrt(68.0), rtol=1e-6)
+    np.testing.assert_allclose(update.state["b"], -1.0 + 4.0 / np.sqrt(68.0), rtol=1e-6)
+    assert update_norm(update.state, base) == pytest.approx(1.0, rel=1e-6)
+
+
 def test_relative_bound_catches_a_scaled_update_with_no_absolute_bound(caplog):
     strategy = make_strategy(4, max_norm_ratio=10.0)
     honest = [reply(n, state(0.1 * n)) for n in (1, 2, 3)]
