@@ -132,8 +132,8 @@ def evaluation(msg: Message) -> tuple[dict | None, str | None]:
     if wire.METRICS not in msg.content.metric_records:
         return None, f"no {wire.METRICS!r} record"
     fused = msg.metadata.message_type == MessageType.TRAIN
-    found = {k.removeprefix(wire.EVALUATION_PREFIX) if fused else k: v for k, v in msg.content[wire.METRICS].items()
-             if k.startswith(wire.EVALUATION_PREFIX) == fused}
+    found = {k.removeprefix(wire.EVALUATION_PREFIX): v for k, v in msg.content[wire.METRICS].items()
+             if k.startswith(wire.EVALUATION_PREFIX) == fused}  # a train reply's, under the prefix; an evaluate reply's, without
     if not found:
         return None, "its train reply carries no evaluation" if fused else "no evaluation metrics"
     return found, None

@@ -35,8 +35,7 @@ def min_clients(aggregation: str, num_malicious: int) -> int:
     return {"mean": 1, "median": 2 * f + 1, "trimmed_mean": 2 * f + 1, "krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}[aggregation]
 
 
-def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str = "mean",
-                       num_malicious: int = 0) -> dict[str, np.ndarray]:
+def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str, num_malicious: int) -> dict[str, np.ndarray]:
     """Tensors combined key by key, in float32: the weighted mean, or one of Flower's robust rules.
 
     median, trimmed_mean (cuts `num_malicious` updates from each end of every coordinate), krum and

@@ -142,10 +142,20 @@ def test_trimmed_mean_cuts_exactly_num_malicious_from_each_end_whatever_the_floa
 
 def test_ties():
     # an even count: the median is the mean of the two middle values; identical updates: Krum returns that update
-    np.testing.assert_allclose(aggregate_adapters([state(v) for v in (1.0, 2.0, 3.0, 9.0)], [1.0] * 4, "median")["w"], 2.5)
+    np.testing.assert_allclose(aggregate_adapters([state(v) for v in (1.0, 2.0, 3.0, 9.0)], [1.0] * 4, "median", 0)["w"], 2.5)
     same = [state(2.0)] * 3 + [state(7.0)]
     for rule in ("krum", "multikrum", "median"):
         np.testing.assert_allclose(aggregate_adapters(same, [1.0] * 4, rule, 1)["w"], 2.0, err_msg=rule)
+
+
+def test_the_strategy_hands_num_malicious_to_its_rule():
+    """Krum with f=1 through the strategy: the most central of five updates, not what f=0 or no f would pick."""
+    strategy = make_strategy(5, aggregation="krum", num_malicious=1)
+    result = aggregated(strategy, [reply(n, state(v)) for n, v in zip(range(1, 6), (1.0, 2.0, 3.0, 4.0, 100.0))])
+    np.testing.assert_allclose(result["w"], 2.0, rtol=1e-6)
+    strategy = make_strategy(7, aggregation="multikrum", num_malicious=2)  # keeps the 5 most central: 1-5
+    result = aggregated(strategy, [reply(n, state(v)) for n, v in zip(range(1, 8), (1.0, 2.0, 3.0, 4.0, 5.0, 50.0, 100.0))])
+    np.testing.assert_allclose(result["w"], 3.0, rtol=1e-6)
 
 
 def test_robust_rule_is_applied_per_coordinate_to_the_adapter_tensors_only():
@@ -242,7 +252,7 @@ def test_options_that_cannot_work_are_refused_with_what_to_change(options, messa
 
 def test_unknown_rule_given_to_aggregate_adapters_is_an_error():
     with pytest.raises(ValueError, match=f"^{re.escape('strategy.aggregation must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, got')}"):
-        aggregate_adapters([state(1.0)], [1.0], "average")
+        aggregate_adapters([state(1.0)], [1.0], "average", 0)
 
 
 def test_the_robust_rules_ignore_the_weights_and_multikrum_uses_them():
