@@ -286,7 +286,7 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
     fused = update(1, 100)
     fused.content["metrics"]["evaluation/images-encoded"] = 7
     fused.content["metrics"]["images-encoded"] = 5
-    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [fused, update(2, 100)])
+    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [reply_from(1, error="lost"), fused, update(2, 100)])
     assert report.images_encoded == 12 and report.up["a"] == report.up["b"] == message_bytes(fused)
     assert report.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
     report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)
