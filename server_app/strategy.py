@@ -262,14 +262,14 @@ class FedClipStrategy(FedAvg):
 
     def combine(self, server_round: int, updates: list[Update]) -> ArrayRecord | None:
         """Screened updates made into the next global weights, by the method with strategy.aggregation."""
-        need = max(self.min_train_nodes, 1, min_clients(self.aggregation, self.num_malicious))
+        need = max(self.min_train_nodes, min_clients(self.aggregation, self.num_malicious))  # min_clients is 1 or more
         if len(updates) < need:
             log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(updates), need)
             return None
         combined = self.method.aggregate(updates, self._rule)
         if combined is None:
             return None
-        return ArrayRecord({k: Array(v.astype(self.template[k].dtype, copy=False)) for k, v in combined.items()})
+        return ArrayRecord({k: Array(v.astype(self.template[k].dtype)) for k, v in combined.items()})
 
     def _rule(self, updates: list[Update]) -> dict[str, np.ndarray]:
         """strategy.aggregation over the updates, weighted by strategy.weighting."""

@@ -166,12 +166,30 @@ def test_robust_rule_is_applied_per_coordinate_to_the_adapter_tensors_only():
     assert metrics["c2/num-examples"] == 10
 
 
+# each rule's bound from its paper, for f = 2 faulty clients (hard-coded: not computed by the code under test)
+NEEDED_FOR_TWO_FAULTY = {"median": 5, "trimmed_mean": 5, "krum": 7, "multikrum": 7, "bulyan": 11}
+
+
+def test_each_rule_needs_its_papers_number_of_clients():
+    assert {rule: min_clients(rule, 2) for rule in AGGREGATIONS} == {"mean": 1, **NEEDED_FOR_TWO_FAULTY}
+    assert {rule: min_clients(rule, 0) for rule in AGGREGATIONS} == {"mean": 1, "median": 1, "trimmed_mean": 1, "krum": 3, "multikrum": 3, "bulyan": 3}
+
+
 @pytest.mark.parametrize("rule", [r for r in AGGREGATIONS if r != "mean"])
 def test_too_few_clients_for_a_rule_is_a_clear_error_at_start(rule):
-    need = min_clients(rule, 2)
+    need = NEEDED_FOR_TWO_FAULTY[rule]
     with pytest.raises(ValueError, match=f"needs at least {need} training clients, this federation has {need - 1}"):
         make_strategy(need - 1, aggregation=rule, num_malicious=2)
     make_strategy(need, aggregation=rule, num_malicious=2)  # enough
+
+
+def test_a_round_with_fewer_valid_updates_than_min_train_nodes_keeps_the_adapter(caplog):
+    nodes = {n: f"c{n}" for n in range(1, 6)} | {99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 3, FedClip(), None)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
+    assert aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.2)), reply_from(3, error="lost")]) is None
+    assert "round 1: 2 valid update(s), need 3: the global adapter is unchanged" in caplog.text
+    np.testing.assert_allclose(aggregated(strategy, [reply(n, state(0.1 * n)) for n in (1, 2, 3)])["w"], 0.2, rtol=1e-6)
 
 
 def test_a_round_with_fewer_valid_updates_than_the_rule_needs_keeps_the_adapter(caplog):
