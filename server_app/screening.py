@@ -52,8 +52,7 @@ def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_
     return state, None
 
 
-def checked_update(content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str = "float32"
-                   ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+def checked_update(content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """A training reply's tensors, decoded and checked (checked_tensors), with a usable example count; or None and why not."""
     if wire.ARRAYS not in content.array_records:
         return None, f"no {wire.ARRAYS!r} record"
@@ -96,9 +95,10 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
     for msg in replies:
         node, client = msg.metadata.src_node_id, client_of(msg)
         state, reason = (None, msg.error.reason) if msg.has_error() else checked_update(msg.content, template, transport_dtype)
-        examples = msg.content[wire.METRICS][wire.NUM_EXAMPLES] if state is not None else 0
-        if state is not None and (limit := max_examples(client)) is not None and examples > limit:
-            state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
+        if state is not None:
+            examples = msg.content[wire.METRICS][wire.NUM_EXAMPLES]
+            if (limit := max_examples(client)) is not None and examples > limit:
+                state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
         if state is None:
             log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
             continue

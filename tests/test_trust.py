@@ -59,6 +59,32 @@ def test_clip_scales_the_update_down_to_the_bound():
         np.testing.assert_allclose(result[k], clipped[k] / 2, rtol=1e-5)
 
 
+def test_an_update_exactly_at_the_bound_is_kept(caplog):
+    strategy = make_strategy(2, max_update_norm=1.0)
+    result = aggregated(strategy, [reply(1, state(0.5)), reply(2, state(0.0))])  # norms 1.0 (exactly) and 0
+    np.testing.assert_allclose(result["w"], 0.25)
+    assert "rejected" not in caplog.text
+
+
+def test_a_client_with_one_example_is_a_client():
+    strategy = make_strategy(2)
+    strategy.weighting = "examples"
+    np.testing.assert_allclose(aggregated(strategy, [reply(1, state(1.0), 1), reply(2, state(4.0), 2)])["w"], 3.0)
+
+
+def test_each_local_client_is_measured_from_its_own_adapter(caplog):
+    """method=local: a client continues its own adapter, so its update is measured from that, not from the global one."""
+    method = Local()
+    nodes = {1: "c1", 2: "c2", 3: "c3", 99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, method, None, max_update_norm=1.0)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
+    strategy.aggregate_train(1, [reply(1, state(10.0)), reply(2, state(0.2)), reply(3, state(0.3))])  # c1 moved 20: rejected
+    method.client_states["c1"] = state(10.0)  # as if c1's adapter had been kept at 10
+    _, metrics = strategy.aggregate_train(2, [reply(1, state(10.1)), reply(2, state(0.2))])
+    assert metrics["c1/update-norm"] == pytest.approx(0.2, rel=1e-5) and metrics["c2/update-norm"] == 0.0  # c2 kept its round-1 adapter
+    assert method.client_states["c1"]["w"][0] == pytest.approx(10.1)  # accepted: 0.2 from its own adapter, not 20 from the global one
+
+
 def test_clip_moves_the_update_back_towards_the_weights_it_was_trained_from():
     """A non-zero global adapter: clipping scales the update (state - base), not the state, and keeps float32."""
     strategy = make_strategy(2, max_update_norm=1.0, on_large_update="clip")
