@@ -240,18 +240,31 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
-    summary = report.finish(weights(1))
+    report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
+    summary = report.finish(weights(2))
     with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
-        assert fh.metadata() == {"round": "1", "method": "fedclip"}
+        assert fh.metadata() == {"round": "2", "method": "fedclip"}  # the last round's
     rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
     assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
                              "bytes_up_per_client", "bytes_round", "seconds"]
     assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
+    assert rows[2]["missing"] == "b;sketch" and rows[2]["acc/b"] == ""
     assert json.loads((report.dir / "summary.json").read_text()) == summary
-    assert summary["seconds_per_round"] == 2.0 and summary["rounds"] == 1 and summary["trained_parameters"] == 10 and summary["dp"] is None
+    assert summary["seconds_per_round"] == 3.0 and summary["rounds"] == 2 and summary["trained_parameters"] == 10 and summary["dp"] is None
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
+
+
+def test_rows_of_an_older_run_without_missing_are_written(tmp_path):
+    """A resumed run carries the rows of the checkpoint's run; one from before `missing` existed lacks the key."""
+    report = make_report(tmp_path)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, None)
+    del report.rows[0]["missing"]
+    report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.4, sketch=0.4), 1.0, None)
+    report.finish(None)
+    rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
+    assert [r["missing"] for r in rows] == ["", ""]
 
 
 def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
