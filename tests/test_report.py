@@ -254,6 +254,19 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert json.loads((report.dir / "summary.json").read_text()) == summary
     assert summary["seconds_per_round"] == 3.0 and summary["rounds"] == 2 and summary["trained_parameters"] == 10 and summary["dp"] is None
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
+    assert 0 <= summary["wall_seconds"] < 600
+    down, up = summary["bytes_down_per_client_per_round"], summary["bytes_up_per_client_per_round"]
+    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 0  # no traffic was counted
+
+
+def test_personalization_is_compared_with_zero_shot_on_the_clients_evaluated_in_both(tmp_path):
+    """b's zero-shot evaluation was lost: its personalization at the best round has no baseline, so it is left out."""
+    report = make_report(tmp_path)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, sketch=0.3), 0.0, None)
+    report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.9, sketch=0.4), 0.1, None)
+    summary = report.finish(None)
+    assert summary["personalization"] == {"a": 0.6, "b": None} and summary["personalization_clients"] == ["a"]
+    assert summary["personalization_mean"] == 0.6 and summary["zero_shot_train_domains_mean"] == 0.5
 
 
 def test_rows_of_an_older_run_without_missing_are_written(tmp_path):
@@ -277,6 +290,8 @@ def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
     zero_shot_only.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     summary = zero_shot_only.finish(weights(0))
     assert not list(zero_shot_only.dir.glob("*.safetensors")) and summary["best_round"] == 0 and summary["rounds"] == 0
+    assert [summary[f"bytes_{way}per_client_per_round"] for way in ("down_", "up_", "")] == [0, 0, 0]
+    assert summary["seconds_per_round"] is None
 
 
 def test_message_bytes_count_the_tensors_and_the_bytes_in_config_records():
