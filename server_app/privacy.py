@@ -97,18 +97,17 @@ class ScreenedPrivacy:
                             msg.metadata.src_node_id, update.client, KEY_NORM_BIT)
                 screened_metrics[f"{update.client}/{screening.REJECTED}"] = 1
             accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content[wire.METRICS]]
-        if not accepted:  # nothing to release; Flower's adaptive wrappers would divide the clipped count by zero replies
+        arrays = None
+        if accepted:
+            for msg, update in accepted:
+                msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})
+            self.num_sampled_clients = len(accepted)  # the noise's std is noise_multiplier x clip / clients averaged
+            # Flower's metrics are ScreenedReplies' (none): the round's are the screened replies' (update norms before clipping)
+            arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in accepted])  # type: ignore[misc]
+        else:  # nothing to release; Flower's adaptive wrappers would divide the clipped count by zero replies
             log.warning("round %d: no update to aggregate: the global adapter and the clipping norm are unchanged", server_round)
-            screened_metrics["dp-epsilon"] = self.spent(server_round)
-            return None, screened_metrics
-        for msg, update in accepted:
-            msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})
-        self.num_sampled_clients = len(accepted)  # the noise's std is noise_multiplier x clip / clients averaged
-        arrays, metrics = super().aggregate_train(server_round, [msg for msg, _ in accepted])  # type: ignore[misc]
-        metrics = metrics if metrics is not None else MetricRecord()
-        metrics.update(screened_metrics)  # the update norms before clipping
-        metrics["dp-epsilon"] = self.spent(server_round)
-        return arrays, metrics
+        screened_metrics["dp-epsilon"] = self.spent(server_round)
+        return arrays, screened_metrics
 
     def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict | None) -> tuple[ArrayRecord | None, MetricRecord]:
         """SecAgg+ with client-side fixed clipping: Flower's noise added to the unmasked mean of the clipped updates."""

@@ -53,8 +53,7 @@ def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_
     return state, None
 
 
-def checked_update(content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str = "float32"
-                   ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+def checked_update(content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """A training reply's tensors, decoded and checked (checked_tensors), with a usable example count; or None and why not."""
     if wire.ARRAYS not in content.array_records:
         return None, f"no {wire.ARRAYS!r} record"
@@ -97,9 +96,10 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
     for msg in replies:
         node, client = msg.metadata.src_node_id, client_of(msg)
         state, reason = (None, msg.error.reason) if msg.has_error() else checked_update(msg.content, template, transport_dtype)
-        examples = msg.content[wire.METRICS][wire.NUM_EXAMPLES] if state is not None else 0
-        if state is not None and (limit := max_examples(client)) is not None and examples > limit:
-            state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
+        if state is not None:
+            examples = msg.content[wire.METRICS][wire.NUM_EXAMPLES]
+            if (limit := max_examples(client)) is not None and examples > limit:
+                state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
         if state is None:
             log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
             if not msg.has_error():  # an error reply is a lost client (the report counts those from the traffic), not a rejected update
@@ -136,8 +136,8 @@ def evaluation(msg: Message) -> tuple[dict | None, str | None]:
     if wire.METRICS not in msg.content.metric_records:
         return None, f"no {wire.METRICS!r} record"
     fused = msg.metadata.message_type == MessageType.TRAIN
-    found = {k.removeprefix(wire.EVALUATION_PREFIX) if fused else k: v for k, v in msg.content[wire.METRICS].items()
-             if k.startswith(wire.EVALUATION_PREFIX) == fused}
+    found = {k.removeprefix(wire.EVALUATION_PREFIX): v for k, v in msg.content[wire.METRICS].items()
+             if k.startswith(wire.EVALUATION_PREFIX) == fused}  # a train reply's, under the prefix; an evaluate reply's, without
     if not found:
         return None, "its train reply carries no evaluation" if fused else "no evaluation metrics"
     return found, None

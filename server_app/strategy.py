@@ -35,8 +35,7 @@ def min_clients(aggregation: str, num_malicious: int) -> int:
     return {"mean": 1, "median": 2 * f + 1, "trimmed_mean": 2 * f + 1, "krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}[aggregation]
 
 
-def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str = "mean",
-                       num_malicious: int = 0) -> dict[str, np.ndarray]:
+def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str, num_malicious: int) -> dict[str, np.ndarray]:
     """Tensors combined key by key, in float32: the weighted mean, or one of Flower's robust rules.
 
     median, trimmed_mean (cuts `num_malicious` updates from each end of every coordinate), krum and
@@ -189,9 +188,9 @@ class FedClipStrategy(FedAvg):
         """Take back what checkpoint_state() gave, on resume: nothing to take here."""
 
     def summary(self) -> None:
-        train = sorted(self.node_clients[n] for n in self.train_nodes)
         log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting, %s aggregation (tolerates %d faulty), %s transport",
-                 self.method.name, train, self.held_out, self.weighting, self.aggregation, self.num_malicious, self.transport_dtype)
+                 self.method.name, sorted(self.node_clients[n] for n in self.train_nodes), self.held_out, self.weighting, self.aggregation,
+                 self.num_malicious, self.transport_dtype)
         if self.fraction_train < 1 or self.fraction_evaluate < 1:
             log.info("each round trains %.0f%% and evaluates at least %.0f%% of the training clients (seeded); held-out clients: all",
                      100 * self.fraction_train, 100 * self.fraction_evaluate)
@@ -263,14 +262,14 @@ class FedClipStrategy(FedAvg):
 
     def combine(self, server_round: int, updates: list[Update]) -> ArrayRecord | None:
         """Screened updates made into the next global weights, by the method with strategy.aggregation."""
-        need = max(self.min_train_nodes, 1, min_clients(self.aggregation, self.num_malicious))
+        need = max(self.min_train_nodes, min_clients(self.aggregation, self.num_malicious))  # min_clients is 1 or more
         if len(updates) < need:
             log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(updates), need)
             return None
         combined = self.method.aggregate(updates, self._rule)
         if combined is None:
             return None
-        return ArrayRecord({k: Array(v.astype(self.template[k].dtype, copy=False)) for k, v in combined.items()})
+        return ArrayRecord({k: Array(v.astype(self.template[k].dtype)) for k, v in combined.items()})
 
     def _rule(self, updates: list[Update]) -> dict[str, np.ndarray]:
         """strategy.aggregation over the updates, weighted by strategy.weighting."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from common.model import AttentionAdapter
 from server_app.app import app as server_app
 from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint
 from server_app.privacy import CLIPPING_NORM_STATE, with_privacy
-from server_app.report import RunReport
+from server_app.report import RunReport, save_weights
+from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy
 from tests.conftest import write_image_folder
 from tests.inprocess import InProcessGrid, run_in_process
@@ -78,8 +80,11 @@ def test_resume_goes_on_from_the_checkpoint(tmp_path):
 def test_resume_refuses_what_does_not_fit(tmp_path):
     old, arrays = make_report(tmp_path / "run1")
     play(old, arrays, 1, [0.1, 0.2])
-    with pytest.raises(FileNotFoundError, match="no checkpoint.safetensors"):
-        resume_run(str(tmp_path / "nowhere"), *make_report(tmp_path / "run2"))
+    nowhere = tmp_path / "nowhere"
+    expected = (f"resume={nowhere}: no checkpoint.safetensors there. Pass the run folder the run logged as 'run folder: ...' "
+                '(it gets a checkpoint after every round), e.g. overrides="resume=outputs/2026-01-01_12-00-00"')
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(expected)}$"):
+        resume_run(str(nowhere), *make_report(tmp_path / "run2"))
     with pytest.raises(ValueError, match="another CLIP"):
         resume_run(str(old.dir), *make_report(tmp_path / "run3", dim=16))
     other, fresh = make_report(tmp_path / "run4")
@@ -215,3 +220,87 @@ def test_local_refuses_to_resume(folder, tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="resume= is not available for method=local: its adapters live on the clients"):
         run_in_process(server_app, client_app, common(folder, tiny_clip, tmp_path, 2, f"method=local resume={first} output_dir={tmp_path / 'r'}"), 3)
     assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("change,message", [
+    ("method=centralized seed=3", "method (now 'centralized', then 'fedclip'), seed (now 3, then 0)"),
+    ("method=centralized", "method (now 'centralized', then 'fedclip')"),
+    ("dataset.held_out=a", "held_out (now 'a', then 'sketch')"),
+    ("dataset.split=[0.5,0.25,0.25]", "split (now [0.5, 0.25, 0.25], then [0.6, 0.2, 0.2])"),
+    ("dataset.clients_per_domain=2", "clients_per_domain (now 2, then 1)"),
+    ("dataset.partition=dirichlet", "partition (now 'dirichlet', then 'shards')"),
+    ("model.name_or_path=/elsewhere", "model (now '/elsewhere', then 'demo')"),
+])
+def test_resume_refuses_another_protocol(change, message, tmp_path):
+    """Every setting the rows' meaning depends on must match the checkpoint's run."""
+    old, arrays = make_report(tmp_path / "run1")
+    play(old, arrays, 1, [0.1, 0.2])
+    with pytest.raises(ValueError, match=re.escape(f"this run differs from the checkpoint's in {message}; resume with the same settings")):
+        resume_run(str(old.dir), *make_report(tmp_path / "run2", extra=change))
+
+
+@pytest.mark.parametrize("meta", [{"method": "fedclip"}, {"round": "1"}, {"rows": "[]"}])
+def test_a_file_without_round_and_rows_is_not_a_checkpoint(meta, tmp_path):
+    report, arrays = make_report(tmp_path / "run1")
+    save_weights(arrays, report.dir / "checkpoint.safetensors", meta)  # e.g. an adapter file
+    with pytest.raises(ValueError, match="is not a FedCLIP checkpoint \\(no round/rows metadata\\)"):
+        load_checkpoint(report.dir)
+
+
+def test_an_older_checkpoint_without_protocol_or_strategy_state_loads(tmp_path):
+    report, arrays = make_report(tmp_path / "run1")
+    rows = [{"round": 0}, {"round": 1}]
+    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "1", "rows": json.dumps(rows)})
+    ckpt = load_checkpoint(report.dir)
+    assert (ckpt.round, ckpt.rows, ckpt.protocol, ckpt.strategy, ckpt.optimizer) == (1, rows, {}, {}, {})
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    report, arrays = make_report(tmp_path / "run1")
+    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "3", "rows": json.dumps([{"round": 0}, {"round": 1}])})
+    with pytest.raises(ValueError, match="is inconsistent: round 3 but 2 report rows"):
+        load_checkpoint(report.dir)
+    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "0", "rows": "[]"})
+    with pytest.raises(ValueError, match="is inconsistent: round 0 but 0 report rows"):
+        load_checkpoint(report.dir)
+
+
+def test_resume_after_zero_shot_only_starts_at_round_one(tmp_path):
+    old, arrays = make_report(tmp_path / "run1")
+    play(old, arrays, 0, [0.3])
+    new, fresh = make_report(tmp_path / "run2")
+    resumed, first_round = resume_run(str(old.dir), new, fresh)
+    assert first_round == 1 and new.best is None and not (new.dir / "adapter_best.safetensors").exists()
+    assert load_checkpoint(new.dir).round == 0 and load_checkpoint(new.dir).rows == load_checkpoint(old.dir).rows
+    assert all(torch.equal(resumed.to_torch_state_dict()[k], v) for k, v in arrays.to_torch_state_dict().items())
+
+
+class RememberingStrategy:
+    """A strategy with state: what resume_run gives it and what it checkpoints."""
+
+    def __init__(self, state: dict[str, float]) -> None:
+        self.state, self.loaded = state, None
+
+    def checkpoint_state(self) -> dict[str, float]:
+        return self.state
+
+    def load_checkpoint_state(self, state) -> None:
+        self.loaded = dict(state)
+
+
+def test_the_resumed_runs_own_checkpoint_keeps_the_optimizer_and_the_strategy_state(tmp_path):
+    """resume_run checkpoints the new run folder at once: a crash before its first round must not lose either state."""
+    old, arrays = make_report(tmp_path / "run1")
+    optimizer = ServerOptimizer("fedadam", lr=0.01)
+    optimizer.step(1, arrays, ArrayRecord({k: v + 1 for k, v in arrays.to_torch_state_dict().items()}))
+    moments = optimizer.state()
+    for r in range(2):
+        old.add_round(r, MetricRecord(), evaluation(0.1 * (r + 1)), 0.1, arrays)
+        save_checkpoint(old, arrays, optimizer, {"dp-clipping-norm": 0.25})
+    new, fresh = make_report(tmp_path / "run2")
+    strategy, resumed_optimizer = RememberingStrategy({"dp-clipping-norm": 0.5}), ServerOptimizer("fedadam", lr=0.01)
+    resume_run(str(old.dir), new, fresh, resumed_optimizer, strategy)
+    assert strategy.loaded == {"dp-clipping-norm": 0.25}  # what the old run had
+    ckpt = load_checkpoint(new.dir)
+    assert ckpt.strategy == {"dp-clipping-norm": 0.5}  # what the strategy holds now
+    assert ckpt.optimizer.keys() == moments.keys() and all(np.array_equal(ckpt.optimizer[k], moments[k]) for k in moments)

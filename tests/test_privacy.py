@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
 from common.config import load_config
+from common.methods.local import Local
+from common.transport import encode
 from server_app.app import app as server_app
 from server_app import screening
 from server_app.privacy import ClientSideAdaptiveClipping, ScreenedReplies, ServerSideFixedClipping, privacy_spent, with_privacy
@@ -154,22 +157,45 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert privacy_spent(2.0, 10, 1e-5) < values[2] < privacy_spent(1.1, 10, 1e-6)
 
 
-@pytest.mark.parametrize("option,message", [
-    ({"aggregation": "median"}, "strategy.aggregation=mean"),
-    ({"weighting": "examples"}, "strategy.weighting=equal"),
+NEEDS_MEAN = ("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is calibrated to the "
+              "equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
+SECAGG_NEEDS_CLIENT_FIXED = ("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
+                             "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)")
+
+
+@pytest.mark.parametrize("option,dp,message", [
+    ({"aggregation": "median"}, {}, NEEDS_MEAN),
+    ({"weighting": "examples"}, {}, NEEDS_MEAN),
+    ({"method": Local()}, {}, NEEDS_MEAN),
+    ({"transport_dtype": "bfloat16"}, {"side": "client"},
+     "strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32"),
+    ({"secagg": True}, {"side": "server"}, SECAGG_NEEDS_CLIENT_FIXED),
+    ({"secagg": True}, {"side": "client", "clipping": "adaptive"}, SECAGG_NEEDS_CLIENT_FIXED),
 ])
-def test_dp_with_a_rule_it_cannot_account_for_is_an_error(option, message):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, option.get("weighting", "equal"), 1,
-                               aggregation=option.get("aggregation", "mean"))
-    with pytest.raises(ValueError, match=message):
-        with_privacy(strategy, dp_options())
+def test_dp_with_what_it_cannot_account_for_is_an_error(option, dp, message):
+    """Each refusal, with its whole message (what to change, and why)."""
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, option.pop("weighting", "equal"), 1, option.pop("method", None),
+                               **option)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        with_privacy(strategy, dp_options(**dp))
+
+
+def test_16_bit_updates_are_clipped_on_the_server_after_decoding():
+    """Server-side DP takes 16-bit updates (screening decodes them before Flower clips); only client-side clipping cannot."""
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, transport_dtype="bfloat16")
+    wrapped = with_privacy(strategy, dp_options(noise_multiplier=0.0, clipping_norm=1.0))
+    list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
+    replies = [reply_from(n, RecordDict({"arrays": encode({"w": np.full(SIZE, 0.5 * n, np.float32)}, "bfloat16"),
+                                          "metrics": MetricRecord({"num-examples": 5})})) for n in (1, 2, 3)]
+    arrays, _ = wrapped.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0 / np.sqrt(SIZE), rtol=1e-3)  # each clipped to norm 1: the mean of three equal ones
 
 
 @pytest.mark.parametrize("side,clipping", [("both", "fixed"), ("server", "median")])
 def test_unknown_dp_side_or_clipping_is_an_error(side, clipping):
     strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
-    with pytest.raises(ValueError, match=f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
-                                         f"got '{side}', '{clipping}'"):
+    with pytest.raises(ValueError, match=f"^strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
+                                         f"got '{side}', '{clipping}'$"):
         with_privacy(strategy, dp_options(side=side, clipping=clipping))
 
 

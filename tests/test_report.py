@@ -277,18 +277,44 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
-    summary = report.finish(weights(1))
+    report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
+    summary = report.finish(weights(2))
     with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
-        assert fh.metadata() == {"round": "1", "method": "fedclip"}
+        assert fh.metadata() == {"round": "2", "method": "fedclip"}  # the last round's
     rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
     assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
                              "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
     assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
+    assert rows[2]["missing"] == "b;sketch" and rows[2]["acc/b"] == ""
     assert json.loads((report.dir / "summary.json").read_text()) == summary
-    assert summary["seconds_per_round"] == 2.0 and summary["rounds"] == 1 and summary["trained_parameters"] == 10 and summary["dp"] is None
+    assert summary["seconds_per_round"] == 3.0 and summary["rounds"] == 2 and summary["trained_parameters"] == 10 and summary["dp"] is None
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
+    assert 0 <= summary["wall_seconds"] < 600
+    down, up = summary["bytes_down_per_client_per_round"], summary["bytes_up_per_client_per_round"]
+    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 0  # no traffic was counted
+
+
+def test_personalization_is_compared_with_zero_shot_on_the_clients_evaluated_in_both(tmp_path):
+    """b's zero-shot evaluation was lost: its personalization at the best round has no baseline, so it is left out."""
+    report = make_report(tmp_path)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, sketch=0.3), 0.0, None)
+    report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.9, sketch=0.4), 0.1, None)
+    summary = report.finish(None)
+    assert summary["personalization"] == {"a": 0.6, "b": None} and summary["personalization_clients"] == ["a"]
+    assert summary["personalization_mean"] == 0.6 and summary["zero_shot_train_domains_mean"] == 0.5
+
+
+def test_rows_of_an_older_run_without_missing_are_written(tmp_path):
+    """A resumed run carries the rows of the checkpoint's run; one from before `missing` existed lacks the key."""
+    report = make_report(tmp_path)
+    report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, None)
+    del report.rows[0]["missing"]
+    report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.4, sketch=0.4), 1.0, None)
+    report.finish(None)
+    rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
+    assert [r["missing"] for r in rows] == ["", ""]
 
 
 def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
@@ -301,6 +327,8 @@ def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
     zero_shot_only.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     summary = zero_shot_only.finish(weights(0))
     assert not list(zero_shot_only.dir.glob("*.safetensors")) and summary["best_round"] == 0 and summary["rounds"] == 0
+    assert [summary[f"bytes_{way}per_client_per_round"] for way in ("down_", "up_", "")] == [0, 0, 0]
+    assert summary["seconds_per_round"] is None
 
 
 def test_message_bytes_count_the_tensors_and_the_bytes_in_config_records():
@@ -323,7 +351,7 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
     fused = update(1, 100)
     fused.content["metrics"]["evaluation/images-encoded"] = 7
     fused.content["metrics"]["images-encoded"] = 5
-    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [fused, update(2, 100)])
+    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [reply_from(1, error="lost"), fused, update(2, 100)])
     assert report.images_encoded == 12 and report.up["a"] == report.up["b"] == message_bytes(fused)
     assert report.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
     report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)

@@ -10,6 +10,7 @@ from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from
 
 HELD_OUT_NODE = 4
+EVALUATED_ROUND_2 = ["d1#1", "d1#2", "d1#5", "d1#8", "d2#2", "d2#8", "d3#4", "d3#5", "d3#7"]  # seed 3 (see the test that pins it)
 NODES = {1: "art", 2: "photo", 3: "cartoon", HELD_OUT_NODE: "sketch"}
 
 
@@ -192,6 +193,23 @@ def test_sampling_is_seeded_and_keeps_every_held_out_node():
     assert len(others) == 3 and not set(others) & set(sampled.train_sample(3))
     # the last round's weights have no next round to ride on: 6 training nodes get an evaluate message
     assert len([n for n in sampled.evaluate_sample(5) if nodes[n] != "d0"]) == 6
+
+
+def test_every_round_evaluates_the_training_nodes_that_do_not_carry_it_on_their_train_message():
+    nodes = {i: f"d{i % 4}" for i in range(40)}
+    clients = {i: f"d{i % 4}#{i // 4}" for i in nodes}
+    s = FedClipStrategy(nodes, "d0", adapter_arrays(0), "equal", 1, None, clients, fraction_train=0.2, fraction_evaluate=0.5, seed=3, rounds=6)
+    for r in range(1, 6):
+        others = [n for n in s.evaluate_sample(r) if nodes[n] != "d0"]
+        riding = set(s.train_sample(r + 1))  # round r's weights are evaluated by round r+1's training nodes on their train message
+        assert len(riding) == 6 and len(others) == 15 - 6 and not set(others) & riding, r
+    # the draw is pinned, as the training draw: the same run evaluates the same clients everywhere
+    assert sorted(clients[n] for n in s.evaluate_sample(2) if nodes[n] != "d0") == EVALUATED_ROUND_2
+
+
+def test_no_evaluate_message_to_a_training_node_when_the_riders_are_enough():
+    s = FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, fraction_train=0.5, fraction_evaluate=0.1, rounds=3)
+    assert len(s.train_sample(2)) == 3 - 1 and s.evaluate_sample(1) == [HELD_OUT_NODE]  # 2 riders >= 10% of 3: no one else
 
 
 def test_full_participation_evaluates_the_non_training_nodes_only():

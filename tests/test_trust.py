@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.transport import decode, encode
+from common.methods.fedavg import FedAvg
 from common.methods.fedclip import FedClip
 from common.methods.local import Local
 from server_app.screening import update_norm
-from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients
+from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, sample_clients
 from tests.conftest import reply_from
 
 TEMPLATE = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
@@ -54,6 +57,45 @@ def test_clip_scales_the_update_down_to_the_bound():
     assert update_norm(clipped, TEMPLATE) == pytest.approx(1.0)
     for k in TEMPLATE:
         np.testing.assert_allclose(result[k], clipped[k] / 2, rtol=1e-5)
+
+
+def test_an_update_exactly_at_the_bound_is_kept(caplog):
+    strategy = make_strategy(2, max_update_norm=1.0)
+    result = aggregated(strategy, [reply(1, state(0.5)), reply(2, state(0.0))])  # norms 1.0 (exactly) and 0
+    np.testing.assert_allclose(result["w"], 0.25)
+    assert "rejected" not in caplog.text
+
+
+def test_a_client_with_one_example_is_a_client():
+    strategy = make_strategy(2)
+    strategy.weighting = "examples"
+    np.testing.assert_allclose(aggregated(strategy, [reply(1, state(1.0), 1), reply(2, state(4.0), 2)])["w"], 3.0)
+
+
+def test_each_local_client_is_measured_from_its_own_adapter(caplog):
+    """method=local: a client continues its own adapter, so its update is measured from that, not from the global one."""
+    method = Local()
+    nodes = {1: "c1", 2: "c2", 3: "c3", 99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, method, None, max_update_norm=1.0)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
+    strategy.aggregate_train(1, [reply(1, state(10.0)), reply(2, state(0.2)), reply(3, state(0.3))])  # c1 moved 20: rejected
+    method.client_states["c1"] = state(10.0)  # as if c1's adapter had been kept at 10
+    _, metrics = strategy.aggregate_train(2, [reply(1, state(10.1)), reply(2, state(0.2))])
+    assert metrics["c1/update-norm"] == pytest.approx(0.2, rel=1e-5) and metrics["c2/update-norm"] == 0.0  # c2 kept its round-1 adapter
+    assert method.client_states["c1"]["w"][0] == pytest.approx(10.1)  # accepted: 0.2 from its own adapter, not 20 from the global one
+
+
+def test_clip_moves_the_update_back_towards_the_weights_it_was_trained_from():
+    """A non-zero global adapter: clipping scales the update (state - base), not the state, and keeps float32."""
+    strategy = make_strategy(2, max_update_norm=1.0, on_large_update="clip")
+    base = {"w": np.full(4, 2.0, np.float32), "b": np.full(2, -1.0, np.float32)}
+    strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in base.items()}), ConfigRecord(), None)
+    accepted, _ = strategy.screen(2, [reply(1, state(5.0, b=3.0))])  # update (3, 3, 3, 3 | 4, 4): norm sqrt(68)
+    [(_, update)] = accepted
+    assert all(v.dtype == np.float32 for v in update.state.values())
+    np.testing.assert_allclose(update.state["w"], 2.0 + 3.0 / np.sqrt(68.0), rtol=1e-6)
+    np.testing.assert_allclose(update.state["b"], -1.0 + 4.0 / np.sqrt(68.0), rtol=1e-6)
+    assert update_norm(update.state, base) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_relative_bound_catches_a_scaled_update_with_no_absolute_bound(caplog):
@@ -126,10 +168,20 @@ def test_trimmed_mean_cuts_exactly_num_malicious_from_each_end_whatever_the_floa
 
 def test_ties():
     # an even count: the median is the mean of the two middle values; identical updates: Krum returns that update
-    np.testing.assert_allclose(aggregate_adapters([state(v) for v in (1.0, 2.0, 3.0, 9.0)], [1.0] * 4, "median")["w"], 2.5)
+    np.testing.assert_allclose(aggregate_adapters([state(v) for v in (1.0, 2.0, 3.0, 9.0)], [1.0] * 4, "median", 0)["w"], 2.5)
     same = [state(2.0)] * 3 + [state(7.0)]
     for rule in ("krum", "multikrum", "median"):
         np.testing.assert_allclose(aggregate_adapters(same, [1.0] * 4, rule, 1)["w"], 2.0, err_msg=rule)
+
+
+def test_the_strategy_hands_num_malicious_to_its_rule():
+    """Krum with f=1 through the strategy: the most central of five updates, not what f=0 or no f would pick."""
+    strategy = make_strategy(5, aggregation="krum", num_malicious=1)
+    result = aggregated(strategy, [reply(n, state(v)) for n, v in zip(range(1, 6), (1.0, 2.0, 3.0, 4.0, 100.0))])
+    np.testing.assert_allclose(result["w"], 2.0, rtol=1e-6)
+    strategy = make_strategy(7, aggregation="multikrum", num_malicious=2)  # keeps the 5 most central: 1-5
+    result = aggregated(strategy, [reply(n, state(v)) for n, v in zip(range(1, 8), (1.0, 2.0, 3.0, 4.0, 5.0, 50.0, 100.0))])
+    np.testing.assert_allclose(result["w"], 3.0, rtol=1e-6)
 
 
 def test_robust_rule_is_applied_per_coordinate_to_the_adapter_tensors_only():
@@ -140,12 +192,30 @@ def test_robust_rule_is_applied_per_coordinate_to_the_adapter_tensors_only():
     assert metrics["c2/num-examples"] == 10
 
 
+# each rule's bound from its paper, for f = 2 faulty clients (hard-coded: not computed by the code under test)
+NEEDED_FOR_TWO_FAULTY = {"median": 5, "trimmed_mean": 5, "krum": 7, "multikrum": 7, "bulyan": 11}
+
+
+def test_each_rule_needs_its_papers_number_of_clients():
+    assert {rule: min_clients(rule, 2) for rule in AGGREGATIONS} == {"mean": 1, **NEEDED_FOR_TWO_FAULTY}
+    assert {rule: min_clients(rule, 0) for rule in AGGREGATIONS} == {"mean": 1, "median": 1, "trimmed_mean": 1, "krum": 3, "multikrum": 3, "bulyan": 3}
+
+
 @pytest.mark.parametrize("rule", [r for r in AGGREGATIONS if r != "mean"])
 def test_too_few_clients_for_a_rule_is_a_clear_error_at_start(rule):
-    need = min_clients(rule, 2)
+    need = NEEDED_FOR_TWO_FAULTY[rule]
     with pytest.raises(ValueError, match=f"needs at least {need} training clients, this federation has {need - 1}"):
         make_strategy(need - 1, aggregation=rule, num_malicious=2)
     make_strategy(need, aggregation=rule, num_malicious=2)  # enough
+
+
+def test_a_round_with_fewer_valid_updates_than_min_train_nodes_keeps_the_adapter(caplog):
+    nodes = {n: f"c{n}" for n in range(1, 6)} | {99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 3, FedClip(), None)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
+    assert aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.2)), reply_from(3, error="lost")]) is None
+    assert "round 1: 2 valid update(s), need 3: the global adapter is unchanged" in caplog.text
+    np.testing.assert_allclose(aggregated(strategy, [reply(n, state(0.1 * n)) for n in (1, 2, 3)])["w"], 0.2, rtol=1e-6)
 
 
 def test_a_round_with_fewer_valid_updates_than_the_rule_needs_keeps_the_adapter(caplog):
@@ -202,3 +272,52 @@ def test_update_in_an_unexpected_dtype_is_dropped(caplog):
 def test_unknown_transport_dtype_is_an_error():
     with pytest.raises(ValueError, match="transport_dtype must be one of float32, float16, bfloat16"):
         make_strategy(2, transport_dtype="int8")
+
+
+# --- options refused at start, and what each option does to the round ----------------------------------------
+
+@pytest.mark.parametrize("options,message", [
+    ({"weighting": "median"}, "strategy.weighting must be 'equal' or 'examples', got 'median'"),
+    ({"fraction_evaluate": 0.0}, "strategy.fraction_evaluate must be in (0, 1], got 0.0"),
+    ({"fraction_train": 1.01}, "strategy.fraction_train must be in (0, 1], got 1.01"),
+    ({"on_large_update": "drop"}, "strategy.on_large_update must be 'clip' or 'reject', got 'drop'"),
+    ({"aggregation": "median", "num_malicious": -1}, "strategy.num_malicious must be >= 0, got -1"),
+    ({"transport_dtype": "float16", "method": FedAvg()}, "strategy.transport_dtype=float16 is for the adapter methods; method=fedavg sends float32"),
+    ({"aggregation": "krum", "num_malicious": 1, "fraction_train": 0.25},
+     "strategy.aggregation=krum with strategy.num_malicious=1 needs at least 5 training clients, this federation has 3 a round (12 training, "
+     "strategy.fraction_train=0.25); lower num_malicious, raise fraction_train or choose another rule (docs/trust.md)"),
+])
+def test_options_that_cannot_work_are_refused_with_what_to_change(options, message):
+    weighting, method = options.pop("weighting", "equal"), options.pop("method", FedClip())
+    nodes = {n: f"c{n}" for n in range(1, 13)} | {99: "held"}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        FedClipStrategy(nodes, "held", TEMPLATE, weighting, 1, method, None, **options)
+
+
+def test_unknown_rule_given_to_aggregate_adapters_is_an_error():
+    with pytest.raises(ValueError, match=f"^{re.escape('strategy.aggregation must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, got')}"):
+        aggregate_adapters([state(1.0)], [1.0], "average", 0)
+
+
+def test_the_robust_rules_ignore_the_weights_and_multikrum_uses_them():
+    updates = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    heavy = [1.0, 1.0, 1.0, 10.0, 1.0]  # an honest client with many examples
+    for rule in ("median", "trimmed_mean", "krum"):
+        np.testing.assert_allclose(aggregate_adapters(updates, heavy, rule, 1)["w"], aggregate_adapters(updates, [1.0] * 5, rule, 1)["w"], err_msg=rule)
+    # multikrum keeps the 4 most central (1-4) and averages them with their weights
+    np.testing.assert_allclose(aggregate_adapters(updates, heavy, "multikrum", 1)["w"], (1 + 2 + 3 + 40) / 13, rtol=1e-6)
+
+
+def test_a_round_samples_at_least_min_train_nodes_and_draws_reproducibly():
+    nodes = {n: f"c{n:02d}" for n in range(1, 31)} | {99: "held"}
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 5, FedClip(), None, fraction_train=0.1, seed=7)
+    assert len(strategy.train_sample(1)) == 5  # 10% of 30 is 3, min_train_nodes is 5
+    # the draw itself is pinned: a run must sample the same clients on every machine and version (benchmarks/noop_app.py too)
+    assert sample_clients([f"c{n:02d}" for n in range(1, 31)], 5, 7, "train", 1) == ["c01", "c12", "c20", "c27", "c29"]
+    assert sample_clients(["b", "a", "c"], 5, 7, "train", 1) == ["a", "b", "c"]
+
+
+def test_a_reply_from_a_node_not_in_the_federation_is_named_by_its_id(caplog):
+    strategy = make_strategy(2)
+    aggregated(strategy, [reply(1, state(0.1)), reply(42, state(np.nan))])
+    assert "dropped the update of node 42 (node-42): w holds NaN or Inf" in caplog.text
