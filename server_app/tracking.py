@@ -99,7 +99,13 @@ class TensorBoardLog:
 
 class MlflowLog:
     """One MLflow run: the configuration as params, the scalars at every round (asynchronously), then the summary's numbers
-    as metrics and the run folder's files as artifacts."""
+    as metrics and the run folder's files as artifacts.
+
+    Rounds are handed to MLflow at most every FLUSH_SECONDS, and at the end: one write per round cost fast in-process
+    rounds about 30% (a sqlite write and the logging thread beside a 28 ms round); a deployed round (seconds) is still
+    logged as it ends."""
+
+    FLUSH_SECONDS = 5.0
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> None:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -115,6 +121,8 @@ class MlflowLog:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
             self.client.log_batch(self.run_id, params=items[start : start + 100])
         self.pending: list = []  # the asynchronous logging operations, waited for at the end
+        self.buffer: list = []  # rounds not yet handed to MLflow
+        self.flushed_at = time.monotonic()
         where = f"{uri} (database {database})" if (database := sqlite_database(uri)) else uri
         log.info("MLflow: run %s (%s) in experiment %r at %s", self.run_id, run_name, experiment, where)
 
@@ -122,12 +130,20 @@ class MlflowLog:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for name, value in scalars.items()]
-        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        self.buffer.extend(Metric(name, value, now, step) for name, value in scalars.items())
+        if time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered rounds to MLflow's background logging, at most 1000 metrics a call (MLflow's limit)."""
+        for start in range(0, len(self.buffer), 1000):
+            self.pending.append(self.client.log_batch(self.run_id, metrics=self.buffer[start : start + 1000], synchronous=False))
+        self.buffer, self.flushed_at = [], time.monotonic()
 
     def finish(self, summary: dict, files: list[Path], status: str) -> None:
         from mlflow.entities import Metric
 
+        self.flush()
         for operation in self.pending:
             operation.wait()
         now = int(time.time() * 1000)
