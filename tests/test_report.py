@@ -271,7 +271,7 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
 
 
 def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
-    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch")
+    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean")
     report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
     assert json.loads((report.dir / "run.json").read_text()) == {"classes": ["cat", "dog"], "model_fingerprint": "abc123"}
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
@@ -279,7 +279,7 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
     report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
     summary = report.finish(weights(2))
-    with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:
+    with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:  # selection=val_mean: round 1 has the best validation mean
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
         assert fh.metadata() == {"round": "2", "method": "fedclip"}  # the last round's
