@@ -25,8 +25,7 @@ ON_LARGE_UPDATE = ("clip", "reject")
 REJECTED = "rejected"  # `<client>/rejected` = 1 in a round's train metrics: its update was left out (the report counts them)
 
 
-def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_dtype: str = "float32"
-                    ) -> tuple[dict[str, np.ndarray] | None, str | None]:
+def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_dtype: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """Tensors by name decoded to the template's dtype and checked, or None and why they cannot be used.
 
     Each must come in the transport dtype or in the template's own (float32: what Flower's DP

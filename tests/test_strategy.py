@@ -193,6 +193,9 @@ def test_sampling_is_seeded_and_keeps_every_held_out_node():
     assert len(others) == 3 and not set(others) & set(sampled.train_sample(3))
     # the last round's weights have no next round to ride on: 6 training nodes get an evaluate message
     assert len([n for n in sampled.evaluate_sample(5) if nodes[n] != "d0"]) == 6
+    for server_round in (2, 3):  # the train messages go to that round's draw
+        sent = list(sampled.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in adapter_arrays(0).items()}), ConfigRecord(), None))
+        assert [m.metadata.dst_node_id for m in sent] == sampled.train_sample(server_round)
 
 
 def test_every_round_evaluates_the_training_nodes_that_do_not_carry_it_on_their_train_message():

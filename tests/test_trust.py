@@ -13,6 +13,7 @@ from common.transport import decode, encode
 from common.methods.fedavg import FedAvg
 from common.methods.fedclip import FedClip
 from common.methods.local import Local
+from server_app import screening
 from server_app.screening import update_norm
 from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, sample_clients
 from tests.conftest import reply_from
@@ -321,3 +322,13 @@ def test_a_reply_from_a_node_not_in_the_federation_is_named_by_its_id(caplog):
     strategy = make_strategy(2)
     aggregated(strategy, [reply(1, state(0.1)), reply(42, state(np.nan))])
     assert "dropped the update of node 42 (node-42): w holds NaN or Inf" in caplog.text
+
+
+def test_a_tensor_that_is_not_float32_is_kept_in_its_own_dtype_whatever_the_transport():
+    """Only float32 tensors travel in 16 bits; an integer tensor (a counter, an index) comes back as it went, not widened."""
+    template = {"w": np.zeros(3, np.float32), "steps": np.zeros(2, np.int64)}
+    state, reason = screening.checked_tensors({"w": np.ones(3, np.float16), "steps": np.array([7, 9])}, template, "float16")
+    assert reason is None and state["steps"].dtype == np.int64 and state["steps"].tolist() == [7, 9]
+    assert state["w"].dtype == np.float32
+    _, reason = screening.checked_tensors({"w": np.ones(3, np.float32), "steps": np.array([7.0, 9.0])}, template, "float16")
+    assert reason == "steps has dtype float64, expected int64"
