@@ -277,8 +277,12 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
+    errors = [reply_from(2, error="Error: Node Unavailable"), reply_from(3, error="Error: Node Unavailable")]
+    report.count_traffic({1: "a", 2: "b", 3: "sketch"}, [message(2, 100), message(3, 100)], errors)
     report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
     summary = report.finish(weights(2))
+    assert [p.name for p in report.files()] == ["encoder_best.safetensors", "encoder_final.safetensors", "run.json", "config.yaml",
+                                                "metrics.csv", "summary.json"] and all(p.is_file() for p in report.files())
     with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:  # selection=val_mean: round 1 has the best validation mean
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
@@ -287,13 +291,13 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
                              "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
     assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
-    assert rows[2]["missing"] == "b;sketch" and rows[2]["acc/b"] == ""
+    assert rows[2]["missing"] == "b;sketch" and rows[2]["lost"] == "b;sketch" and rows[2]["acc/b"] == ""
     assert json.loads((report.dir / "summary.json").read_text()) == summary
     assert summary["seconds_per_round"] == 3.0 and summary["rounds"] == 2 and summary["trained_parameters"] == 10 and summary["dp"] is None
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
     assert 0 <= summary["wall_seconds"] < 600
     down, up = summary["bytes_down_per_client_per_round"], summary["bytes_up_per_client_per_round"]
-    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 0  # no traffic was counted
+    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 2 * message_bytes(message(2, 100))  # round 2's two messages; errors carry nothing
 
 
 def test_personalization_is_compared_with_zero_shot_on_the_clients_evaluated_in_both(tmp_path):
@@ -357,3 +361,8 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
     report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)
     assert not report.down and not report.up  # the next round counts afresh
     assert report.rows[0]["bytes_round"] == 2 * message_bytes(message(1, 10)) + 2 * message_bytes(fused)
+
+
+def test_a_run_without_weights_gives_mlflow_no_weight_files(tmp_path):
+    report = RunReport(load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, weights_name=None)
+    assert [p.name for p in report.files()] == ["run.json", "config.yaml", "metrics.csv", "summary.json"]
