@@ -366,3 +366,19 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
 def test_a_run_without_weights_gives_mlflow_no_weight_files(tmp_path):
     report = RunReport(load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, weights_name=None)
     assert [p.name for p in report.files()] == ["run.json", "config.yaml", "metrics.csv", "summary.json"]
+
+
+def test_a_domains_test_accuracy_is_the_personalized_one_when_a_client_fine_tuned_and_pooled_validation_weighs_images(tmp_path):
+    report = make_report(tmp_path)
+    local = MetricRecord({"a/test-acc": 0.5, "a/personalized-test-acc": 0.9, "a/num-test": 10, "a/val-acc": 0.4, "a/num-val": 30,
+                          "b/val-acc": 0.8, "b/num-val": 10})
+    assert report.accuracy(local, "a") == 0.9  # method=local: each client's own adapter on its own test split
+    assert report.accuracy(local, "a", "val") == 0.4  # validation is never the personalized score
+    assert report.val_pooled(local) == pytest.approx((0.4 * 30 + 0.8 * 10) / 40)  # every validation image once
+    assert report.val_mean(local) == pytest.approx((0.4 + 0.8) / 2)  # each domain once
+
+
+def test_a_rows_rejected_clients_are_those_screening_left_out(tmp_path):
+    report = make_report(tmp_path)
+    report.add_round(1, MetricRecord({"a/rejected": 1, "a/train-loss": 1.0, "b/train-loss": 2.0}), evaluation(a=0.5, b=0.5), 0.1, None)
+    assert report.rows[0]["rejected"] == ["a"]
