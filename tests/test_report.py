@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import uuid
 
 import numpy as np
@@ -273,6 +274,7 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
 def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean")
     report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
+    assert report.dir.parent == tmp_path and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name)  # sorts by start time
     assert json.loads((report.dir / "run.json").read_text()) == {"classes": ["cat", "dog"], "model_fingerprint": "abc123"}
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
