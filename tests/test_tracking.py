@@ -92,6 +92,7 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     [run] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["run_folder"] == str(folder)
+    assert {k: run.data.tags[k] for k in ("method", "held_out", "seed")} == {"method": "fedclip", "held_out": "sketch", "seed": "0"}  # to filter runs by
     assert run.info.run_name == f"fedclip sketch seed0 {folder.name}"
     config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
     params = run.data.params
@@ -108,7 +109,7 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     assert run.data.metrics["results/generalization.sketch"] == summary["generalization"]["sketch"]
     assert run.data.metrics["results/best_round"] == summary["best_round"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter_best.safetensors", "adapter_final.safetensors", "run.json", "accuracy.png", "summary.json", "config.yaml"} <= artifacts
+    assert {"adapter_best.safetensors", "adapter_final.safetensors", "run.json", "accuracy.png", "summary.json", "config.yaml", "metrics.csv"} <= artifacts
     adapter = client.download_artifacts(run.info.run_id, "adapter_best.safetensors", str(tmp_path))
     assert Path(adapter).read_bytes() == (folder / "adapter_best.safetensors").read_bytes()
     assert Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path))).read_text() == (folder / "run.json").read_text()
