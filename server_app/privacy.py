@@ -178,7 +178,7 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
     if (dp.side, dp.clipping) not in WRAPPERS:
         raise ValueError(f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, got {dp.side!r}, {dp.clipping!r}")
     if not strategy.method.private or strategy.aggregation != "mean" or strategy.weighting != "equal":
-        raise ValueError("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
+        raise ValueError("strategy.dp needs method=fedclip or promptfl, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
                          "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
     if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
         raise ValueError("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "

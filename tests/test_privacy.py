@@ -157,7 +157,7 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert privacy_spent(2.0, 10, 1e-5) < values[2] < privacy_spent(1.1, 10, 1e-6)
 
 
-NEEDS_MEAN = ("strategy.dp needs method=fedclip, strategy.aggregation=mean and strategy.weighting=equal: the noise is calibrated to the "
+NEEDS_MEAN = ("strategy.dp needs method=fedclip or promptfl, strategy.aggregation=mean and strategy.weighting=equal: the noise is calibrated to the "
               "equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
 SECAGG_NEEDS_CLIENT_FIXED = ("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
                              "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)")
