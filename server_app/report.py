@@ -112,8 +112,7 @@ class RunReport:
             acc = metrics.get(f"{client}/{split}-acc") if acc is None else acc
             if acc is not None and metrics.get(f"{client}/num-{split}", 1) > 0:
                 pairs.append((acc, metrics.get(f"{client}/num-{split}", 1)))
-        total = sum(n for _, n in pairs)
-        return sum(a * n for a, n in pairs) / total if pairs and total else None
+        return _pooled(pairs)
 
     def evaluated(self, metrics: MetricRecord | dict) -> set[str]:
         """The run's clients that a round's evaluation holds an accuracy of."""
@@ -128,8 +127,7 @@ class RunReport:
         every image counts once, so a domain of many tiny clients is not scored on a few images each."""
         pairs = [(metrics[f"{c}/val-acc"], metrics.get(f"{c}/num-val", 1)) for c in sorted(self.source_clients)
                  if (clients is None or c in clients) and f"{c}/val-acc" in metrics and metrics.get(f"{c}/num-val", 1) > 0]
-        total = sum(n for _, n in pairs)
-        return sum(a * n for a, n in pairs) / total if total else None
+        return _pooled(pairs)
 
     def beats(self, row: dict, best: dict | None, rule: str | None = None) -> bool:
         """Whether a round's weights beat the best round's so far under a selection rule (default: the run's
@@ -313,6 +311,12 @@ class RunReport:
             log.warning("could not draw %s: %s", PLOT_FILE, err)
             files = []
         self.tracking.finish({}, files, "FAILED")
+
+
+def _pooled(pairs: list[tuple[float, float]]) -> float | None:
+    """Accuracy over all the images of (accuracy, images) pairs; None without images."""
+    total = sum(n for _, n in pairs)
+    return sum(a * n for a, n in pairs) / total if total else None
 
 
 def _mean(values) -> float | None:

@@ -291,7 +291,7 @@ class FedClipStrategy(FedAvg):
             log.warning("round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged", server_round, count)
             return None, metrics
         unmasked = {k: np.empty(v.shape, np.float64) for k, v in self.template.items()}  # SecAgg+ dequantizes to float64
-        mean, reason = screening.checked_tensors(mean_update, unmasked, "float32")  # the unmasked mean is float32 whatever the transport
+        mean, reason = screening.checked_tensors(mean_update, unmasked, "float32")  # a float64 template takes float64 only: no transport dtype applies
         if mean is None:
             log.warning("round %d: the securely aggregated update is unusable (%s): the global adapter is unchanged", server_round, reason)
             return None, metrics

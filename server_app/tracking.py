@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 5  # TensorBoard: a running run's curves appear within this many seconds
+FLUSH_SECONDS = 5  # a running run's curves appear in TensorBoard and MLflow within this many seconds
 ROW_SCALARS = {  # a report row's number -> its name in TensorBoard and MLflow
     "val_acc_mean": "accuracy/val_mean",
     "train_loss": "train/loss",
@@ -102,10 +102,7 @@ class MlflowLog:
     as metrics and the run folder's files as artifacts.
 
     Rounds are handed to MLflow at most every FLUSH_SECONDS, and at the end: one write per round cost fast in-process
-    rounds about 30% (a sqlite write and the logging thread beside a 28 ms round); a deployed round (seconds) is still
-    logged as it ends."""
-
-    FLUSH_SECONDS = 5.0
+    rounds about 30% (a sqlite write and the logging thread beside a 28 ms round)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> None:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -131,7 +128,7 @@ class MlflowLog:
 
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(name, value, now, step) for name, value in scalars.items())
-        if time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+        if time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -186,19 +186,20 @@ def test_a_run_that_stops_on_an_error_keeps_its_plot_and_is_marked_failed_in_mlf
 def test_mlflow_gets_rounds_in_batches_at_most_flush_seconds_apart_and_all_of_them_at_the_end(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from server_app import tracking
     from server_app.tracking import MlflowLog
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     made = MlflowLog(uri, "fedclip", "batches", {}, {})
     history = lambda: [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(made.run_id, "loss")]  # noqa: E731
-    monkeypatch.setattr(MlflowLog, "FLUSH_SECONDS", 3600.0)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 3600.0)
     made.log_round({"loss": 1.0}, 1)  # within FLUSH_SECONDS of the start: kept
-    monkeypatch.setattr(MlflowLog, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)
     made.log_round({"loss": 0.5}, 2)  # handed over, with the round before it
     for operation in made.pending:
         operation.wait()
     assert sorted(history()) == [1, 2] and made.buffer == []
-    monkeypatch.setattr(MlflowLog, "FLUSH_SECONDS", 3600.0)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 3600.0)
     made.log_round({"loss": 0.25}, 3)
     assert sorted(history()) == [1, 2]
     made.finish({}, [], "FINISHED")
