@@ -202,7 +202,7 @@ def plan(overrides: list[str]) -> tuple[DictConfig, list[str], list[str], int]:
         key = o.lstrip("+~").split("=", 1)[0]
         if key in SWEPT_KEYS:
             raise ValueError(f"{o!r}: the sweep sets {key} for each run; use {SWEPT_KEYS[key]}=[...] instead")
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, complete=False)  # each run's held-out domain is the sweep's
     sweep = cfg.sweep
     domains = dataset_domains(cfg, require_held_out=False)
     held_outs = list(sweep.held_out) if sweep.held_out is not None else domains

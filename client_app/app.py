@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client_app.clipping import dp_clipping_mod
-from client_app.node import NoClient, local_data
+from client_app.node import NoClient, NodeUnusable, local_data
 from client_app.secagg import secagg_mod
 from common import wire
 from common.config import setup_logging
@@ -38,6 +39,11 @@ def method_of(message: Message, local: LocalData) -> Method:
     if run_config not in _METHODS:
         _METHODS[run_config] = load_method(local.cfg)
     return _METHODS[run_config]
+def _unusable(message: Message, err: NodeUnusable) -> Message:
+    """The error reply of a node that cannot take part: the server groups the nodes that failed for the same reason."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=message)
+
+
 def _reply(message: Message, local: LocalData, records: dict) -> Message:
     info = ConfigRecord({"domain": local.domain, "client": local.client, "classes": local.images.classes})
     return Message(content=RecordDict({**records, wire.INFO: info}), reply_to=message)
@@ -54,6 +60,8 @@ def query(message: Message, context: Context) -> Message:
         local = local_data(message, context)
     except NoClient as idle:
         return Message(content=RecordDict({wire.INFO: ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message)
+    except NodeUnusable as err:
+        return _unusable(message, err)
     metrics = {
         wire.FEATURE_DIM: local.feats.image.shape[1],
         "num-images": len(local.feats.labels),
@@ -75,7 +83,10 @@ def train(message: Message, context: Context) -> Message:
     The weights a round-r train message brings are round r-1's global ones, so their evaluation rides
     along: one exchange per round.
     """
-    local = local_data(message, context)
+    try:
+        local = local_data(message, context)
+    except NodeUnusable as err:
+        return _unusable(message, err)
     if local.held_out:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
     method, config = method_of(message, local), message.content[wire.CONFIG]
@@ -92,7 +103,10 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation."""
-    local = local_data(message, context)
+    try:
+        local = local_data(message, context)
+    except NodeUnusable as err:
+        return _unusable(message, err)
     config = message.content[wire.CONFIG]
     metrics = method_of(message, local).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

@@ -6,9 +6,9 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
-from omegaconf import OmegaConf
 
 from common import wire
+from common.config import config_from_message
 
 
 def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -17,5 +17,5 @@ def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     config = msg.content.config_records.get(wire.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, ctxt)
-    adaptive = OmegaConf.create(str(config[wire.RUN_CONFIG])).strategy.dp.clipping == "adaptive"  # the run's configuration, as sent
+    adaptive = config_from_message(str(config[wire.RUN_CONFIG])).strategy.dp.clipping == "adaptive"  # the run's configuration, checked
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, ctxt, call_next)

@@ -7,35 +7,54 @@ reused until the run, the configuration, the node config or the image files chan
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from common import wire
-from common.config import local_config, select_device
+from common.config import CONF_DIR, MACHINE_ENV, config_from_message, select_device
 from common.data import dataset_domains
 from common.local_data import LocalData, client_data
+
+log = logging.getLogger(__name__)
 
 
 class NoClient(Exception):
     """This node holds no client of the run (more SuperNodes than clients): it sits the run out."""
 
 
+class NodeUnusable(Exception):
+    """This node cannot take part as the run asks: the run's configuration was refused, or its data, folder or CLIP is
+    unusable. The handler replies with the reason instead of raising, so the server reports one line for every node that
+    failed alike, and no traceback is printed per node and round."""
+
+
 # What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
 # sets partition-id and num-partitions.
 NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
+SITE_KEYS = ("device", "cpu_threads", "cache_dir", "output_dir")  # with dataset.root: a site's own, never the run's
 _LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
 
 
-def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
-    """The run's configuration as this node sees it: its data folder, cache and device win.
+def site_defaults() -> dict[str, object]:
+    """A site's own device, CPU threads, cache and output folder when its node config does not set them: this installation's
+    conf/config.yaml, its FEDCLIP_CACHE/FEDCLIP_OUTPUTS winning. Never the run's."""
+    own = OmegaConf.load(CONF_DIR / "config.yaml")
+    return {key: own[key] for key in SITE_KEYS} | {key: os.environ[name] for key, name in MACHINE_ENV if os.environ.get(name)}
 
-    `data-dir` (a folder DATA_DIR/<domain>/<class>/<image>, or `demo`) replaces dataset.root,
-    `cache-dir` replaces cache_dir (features, the built demo), `device` replaces device, and
-    `cpu-threads` replaces cpu_threads (set it when several SuperNodes share one machine).
+
+def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
+    """The run's configuration as this node runs it: `data-dir` replaces dataset.root, `cache-dir` cache_dir (features, the
+    built demo), `device` device and `cpu-threads` cpu_threads (set it when several SuperNodes share one machine).
+
+    A site (its node config names its `domain`: a deployment) takes none of these, nor output_dir, from the run: what its
+    node config does not set comes from site_defaults, and it must name its data folder. A node of Flower's simulation
+    (partition-id) runs on the machine that started the run, and takes the run's.
     """
     unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
     if unknown:
@@ -43,6 +62,13 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
             f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, device and cpu-threads, "
             "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
         )
+    if "domain" in node_config:
+        if "data-dir" not in node_config:
+            raise ValueError("this site names its domain but not its data folder: start its SuperNode with --node-config "
+                             "\"domain='<domain>' data-dir='DATA_DIR'\" (DATA_DIR/<domain>/<class>/<image>, or 'demo'); a site "
+                             "never takes its data folder from the run")
+        cfg.update(site_defaults())
+        cfg.demo.cache_dir = cfg.cache_dir
     if "data-dir" in node_config:
         cfg.dataset.root = str(node_config["data-dir"])
     if "cache-dir" in node_config:
@@ -66,7 +92,11 @@ def local_data(message: Message, context: Context) -> LocalData:
     key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
     local = _LOCAL.get(key)
     if local is None or local.changed():
-        local = _LOCAL[key] = load_local_data(local_config(run_config), context.node_config)
+        try:
+            local = _LOCAL[key] = load_local_data(config_from_message(run_config), context.node_config)
+        except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
+            log.debug("this node cannot take part in run %s", context.run_id, exc_info=err)
+            raise NodeUnusable(f"{type(err).__name__}: {err}") from err
     return local
 
 

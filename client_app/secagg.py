@@ -29,7 +29,10 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
         return call_next(msg, ctxt)
 
     def train_step(message: Message, context: Context) -> Message:
-        return as_fitres(message, call_next(as_train_message(message), context), context)
+        reply = call_next(as_train_message(message), context)
+        if reply.has_error():  # the node cannot take part (client_app/node.py): secaggplus_mod reads no error reply
+            raise RuntimeError(reply.error.reason)
+        return as_fitres(message, reply, context)
 
     return secaggplus_mod(msg, ctxt, train_step)
 

@@ -1,19 +1,26 @@
 """One place that turns conf/ (Hydra) plus a run's overrides into the resolved configuration.
 
-The server composes it once per run and sends it, as YAML, with every message: a client never runs
-Hydra (0.2 s a call, and its import), it only applies its own machine's settings (`local_config`).
+The server composes it once per run, checks it (common/schema.py) and sends it, as JSON, with every message: a client
+never runs Hydra (0.2 s a call, and its import); it checks what it received (`config_from_message`) and applies its own
+machine's settings (client_app/node.py).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.schema import ConfigError, checked_config, refuse_interpolations
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MACHINE_ENV = (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS"))  # each machine's own paths win
@@ -35,35 +42,68 @@ def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -
         return compose(config_name="config", overrides=list(overrides))
 
 
-RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")  # ${oc.env:NAME}, ${oc.decode:...}: an OmegaConf resolver call, not a plain ${key}
+MESSAGE_CONFIG_MAX_CHARS = 1 << 20  # a run's configuration is about 5 KB (DomainNet's 345 classes included); a node parses no more
 
 
-def local_config(composed: DictConfig | str) -> DictConfig:
-    """A composed configuration (or its YAML, as a message brings it) as this machine sees it: FEDCLIP_CACHE/FEDCLIP_OUTPUTS win,
-    then resolved.
+def load_config(overrides: str | list[str] = "", complete: bool = True) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo", for this machine:
+    FEDCLIP_CACHE/FEDCLIP_OUTPUTS win, interpolations resolved, and the result checked against the schema (common/schema.py;
+    `complete=False` lets a mandatory key such as dataset.held_out stay `???`)."""
+    return resolved_config(compose_config(overrides), complete)
 
-    YAML from a message may interpolate other keys (`${cache_dir}`) but call no resolver: `${oc.env:NAME}` would put
-    this machine's environment (secrets included) into values that error messages carry back to the server.
-    """
-    if isinstance(composed, str) and (call := RESOLVER.search(composed)):
-        raise ValueError(f"the run's configuration calls an OmegaConf resolver ({composed[call.start():].split('}')[0]}}}); a node "
-                         "resolves only plain ${key} interpolations in the configuration a run sends: remove it from the overrides")
-    cfg = OmegaConf.create(composed) if isinstance(composed, str) else composed.copy()
+
+def resolved_config(composed: DictConfig, complete: bool = True) -> DictConfig:
+    """A composed configuration as this machine runs it: its paths from the environment, resolved, checked, plain values only."""
+    cfg = composed.copy()
     for key, env in MACHINE_ENV:
         if os.environ.get(env):
             cfg[key] = os.environ[env]
-    OmegaConf.resolve(cfg)
-    return cfg
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{getattr(err, 'full_key', None) or 'the configuration'}: {str(err).splitlines()[0]}") from None
+    return checked_config(data, complete)
 
 
-def load_config(overrides: str | list[str] = "") -> DictConfig:
-    """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo", resolved here."""
-    return local_config(compose_config(overrides))
+def message_config(cfg: DictConfig) -> str:
+    """The run's checked configuration as a message carries it: JSON, a format with no interpolation at all."""
+    return json.dumps(OmegaConf.to_container(cfg))
 
 
-def config_from_run(run_config: Mapping) -> DictConfig:
-    """The configuration of a Flower run: conf/ plus the run config's `overrides` string."""
-    return load_config(str(run_config.get("overrides", "")))
+def _refuse_constant(name: str) -> None:
+    raise ConfigError(f"the run's configuration holds {name}; a number in the configuration is finite")
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_message_config(text: str) -> DictConfig:
+    if len(text) > MESSAGE_CONFIG_MAX_CHARS:
+        raise ConfigError(f"the run's configuration is {len(text)} characters, more than a node reads ({MESSAGE_CONFIG_MAX_CHARS})")
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"the run's configuration is not JSON ({type(err).__name__}: {str(err).splitlines()[0][:200]}): the ServerApp of "
+                          "this run is not FedCLIP's, or another version of it") from None
+    return checked_config(data)
+
+
+def config_from_message(text: str) -> DictConfig:
+    """The configuration a message brings, parsed as JSON and checked before anything in it is used (a ConfigError otherwise).
+
+    It is data from the server, never instructions: a string OmegaConf would interpolate or resolve (`${oc.env:NAME}` would
+    put this machine's environment into values that replies carry back) is refused in the parsed tree, keys included,
+    whatever escape carried it; so are unknown keys, missing ones and values of the wrong type. A copy: the caller may change it.
+    """
+    return copy.deepcopy(_parsed_message_config(text))
+
+
+def config_from_file(path: Path) -> DictConfig:
+    """The configuration a run folder keeps (config.yaml), which may come from another machine: parsed as YAML, plain data
+    only (refuse_interpolations), not held to today's schema (a run folder may be older than it)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds no configuration (a map of keys to values)")
+    refuse_interpolations(data)
+    return OmegaConf.create(data)
 
 
 def select_device(name: str) -> torch.device:

@@ -140,6 +140,9 @@ def dataset_root(cfg: DictConfig) -> Path:
     """The dataset folder of a run: the built demo for root=demo, else the configured path."""
     if cfg.dataset.root == "demo":
         return demo_dataset_root(cfg.demo)
+    if cfg.dataset.root is None:
+        raise FileNotFoundError("dataset.source=folder needs dataset.root: a folder laid out as ROOT/<domain>/<class>/<image>, e.g. "
+                                "--run-config 'overrides=\"dataset=pacs dataset.root=/data/PACS dataset.held_out=sketch\"'")
     root = Path(cfg.dataset.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(

@@ -36,6 +36,9 @@ def class_logits(
     return logit_scale.exp() * image_features @ F.normalize(text_features, dim=-1).T
 
 
+LOSSES = ("cross_entropy", "contrastive")  # training.loss
+
+
 def adapter_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """The training loss, from the class logits of a batch.
 
@@ -50,7 +53,7 @@ def adapter_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch
         per_image = logits[:, labels]  # image i against the prompt of every image j in the batch
         targets = torch.arange(len(labels), device=logits.device)
         return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_image.T, targets)) / 2
-    raise ValueError(f"unknown loss {kind!r}; choose cross_entropy or contrastive")
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
 def class_prompts(class_names: list[str], template: str) -> list[str]:

@@ -6,10 +6,9 @@ import logging
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import OmegaConf
 
 from common import wire
-from common.config import compose_config, local_config, setup_logging
+from common.config import load_config, message_config, setup_logging
 from common.methods.base import load_method
 from server_app.checkpoint import resume_run
 from server_app.federation import Federation
@@ -28,8 +27,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Discover the nodes, then one exchange per round: round r's training carries round r-1's evaluation."""
-    composed = compose_config(str(context.run_config.get("overrides", "")))
-    cfg, run_config = local_config(composed), OmegaConf.to_yaml(composed)  # the clients get the run's config with every message
+    cfg = load_config(str(context.run_config.get("overrides", "")))  # checked before the first message: a mistyped value stops here
+    run_config = message_config(cfg)  # the clients get the run's checked configuration with every message
     method = load_method(cfg)
     if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:
         raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}")

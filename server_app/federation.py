@@ -75,7 +75,7 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
     """
     queries = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}), dst_node_id=n, message_type=MessageType.QUERY)
                for n in node_ids]
-    answers = []
+    answers, left_out = [], {}
     for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
         node = reply.metadata.src_node_id
         if reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB:
@@ -83,7 +83,7 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
             log.error("node %d refused the app: %s", node, reply.error.reason)
             continue
         if (reason := screening.query_answer(reply)) is not None:
-            log.error("node %d left out: %s", node, reason)
+            left_out.setdefault(reason, []).append(node)
             continue
         info = reply.content[wire.INFO]
         if "idle" in info:
@@ -93,6 +93,8 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
         domain = str(info.get("domain"))
         answers.append((node, domain, str(info.get("client", domain)), list(info.get("classes", [])), reply.content[wire.METRICS],
                         str(info.get("model-fingerprint", ""))))
+    for reason, nodes in left_out.items():  # nodes that failed alike (a wrong data folder, say) make one line, not one each
+        log.error("%s left out: %s", f"node {nodes[0]}" if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(map(str, nodes))})", reason)
     return answers
 
 

@@ -40,16 +40,30 @@ def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, sit
 
 
 def test_node_config_wins_over_the_run_for_device_and_cpu_threads(tiny_clip):
-    cfg = apply_node_config(load_config(f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8"), {"device": "cuda:1", "cpu-threads": 2})
+    run = f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8 cache_dir=/run/cache output_dir=/run/out"
+    cfg = apply_node_config(load_config(run), {"partition-id": 0, "device": "cuda:1", "cpu-threads": 2})
     assert cfg.device == "cuda:1" and cfg.cpu_threads == 2
-    cfg = apply_node_config(load_config(f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8"), {"domain": "photo"})
-    assert cfg.device == "cpu" and cfg.cpu_threads == 8  # what the node does not set stays the run's
+    cfg = apply_node_config(load_config(run), {"partition-id": 0})  # Flower's simulation: the machine that started the run
+    assert (cfg.device, cfg.cpu_threads, cfg.cache_dir, cfg.dataset.root) == ("cpu", 8, "/run/cache", "/nonexistent")
+
+
+def test_a_site_takes_none_of_its_own_settings_from_the_run(tiny_clip, monkeypatch, tmp_path):
+    """Data folder, cache, device, CPU threads and output folder: the site's node config, its FEDCLIP_* variables, its own
+    conf/config.yaml; what the run says of them is ignored, and a site without data-dir is told to give one."""
+    monkeypatch.delenv("FEDCLIP_CACHE", raising=False)
+    monkeypatch.setenv("FEDCLIP_OUTPUTS", str(tmp_path / "site-out"))
+    run = f"{run_overrides(tiny_clip)} device=cuda:3 cpu_threads=8 cache_dir=/run/cache output_dir=/run/out"
+    cfg = apply_node_config(load_config(run), {"domain": "photo", "data-dir": "/site/data"})
+    assert (cfg.dataset.root, cfg.device, cfg.cpu_threads, cfg.output_dir) == ("/site/data", "auto", None, str(tmp_path / "site-out"))
+    assert cfg.cache_dir == cfg.demo.cache_dir == "~/.cache/fedclip"  # conf/config.yaml's
+    with pytest.raises(ValueError, match="names its domain but not its data folder.*data-dir='DATA_DIR'"):
+        apply_node_config(load_config(run), {"domain": "photo"})
 
 
 @pytest.mark.parametrize("node_config,run,expected", [
     ({"cpu-threads": 1}, "cpu_threads=3", [1]),  # the node's setting wins
     ({"cpu-threads": "2"}, "", [2]),  # --node-config "cpu-threads='2'": a string is taken too
-    ({}, "cpu_threads=3", [3]),
+    ({}, "cpu_threads=3", []),  # a site never takes the run's
     ({}, "", []),  # null: torch keeps its default (every core)
 ])
 def test_cpu_threads_sets_torchs_threads_for_the_node(node_config, run, expected, tiny_clip, site, tmp_path, monkeypatch):

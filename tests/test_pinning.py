@@ -244,14 +244,3 @@ def test_the_run_config_cannot_name_code_for_a_site_to_run(tmp_path):
         load_method(load_config(f"+method.x._target_=shutil.copyfile +method.x._args_=[{tmp_path / 'secret'},{copied}]"))
     assert not copied.exists()
     assert type(load_method(load_config("method=promptfl"))).__name__ == "PromptFL"
-
-
-def test_a_node_resolves_no_resolver_from_the_run_config():
-    """`${oc.env:...}` in a run's configuration would read the site's environment into values errors carry back."""
-    from omegaconf import OmegaConf
-
-    from common.config import compose_config, local_config
-
-    assert local_config(OmegaConf.to_yaml(compose_config(""))).cache_dir  # plain ${key} interpolations resolve
-    with pytest.raises(ValueError, match=r"calls an OmegaConf resolver \(\$\{oc.env:HOME\}\)"):
-        local_config(OmegaConf.to_yaml(compose_config("+dataset.x=${oc.env:HOME}")))

@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 from client_app.predict.export import (ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, DEMO_DATASET, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE,
                                         exported_clip, hub_id, write_export)
-from common.config import select_device
+from common.config import config_from_file, select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
 from common.methods.base import load_method
@@ -123,7 +122,7 @@ class FedClipClassifier:
         run = Path(run).expanduser()
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"{run} is not a run folder (no config.yaml): pass the folder a run logged as 'run folder: ...'")
-        cfg = OmegaConf.load(run / "config.yaml")
+        cfg = config_from_file(run / "config.yaml")
         run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
         classes = run_info.get("classes") or (list(cfg.dataset.classes) if cfg.dataset.classes else None)
         if not classes:

@@ -101,18 +101,23 @@ def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encod
     return metrics
 
 
-def load_method(cfg: DictConfig) -> Method:
-    """The run's method, built from conf/method/<name>.yaml: its `_target_` class with the file's other keys.
+def method_class(target: object, name: object = None) -> type[Method]:
+    """The Method class a configuration's `method._target_` names, which must be one of this app's.
 
     The configuration comes with the run, from whoever started it, and Hydra's `instantiate` calls any
     importable callable a `_target_` names (`method._target_=os.system` would run a command on every
-    site, whatever app the site approved): only a Method class of this app is built, and nothing nested.
+    site, whatever app the site approved): only a Method class of this app is ever looked up, and nothing nested.
     """
-    target = cfg.method.get("_target_")
     if target is None:
-        raise ValueError(f"method {cfg.method.get('name')!r} names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`")
+        raise ValueError(f"method {name!r} names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`")
     cls = get_class(target) if isinstance(target, str) and target.startswith(f"{__package__}.") else None
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ValueError(f"method._target_={target!r} is not a method of this app: it must name a Method class in {__package__} "
                          f"(common.methods.<module>.<Class>)")
+    return cls
+
+
+def load_method(cfg: DictConfig) -> Method:
+    """The run's method, built from conf/method/<name>.yaml: its `_target_` class (method_class) with the file's other keys."""
+    method_class(cfg.method.get("_target_"), cfg.method.get("name"))
     return instantiate(cfg.method, _convert_="all", _recursive_=False)
