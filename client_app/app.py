@@ -8,6 +8,7 @@ message a round does the work: a train message also carries the evaluation of th
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -16,10 +17,10 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client_app.clipping import dp_clipping_mod
-from client_app.node import NoClient, NodeUnusable, local_data
+from client_app.node import KEPT, NoClient, NodeUnusable, local_data
 from client_app.secagg import secagg_mod
 from common import wire
-from common.config import setup_logging
+from common.config import config_from_message, setup_logging
 from common.features import images_encoded, model_files_fingerprint
 from common.local_data import LocalData
 from common.methods.base import Method, load_method
@@ -30,15 +31,18 @@ setup_logging()
 log = logging.getLogger(__name__)
 
 app = ClientApp()
-_METHODS: dict[str, Method] = {}  # the run's method by the configuration the server sent: built once per process and run
 
 
-def method_of(message: Message, local: LocalData) -> Method:
+def method_of(message: Message) -> Method:
     """The method of the message's run (building it takes about a millisecond: once, not per message)."""
-    run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
-    if run_config not in _METHODS:
-        _METHODS[run_config] = load_method(local.cfg)
-    return _METHODS[run_config]
+    return _method(str(message.content[wire.CONFIG][wire.RUN_CONFIG]))
+
+
+@functools.lru_cache(maxsize=KEPT)  # one method object for every node of this process in the run (a Local method keeps theirs)
+def _method(run_config: str) -> Method:
+    return load_method(config_from_message(run_config))
+
+
 def _unusable(message: Message, err: NodeUnusable) -> Message:
     """The error reply of a node that cannot take part: the server groups the nodes that failed for the same reason."""
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=message)
@@ -89,7 +93,7 @@ def train(message: Message, context: Context) -> Message:
         return _unusable(message, err)
     if local.held_out:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
-    method, config = method_of(message, local), message.content[wire.CONFIG]
+    method, config = method_of(message), message.content[wire.CONFIG]
     evaluation = {}
     if wire.EVALUATE_ROUND in config:
         evaluation = method.evaluate(local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False)))
@@ -108,5 +112,5 @@ def evaluate(message: Message, context: Context) -> Message:
     except NodeUnusable as err:
         return _unusable(message, err)
     config = message.content[wire.CONFIG]
-    metrics = method_of(message, local).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
+    metrics = method_of(message).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

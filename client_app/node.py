@@ -39,6 +39,7 @@ class NodeUnusable(Exception):
 NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
 SITE_KEYS = ("device", "cpu_threads", "cache_dir", "output_dir")  # with dataset.root: a site's own, never the run's
 _LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
+KEPT = 4  # clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
 
 
 def site_defaults() -> dict[str, object]:
@@ -94,6 +95,8 @@ def local_data(message: Message, context: Context) -> LocalData:
     if local is None or local.changed():
         try:
             local = _LOCAL[key] = load_local_data(config_from_message(run_config), context.node_config)
+            while len(_LOCAL) > KEPT:
+                _LOCAL.pop(next(iter(_LOCAL)))  # the oldest
         except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
             log.debug("this node cannot take part in run %s", context.run_id, exc_info=err)
             raise NodeUnusable(f"{type(err).__name__}: {err}") from err

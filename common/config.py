@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, grammar_parser
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
-from common.schema import ConfigError, checked_config, refuse_interpolations
+from common.schema import ConfigError, checked_config, interpolates, refuse_interpolations
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MACHINE_ENV = (("cache_dir", "FEDCLIP_CACHE"), ("output_dir", "FEDCLIP_OUTPUTS"))  # each machine's own paths win
@@ -52,8 +53,35 @@ def load_config(overrides: str | list[str] = "", complete: bool = True) -> DictC
     return resolved_config(compose_config(overrides), complete)
 
 
+def refuse_resolvers(tree: object, path: str = "") -> None:
+    """Raise a ConfigError for a resolver call anywhere in a composed configuration: the server resolves conf/'s own `${key}`
+    interpolations, never `${oc.env:NAME}` and the like, which would put this machine's environment into the configuration
+    every site receives. Decided on OmegaConf's own parse of each interpolation (its grammar's resolver nodes), not its text."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            refuse_resolvers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            refuse_resolvers(value, f"{path}[{i}]")
+    elif isinstance(tree, str) and interpolates(tree):
+        try:
+            calls = _resolver_calls(grammar_parser.parse(tree))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {tree!r} is not a valid interpolation ({str(err).splitlines()[0]})") from None
+        if calls:
+            raise ConfigError(f"{path}: {tree!r} calls the resolver {calls[0]}; a run's configuration may refer to its own keys "
+                              "(${key}) but call no resolver: give the value itself")
+
+
+def _resolver_calls(node: object) -> list[str]:
+    found = [node.resolverName().getText()] if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext) else []
+    return found + [name for child in (node.getChildren() if hasattr(node, "getChildren") else ()) for name in _resolver_calls(child)]
+
+
 def resolved_config(composed: DictConfig, complete: bool = True) -> DictConfig:
-    """A composed configuration as this machine runs it: its paths from the environment, resolved, checked, plain values only."""
+    """A composed configuration as this machine runs it: its paths from the environment, resolved (conf/'s own `${key}`
+    interpolations only: refuse_resolvers), checked, plain values only."""
+    refuse_resolvers(OmegaConf.to_container(composed, resolve=False))
     cfg = composed.copy()
     for key, env in MACHINE_ENV:
         if os.environ.get(env):

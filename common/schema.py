@@ -149,7 +149,7 @@ class Sweep:
     seeds: list[int] = MISSING
     held_out: Optional[list[str]] = MISSING
     out_dir: str = MISSING
-    client_cpus: float = MISSING
+    client_cpus: int = MISSING
     client_gpus: float = MISSING
     run_timeout: float = MISSING
     max_runs: Optional[int] = MISSING
@@ -187,6 +187,14 @@ CHOICES = {
 PLAIN = (str, int, float, bool, type(None))
 
 
+def interpolates(text: str) -> bool:
+    """Whether OmegaConf would treat a string as an interpolation (`${` in it, escaped or not, valid or not)."""
+    try:
+        return OmegaConf.is_interpolation(AnyNode(text))
+    except OmegaConfBaseException:  # its grammar refused it: an interpolation, malformed
+        return True
+
+
 def refuse_interpolations(data: object, path: str = "") -> None:
     """Raise ConfigError if parsed data holds anything but plain values, or a string OmegaConf would interpolate or resolve.
 
@@ -197,7 +205,7 @@ def refuse_interpolations(data: object, path: str = "") -> None:
         for key, value in data.items():
             if not isinstance(key, str):
                 raise ConfigError(f"{path or 'the configuration'}: key {key!r} is a {type(key).__name__}, keys are strings")
-            if OmegaConf.is_interpolation(AnyNode(key)):
+            if interpolates(key):
                 raise ConfigError(f"{path or 'the configuration'}: a key holds an interpolation ({key!r}); configuration keys are plain names")
             refuse_interpolations(value, f"{path}.{key}" if path else key)
     elif isinstance(data, list):
@@ -207,7 +215,7 @@ def refuse_interpolations(data: object, path: str = "") -> None:
         raise ConfigError(f"{path}: got a {type(data).__name__}; the configuration holds only strings, numbers, booleans, null, lists and maps")
     elif isinstance(data, float) and not math.isfinite(data):
         raise ConfigError(f"{path}: got {data}; a number in the configuration is finite")
-    elif isinstance(data, str) and OmegaConf.is_interpolation(AnyNode(data)):
+    elif isinstance(data, str) and interpolates(data):
         raise ConfigError(f"{path}: holds an interpolation or resolver call ({data!r}); the configuration a run sends is plain values: "
                           "resolve it where it is composed")
 

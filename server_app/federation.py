@@ -94,7 +94,8 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
         answers.append((node, domain, str(info.get("client", domain)), list(info.get("classes", [])), reply.content[wire.METRICS],
                         str(info.get("model-fingerprint", ""))))
     for reason, nodes in left_out.items():  # nodes that failed alike (a wrong data folder, say) make one line, not one each
-        log.error("%s left out: %s", f"node {nodes[0]}" if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(map(str, nodes))})", reason)
+        log.error("%s left out: %s", f"node {nodes[0]}" if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(map(str, sorted(nodes)))})",
+                  reason)
     return answers
 
 
@@ -135,7 +136,8 @@ def discover_nodes(grid: Grid, cfg: DictConfig, run_config: str, idle: set[int],
             raise FederationError(f"{len(refused)} of {len(node_ids)} node(s) refused to run this app, and no other node holds a training "
                                f"domain: the sites run only apps they approved. First refusal: {next(iter(refused.values()))} (every "
                                "refusal is logged above)")
-        raise FederationError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train")
+        raise FederationError(f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train. Why each node "
+                              "was left out is logged above, once for the nodes that failed alike")
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)
     if len(set(fingerprints.values())) > 1:

@@ -6,12 +6,11 @@ import json
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from omegaconf import OmegaConf
 from PIL import Image
 
 import client_app.node as client
 from client_app.app import app as client_app
-from common.config import compose_config
+from common.config import load_config, message_config
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
 from tests.conftest import write_image_folder
@@ -21,8 +20,8 @@ from tests.inprocess import run_in_process
 @pytest.fixture
 def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
     folder = write_image_folder(tmp_path / "data")
-    run_config = OmegaConf.to_yaml(compose_config(f"dataset=folder dataset.root={folder} dataset.held_out=sketch "
-                                                  f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"))
+    run_config = message_config(load_config(f"dataset=folder dataset.root={folder} dataset.held_out=sketch "
+                                            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"))
     builds = []
     real = client.load_local_data
     monkeypatch.setattr(client, "load_local_data", lambda *a: builds.append(a) or real(*a))

@@ -35,7 +35,7 @@ def test_contrastive_loss_is_the_reference_symmetric_clip_loss():
     expected = (F.cross_entropy(per_image, target) + F.cross_entropy(per_image.T, target)) / 2
     assert torch.allclose(adapter_loss(logits, labels, "contrastive"), expected)
     assert torch.allclose(adapter_loss(logits, labels, "cross_entropy"), F.cross_entropy(logits, labels))
-    with pytest.raises(ValueError, match="cross_entropy or contrastive"):
+    with pytest.raises(ValueError, match="choose one of cross_entropy, contrastive"):
         adapter_loss(logits, labels, "hinge")
 
 
