@@ -81,6 +81,20 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
     return cfg
 
 
+def without_site_values(text: str, node_config: Mapping) -> str:
+    """A site's error text as it goes to the server: its own folders named by their key (`<data-dir>`), not given.
+    A node of Flower's simulation runs on the machine that started the run: its text goes as it is."""
+    if "domain" not in node_config:
+        return text
+    values = [(str(node_config[key]), f"<{key}>") for key in ("data-dir", "cache-dir") if key in node_config]
+    values += [(os.environ[name], f"<{name}>") for _, name in MACHINE_ENV if os.environ.get(name)]
+    values += [(str(Path(value).expanduser()), name) for value, name in values] + [(str(Path.home()), "~")]
+    for value, name in sorted(values, key=lambda pair: -len(pair[0])):  # the longest first: a folder before its parent
+        if len(value) > 1:
+            text = text.replace(value, name)
+    return text
+
+
 def local_data(message: Message, context: Context) -> LocalData:
     """This node's client for the message's run: built on the first message, then reused.
 
@@ -98,8 +112,10 @@ def local_data(message: Message, context: Context) -> LocalData:
             while len(_LOCAL) > KEPT:
                 _LOCAL.pop(next(iter(_LOCAL)))  # the oldest
         except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
-            log.debug("this node cannot take part in run %s", context.run_id, exc_info=err)
-            raise NodeUnusable(f"{type(err).__name__}: {err}") from err
+            site = "domain" in context.node_config  # a site's log says it; simulated nodes leave it to the server's one line
+            log.log(logging.WARNING if site else logging.DEBUG, "this node cannot take part in run %s: %s: %s", context.run_id,
+                    type(err).__name__, err)
+            raise NodeUnusable(without_site_values(f"{type(err).__name__}: {err}", context.node_config)) from err
     return local
 
 

@@ -145,7 +145,7 @@ def evaluation(msg: Message) -> tuple[dict | None, str | None]:
 def query_answer(msg: Message) -> str | None:
     """Why a discovery answer cannot be used (None: it can); an idle node's answer is usable."""
     if msg.has_error():
-        return f"its query failed: {msg.error.reason}"
+        return f"the query failed: {msg.error.reason}"
     content = msg.content
     if wire.INFO in content.config_records and "idle" in content[wire.INFO]:
         return None

@@ -98,6 +98,19 @@ def test_fuzzing_campaign_quick_form(tmp_path, monkeypatch):
     for kind, tally in tallies.items():
         assert tally.inputs >= 30, kind
         assert (tally.crashes, tally.leaks, tally.examples) == (0, 0, []), kind
-    for kind in ("config-values", "config-keys", "config-yaml", "config-overrides"):
+    for kind in ("config-values", "config-keys", "config-yaml"):  # what a message brings: every one refused
         assert tallies[kind].outcomes["refused"] == tallies[kind].inputs, kind
+    # overrides: a resolver call is refused on the server; a plain ${key} of the run's own configuration is resolved there
+    # and reaches the site as a plain value (parse_at_site: exactly as sent)
+    assert tallies["config-overrides"].outcomes["refused"] > tallies["config-overrides"].outcomes["accepted"]
     assert tallies["messages"].outcomes["refused"] > 0 and tallies["messages"].outcomes["answered"] > 0
+
+
+def test_a_sites_error_reply_names_its_folders_by_key(site, tiny_clip, tmp_path):
+    """A site whose data folder lacks the run's domain says so without giving the folder's path to the server."""
+    site.node_config["domain"] = "art"  # the run has art, but this site's folder holds only photo
+    run_config = message_config(load_config(f"dataset=folder dataset.root=/server dataset.domains=[art,photo,sketch] "
+                                            f"dataset.held_out=sketch model.name_or_path={tiny_clip}"))
+    reply = client_app(query(run_config), site)
+    assert reply.has_error() and "<data-dir>" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason and SECRET not in reply.error.reason

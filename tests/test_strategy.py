@@ -110,7 +110,7 @@ def test_update_norms_are_measured_from_the_weights_sent(caplog):
 
 
 @pytest.mark.parametrize("reply,reason", [
-    (reply_from(1, error="Node Unavailable", message_type=MessageType.QUERY), "its query failed: Node Unavailable"),
+    (reply_from(1, error="Node Unavailable", message_type=MessageType.QUERY), "the query failed: Node Unavailable"),
     (reply_from(1, RecordDict({"info": ConfigRecord({"domain": "art"})}), message_type=MessageType.QUERY),
      "its query reply lacks 'info' or the metrics ['feature-dim', 'num-images', 'num-skipped', 'num-test', 'num-train', 'num-val']"),
     (reply_from(1, RecordDict({"metrics": MetricRecord({k: 1 for k in wire.QUERY_METRICS})}), message_type=MessageType.QUERY),
