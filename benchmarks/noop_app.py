@@ -20,7 +20,7 @@ against older checkouts, so what it shares with the app is copied, not imported.
     in the last round.
   exchanges=2, the round before it: train, then evaluate (held-out nodes and the evaluation sample).
 Replies are polled as the app polls (`poll-first`, doubling up to `poll-max`): exchange() mirrors
-server_app/app.py's exchange() deliberately, so that the floor pays the app's polling. Seconds per
+server_app/federation.py's exchange() deliberately, so that the floor pays the app's polling. Seconds per
 round (first push to last reply) are written as JSON to the run config's `out` file and logged.
 """
 

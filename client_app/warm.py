@@ -2,7 +2,7 @@
 
 Flower 1.28's SuperNode (default `--isolation subprocess`) starts a fresh `flwr-clientapp` process for
 every message: 4-5 s of imports and a rebuild of the client's data each time. The ServerApp does one
-exchange a round (server_app/app.py), so a node gets at most one message a round (besides the discovery
+exchange a round (server_app/rounds.py), so a node gets at most one message a round (besides the discovery
 query and the run's last evaluation): a train message that also carries the evaluation of the adapter
 it brings, or an evaluate message. That cost comes once a round per node, not twice as when train and
 evaluate were separate exchanges; a SecAgg+ round is four exchanges, so a training node pays it four times.

@@ -177,8 +177,10 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
         return strategy
     if (dp.side, dp.clipping) not in WRAPPERS:
         raise ValueError(f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, got {dp.side!r}, {dp.clipping!r}")
-    if not strategy.method.private or strategy.aggregation != "mean" or strategy.weighting != "equal":
-        raise ValueError("strategy.dp needs method=fedclip or promptfl, strategy.aggregation=mean and strategy.weighting=equal: the noise is "
+    if not strategy.method.averages_updates or strategy.aggregation != "mean" or strategy.weighting != "equal":
+        raise ValueError("strategy.dp needs a method whose new weights are the mean of the clients' updates (conf/method/ says which: "
+                         f"method={strategy.method.name}'s {'are' if strategy.method.averages_updates else 'are not'}), "
+                         "strategy.aggregation=mean and strategy.weighting=equal: the noise is "
                          "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
     if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
         raise ValueError("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "

@@ -145,8 +145,8 @@ class FedClipStrategy(FedAvg):
     def _check_options(self) -> None:
         """Options that cannot work with this method or federation fail here, before the first round."""
         method = self.method.name
-        if self.transport_dtype != "float32" and not self.method.sends_adapter:
-            raise ValueError(f"strategy.transport_dtype={self.transport_dtype} is for the adapter methods; method={method} sends float32")
+        if self.transport_dtype != "float32" and not self.method.narrows_to_16_bits:
+            raise ValueError(f"strategy.transport_dtype={self.transport_dtype} narrows what travels to 16 bits; method={method} sends float32")
         if self.secagg:
             self._check_secagg()
         if self.aggregation == "mean":
@@ -163,8 +163,9 @@ class FedClipStrategy(FedAvg):
 
     def _check_secagg(self) -> None:
         """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails here."""
-        if not self.method.private:
-            raise ValueError(f"strategy.secagg.enabled is for a method that averages one adapter (method=fedclip); method={self.method.name} cannot use it")
+        if not self.method.averages_updates:
+            raise ValueError(f"strategy.secagg.enabled is for a method whose new weights are the mean of the clients' updates; method={self.method.name}'s "
+                             "are not, so it cannot use it")
         if self.aggregation != "mean":
             raise ValueError(f"strategy.secagg.enabled: the server sees only the sum of the updates, so strategy.aggregation={self.aggregation}, "
                              "which needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off")

@@ -157,16 +157,17 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert privacy_spent(2.0, 10, 1e-5) < values[2] < privacy_spent(1.1, 10, 1e-6)
 
 
-NEEDS_MEAN = ("strategy.dp needs method=fedclip or promptfl, strategy.aggregation=mean and strategy.weighting=equal: the noise is calibrated to the "
+NEEDS_MEAN = ("strategy.dp needs a method whose new weights are the mean of the clients' updates (conf/method/ says which: method={}'s "
+              "{}), strategy.aggregation=mean and strategy.weighting=equal: the noise is calibrated to the "
               "equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
 SECAGG_NEEDS_CLIENT_FIXED = ("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
                              "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)")
 
 
 @pytest.mark.parametrize("option,dp,message", [
-    ({"aggregation": "median"}, {}, NEEDS_MEAN),
-    ({"weighting": "examples"}, {}, NEEDS_MEAN),
-    ({"method": Local()}, {}, NEEDS_MEAN),
+    ({"aggregation": "median"}, {}, NEEDS_MEAN.format("fedclip", "are")),
+    ({"weighting": "examples"}, {}, NEEDS_MEAN.format("fedclip", "are")),
+    ({"method": Local()}, {}, NEEDS_MEAN.format("local", "are not")),
     ({"transport_dtype": "bfloat16"}, {"side": "client"},
      "strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32"),
     ({"secagg": True}, {"side": "server"}, SECAGG_NEEDS_CLIENT_FIXED),

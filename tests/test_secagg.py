@@ -285,7 +285,8 @@ def test_no_mean_or_too_few_updates_keeps_the_global_adapter(caplog):
      "needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off"),
     ("strategy.dp.side=server", "strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
      "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)"),
-    ("method=fedavg", "strategy.secagg.enabled is for a method that averages one adapter (method=fedclip); method=fedavg cannot use it"),
+    ("method=fedavg", "strategy.secagg.enabled is for a method whose new weights are the mean of the clients' updates; method=fedavg's are not, "
+                       "so it cannot use it"),
     ("dataset.domains=[art,sketch]", "strategy.secagg.enabled needs at least 2 training clients a round, this run has 1"),
 ])
 def test_what_needs_single_updates_fails_at_start(extra, message, folder, tiny_clip, tmp_path):

@@ -284,7 +284,7 @@ def test_unknown_transport_dtype_is_an_error():
     ({"fraction_train": 1.01}, "strategy.fraction_train must be in (0, 1], got 1.01"),
     ({"on_large_update": "drop"}, "strategy.on_large_update must be 'clip' or 'reject', got 'drop'"),
     ({"aggregation": "median", "num_malicious": -1}, "strategy.num_malicious must be >= 0, got -1"),
-    ({"transport_dtype": "float16", "method": FedAvg()}, "strategy.transport_dtype=float16 is for the adapter methods; method=fedavg sends float32"),
+    ({"transport_dtype": "float16", "method": FedAvg()}, "strategy.transport_dtype=float16 narrows what travels to 16 bits; method=fedavg sends float32"),
     ({"aggregation": "krum", "num_malicious": 1, "fraction_train": 0.25},
      "strategy.aggregation=krum with strategy.num_malicious=1 needs at least 5 training clients, this federation has 3 a round (12 training, "
      "strategy.fraction_train=0.25); lower num_malicious, raise fraction_train or choose another rule (docs/trust.md)"),

@@ -41,8 +41,8 @@ class Method:
     trains = True  # False: nothing trains, the run is round 0's evaluation
     weights_name: str | None = "adapter"  # the run folder's <weights_name>_best/_final.safetensors; None: no global weights
     combines_updates = True  # several clients' updates make one: strategy.aggregation's robust rules apply
-    sends_adapter = True  # what travels is an adapter: strategy.transport_dtype may narrow it to 16 bits
-    private = False  # one adapter averaged over the clients: SecAgg+ and central DP apply
+    narrows_to_16_bits = True  # what travels survives 16 bits: strategy.transport_dtype may narrow it
+    averages_updates = False  # the new global weights are the mean of the clients' updates to one shared set: SecAgg+ and central DP apply
 
     def __init__(self, name: str) -> None:
         self.name = name

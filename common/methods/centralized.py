@@ -11,7 +11,7 @@ from common.methods.fedclip import FedClip
 
 class Centralized(FedClip):
     combines_updates = False
-    private = False
+    averages_updates = False
 
     def __init__(self, name: str = "centralized", personalize_epochs: int = 0) -> None:
         super().__init__(name, personalize_epochs)

@@ -28,7 +28,7 @@ class FedAvg(Method):
     (mu/2)*||w - w_global||^2 (conf/method/fedprox.yaml: proximal_mu > 0). AdamW at `lr`, fresh each round."""
 
     weights_name = "encoder"
-    sends_adapter = False
+    narrows_to_16_bits = False
 
     def __init__(self, name: str = "fedavg", lr: float = 1e-5, proximal_mu: float = 0.0) -> None:
         super().__init__(name)

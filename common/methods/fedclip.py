@@ -23,7 +23,7 @@ class FedClip(Method):
     received adapter this many epochs on its own train split, and reports `personalized-test-acc`.
     """
 
-    private = True
+    averages_updates = True
 
     def __init__(self, name: str = "fedclip", personalize_epochs: int = 0) -> None:
         super().__init__(name)

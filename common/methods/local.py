@@ -20,7 +20,7 @@ class Local(FedClip):
 
     weights_name = None  # no global adapter to save, resume or export
     combines_updates = False
-    private = False
+    averages_updates = False
 
     def __init__(self, name: str = "local", personalize_epochs: int = 0) -> None:
         super().__init__(name, personalize_epochs)

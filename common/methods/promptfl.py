@@ -78,9 +78,9 @@ class PromptFL(Method):
     state kept between rounds; `personalize_epochs` > 0 tunes the received context locally before the personalization test."""
 
     weights_name = "prompt"
-    private = True
+    averages_updates = True
 
-    def __init__(self, name: str = "promptfl", init: str = "phrase", n_ctx: int = 16, lr: float = 2e-3, weight_decay: float = 0.0,
+    def __init__(self, name: str = "promptfl", init: str = "phrase", n_ctx: int = 16, lr: float = 1e-2, weight_decay: float = 0.0,
                  personalize_epochs: int = 0) -> None:
         super().__init__(name)
         if init not in ("phrase", "random"):

@@ -9,8 +9,8 @@ class ZeroShot(FedClip):
     trains = False
     weights_name = None
     combines_updates = False
-    sends_adapter = False
-    private = False
+    narrows_to_16_bits = False
+    averages_updates = False
 
     def __init__(self, name: str = "zero_shot") -> None:
         super().__init__(name)
