@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deployment import DOMAINS, SUPERLINK_FLAGS, SUPERNODE_FLAGS
+from tests.test_deployment import (
+    DOCUMENTED_SUPERLINK,
+    DOMAINS,
+    SUPERLINK_FLAGS,
+    SUPERNODE_FLAGS,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,9 +85,10 @@ def node_config(service: dict) -> dict:
 def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     gpu, _ = compose_config
     command = gpu["services"]["superlink"]["command"]
-    assert flags(command) == SUPERLINK_FLAGS - {"--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
+    assert flags(command) == SUPERLINK_FLAGS - {"--fleet-api-address"}  # the flags docs/deployment.md's command sets (test_deployment.py)
     assert "--insecure" not in command
-    # the Control API (who may start a run) is published on this host's loopback only; SuperNodes reach the Fleet API from anywhere
+    # the Control API (who may start a run) is published on this host's loopback only; SuperNodes reach the Fleet API from anywhere;
+    # the ServerAppIo API is not published at all
     assert {p["target"]: p.get("host_ip") for p in gpu["services"]["superlink"]["ports"]} == {9092: None, 9093: "127.0.0.1"}
     build = gpu["services"]["superlink"]["build"]
     assert build["args"]["BASE_IMAGE"] == "flwr/superlink:1.28.0"  # Flower's official image unless FLWR_REPOSITORY says otherwise
@@ -90,12 +96,38 @@ def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     assert gpu["services"]["superlink"]["entrypoint"] == ["flower-superlink"]
 
 
+def test_superlinks_server_side_apis_are_not_reachable_from_the_sites(compose_config):
+    """ServerAppIo (plain gRPC, takes a running run's messages given its id) on the SuperLink container's loopback, where its
+    ServerApp subprocess reaches it; Control on the SuperLink's address on the `control` network only, which holds the
+    SuperLink and `register` and carries the host's published ports; the SuperNodes share only the internal `fleet` network
+    with the SuperLink, so from a site container only the Fleet API answers (tests/test_pinned_deployment.py probes it)."""
+    for config in compose_config:
+        services = config["services"]
+        superlink = services["superlink"]
+        addresses = {c.split("=", 1)[0]: c.split("=", 1)[1] for c in superlink["command"] if c.startswith("--") and "=" in c}
+        assert addresses["--serverappio-api-address"] == DOCUMENTED_SUPERLINK["--serverappio-api-address"] == "127.0.0.1:9091"
+        assert 9091 not in {p["target"] for p in superlink["ports"]}
+        assert not any(str(p.get("published", "")) == "9091" for s in services.values() for p in s.get("ports", []))
+        control_host, _, control_port = addresses["--control-api-address"].rpartition(":")
+        assert control_port == "9093" and superlink["networks"]["control"]["aliases"] == [control_host]
+        assert not any(control_host in ((n or {}).get("aliases") or []) for name, s in services.items()
+                       for net, n in s.get("networks", {}).items() if (name, net) != ("superlink", "control"))
+        members = {net: sorted(name for name, s in services.items() if net in s.get("networks", {})) for net in config["networks"]}
+        assert members["control"] == ["register", "superlink"]
+        assert members["fleet"] == sorted(["superlink", *(f"supernode-{site}" for site in SITES)])
+        # internal: never the SuperLink's gateway network, so Docker forwards the published ports to its `control` address
+        assert config["networks"]["fleet"].get("internal") is True and not config["networks"]["control"].get("internal")
+        assert set(superlink["networks"]) == {"control", "fleet"} and "default" not in config["networks"]
+        # `register` reaches the Control API by the name its TLS certificate holds (docker/make-certs.sh ... superlink)
+        assert 'address = "superlink:9093"' in services["register"]["command"][0]
+
+
 def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
     """Per site: Flower's SuperNode image with --isolation process and its own key, and beside it a `fedclip-clientapp`
     container that holds the data, the cache and the GPU; the ClientAppIo API is reachable on the site's own network only."""
     gpu, cpu = compose_config
     networks_of = {name: set(s.get("networks", {})) for name, s in gpu["services"].items()}
-    assert networks_of["superlink"] == {"default"}
+    assert networks_of["superlink"] == {"control", "fleet"}
     for site in SITES:
         supernode, clientapp = gpu["services"][f"supernode-{site}"], gpu["services"][f"clientapp-{site}"]
         command = supernode["command"]
@@ -103,7 +135,8 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         appio = next(c for c in command if c.startswith("--clientappio-api-address=")).split("=", 1)[1]
         assert appio == f"{site}-clientappio:9094"
         # the address the SuperNode binds is an alias on its site's network only: no other container resolves it
-        assert supernode["networks"][site]["aliases"] == [appio.split(":")[0]] and not (supernode["networks"]["default"] or {}).get("aliases")
+        assert supernode["networks"][site]["aliases"] == [appio.split(":")[0]] and not (supernode["networks"]["fleet"] or {}).get("aliases")
+        assert set(supernode["networks"]) == {"fleet", site}  # not on `control`: the Control API is out of its reach
         assert sorted(n for n, members in networks_of.items() if site in members) == [f"clientapp-{site}", f"supernode-{site}"]
         assert clientapp["entrypoint"] == ["fedclip-clientapp", f"--approved-apps={APPROVED_IN_CONTAINER}"]
         assert clientapp["command"] == [f"--clientappio-api-address={appio}"]
@@ -183,7 +216,7 @@ def test_pacs_env_file_brings_up_nodes_whose_folders_exist_and_load(compose_proj
     from common.config import load_config
     from tests.conftest import write_image_folder
 
-    pacs = load_config("dataset=pacs").dataset
+    pacs = load_config("dataset=pacs", complete=False).dataset
     root = write_image_folder(tmp_path / "PACS", domains=tuple(pacs.domains), classes=tuple(pacs.classes), per_class=2)
     overrides = f"dataset=pacs dataset.held_out=sketch model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"
     nodes = pacs_nodes(compose_project, root, "docker/pacs.env")
@@ -212,7 +245,7 @@ def test_env_files_name_their_datasets_domains():
     for path in env_files:
         values = dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
         domains = [values[f"FEDCLIP_DOMAIN_{s.upper()}"] for s in SITES]
-        assert sorted(domains) == sorted(load_config(f"dataset={path.stem}").dataset.domains), path
+        assert sorted(domains) == sorted(load_config(f"dataset={path.stem}", complete=False).dataset.domains), path
         assert values["FEDCLIP_NODE_DATA"] == "/data"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -22,6 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.common.constant import (
+    CONTROL_API_DEFAULT_SERVER_ADDRESS,
+    FLEET_API_GRPC_RERE_DEFAULT_ADDRESS,
+    SERVERAPPIO_API_DEFAULT_SERVER_ADDRESS,
+)
 
 from common.config import load_config
 from common.data import dataset_root
@@ -33,12 +39,37 @@ DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's; sketch is he
 ROUNDS = 6  # not the demo's 40: each message starts a ClientApp process (docs/measurements.md, "Deployment")
 KILLED = "cartoon"  # a training domain whose node dies mid-run and comes back
 KILL_AFTER_ROUND = 2
-# the flags of docker/compose.yml's commands (tests/test_compose.py checks they agree); here the
-# SuperLink also gets free ports instead of 9091-9093
+# the flags of docker/compose.yml's commands and docs/deployment.md's (tests/test_compose.py and the test below check they
+# agree); here the SuperLink also gets free ports instead of 9091-9093, and --fleet-api-address to set its port
 SUPERLINK_FLAGS = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
                    "--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
 SUPERNODE_FLAGS = {"--superlink", "--root-certificates", "--auth-supernode-private-key", "--clientappio-api-address", "--node-config"}
 ROW = re.compile(r"^\S*\s*\S*\s*(\d+) \|\s+[-\d.]+ \|")  # a row of the per-round table
+# where Flower 1.28 binds each API a `flower-superlink` command does not bind: every interface (flwr/common/constant.py)
+FLOWER_BIND_DEFAULTS = {"--fleet-api-address": FLEET_API_GRPC_RERE_DEFAULT_ADDRESS, "--control-api-address": CONTROL_API_DEFAULT_SERVER_ADDRESS,
+                        "--serverappio-api-address": SERVERAPPIO_API_DEFAULT_SERVER_ADDRESS}
+
+
+def documented_superlink() -> dict[str, str]:
+    """The flags of docs/deployment.md's `flower-superlink` command (2b, the one command that starts it), flag -> value
+    ("" for a switch)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "deployment.md").read_text(), re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "flower-superlink" in words:
+                commands.append(words[words.index("flower-superlink") + 1:])
+    assert len(commands) == 1, f"docs/deployment.md should start the SuperLink with one command, not {len(commands)}"
+    words = commands[0]
+    return {w: words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else "" for i, w in enumerate(words) if w.startswith("--")}
+
+
+DOCUMENTED_SUPERLINK = documented_superlink()
+
+
+def documented_bind_host(flag: str) -> str:
+    """The host the documented SuperLink command binds that API on (Flower's default where it sets none)."""
+    return DOCUMENTED_SUPERLINK.get(flag, FLOWER_BIND_DEFAULTS[flag]).rpartition(":")[0]
 
 
 def free_port() -> int:
@@ -114,7 +145,8 @@ class Deployment:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def start_superlink(self) -> None:
-        """docker/compose.yml's SuperLink command: TLS, SuperNode authentication."""
+        """docs/deployment.md's SuperLink command (and docker/compose.yml's): TLS, SuperNode authentication, each API bound on
+        the host that command binds it on (ServerAppIo and Control: 127.0.0.1), on a free port."""
         home = self.tmp / "superlink-home"
         home.mkdir()
         command = [
@@ -124,9 +156,9 @@ class Deployment:
             "--ssl-keyfile", str(self.certs / "superlink.key"),
             "--enable-supernode-auth",
             "--database", str(home / "state.db"),
-            "--fleet-api-address", f"0.0.0.0:{self.fleet}",
-            "--control-api-address", f"127.0.0.1:{self.control}",
-            "--serverappio-api-address", f"127.0.0.1:{self.serverappio}",
+            "--fleet-api-address", f"{documented_bind_host('--fleet-api-address')}:{self.fleet}",
+            "--control-api-address", f"{documented_bind_host('--control-api-address')}:{self.control}",
+            "--serverappio-api-address", f"{documented_bind_host('--serverappio-api-address')}:{self.serverappio}",
         ]
         assert {c for c in command if c.startswith("--")} == SUPERLINK_FLAGS
         self._start("superlink", command, dict(self.env, FLWR_HOME=str(home)))
@@ -260,6 +292,20 @@ def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900
     log, new = stream_run(dep, overrides, on_line, timeout)
     assert new and (new[-1] / "summary.json").is_file(), f"the run wrote no summary.json:\n{log[-8000:]}"
     return log, new[-1]
+
+
+def test_documented_superlink_keeps_its_server_side_apis_local():
+    """docs/deployment.md's SuperLink binds the ServerAppIo API (plain gRPC, no TLS in Flower 1.28: it takes a running run's
+    messages given only the run id) and the Control API on its loopback; Flower's defaults would bind them on every
+    interface. Only the Fleet API is left to its default, every interface: SuperNodes connect there. The deployments of this
+    module and tests/test_pinned_deployment.py start the SuperLink on these hosts (`documented_bind_host`), and the latter
+    probes them from a SuperNode's network namespace."""
+    assert set(DOCUMENTED_SUPERLINK) == SUPERLINK_FLAGS - {"--fleet-api-address"}
+    assert DOCUMENTED_SUPERLINK["--serverappio-api-address"] == "127.0.0.1:9091"
+    assert DOCUMENTED_SUPERLINK["--control-api-address"] == "127.0.0.1:9093"
+    assert {flag: documented_bind_host(flag) for flag in FLOWER_BIND_DEFAULTS} == {
+        "--fleet-api-address": "0.0.0.0", "--control-api-address": "127.0.0.1", "--serverappio-api-address": "127.0.0.1"}
+    assert all(address.startswith("0.0.0.0:") for address in FLOWER_BIND_DEFAULTS.values())  # why the flags must be there
 
 
 def test_superlink_without_certificates_refuses_to_start(tmp_path):

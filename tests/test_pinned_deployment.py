@@ -4,7 +4,9 @@ its approved-apps file, the sketch site by a signature of a key it trusts, which
 
 The approved app trains; the same app with one line changed (it writes a marker file when its ClientApp module is
 imported) is refused by every site before any of its code runs, the ServerApp names each refusal and the run stops at
-once. The Control API, bound to the SuperLink's loopback, cannot be reached from a SuperNode's namespace.
+once. The SuperLink's server-side APIs, bound to its loopback as docs/deployment.md binds them (ServerAppIo, which takes a
+running run's messages given only the run id, and Control), refuse connections from a SuperNode's namespace while a run
+works: only the Fleet API answers there.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from tests.conftest import write_image_folder
 from flwr.cli.build import build_fab_from_disk
 
 from client_app.pinning import fab_sha256
-from tests.test_deployment import BIN, REPO, Deployment, run, skip_without_cert_tools, stream_run
+from tests.test_deployment import (BIN, DOCUMENTED_SUPERLINK, REPO, ROW, Deployment, documented_bind_host, run, skip_without_cert_tools,
+                                   stream_run)
 from tests.test_pinning import app_copy
 
 SITES = ("photo", "sketch")  # sketch is held out: photo trains
@@ -67,9 +70,44 @@ def pinned(tmp_path_factory, tiny_clip):
         dep.close()
 
 
-def test_the_approved_app_trains(pinned, tiny_clip):
-    dep, sha256, signature = pinned
-    log, folders = stream_run(dep, overrides(tiny_clip), run_config=(signature,))
+def connects(dep: Deployment, port: int) -> str:
+    """From the first SuperNode's network namespace, a TCP connection to the SuperLink's host (`superlink`) at `port`: 'open',
+    or the error (ConnectionRefusedError: nothing listens on the address the namespace reaches)."""
+    probe = (f"import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n s.connect(('superlink', {port})); print('open')\n"
+             "except OSError as err:\n print(type(err).__name__)")
+    return run(["ip", "netns", "exec", dep.namespaces[0], sys.executable, "-c", probe]).stdout.strip()
+
+
+def connects_locally(port: int) -> str:
+    """The same from the SuperLink's own host, over loopback (where its ServerApp connects from)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return "open"
+    except OSError as err:
+        return type(err).__name__
+
+
+@pytest.fixture(scope="module")
+def approved_run(pinned, tiny_clip):
+    """The approved app's run: its log and run folders, and what the SuperLink's ports answered while it ran (probed once the
+    first row of the per-round table is out: the ServerApp is connected and a round is still to come)."""
+    dep, _, signature = pinned
+    probes: dict[str, str] = {}
+
+    def on_line(line: str) -> None:
+        if probes or not dep.namespaces or "|" not in line or not ROW.search(line.split("INFO")[-1].strip()):
+            return
+        for api, port in (("fleet", dep.fleet), ("control", dep.control), ("serverappio", dep.serverappio)):
+            probes[f"{api} from a SuperNode's host"] = connects(dep, port)
+            probes[f"{api} from the SuperLink's host"] = connects_locally(port)
+
+    log, folders = stream_run(dep, overrides(tiny_clip), on_line=on_line, run_config=(signature,))
+    return log, folders, probes
+
+
+def test_the_approved_app_trains(pinned, approved_run):
+    dep, sha256, _ = pinned
+    log, folders, _ = approved_run
     assert folders and (folders[-1] / "summary.json").is_file(), log[-6000:]
     rows = [json.loads(line) for line in (folders[-1] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and "photo/train-loss" in rows[-1]["train"]
@@ -107,14 +145,29 @@ def test_control_api_is_not_reachable_from_a_supernodes_host(pinned):
     dep = pinned[0]
     if dep.netns_error or not dep.namespaces:
         pytest.skip(f"no network namespaces here: {dep.netns_error}")
-
-    def connects(port: int) -> str:
-        probe = (f"import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n s.connect(('superlink', {port})); print('open')\n"
-                 "except OSError as err:\n print(type(err).__name__)")
-        return run(["ip", "netns", "exec", dep.namespaces[0], sys.executable, "-c", probe]).stdout.strip()
-
-    assert connects(dep.fleet) == "open"  # the namespace does reach the SuperLink's host
-    assert connects(dep.control) == "ConnectionRefusedError"
-    with socket.create_connection(("127.0.0.1", dep.control), timeout=5):
-        pass  # from the host itself it answers
+    assert documented_bind_host("--control-api-address") == "127.0.0.1"  # what the fixture's SuperLink was started with
+    assert connects(dep, dep.fleet) == "open"  # the namespace does reach the SuperLink's host
+    assert connects(dep, dep.control) == "ConnectionRefusedError"
+    assert connects_locally(dep.control) == "open"  # from the host itself it answers
     assert run([str(BIN / "flwr"), "supernode", "ls", "fedclip"], env=dep.cli_env).returncode == 0
+
+
+def test_serverappio_api_is_not_reachable_from_a_supernodes_host_while_a_run_works(pinned, approved_run):
+    """The ServerAppIo API takes a running run's messages given only the run id (plain gRPC: no TLS, no token for pushing
+    messages in Flower 1.28). Bound to 127.0.0.1:9091 as docs/deployment.md's command binds it (Flower's default: 0.0.0.0), it
+    refuses connections from a SuperNode's namespace in the middle of a run, as the Control API does, while the ServerApp (a
+    subprocess of the SuperLink, told the address the SuperLink bound) reaches it over loopback: the run completes."""
+    dep = pinned[0]
+    if dep.netns_error or not dep.namespaces:
+        pytest.skip(f"no network namespaces here: {dep.netns_error}")
+    log, folders, probes = approved_run
+    assert probes == {
+        "fleet from a SuperNode's host": "open", "fleet from the SuperLink's host": "open",  # the namespace reaches the host
+        "control from a SuperNode's host": "ConnectionRefusedError", "control from the SuperLink's host": "open",
+        "serverappio from a SuperNode's host": "ConnectionRefusedError", "serverappio from the SuperLink's host": "open",
+    }, f"{probes or 'no probe: no row of the per-round table was streamed'}\n{log[-4000:]}"
+    assert folders and (folders[-1] / "summary.json").is_file(), log[-6000:]  # and the run went on to its end
+    # the fixture's SuperLink bound it where docs/deployment.md's command does
+    assert f"Starting ServerAppIo API on 127.0.0.1:{dep.serverappio}" in dep.log("superlink")
+    assert documented_bind_host("--serverappio-api-address") == "127.0.0.1"
+    assert DOCUMENTED_SUPERLINK["--serverappio-api-address"] == "127.0.0.1:9091"
