@@ -7,7 +7,8 @@ tables, so renaming an option without its docs fails here (`test_a_renamed_optio
 it on a copy of conf/). Defaults given as plain values are checked too. The node-config table of
 docs/deployment.md must list exactly the keys `client_app/node.py` accepts, and every
 `--node-config "..."` example may only use them. Lists of config groups and the README's methods
-table follow conf/'s files; relative links point at files and headings that exist.
+table follow conf/'s files; relative links point at files and headings that exist; docs/README.md links every page, and
+the README fits one screen.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def test_node_config_examples_use_known_keys():
 
 
 def test_config_group_lists_follow_conf():
-    """"`dataset/` (`demo`, `folder`, ...)" in README.md and docs/configuration.md names exactly conf/dataset/'s files."""
-    for page in (REPO / "README.md", REPO / "docs" / "configuration.md"):
+    """"`dataset/` (`demo`, `folder`, ...)" in docs/configuration.md names exactly conf/dataset/'s files."""
+    for page in (REPO / "docs" / "configuration.md",):
         lists = dict(re.findall(r"`(\w+)/` \(([^)]*)\)", page.read_text()))
         assert set(lists) >= {"dataset", "model", "training", "strategy"}, page.name
         for group, names in lists.items():
@@ -229,8 +230,8 @@ def test_config_group_lists_follow_conf():
                 assert set(re.findall(r"`([^`]+)`", names)) == on_disk, f"{page.name}: {group}/ list"
 
 
-def test_readme_methods_table_follows_conf():
-    table = next(t for t in tables((REPO / "README.md").read_text()) if t[0][0] == "`method=`")
+def test_methods_table_follows_conf():
+    table = next(t for t in tables((REPO / "docs" / "methods.md").read_text()) if t[0][0] == "`method=`")
     assert {re.findall(r"`([^`]+)`", row[0])[0] for row in table[1:]} == {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
 
 
@@ -282,3 +283,11 @@ def test_quoted_log_lines_are_what_the_code_prints():
             quote = " ".join(quote.split())
             if re.search(r"\d|\.\.\.", quote):  # a line with values, not a name like `round 0`
                 assert any(regex.fullmatch(f, quote, partial=True) for f in formats), f"{page.name}: {quote!r} is not a line the app logs"
+
+
+def test_every_page_is_in_the_index_and_the_readme_fits_a_screen():
+    """docs/README.md links every page of docs/; the README stays a first screen (at most 120 lines), the rest in docs/."""
+    index = (REPO / "docs" / "README.md").read_text()
+    linked = {target.partition("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", index)}
+    assert {p.name for p in (REPO / "docs").glob("*.md")} - {"README.md"} <= linked
+    assert len((REPO / "README.md").read_text().splitlines()) <= 120
