@@ -162,7 +162,7 @@ class LocalDeployment:
             self.procs.start(f"supernode-{i}", [str(self.bin / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
                                                 "--clientappio-api-address", appio, "--node-config", node_config,
                                                 *(["--isolation", "process"] if self.warm else [])], homes / f"node-{i}")
-            if self.warm:  # client_app/warm.py: one interpreter handles every message of the node
+            if self.warm:  # gate/warm.py: one interpreter handles every message of the node
                 self.procs.start(f"clientapp-{i}", [str(self.bin / "fedclip-clientapp"), "--clientappio-api-address", appio],
                                  homes / f"node-{i}")
         self.cli_home = homes / "cli"

@@ -235,7 +235,7 @@ class Bench:
 
     def deployed(self, clients: int, warm: bool = False) -> dict:
         """The deployment setting: one SuperLink and a SuperNode per domain, shared by the three runs;
-        warm: each SuperNode's messages handled by one `fedclip-clientapp` process (client_app/warm.py)."""
+        warm: each SuperNode's messages handled by one `fedclip-clientapp` process (gate/warm.py)."""
         self.deployment = LocalDeployment(self.work / "deployment", clients, warm=warm)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLIP_")}  # the overrides say where
         env.update(HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")

@@ -4,7 +4,7 @@
 #       --build-arg BASE_IMAGE=flwr/superlink:1.28.0 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Build from the repository root (.dockerignore sends pyproject.toml, README.md, docker/requirements.py
 # and the three packages). `flwr run` ships the app (a FAB) to the SuperLink, which runs the ServerApp
-# from it, and to each site's warm ClientApp (`fedclip-clientapp`, client_app/warm.py), which loads the
+# from it, and to each site's warm ClientApp (`fedclip-clientapp`, gate/warm.py), which loads the
 # ClientApp from it. The warm runner itself comes from this image, the site's own installation, so that
 # it can check a FAB before any of the FAB's code runs: the last layer installs this package (without
 # dependencies, seconds to rebuild); the dependencies' layers are rebuilt only when pyproject.toml's
@@ -30,5 +30,7 @@ ENV FEDCLIP_CACHE=/cache FEDCLIP_OUTPUTS=/outputs HF_HOME=/cache/huggingface
 COPY --chown=app:app pyproject.toml README.md /tmp/fedclip/
 COPY --chown=app:app common /tmp/fedclip/common
 COPY --chown=app:app client_app /tmp/fedclip/client_app
+COPY --chown=app:app gate /tmp/fedclip/gate
+COPY --chown=app:app predict /tmp/fedclip/predict
 COPY --chown=app:app server_app /tmp/fedclip/server_app
 RUN python -m pip install --no-cache-dir --no-deps /tmp/fedclip && rm -rf /tmp/fedclip

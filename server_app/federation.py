@@ -70,7 +70,7 @@ def query_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: st
     failures are logged and left out.
 
     A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`; one whose site
-    refused to run this app (its warm ClientApp checks the app's hash, client_app/pinning.py) is logged with its reason and
+    refused to run this app (its warm ClientApp checks the app's hash, gate/pinning.py) is logged with its reason and
     added to `refused`: it is not asked again during the run.
     """
     queries = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}), dst_node_id=n, message_type=MessageType.QUERY)

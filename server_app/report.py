@@ -1,7 +1,7 @@
 """A run's outputs: the per-round table in the log and the run folder a user opens afterwards.
 
 outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the CLIP's fingerprint: what
-client_app.predict needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
+predict needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
 weights (adapter_ or encoder_ final/best .safetensors; none for local-only), summary.json (accuracies,
 and the cost: parameters trained, bytes each way, seconds, images encoded) and accuracy.png (plots.py); with
 tracking.tensorboard, TensorBoard's event files, and with tracking.mlflow_uri an MLflow run (tracking.py).

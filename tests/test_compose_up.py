@@ -259,7 +259,7 @@ def demo(tmp_path_factory):
 
 def approval_line(app: Path) -> str:
     """`fedclip-approve APP` (this tree's code): the approved-apps line of the FAB `flwr run APP` sends."""
-    return run([sys.executable, "-m", "client_app.approve", str(app)], dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.strip()
+    return run([sys.executable, "-m", "gate.approve", str(app)], dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.strip()
 
 
 def unapproved_up_fails(env: dict, project: Path) -> None:

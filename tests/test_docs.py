@@ -26,7 +26,7 @@ from client_app.node import NODE_CONFIG_KEYS
 from common.config import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 GROUPS = ("dataset", "model", "training", "strategy", "method")
 STRUCTURAL = {"method._target_", "method.name"}  # set by the choice `method=NAME`, not options of their own
 SIMULATION_NODE_KEYS = {"partition-id", "num-partitions"}  # set by Flower's simulation, never by a user

@@ -104,7 +104,7 @@ def test_an_idle_node_is_logged_once_and_never_asked_again(caplog):
 
 
 def refusal(node: int) -> Error:
-    """What a site's warm ClientApp answers for an app it did not approve (client_app/warm.py)."""
+    """What a site's warm ClientApp answers for an app it did not approve (gate/warm.py)."""
     return Error(code=ErrorCode.INVALID_FAB, reason=f"node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12 is not approved")
 
 

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import write_image_folder
 from flwr.cli.build import build_fab_from_disk
 
-from client_app.pinning import fab_sha256
+from gate.pinning import fab_sha256
 from tests.test_deployment import (BIN, DOCUMENTED_SUPERLINK, REPO, ROW, Deployment, documented_bind_host, run, skip_without_cert_tools,
                                    stream_run)
 from tests.test_pinning import app_copy
@@ -52,8 +52,8 @@ def pinned(tmp_path_factory, tiny_clip):
     dep = Deployment(tmp, str(tmp / "cache"))
     dep.demo_root = write_image_folder(tmp / "data", domains=SITES, per_class=6)
     # the release's publisher: a signing key (the sketch site trusts it) and the release's hash and signature
-    keygen = run([sys.executable, "-m", "client_app.approve", "--keygen", str(tmp / "release-key")], cwd=REPO)
-    out = run([sys.executable, "-m", "client_app.approve", str(REPO), "--sign", str(tmp / "release-key")], cwd=REPO)
+    keygen = run([sys.executable, "-m", "gate.approve", "--keygen", str(tmp / "release-key")], cwd=REPO)
+    out = run([sys.executable, "-m", "gate.approve", str(REPO), "--sign", str(tmp / "release-key")], cwd=REPO)
     assert keygen.returncode == 0 and out.returncode == 0, keygen.stderr + out.stderr
     approval_line, signature = out.stdout.splitlines()
     (tmp / "approved-apps.txt").write_text(f"# approved by the photo site after review\n{approval_line}\n")

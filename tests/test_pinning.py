@@ -1,4 +1,4 @@
-"""A site runs only apps it approved: the allow-list and signature checks of client_app/pinning.py, the warm ClientApp's
+"""A site runs only apps it approved: the allow-list and signature checks of gate/pinning.py, the warm ClientApp's
 refusal, and `fedclip-approve` (the hash `flwr run` would send, reproducibly; keys and signatures)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import io
 import logging
 import shutil
 import subprocess
+import sys
 import tomllib
 import zipfile
 from pathlib import Path
@@ -17,8 +18,8 @@ from flwr.app import Context, RecordDict
 from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 from flwr.common.typing import Fab, Run
 
-from client_app import approve, warm
-from client_app.pinning import AppPolicy, PolicyFileError, fab_sha256, openssh_public_key, public_key_id, read_approved, sign
+from gate import approve, warm
+from gate.pinning import AppPolicy, PolicyFileError, fab_sha256, openssh_public_key, public_key_id, read_approved, sign
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,11 +163,13 @@ def test_the_fab_holds_the_apps_packages_and_config_only_uncompressed(fab):
     assert "common/demo/demo_clip.json" in {e.filename for e in entries}  # the demo's pretrained CLIP ships with the app
 
 
-def test_editing_docs_tests_benchmarks_or_docker_keeps_the_approved_hash(tmp_path, fab):
-    """Sites re-approve only when the app's code or configuration changes, not at every doc edit."""
+def test_editing_docs_tests_benchmarks_docker_the_gate_or_predict_keeps_the_approved_hash(tmp_path, fab):
+    """Sites re-approve only when the app's code or configuration changes, not at every doc edit, nor when the site's gate
+    or the predict tool (installed beside the app, not part of it) changes."""
     app = app_copy(tmp_path / "fedclip")
     assert fab_sha256(build_fab_from_disk(app)) == fab_sha256(fab)  # the copy is the approved app
-    for name in ("README.md", "docs/security.md", "tests/conftest.py", "benchmarks/noop_app.py", "docker/compose.yml"):
+    for name in ("README.md", "docs/security.md", "tests/conftest.py", "benchmarks/noop_app.py", "docker/compose.yml",
+                 "gate/warm.py", "gate/pinning.py", "predict/cli.py", "predict/classifier.py"):
         with open(app / name, "a") as file:
             file.write("\n# an edit\n")
     (app / "docs" / "new-page.md").write_text("# a new page\n")
@@ -174,6 +177,14 @@ def test_editing_docs_tests_benchmarks_or_docker_keeps_the_approved_hash(tmp_pat
     with open(app / "conf" / "config.yaml", "a") as file:  # the app's configuration is part of what a site approves
         file.write("\n# an edit\n")
     assert fab_sha256(build_fab_from_disk(app)) != fab_sha256(fab)
+
+
+def test_the_gate_imports_nothing_of_the_app_it_checks():
+    """The warm process, the policy and fedclip-approve import no module of server_app, client_app or common: the only
+    copy of the app the gate ever runs is the approved FAB's, loaded by Flower's app loader from the approved install."""
+    code = ("import sys, gate.warm, gate.pinning, gate.approve; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('server_app', 'client_app', 'common', 'predict')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip() == "[]"
 
 
 def test_approve_warns_of_uncommitted_changes_in_the_fab_only(tmp_path, capsys):

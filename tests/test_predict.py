@@ -1,4 +1,4 @@
-"""Using a run's adapter (client_app/predict/, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
+"""Using a run's adapter (predict/, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
 
 One real run (ServerApp + ClientApps in this process) makes the run folder every test reads.
 """
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from client_app.app import app as client_app
-from client_app.predict import FedClipClassifier, push_to_hub
-from client_app.predict.cli import main as predict_main
+from predict import FedClipClassifier, push_to_hub
+from predict.cli import main as predict_main
 from common.data import DomainFolder, domain_folder
 from common.features import encode_images
 from common.model import load_clip

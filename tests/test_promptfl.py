@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
-from client_app.predict import FedClipClassifier
-from client_app.predict.cli import main as predict_main
-from client_app.predict.export import CONTEXT_FILE, TEXT_FEATURES, TEXT_FILE
+from predict import FedClipClassifier
+from predict.cli import main as predict_main
+from predict.export import CONTEXT_FILE, TEXT_FEATURES, TEXT_FILE
 from common.data import domain_folder
 from common.features import encode_prompts
 from common.methods.promptfl import CONTEXT, PromptFL, prompt_features

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from client_app.app import app as client_app
-from client_app.predict import FedClipClassifier
+from predict import FedClipClassifier
 from common.config import load_config
 from server_app.app import app as server_app
 from server_app.report import RunReport

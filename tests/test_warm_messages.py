@@ -1,4 +1,4 @@
-"""The warm ClientApp process (client_app/warm.py) message by message, with the SuperNode's ClientAppIo calls replaced
+"""The warm ClientApp process (gate/warm.py) message by message, with the SuperNode's ClientAppIo calls replaced
 by fakes: a FAB with a new hash loads its own code, an app that raises gives an error reply and the process goes on,
 and the process handles a second run's messages after the first's. The real FABs are built and installed by Flower.
 (tests/test_warm_clientapp.py runs it against real SuperNodes.)"""
@@ -17,8 +17,8 @@ from flwr.common import object_ref
 from flwr.common.constant import ErrorCode
 from flwr.common.typing import Fab, Run
 
-from client_app import warm
-from client_app.pinning import AppPolicy
+from gate import warm
+from gate.pinning import AppPolicy
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]

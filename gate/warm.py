@@ -17,7 +17,7 @@ per-process cache of the client's data survive between messages:
 The app is loaded from the run's FAB, as `flwr-clientapp` does; a FAB with another hash (new code)
 replaces the loaded modules. It must therefore not import the app itself.
 
-With `--approved-apps FILE` and/or `--trusted-keys FILE` (client_app/pinning.py) this process first
+With `--approved-apps FILE` and/or `--trusted-keys FILE` (gate/pinning.py) this process first
 computes the FAB's SHA-256 and runs the app only if the site approved that hash or a key it trusts
 signed it; any other app is refused before any of its files is installed or imported: the reply is
 an error (Flower's INVALID_FAB) naming the node and the reason, and this log says how to approve it.
@@ -47,7 +47,7 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_app_heartbeat_fn_grpc
 from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import pull_appinputs, push_appoutputs
 
-from client_app.pinning import SIGNATURE_KEY, AppPolicy, PolicyFileError
+from gate.pinning import SIGNATURE_KEY, AppPolicy, PolicyFileError
 
 log = logging.getLogger("fedclip.warm")
 APPROVED_DIR = "fedclip-approved"  # under FLWR_HOME: only FABs the site's policy approved are installed there

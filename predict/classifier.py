@@ -1,6 +1,6 @@
 """Use what a run learned: a classifier from a run folder or an exported adapter.
 
-    from client_app.predict import FedClipClassifier
+    from predict import FedClipClassifier
     clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's adapter; which="final"
     clf.predict(["cat.jpg", "dog.png"]).labels                         # ['cat', 'dog']
 
@@ -9,7 +9,7 @@ in the class prompts instead). It encodes images with the
 code of training's one-off feature extraction (`common.features.encode_images`) and scores them with the
 logits of training and evaluation (`common.model.class_logits`), so a prediction and the run's own
 evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors or a PromptFL
-run's context and class text features, a model card; client_app/predict/export.py) that `from_pretrained` loads,
+run's context and class text features, a model card; predict/export.py) that `from_pretrained` loads,
 from a folder or the hub.
 """
 
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from client_app.predict.export import (ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, DEMO_DATASET, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE,
+from predict.export import (ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, DEMO_DATASET, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE,
                                         exported_clip, hub_id, write_export)
 from common.config import config_from_file, select_device
 from common.data import read_image

@@ -1,7 +1,7 @@
 """Which apps a site runs: the FAB's SHA-256, computed here, approved by the site's list or signed by a key the site trusts.
 
 A Flower SuperNode runs whatever app (FAB) the SuperLink hands it, and anyone who reaches the
-SuperLink's Control API can hand it one. The warm ClientApp (client_app/warm.py) runs from the
+SuperLink's Control API can hand it one. The warm ClientApp (gate/warm.py) runs from the
 site's own installation, so it can check the run's FAB before installing or importing any of it:
 
 - an approved-apps file: one FAB hash a line (64 hex digits, as `flwr ls` and `fedclip-approve`

@@ -1,9 +1,9 @@
-"""Per-module mutation scores from mutmut's results, as docs/mutation.md reports them (benchmarks/mutation.sh runs it).
+"""Per-module mutation scores from mutmut's results, as docs/mutation.md reports them (benchmarks/dev/mutation.sh runs it).
 
-    python -m benchmarks.mutation_scores                 # the table of every module mutmut has results for
-    python -m benchmarks.mutation_scores --survivors     # and each surviving mutant's name (`mutmut show NAME` prints its diff)
-    python -m benchmarks.mutation_scores --sample 120    # the score of a seeded random sample of 120 mutants a module
-    python -m benchmarks.mutation_scores --pick 120 strategy privacy   # that sample's names, for `mutmut run NAME ...`
+    python -m benchmarks.dev.mutation_scores                 # the table of every module mutmut has results for
+    python -m benchmarks.dev.mutation_scores --survivors     # and each surviving mutant's name (`mutmut show NAME` prints its diff)
+    python -m benchmarks.dev.mutation_scores --sample 120    # the score of a seeded random sample of 120 mutants a module
+    python -m benchmarks.dev.mutation_scores --pick 120 strategy privacy   # that sample's names, for `mutmut run NAME ...`
 
 A mutant counts as killed when a test failed on it or it ran past mutmut's timeout (the mutation made the code hang);
 it survives when every test that covers its function passed, and has "no tests" when none of the selected tests runs

@@ -1,6 +1,6 @@
 """Each bug-prone line of the trust-critical code removed or changed, alone, and the tests named: each must fail (docs/mutation.md).
 
-    git worktree add --detach /tmp/scratch HEAD && python -m benchmarks.line_checks /tmp/scratch
+    git worktree add --detach /tmp/scratch HEAD && python -m benchmarks.dev.line_checks /tmp/scratch
 
 It edits the files of the checkout it is given, one line at a time, and puts each back: give it a scratch checkout.
 """

@@ -7,7 +7,7 @@
 One row per image (path, its class if the folder says it, the top-k classes and probabilities) goes to
 --out or to stdout. A labelled folder, ROOT/<class>/<image> or ROOT/<domain>/<class>/<image> with the
 run's class names, also gets its accuracy per domain next to zero-shot CLIP (on stderr). Unreadable
-images are reported and skipped. Also `python -m client_app.predict`.
+images are reported and skipped. Also `python -m predict`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from client_app.predict.classifier import Encoded, FedClipClassifier, InputImages
-from client_app.predict.export import push_to_hub
+from predict.classifier import Encoded, FedClipClassifier, InputImages
+from predict.export import push_to_hub
 from common.data import IMAGE_EXTENSIONS, DomainFolder, _is_data_dir, domain_folder
 
 log = logging.getLogger("fedclip-predict")

@@ -161,7 +161,7 @@ Training domains: their clients' test splits; the held-out domain: all its image
 ## Use
 
 ```python
-from client_app.predict import FedClipClassifier   # the FedCLIP app (pip install -e <the app>)
+from predict import FedClipClassifier   # the FedCLIP app (pip install -e <the app>)
 clf = FedClipClassifier.from_pretrained("<this folder or hub repository>")
 print(clf.predict(["image.jpg"]).labels)
 ```

@@ -28,7 +28,7 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fab_config, get_metadata_from_config
 from flwr.supercore.primitives.asymmetric_ed25519 import load_private_key
 
-from client_app.pinning import SIGNATURE_KEY, fab_sha256, openssh_public_key, public_key_id, sign
+from gate.pinning import SIGNATURE_KEY, fab_sha256, openssh_public_key, public_key_id, sign
 
 
 def reproducible_fab(app: Path) -> bytes:
