@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -140,9 +139,6 @@ def main() -> None:
         policy.validate()
     except PolicyFileError as err:
         parser.exit(2, f"fedclip-clientapp: {err}\n")
-    # the app comes from the run's FAB: forget this package, so that its `client_app` is the one imported
-    for name in [m for m in sys.modules if m == "client_app" or m.startswith("client_app.")]:
-        del sys.modules[name]
     serve(args.clientappio_api_address, policy)
 
 
