@@ -32,23 +32,33 @@ t1, c1 = time.time(), time.process_time()
 domain, kind, run_config = sys.argv[1], sys.argv[2], sys.stdin.read()
 config = ConfigRecord({"run-config": run_config, "server-round": 2, "evaluate-round": 1, "zero-shot": False})
 message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
-message = Message(RecordDict({"arrays": ArrayRecord(AttentionAdapter(64).state_dict()), "config": config}), dst_node_id=1,
-                  message_type=message_type)
+arrays = ArrayRecord(AttentionAdapter(64).state_dict())
+message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=message_type)
 message.metadata.__dict__["_message_id"] = "probe"
-context = Context(run_id=1, node_id=1, node_config={"domain": domain, "device": "cpu"}, state=RecordDict(), run_config={})
+node_config = {"domain": domain, "data-dir": "demo", "device": "cpu"}
+context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 reply = app(message, context)
 t2, c2 = time.time(), time.process_time()
 assert not reply.has_error(), reply.error
-heavy = [m for m in ("transformers", "datasets", "flwr_datasets", "sklearn", "skimage", "matplotlib", "hydra") if m in sys.modules]
-print(json.dumps({"import_wall": t1 - t0, "import_cpu": c1 - c0, "handle_wall": t2 - t1, "handle_cpu": c2 - c1, "heavy": heavy}))
+libraries = ("transformers", "datasets", "flwr_datasets", "sklearn", "skimage", "matplotlib", "hydra")
+heavy = [m for m in libraries if m in sys.modules]
+times = {"import_wall": t1 - t0, "import_cpu": c1 - c0, "handle_wall": t2 - t1, "handle_cpu": c2 - c1}
+print(json.dumps({**times, "heavy": heavy}))
 """
 
 
 def timed(args: list[str], stdin: str = "") -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds, stdout) of a fresh Python process; CPU seconds hardly depend on the machine's load."""
+    """(wall seconds, CPU seconds, stdout) of a fresh Python process; CPU seconds hardly depend on the machine's
+    load."""
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([sys.executable, *args], input=stdin, env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, *args],
+        input=stdin,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.time() - t0, c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, out.stdout
 
@@ -59,11 +69,9 @@ def main() -> None:
     parser.add_argument("--domain", default="photo")
     parser.add_argument("--method", choices=["train", "evaluate"], default="train")
     args = parser.parse_args()
-    from omegaconf import OmegaConf
+    from common.config import load_config, message_config
 
-    from common.config import compose_config
-
-    run_config = OmegaConf.to_yaml(compose_config())
+    run_config = message_config(load_config())
     timed(["-c", PROBE, args.domain, args.method], run_config)  # builds the demo and the feature cache once
     print(f"load average before: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} CPUs)")
     bare, probes = [], []
@@ -72,16 +80,23 @@ def main() -> None:
         wall, cpu, out = timed(["-c", PROBE, args.domain, args.method], run_config)
         row = json.loads(out.strip().splitlines()[-1]) | {"process_wall": wall, "process_cpu": cpu}
         probes.append(row)
-        print(f"process {i}: bare imports {bare[-1][0]:.2f} s ({bare[-1][1]:.2f} s CPU); ClientApp process {wall:.2f} s ({cpu:.2f} s CPU; "
-              f"imports {row['import_wall']:.2f} s wall / "
-              f"{row['import_cpu']:.2f} s CPU, {args.method} message {row['handle_wall']:.2f} s / {row['handle_cpu']:.2f} s CPU); "
-              f"heavy packages imported: {', '.join(row['heavy']) or 'none'}")
+        print(
+            f"process {i}: bare imports {bare[-1][0]:.2f} s ({bare[-1][1]:.2f} s CPU); ClientApp process {wall:.2f} "
+            f"s ({cpu:.2f} s CPU; "
+            f"imports {row['import_wall']:.2f} s wall / "
+            f"{row['import_cpu']:.2f} s CPU, {args.method} message {row['handle_wall']:.2f} s "
+            f"/ {row['handle_cpu']:.2f} s CPU); "
+            f"heavy packages imported: {', '.join(row['heavy']) or 'none'}"
+        )
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     process, floor = mean([r["process_wall"] for r in probes]), mean([b[0] for b in bare])
     process_cpu, floor_cpu = mean([r["process_cpu"] for r in probes]), mean([b[1] for b in bare])
-    print(f"mean: {process:.2f} s ({process_cpu:.2f} s CPU) per fresh ClientApp process handling a {args.method} message, "
-          f"{floor:.2f} s ({floor_cpu:.2f} s CPU) for a bare `python -c \"{BARE}\"`: {process / floor:.2f}x wall, "
-          f"{process_cpu / floor_cpu:.2f}x CPU; load average after: {os.getloadavg()[0]:.2f}")
+    print(
+        f"mean: {process:.2f} s ({process_cpu:.2f} s CPU) per fresh ClientApp process handling a {args.method} "
+        f"message, "
+        f'{floor:.2f} s ({floor_cpu:.2f} s CPU) for a bare `python -c "{BARE}"`: {process / floor:.2f}x wall, '
+        f"{process_cpu / floor_cpu:.2f}x CPU; load average after: {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,7 +45,12 @@ def run_seed(seed: int, overrides: str, out: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         run_overrides = f"{overrides} seed={seed} output_dir={folder}".strip()
         cfg = load_config(run_overrides)
-        run_in_process(server_app, client_app, run_overrides, len(dataset_domains(cfg)) * int(cfg.dataset.get("clients_per_domain", 1)))
+        run_in_process(
+            server_app,
+            client_app,
+            run_overrides,
+            len(dataset_domains(cfg)) * int(cfg.dataset.get("clients_per_domain", 1)),
+        )
         done = sorted(folder.glob("*/summary.json"))
     return json.loads(done[-1].read_text())
 
@@ -54,8 +59,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--overrides", default="", help="Hydra overrides for every run (space-separated)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo-seeds"),
-                        help="one run folder per seed; finished seeds are reused, so an interrupted command resumes")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/demo-seeds"),
+        help="one run folder per seed; finished seeds are reused, so an interrupted command resumes",
+    )
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("a confidence interval needs at least 2 seeds")
@@ -68,8 +77,10 @@ def main(argv: list[str]) -> int:
         zs_pers, pers_acc = 100 * s["zero_shot_train_domains_mean"], 100 * s["personalization_mean"]
         held_gains.append(held_acc - zs_held)
         pers_gains.append(pers_acc - zs_pers)
-        rows.append(f"| {seed} | {zs_held:.2f} → {held_acc:.2f} ({held_gains[-1]:+.2f}) | "
-                    f"{zs_pers:.2f} → {pers_acc:.2f} ({pers_gains[-1]:+.2f}) | {s['best_round']} |")
+        rows.append(
+            f"| {seed} | {zs_held:.2f} → {held_acc:.2f} ({held_gains[-1]:+.2f}) | "
+            f"{zs_pers:.2f} → {pers_acc:.2f} ({pers_gains[-1]:+.2f}) | {s['best_round']} |"
+        )
         print(f"seed {seed} done: {rows[-1]}", file=sys.stderr, flush=True)
 
     def cell(gains: list[float]) -> str:
@@ -78,7 +89,10 @@ def main(argv: list[str]) -> int:
         return f"**{mean:+.2f}** [{low:+.2f}, {high:+.2f}], {verdict}"
 
     method = s["method"]
-    print(f"| seed | held-out {held}: zero-shot → {method} (gain) | personalization mean: zero-shot → {method} (gain) | best round |")
+    print(
+        f"| seed | held-out {held}: zero-shot → {method} (gain) | personalization mean: zero-shot → {method} (gain) "
+        f"| best round |"
+    )
     print("|---|---|---|---|")
     print("\n".join(rows))
     print(f"| **gain, mean [95% CI] over {len(args.seeds)} seeds** | {cell(held_gains)} | {cell(pers_gains)} | |")

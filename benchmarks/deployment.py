@@ -35,7 +35,9 @@ class Processes:
     def start(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(self.env, FLWR_HOME=str(home)), process_group=0)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(self.env, FLWR_HOME=str(home)), process_group=0
+        )
         self.procs[name] = proc
         log(f"started {name} (pid {proc.pid}): {' '.join(cmd)}")
         return proc
@@ -47,13 +49,13 @@ class Processes:
                 raise RuntimeError(f"{name} exited early with code {proc.returncode}; end of its log:\n{tail}")
 
     def stop(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 os.killpg(proc.pid, signal.SIGTERM)  # the group: its superexec and app processes too
             except ProcessLookupError:
                 pass
         deadline = time.time() + 15
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
@@ -77,7 +79,9 @@ def check_ports_free(ports: list[int]) -> None:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                raise RuntimeError(f"port {port} is in use (another SuperLink?); pass --base-port to use other ports") from None
+                raise RuntimeError(
+                    f"port {port} is in use (another SuperLink?); pass --base-port to use other ports"
+                ) from None
 
 
 def wait_for_port(port: int, timeout: float, procs: Processes) -> None:
@@ -96,14 +100,20 @@ def flower_bin() -> Path:
     for candidate in (shutil.which("flower-superlink"), Path(sys.executable).parent / "flower-superlink"):
         if candidate and Path(candidate).is_file():
             return Path(candidate).parent
-    raise RuntimeError("flower-superlink not found in PATH nor beside this Python: install flwr==1.28.0 "
-                       "(on the GPU machine: the carried wheels, with their bin/ folder put first in PATH)")
+    raise RuntimeError(
+        "flower-superlink not found in PATH nor beside this Python: install flwr==1.28.0 "
+        "(on the GPU machine: the carried wheels, with their bin/ folder put first in PATH)"
+    )
 
 
-def run_flwr(cmd: list[str], env: dict, log_path: Path, timeout: float, procs: Processes, cwd: Path, echo: bool = True) -> int | None:
+def run_flwr(
+    cmd: list[str], env: dict, log_path: Path, timeout: float, procs: Processes, cwd: Path, echo: bool = True
+) -> int | None:
     """`flwr run --stream`, its output saved (and shown live with echo); None when it outlives `timeout`."""
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=cwd, process_group=0)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=cwd, process_group=0
+        )
 
         def pump() -> None:
             for line in proc.stdout:
@@ -134,7 +144,11 @@ class LocalDeployment:
     `flwr` CLI configured for them. Logs go to <work>/logs, Flower homes to <work>/flwr."""
 
     def __init__(self, work: Path, num_nodes: int, base_port: int | None = None, warm: bool = False) -> None:
-        self.work, self.num_nodes, self.warm = work, num_nodes, warm  # warm: --isolation process + a fedclip-clientapp per node
+        self.work, self.num_nodes, self.warm = (
+            work,
+            num_nodes,
+            warm,
+        )  # warm: --isolation process + a fedclip-clientapp per node
         if base_port is None:
             ports = [free_port() for _ in range(3 + num_nodes)]
         else:
@@ -151,24 +165,51 @@ class LocalDeployment:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.procs = Processes(self.work / "logs", self.env)
         homes = self.work / "flwr"
-        self.procs.start("superlink", [str(self.bin / "flower-superlink"), "--insecure",
-                                       "--serverappio-api-address", f"127.0.0.1:{self.serverappio}",
-                                       "--fleet-api-address", f"127.0.0.1:{self.fleet}",
-                                       "--control-api-address", f"127.0.0.1:{self.control}"], homes / "superlink")
+        self.procs.start(
+            "superlink",
+            [
+                str(self.bin / "flower-superlink"),
+                "--insecure",
+                "--serverappio-api-address",
+                f"127.0.0.1:{self.serverappio}",
+                "--fleet-api-address",
+                f"127.0.0.1:{self.fleet}",
+                "--control-api-address",
+                f"127.0.0.1:{self.control}",
+            ],
+            homes / "superlink",
+        )
         wait_for_port(self.control, startup_timeout, self.procs)
         wait_for_port(self.fleet, startup_timeout, self.procs)
         for i, node_config in enumerate(node_configs):
             appio = f"127.0.0.1:{self.clientappio[i]}"
-            self.procs.start(f"supernode-{i}", [str(self.bin / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
-                                                "--clientappio-api-address", appio, "--node-config", node_config,
-                                                *(["--isolation", "process"] if self.warm else [])], homes / f"node-{i}")
+            self.procs.start(
+                f"supernode-{i}",
+                [
+                    str(self.bin / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.fleet}",
+                    "--clientappio-api-address",
+                    appio,
+                    "--node-config",
+                    node_config,
+                    *(["--isolation", "process"] if self.warm else []),
+                ],
+                homes / f"node-{i}",
+            )
             if self.warm:  # gate/warm.py: one interpreter handles every message of the node
-                self.procs.start(f"clientapp-{i}", [str(self.bin / "fedclip-clientapp"), "--clientappio-api-address", appio],
-                                 homes / f"node-{i}")
+                self.procs.start(
+                    f"clientapp-{i}",
+                    [str(self.bin / "fedclip-clientapp"), "--clientappio-api-address", appio],
+                    homes / f"node-{i}",
+                )
         self.cli_home = homes / "cli"
         self.cli_home.mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.control}"\ninsecure = true\n')
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = '
+            f'"127.0.0.1:{self.control}"\ninsecure = true\n'
+        )
 
     def run(self, app: Path, run_config: str, log_path: Path, timeout: float, echo: bool = True) -> int | None:
         """`flwr run APP` against this SuperLink with `--run-config`; the exit code, None past `timeout`."""

@@ -39,10 +39,21 @@ def main() -> None:
     with torch.no_grad():
         text = model.get_text_features(input_ids=tokens).pooler_output
     dim = model.config.projection_dim
-    cfg = OmegaConf.create({"lr": 5e-5, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2,
-                            "batch_size": args.batch_size, "local_epochs": 1, "loss": "cross_entropy"})
-    print(f"CLIP {sum(p.numel() for p in model.parameters()):,} parameters, adapter {2 * (dim * dim + dim):,}; "
-          f"{args.images} images of {size} px on {device}")
+    cfg = OmegaConf.create(
+        {
+            "lr": 5e-5,
+            "betas": [0.9, 0.98],
+            "eps": 1e-6,
+            "weight_decay": 0.2,
+            "batch_size": args.batch_size,
+            "local_epochs": 1,
+            "loss": "cross_entropy",
+        }
+    )
+    print(
+        f"CLIP {sum(p.numel() for p in model.parameters()):,} parameters, adapter {2 * (dim * dim + dim):,}; "
+        f"{args.images} images of {size} px on {device}"
+    )
 
     def sync() -> None:
         if device.type == "cuda":
@@ -57,7 +68,11 @@ def main() -> None:
         batch = pixels[start : start + args.batch_size].to(device)
         with torch.no_grad():
             feats = model.get_image_features(pixel_values=batch).pooler_output
-        loss = adapter_loss(class_logits(feats, text, model.logit_scale, adapter), labels[start : start + args.batch_size].to(device), "cross_entropy")
+        loss = adapter_loss(
+            class_logits(feats, text, model.logit_scale, adapter),
+            labels[start : start + args.batch_size].to(device),
+            "cross_entropy",
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -67,7 +82,12 @@ def main() -> None:
     # this project: encode once, then every epoch runs on the cached features
     t0 = time.perf_counter()
     with torch.no_grad():
-        cached = torch.cat([model.get_image_features(pixel_values=pixels[i : i + 256].to(device)).pooler_output for i in range(0, args.images, 256)])
+        cached = torch.cat(
+            [
+                model.get_image_features(pixel_values=pixels[i : i + 256].to(device)).pooler_output
+                for i in range(0, args.images, 256)
+            ]
+        )
     sync()
     encode = time.perf_counter() - t0
     feats = DomainFeatures(cached.cpu(), labels, text.cpu(), model.logit_scale.detach().cpu(), [])
@@ -80,7 +100,10 @@ def main() -> None:
 
     print(f"frozen image encoder: {args.images / encode:.1f} images/s (one-off, then cached)")
     print(f"local epoch re-encoding every image (reference): {reencode:.3f} s")
-    print(f"local epoch on cached features (this project):   {cached_epoch:.4f} s  ({reencode / cached_epoch:.0f}x faster)")
+    print(
+        f"local epoch on cached features (this project):   {cached_epoch:.4f} s  ({reencode / cached_epoch:.0f}x "
+        f"faster)"
+    )
 
 
 if __name__ == "__main__":

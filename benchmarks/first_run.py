@@ -40,8 +40,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("outputs/first-run"), help="one folder per run in here")
-    parser.add_argument("--overrides", default="", help="Hydra overrides for every run (default: none, the README command)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped and counted failed")
+    parser.add_argument(
+        "--overrides", default="", help="Hydra overrides for every run (default: none, the README command)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a run is stopped and counted failed"
+    )
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
@@ -59,8 +63,12 @@ def main(argv: list[str]) -> int:
             ok += 1
             print(f"run {i}/{args.runs}: ok: {timing}done in {seconds:.0f} s ({summaries[-1]})", flush=True)
         else:
-            print(f"run {i}/{args.runs}: FAILED after {seconds:.0f} s (flwr run exit code {code}): {failure_reason(log)}; "
-                  f"log {folder / 'flwr.log'}", flush=True)
+            print(
+                f"run {i}/{args.runs}: FAILED after {seconds:.0f} s (flwr run exit "
+                f"code {code}): {failure_reason(log)}; "
+                f"log {folder / 'flwr.log'}",
+                flush=True,
+            )
     print(f"{ok} of {args.runs} runs succeeded")
     return 0 if ok == args.runs else 1
 

@@ -43,7 +43,8 @@ HELD_OUT = "sketch"
 ENCODED = re.compile(r"\[(\w+)\] encoded (\d+)/(\d+) images \((\d+) images/s\)")
 
 
-# ----------------------------------------------------------------------------- preprocessing and the encoder, in this process
+# ----------------------------------------------------------------------------- preprocessing and the encoder, in
+# this process
 # Like everything heavy here, torch and the app's modules are imported inside the functions: make_dataset's workers
 # fork before torch is loaded.
 
@@ -57,8 +58,11 @@ def measure_preprocessing(model_dir: Path, root: Path, n: int, device: str) -> d
 
     processor = CLIPProcessor.from_pretrained(model_dir)
     rates = preprocessing_rates(processor, image_set(root / "photo", n), 256, torch.device(device), repeats=1)
-    log(f"preprocessing ({type(processor.image_processor).__name__}, {torch.get_num_threads()} threads): {rates['after']:.0f} images/s "
-        f"in one process, {rates['before']:.0f} decoding in one thread ({n} images)")
+    log(
+        f"preprocessing ({type(processor.image_processor).__name__}, {torch.get_num_threads()} "
+        f"threads): {rates['after']:.0f} images/s "
+        f"in one process, {rates['before']:.0f} decoding in one thread ({n} images)"
+    )
     return rates
 
 
@@ -112,46 +116,72 @@ def read_rows(run_dir: Path | None) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="vit-b32", help="CLIP sizes (tiny: for CPU trials)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="vit-b32", help="CLIP sizes (tiny: for CPU trials)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of PACS's images per domain (1.0 = 9,991)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10, help="each round spawns 2 app processes per node: ~10-20 s")
     parser.add_argument("--device", default=None, help="cuda:0 if CUDA is available, else cpu")
     parser.add_argument("--dtype", default=None, help="feature extraction precision; bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--encode-batch-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, required=True, help="results and logs (flat: gpu_check.json, metrics.csv, ...)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fedclip-gpu-check"), help="dataset, model, caches, Flower homes")
-    parser.add_argument("--base-port", type=int, default=19091, help=f"this and the next {3 + len(PACS_DOMAINS) - 1} ports")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="results and logs (flat: gpu_check.json, metrics.csv, ...)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/fedclip-gpu-check"), help="dataset, model, caches, Flower homes"
+    )
+    parser.add_argument(
+        "--base-port", type=int, default=19091, help=f"this and the next {3 + len(PACS_DOMAINS) - 1} ports"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes generating the images")
     parser.add_argument("--deadline", type=float, default=450, help="seconds from start after which the run is stopped")
     parser.add_argument("--startup-timeout", type=float, default=60, help="seconds for the SuperLink to listen")
-    parser.add_argument("--round-timeout", type=float, default=300, help="the app's wait for replies (query, train, evaluate)")
+    parser.add_argument(
+        "--round-timeout", type=float, default=300, help="the app's wait for replies (query, train, evaluate)"
+    )
     args = parser.parse_args()
 
     t_start = time.time()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a stop from outside still stops the Flower processes
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(143)
+    )  # so that a stop from outside still stops the Flower processes
     out, work = args.out.resolve(), args.work.resolve()
     if " " in str(work):
-        raise SystemExit(f"--work {work} contains a space: the run's overrides are space separated; choose another folder")
+        raise SystemExit(
+            f"--work {work} contains a space: the run's overrides are space separated; choose another folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     domains = list(PACS_DOMAINS)
     deployment = LocalDeployment(work, len(domains), args.base_port)  # checks its ports are free, before any slow step
     root, model_dir = work / "data", work / f"clip-{args.preset}"
-    counts = make_dataset(root, args.scale, args.image_size, args.workers)  # first: its workers fork before torch is loaded
-
-    import torch
-    import transformers
+    counts = make_dataset(
+        root, args.scale, args.image_size, args.workers
+    )  # first: its workers fork before torch is loaded
 
     import flwr
+    import torch
+    import transformers
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "none"
-    log(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"flwr {flwr.__version__}; device {device} ({gpu}), dtype {dtype}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    log(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"flwr {flwr.__version__}; device {device} ({gpu}), dtype {dtype}; {os.cpu_count()} "
+        f"CPUs, {torch.get_num_threads()} torch threads"
+    )
 
-    result: dict = {"preset": args.preset, "device": device, "gpu": gpu, "dtype": dtype, "rounds_asked": args.rounds,
-                    "cpus": os.cpu_count(), "scale": args.scale, "complete": False}
+    result: dict = {
+        "preset": args.preset,
+        "device": device,
+        "gpu": gpu,
+        "dtype": dtype,
+        "rounds_asked": args.rounds,
+        "cpus": os.cpu_count(),
+        "scale": args.scale,
+        "complete": False,
+    }
     result["images"] = sum(counts.values())
     result["clip_parameters"] = make_clip(model_dir, args.preset)
     preprocessing = measure_preprocessing(model_dir, root, min(1024, counts["photo"]), device)
@@ -160,24 +190,42 @@ def main() -> int:
     result["encoder_images_per_s_model_only"] = measure_model(model_dir, device, dtype, args.encode_batch_size)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDCLIP_")}  # the overrides below say where
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     for stale in ("cache", "flwr", "outputs", "logs"):  # features are encoded afresh: that is what is measured
         shutil.rmtree(work / stale, ignore_errors=True)
     run_dir, code = None, None
     try:
         threads = max(1, (os.cpu_count() or 1) // len(domains))  # four clients share this machine's cores
-        deployment.start(env, [f"domain='{d}' device='{device}' cpu-threads={threads}" for d in domains], args.startup_timeout)
-        overrides = " ".join([
-            "dataset=folder", f"dataset.root={root}", f"dataset.domains=[{','.join(domains)}]", f"dataset.held_out={HELD_OUT}",
-            f"model.name_or_path={model_dir}", f"model.dtype={dtype}", f"model.encode_batch_size={args.encode_batch_size}",
-            f"training.rounds={args.rounds}", f"strategy.round_timeout={args.round_timeout:.0f}",
-            f"cache_dir={work / 'cache'}", f"output_dir={work / 'outputs'}",
-        ])
+        deployment.start(
+            env, [f"domain='{d}' device='{device}' cpu-threads={threads}" for d in domains], args.startup_timeout
+        )
+        overrides = " ".join(
+            [
+                "dataset=folder",
+                f"dataset.root={root}",
+                f"dataset.domains=[{','.join(domains)}]",
+                f"dataset.held_out={HELD_OUT}",
+                f"model.name_or_path={model_dir}",
+                f"model.dtype={dtype}",
+                f"model.encode_batch_size={args.encode_batch_size}",
+                f"training.rounds={args.rounds}",
+                f"strategy.round_timeout={args.round_timeout:.0f}",
+                f"cache_dir={work / 'cache'}",
+                f"output_dir={work / 'outputs'}",
+            ]
+        )
         log(f"flwr run with overrides: {overrides}")
         t_run = time.time()
-        code = deployment.run(REPO, f'overrides="{overrides}"', work / "logs" / "flwr_run.log", args.deadline - (time.time() - t_start))
+        code = deployment.run(
+            REPO, f'overrides="{overrides}"', work / "logs" / "flwr_run.log", args.deadline - (time.time() - t_start)
+        )
         result["flwr_run_seconds"] = round(time.time() - t_run, 1)
     except Exception as err:  # reported below with what was measured so far; the logs say more
         log(f"FAILED: {type(err).__name__}: {err}")
@@ -192,7 +240,9 @@ def main() -> int:
     rates = encode_rates(deployment.node_logs())
     result["encode_per_domain"] = rates
     if rates:  # the clients encode concurrently: the slowest one bounds the wall time
-        result["encode_images_per_s"] = round(sum(r["images"] for r in rates.values()) / max(r["seconds"] for r in rates.values()))
+        result["encode_images_per_s"] = round(
+            sum(r["images"] for r in rates.values()) / max(r["seconds"] for r in rates.values())
+        )
     trained = [r for r in rows if r["round"] >= 1]
     timed = [r["seconds"] for r in trained if r["round"] >= 2] or [r["seconds"] for r in trained]
     result["rounds_done"] = len(trained)
@@ -224,14 +274,20 @@ def main() -> int:
         print(f"  {domain:>12}: {r['images']:5d} images, {r['images_per_s']:6d} images/s, {r['seconds']:.1f} s")
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     status = "complete" if result["complete"] else f"INCOMPLETE ({result.get('error') or f'exit {code}'})"
-    print(f"GPU CHECK [{status}] on {gpu} ({device}), {args.preset} CLIP, {result['images']:,} images of {args.image_size} px:\n"
-          f"  encode {result.get('encode_images_per_s', '-')} images/s in the app ({dtype}; encoder alone "
-          f"{result['encoder_images_per_s_model_only']:.0f}, preprocessing {result['preprocess_images_per_s_one_process']:.0f}/process)\n"
-          f"  {result['seconds_per_round'] if result['seconds_per_round'] is not None else '-'} s/round "
-          f"(mean of rounds {'2' if len(trained) > 1 else '1'}..{len(trained)}; {len(trained)}/{args.rounds} rounds done)\n"
-          f"  held-out {HELD_OUT} acc {fmt(result['held_out_acc_zero_shot'])} zero-shot -> {fmt(result['held_out_acc_last'])} "
-          f"last round (random weights: chance is {100 / len(PACS_CLASSES):.1f}%)\n"
-          f"  flwr run {result.get('flwr_run_seconds', '-')} s, total {result['total_seconds']} s; results in {out}")
+    print(
+        f"GPU CHECK [{status}] on {gpu} ({device}), {args.preset} CLIP, {result['images']:,} images "
+        f"of {args.image_size} px:\n"
+        f"  encode {result.get('encode_images_per_s', '-')} images/s in the app ({dtype}; encoder alone "
+        f"{result['encoder_images_per_s_model_only']:.0f}, "
+        f"preprocessing {result['preprocess_images_per_s_one_process']:.0f}/process)\n"
+        f"  {result['seconds_per_round'] if result['seconds_per_round'] is not None else '-'} s/round "
+        f"(mean of rounds {'2' if len(trained) > 1 else '1'}..{len(trained)}; {len(trained)}/{args.rounds} rounds "
+        f"done)\n"
+        f"  held-out {HELD_OUT} acc {fmt(result['held_out_acc_zero_shot'])} zero-shot "
+        f"-> {fmt(result['held_out_acc_last'])} "
+        f"last round (random weights: chance is {100 / len(PACS_CLASSES):.1f}%)\n"
+        f"  flwr run {result.get('flwr_run_seconds', '-')} s, total {result['total_seconds']} s; results in {out}"
+    )
     return 0 if result["complete"] else 1
 
 

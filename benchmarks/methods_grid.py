@@ -63,24 +63,36 @@ def main(argv: list[str]) -> int:
     for setting in args.settings:
         for label, overrides in configs.items():
             folder = args.out.resolve() / setting / label.replace(" ", "").replace("+", "_")
-            runs = [run_seed(seed, f"{args.overrides} {setting_overrides(setting)} {overrides}", folder) for seed in args.seeds]
+            runs = [
+                run_seed(seed, f"{args.overrides} {setting_overrides(setting)} {overrides}", folder)
+                for seed in args.seeds
+            ]
             results[(setting, label)] = runs
             held, pers = gains(runs, args.selection)
-            print(f"{setting} {label}: held-out {cell(held)}, personalization {cell(pers)}", file=sys.stderr, flush=True)
+            print(
+                f"{setting} {label}: held-out {cell(held)}, personalization {cell(pers)}", file=sys.stderr, flush=True
+            )
 
-    print(f"Gains over zero-shot CLIP in points, mean [95% CI] over seeds {', '.join(map(str, args.seeds))}; "
-          f"best round by `selection={args.selection}`.\n")
-    print("| clients a domain | configuration | zero-shot held-out / pers. | held-out gain | personalization gain "
-          "| seconds/round | bytes/client/round | parameters sent |")
+    print(
+        f"Gains over zero-shot CLIP in points, mean [95% CI] over seeds {', '.join(map(str, args.seeds))}; "
+        f"best round by `selection={args.selection}`.\n"
+    )
+    print(
+        "| clients a domain | configuration | zero-shot held-out / pers. | held-out gain | personalization gain "
+        "| seconds/round | bytes/client/round | parameters sent |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for (setting, label), runs in results.items():
         held, pers = gains(runs, args.selection)
         first = runs[0]["selections"][args.selection]
-        zero = f"{100 * first['zero_shot_held_out']:.2f} / {100 * sum(r['zero_shot_train_domains_mean'] for r in runs) / len(runs):.2f}"
+        train_domains = sum(r["zero_shot_train_domains_mean"] for r in runs) / len(runs)
+        zero = f"{100 * first['zero_shot_held_out']:.2f} / {100 * train_domains:.2f}"
         seconds = sum(r["seconds_per_round"] for r in runs) / len(runs)
         sent = sum(r["bytes_per_client_per_round"] for r in runs) / len(runs)
-        print(f"| {setting} | {label} | {zero} | {cell(held)} | {cell(pers)} | {seconds:.2f} | {sent / 1024:,.1f} KiB "
-              f"| {runs[0]['trained_parameters']:,} |")
+        print(
+            f"| {setting} | {label} | {zero} | {cell(held)} | {cell(pers)} | {seconds:.2f} | {sent / 1024:,.1f} KiB "
+            f"| {runs[0]['trained_parameters']:,} |"
+        )
 
     print("\nThe selection rules compared on the same runs (held-out gain / personalization gain; mean best round):\n")
     print("| clients a domain | configuration | " + " | ".join(SELECTIONS) + " |")
@@ -92,7 +104,9 @@ def main(argv: list[str]) -> int:
             rounds = sum(r["selections"][rule]["round"] for r in runs) / len(runs)
             cells.append(f"{cell(held)} / {cell(pers)}; round {rounds:.0f}")
         print(f"| {setting} | {label} | " + " | ".join(cells) + " |")
-    (args.out / "grid.json").write_text(json.dumps({f"{s}|{lab}": runs for (s, lab), runs in results.items()}, indent=1))
+    (args.out / "grid.json").write_text(
+        json.dumps({f"{s}|{lab}": runs for (s, lab), runs in results.items()}, indent=1)
+    )
     return 0
 
 

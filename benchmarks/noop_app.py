@@ -54,15 +54,23 @@ def node_domain(context: Context) -> str:
 
 def node_client(context: Context) -> str:
     """The node's client name as FedCLIP's (common.partition.client_name): the domain with one client per domain, else
-    "<domain>#<shard>", the shard being node config `shard` (default 0) where `domain` is set, else partition-id % clients-per-domain."""
+    "<domain>#<shard>", the shard being node config `shard` (default 0) where `domain` is set, else partition-id %
+    clients-per-domain."""
     k = int(context.run_config["clients-per-domain"])
-    shard = int(context.node_config.get("shard", 0)) if "domain" in context.node_config else int(context.node_config["partition-id"]) % k
+    shard = (
+        int(context.node_config.get("shard", 0))
+        if "domain" in context.node_config
+        else int(context.node_config["partition-id"]) % k
+    )
     return node_domain(context) if k == 1 else f"{node_domain(context)}#{shard}"
 
 
 @client.query()
 def query(message: Message, context: Context) -> Message:
-    return Message(RecordDict({"info": ConfigRecord({"domain": node_domain(context), "client": node_client(context)})}), reply_to=message)
+    return Message(
+        RecordDict({"info": ConfigRecord({"domain": node_domain(context), "client": node_client(context)})}),
+        reply_to=message,
+    )
 
 
 @client.train()
@@ -102,7 +110,8 @@ def exchange(grid: Grid, messages: list[Message], poll: tuple[float, float], tim
 
 def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_round: int) -> list[str]:
     """n of the client names, sorted, as FedCLIP draws them (a copy of server_app.strategy.sample_clients): the sorted
-    names sampled by a generator seeded by the run's seed, the purpose and the round; all of them when n >= len(clients)."""
+    names sampled by a generator seeded by the run's seed, the purpose and the round; all of them when n >=
+    len(clients)."""
     clients = sorted(clients)
     if n >= len(clients):
         return clients
@@ -120,23 +129,44 @@ def main(grid: Grid, context: Context) -> None:
         if time.time() > deadline:
             raise RuntimeError(f"{len(nodes)} of {expected} nodes connected after {timeout} s")
         time.sleep(1)
-    queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    queries = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+    ]
     info = {r.metadata.src_node_id: r.content["info"] for r in exchange(grid, queries, poll, timeout)}
-    node_of = {str(i["client"]): n for n, i in info.items()}  # client name -> node id: the samples are drawn by name, as FedCLIP's
+    node_of = {
+        str(i["client"]): n for n, i in info.items()
+    }  # client name -> node id: the samples are drawn by name, as FedCLIP's
     if len(node_of) < len(info):
-        raise RuntimeError(f"{len(info)} nodes hold only {len(node_of)} distinct clients: each node must hold its own domain/shard")
+        raise RuntimeError(
+            f"{len(info)} nodes hold only {len(node_of)} distinct clients: each node must hold its own domain/shard"
+        )
     held_out = sorted(c for c, n in node_of.items() if info[n]["domain"] == rc["held-out"])
     training = sorted(c for c, n in node_of.items() if info[n]["domain"] != rc["held-out"])
     dim = int(rc["adapter-dim"])
-    adapter = ArrayRecord({  # AttentionAdapter(dim)'s tensors: fc1 and fc2, Linear(dim, dim) each
-        f"{layer}.{p}": Array(np.zeros((dim, dim) if p == "weight" else (dim,), np.float32)) for layer in ("fc1", "fc2") for p in ("weight", "bias")
-    })
-    seed, fraction_train, fraction_evaluate = int(rc["seed"]), float(rc["fraction-train"]), float(rc["fraction-evaluate"])
-    min_train = int(rc.get("min-train-nodes", 1))  # FedCLIP's strategy.min_train_nodes (an older pyproject lacks the key)
+    adapter = ArrayRecord(
+        {  # AttentionAdapter(dim)'s tensors: fc1 and fc2, Linear(dim, dim) each
+            f"{layer}.{p}": Array(np.zeros((dim, dim) if p == "weight" else (dim,), np.float32))
+            for layer in ("fc1", "fc2")
+            for p in ("weight", "bias")
+        }
+    )
+    seed, fraction_train, fraction_evaluate = (
+        int(rc["seed"]),
+        float(rc["fraction-train"]),
+        float(rc["fraction-evaluate"]),
+    )
+    min_train = int(
+        rc.get("min-train-nodes", 1)
+    )  # FedCLIP's strategy.min_train_nodes (an older pyproject lacks the key)
 
     def messages(clients: list[str], message_type: str, server_round: int) -> list[Message]:
         config = ConfigRecord({"server-round": server_round})
-        return [Message(RecordDict({"arrays": adapter, "config": config}), dst_node_id=node_of[c], message_type=message_type) for c in clients]
+        return [
+            Message(
+                RecordDict({"arrays": adapter, "config": config}), dst_node_id=node_of[c], message_type=message_type
+            )
+            for c in clients
+        ]
 
     def evaluated(server_round: int, riding: list[str]) -> list[str]:
         """Held-out clients, and training clients not already evaluated by a train message, up to fraction-evaluate."""
@@ -148,16 +178,36 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(1, rounds + 1):
         t0 = time.time()
         grid.get_node_ids()  # the app refreshes its node list each round
-        train_clients = sample_clients(training, max(min_train, math.ceil(fraction_train * len(training))), seed, "train", server_round)
+        train_clients = sample_clients(
+            training, max(min_train, math.ceil(fraction_train * len(training))), seed, "train", server_round
+        )
         if exchanges == 1:  # the previous round's evaluation rides on this round's train messages
-            exchange(grid, messages(train_clients, MessageType.TRAIN, server_round)
-                     + messages(evaluated(server_round - 1, train_clients), MessageType.EVALUATE, server_round - 1), poll, timeout)
+            exchange(
+                grid,
+                messages(train_clients, MessageType.TRAIN, server_round)
+                + messages(evaluated(server_round - 1, train_clients), MessageType.EVALUATE, server_round - 1),
+                poll,
+                timeout,
+            )
             if server_round == rounds:  # the last round's evaluation has no next round to ride on
                 exchange(grid, messages(evaluated(server_round, []), MessageType.EVALUATE, server_round), poll, timeout)
         else:
             exchange(grid, messages(train_clients, MessageType.TRAIN, server_round), poll, timeout)
             exchange(grid, messages(evaluated(server_round, []), MessageType.EVALUATE, server_round), poll, timeout)
         seconds.append(time.time() - t0)
-        log.info("noop round %d: %d training client(s), %d exchange(s): %.3f s", server_round, len(train_clients), exchanges, seconds[-1])
+        log.info(
+            "noop round %d: %d training client(s), %d exchange(s): %.3f s",
+            server_round,
+            len(train_clients),
+            exchanges,
+            seconds[-1],
+        )
     with open(str(rc["out"]), "w") as fh:
-        json.dump({"round_seconds": seconds, "nodes": len(nodes), "adapter_bytes": sum(len(a.data) for a in adapter.values())}, fh)
+        json.dump(
+            {
+                "round_seconds": seconds,
+                "nodes": len(nodes),
+                "adapter_bytes": sum(len(a.data) for a in adapter.values()),
+            },
+            fh,
+        )

@@ -26,7 +26,8 @@ def image_set(root: Path, n: int) -> DomainFolder:
 
 
 def serial_batches(processor, images: DomainFolder, batch_size: int, device: torch.device):
-    """Main's image_batches until this change: one thread decodes a batch with PIL, the processor takes PIL images on the CPU."""
+    """Main's image_batches until this change: one thread decodes a batch with PIL, the processor takes PIL images
+    on the CPU."""
     for start in range(0, len(images), batch_size):
         batch = [img for i in range(start, min(start + batch_size, len(images))) if (img := images.read(i)) is not None]
         yield processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
@@ -46,10 +47,19 @@ def best_rate(run, n: int, repeats: int, device: torch.device) -> float:
     return n / best
 
 
-def preprocessing_rates(processor, images: DomainFolder, batch_size: int, device: torch.device, repeats: int) -> dict[str, float]:
+def preprocessing_rates(
+    processor, images: DomainFolder, batch_size: int, device: torch.device, repeats: int
+) -> dict[str, float]:
     """Images/s from files to pixel tensors on the device: main's serial path (before) and image_batches (after)."""
     from common.features import image_batches
 
-    before = best_rate(lambda: list(serial_batches(processor, images, batch_size, device)), len(images), repeats, device)
-    after = best_rate(lambda: list(image_batches(processor, images, range(len(images)), batch_size, device)), len(images), repeats, device)
+    before = best_rate(
+        lambda: list(serial_batches(processor, images, batch_size, device)), len(images), repeats, device
+    )
+    after = best_rate(
+        lambda: list(image_batches(processor, images, range(len(images)), batch_size, device)),
+        len(images),
+        repeats,
+        device,
+    )
     return {"before": before, "after": after}

@@ -42,6 +42,7 @@ from benchmarks.sweep import REPO, flwr_run
 from common.config import load_config
 from common.demo import DIGIT_NAMES
 from common.model import model_name_or_path
+
 try:
     from server_app.federation import POLL_SECONDS
 except ImportError:  # a checkout from before server_app/federation.py (run against older commits)
@@ -124,16 +125,25 @@ def noop_app(folder: Path) -> Path:
     return folder
 
 
-def noop_run_config(rounds: int, exchanges: int, adapter_dim: int, clients_per_domain: int, fraction: float, out: Path) -> str:
-    return (f'rounds={rounds} exchanges={exchanges} adapter-dim={adapter_dim} domains="{",".join(DOMAINS)}" '
-            f'clients-per-domain={clients_per_domain} held-out="{HELD_OUT}" fraction-train={fraction} fraction-evaluate={fraction} '
-            f'poll-first={POLL[0]} poll-max={POLL[1]} seed=0 out="{out}"')
+def noop_run_config(
+    rounds: int, exchanges: int, adapter_dim: int, clients_per_domain: int, fraction: float, out: Path
+) -> str:
+    return (
+        f'rounds={rounds} exchanges={exchanges} adapter-dim={adapter_dim} domains="{",".join(DOMAINS)}" '
+        f'clients-per-domain={clients_per_domain} held-out="{HELD_OUT}" fraction-train={fraction} '
+        f"fraction-evaluate={fraction} "
+        f'poll-first={POLL[0]} poll-max={POLL[1]} seed=0 out="{out}"'
+    )
 
 
-def fedclip_overrides(root: Path, clients_per_domain: int, fraction: float, rounds: int, model: str, cache: Path) -> str:
-    overrides = (f"dataset=folder dataset.root={root} dataset.domains=[{','.join(DOMAINS)}] dataset.held_out={HELD_OUT} "
-                 f"dataset.clients_per_domain={clients_per_domain} model.name_or_path={model} cache_dir={cache} "
-                 f"training.rounds={rounds} cpu_threads=1")
+def fedclip_overrides(
+    root: Path, clients_per_domain: int, fraction: float, rounds: int, model: str, cache: Path
+) -> str:
+    overrides = (
+        f"dataset=folder dataset.root={root} dataset.domains=[{','.join(DOMAINS)}] dataset.held_out={HELD_OUT} "
+        f"dataset.clients_per_domain={clients_per_domain} model.name_or_path={model} cache_dir={cache} "
+        f"training.rounds={rounds} cpu_threads=1"
+    )
     if fraction < 1:
         overrides += f" strategy.fraction_train={fraction} strategy.fraction_evaluate={fraction}"
     return overrides
@@ -167,28 +177,47 @@ class Bench:
         self.model = model_name_or_path(self.cfg)  # builds the demo CLIP on first use (FEDCLIP_CACHE)
         self.adapter_dim = int(json.loads((Path(self.model) / "config.json").read_text())["projection_dim"])
         self.rows: list[dict] = []
-        self.commit = _git("rev-parse", "HEAD"), _git("rev-parse", "--abbrev-ref", "HEAD")  # the code measured, as it started
+        self.commit = (
+            _git("rev-parse", "HEAD"),
+            _git("rev-parse", "--abbrev-ref", "HEAD"),
+        )  # the code measured, as it started
 
     def setting(self, mode: str, clients: int, fraction: float) -> dict:
-        name = f"{mode}-{clients}" + (f"-sampled{fraction:g}" if fraction < 1 else "")  # no '@': Flower's database path is a URL
+        name = f"{mode}-{clients}" + (
+            f"-sampled{fraction:g}" if fraction < 1 else ""
+        )  # no '@': Flower's database path is a URL
         folder = self.work / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         root = make_folder(self.work / "data" / f"clients{clients}", clients, self.args.images_per_client)
         k = clients // len(DOMAINS)
         rounds = self.args.rounds if mode == "simulation" else self.args.deployment_rounds
-        row = {"setting": name, "mode": mode, "clients": clients, "fraction": fraction, "rounds": rounds,
-               "load_before": round(load_average(), 2), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        print(f"\n== {name}: {clients} clients ({k} per domain, {HELD_OUT} held out), fraction {fraction:g}, {rounds} rounds; "
-              f"load average {row['load_before']:.2f}", flush=True)
+        row = {
+            "setting": name,
+            "mode": mode,
+            "clients": clients,
+            "fraction": fraction,
+            "rounds": rounds,
+            "load_before": round(load_average(), 2),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        print(
+            f"\n== {name}: {clients} clients ({k} per domain, {HELD_OUT} held out), fraction {fraction:g}, {rounds} "
+            f"rounds; "
+            f"load average {row['load_before']:.2f}",
+            flush=True,
+        )
         t0 = time.time()
-        overrides = f"{fedclip_overrides(root, k, fraction, rounds, self.model, self.work / 'cache')} {self.args.overrides}".strip()
+        overrides = fedclip_overrides(root, k, fraction, rounds, self.model, self.work / "cache")
+        overrides = f"{overrides} {self.args.overrides}".strip()
         runs = [(f"floor_{e}x", lambda f, e=e: self.noop(mode, clients, k, fraction, rounds, e, f)) for e in (1, 2)]
         runs.append(("fedclip", lambda f: self.fedclip(mode, clients, overrides, rounds, f)))
         for key, run in runs:
             t_run = time.time()
             seconds, code, detail = run(folder / key)
-            if not seconds and code != 124:  # measured nothing, not for lack of time (a failure the log did not name): once more
+            if (
+                not seconds and code != 124
+            ):  # measured nothing, not for lack of time (a failure the log did not name): once more
                 print(f"   {key}: no round measured (exit {code}; log {folder / key}); running it again", flush=True)
                 shutil.move(folder / key, folder / f"{key}-failed")
                 seconds, code, detail = run(folder / key)
@@ -198,8 +227,11 @@ class Bench:
             row[f"{key}_wall_s"] = round(time.time() - t_run, 1)
             row.update(detail)
             per_round = "-" if row[f"{key}_s_per_round"] is None else f"{row[f'{key}_s_per_round']:.3f}"
-            print(f"   {key}: {per_round} s/round in rounds 2..R-1 (rounds: {', '.join(f'{s:.2f}' for s in seconds)}); "
-                  f"exit {code}; {row[f'{key}_wall_s']:.0f} s", flush=True)
+            print(
+                f"   {key}: {per_round} s/round in rounds 2..R-1 (rounds: {', '.join(f'{s:.2f}' for s in seconds)}); "
+                f"exit {code}; {row[f'{key}_wall_s']:.0f} s",
+                flush=True,
+            )
         for e in (1, 2):
             floor, app = row[f"floor_{e}x_s_per_round"], row["fedclip_s_per_round"]
             row[f"ratio_{e}x"] = app / floor if app and floor else None
@@ -215,8 +247,14 @@ class Bench:
         out.unlink(missing_ok=True)
         run_config = noop_run_config(rounds, exchanges, self.adapter_dim, k, fraction, out)
         if mode == "simulation":
-            code, _ = flwr_run(folder, num_supernodes=clients, client_cpus=self.args.client_cpus, timeout=self.args.run_timeout,
-                               app=app, run_config=run_config)
+            code, _ = flwr_run(
+                folder,
+                num_supernodes=clients,
+                client_cpus=self.args.client_cpus,
+                timeout=self.args.run_timeout,
+                app=app,
+                run_config=run_config,
+            )
         else:
             folder.mkdir(parents=True)
             code = self.deployment.run(app, run_config, folder / "flwr.log", self.args.run_timeout, echo=False)
@@ -224,12 +262,23 @@ class Bench:
 
     def fedclip(self, mode: str, clients: int, overrides: str, rounds: int, folder: Path):
         if mode == "simulation":
-            code, _ = flwr_run(folder, overrides, num_supernodes=clients, client_cpus=self.args.client_cpus,
-                               env={"HF_HUB_OFFLINE": "1"}, timeout=self.args.run_timeout)
+            code, _ = flwr_run(
+                folder,
+                overrides,
+                num_supernodes=clients,
+                client_cpus=self.args.client_cpus,
+                env={"HF_HUB_OFFLINE": "1"},
+                timeout=self.args.run_timeout,
+            )
         else:
             folder.mkdir(parents=True)
-            code = self.deployment.run(REPO, f'overrides="{overrides} output_dir={folder}"', folder / "flwr.log", self.args.run_timeout,
-                                       echo=False)
+            code = self.deployment.run(
+                REPO,
+                f'overrides="{overrides} output_dir={folder}"',
+                folder / "flwr.log",
+                self.args.run_timeout,
+                echo=False,
+            )
         seconds, run_dir = fedclip_seconds(folder, rounds)
         return seconds, code, {"fedclip_run_folder": str(run_dir) if run_dir else None}
 
@@ -248,14 +297,35 @@ class Bench:
             self.deployment.stop()
 
     def write(self) -> None:
-        meta = {"flwr": _version("flwr"), "git_commit": self.commit[0], "git_branch": self.commit[1],
-                "cpus": os.cpu_count(), "adapter_dim": self.adapter_dim, "adapter_parameters": 2 * (self.adapter_dim**2 + self.adapter_dim),
-                "images_per_client": self.args.images_per_client, "client_cpus": self.args.client_cpus, "poll_seconds": POLL,
-                "command": " ".join(sys.argv)}
+        meta = {
+            "flwr": _version("flwr"),
+            "git_commit": self.commit[0],
+            "git_branch": self.commit[1],
+            "cpus": os.cpu_count(),
+            "adapter_dim": self.adapter_dim,
+            "adapter_parameters": 2 * (self.adapter_dim**2 + self.adapter_dim),
+            "images_per_client": self.args.images_per_client,
+            "client_cpus": self.args.client_cpus,
+            "poll_seconds": POLL,
+            "command": " ".join(sys.argv),
+        }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "round_overhead.json").write_text(json.dumps({**meta, "settings": self.rows}, indent=2) + "\n")
-        columns = ["setting", "mode", "clients", "fraction", "rounds", "floor_1x_s_per_round", "floor_2x_s_per_round",
-                   "fedclip_s_per_round", "ratio_1x", "ratio_2x", "load_before", "load_after", "wall_s"]
+        columns = [
+            "setting",
+            "mode",
+            "clients",
+            "fraction",
+            "rounds",
+            "floor_1x_s_per_round",
+            "floor_2x_s_per_round",
+            "fedclip_s_per_round",
+            "ratio_1x",
+            "ratio_2x",
+            "load_before",
+            "load_after",
+            "wall_s",
+        ]
         with open(self.out / "round_overhead.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
@@ -274,13 +344,20 @@ def _git(*args: str) -> str:
 
 def table(rows: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| setting | clients | per round | floor s/round (1 exchange) | floor s/round (2 exchanges) | FedCLIP s/round | "
-             "FedCLIP / floor (1) | FedCLIP / floor (2) | load avg |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| setting | clients | per round | floor s/round (1 exchange) | floor s/round (2 exchanges) | FedCLIP "
+        "s/round | "
+        "FedCLIP / floor (1) | FedCLIP / floor (2) | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         sampled = "all" if r["fraction"] >= 1 else f"{r['fraction']:.0%} sampled"
-        lines.append(f"| {r['mode']} | {r['clients']:,} | {sampled} | {fmt(r['floor_1x_s_per_round'], '.3f')} | "
-                     f"{fmt(r['floor_2x_s_per_round'], '.3f')} | {fmt(r['fedclip_s_per_round'], '.3f')} | {fmt(r['ratio_1x'], '.2f')}x | "
-                     f"{fmt(r['ratio_2x'], '.2f')}x | {r['load_before']:.1f} -> {r['load_after']:.1f} |")
+        lines.append(
+            f"| {r['mode']} | {r['clients']:,} | {sampled} | {fmt(r['floor_1x_s_per_round'], '.3f')} | "
+            f"{fmt(r['floor_2x_s_per_round'], '.3f')} | {fmt(r['fedclip_s_per_round'], '.3f')} "
+            f"| {fmt(r['ratio_1x'], '.2f')}x | "
+            f"{fmt(r['ratio_2x'], '.2f')}x | {r['load_before']:.1f} -> {r['load_after']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -290,44 +367,74 @@ def parse_sizes(text: str) -> list[tuple[int, float]]:
         clients, _, fraction = item.partition("@")
         n, f = int(clients), float(fraction or 1)
         if n % len(DOMAINS) or not 0 < f <= 1:
-            raise argparse.ArgumentTypeError(f"{item!r}: clients must be a multiple of {len(DOMAINS)}, the fraction in (0, 1]")
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: clients must be a multiple of {len(DOMAINS)}, the fraction in (0, 1]"
+            )
         sizes.append((n, f))
     return sizes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("4,100,1000,1000@0.1"),
-                        help="simulation settings: clients, or clients@fraction sampled per round (empty: none)")
-    parser.add_argument("--deployment", action="store_true", help="also a real SuperLink and 4 SuperNodes (insecure, localhost)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of each simulation run (rounds 2..R-1 are measured)")
-    parser.add_argument("--deployment-warm", action="store_true",
-                        help="also the deployment with warm ClientApps (--isolation process + fedclip-clientapp per SuperNode)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("4,100,1000,1000@0.1"),
+        help="simulation settings: clients, or clients@fraction sampled per round (empty: none)",
+    )
+    parser.add_argument(
+        "--deployment", action="store_true", help="also a real SuperLink and 4 SuperNodes (insecure, localhost)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of each simulation run (rounds 2..R-1 are measured)"
+    )
+    parser.add_argument(
+        "--deployment-warm",
+        action="store_true",
+        help="also the deployment with warm ClientApps (--isolation process + fedclip-clientapp per SuperNode)",
+    )
     parser.add_argument("--deployment-rounds", type=int, default=5)
     parser.add_argument("--images-per-client", type=int, default=20)
-    parser.add_argument("--client-cpus", type=float, default=1, help="client-resources-num-cpus of the simulation (Ray)")
-    parser.add_argument("--overrides", default="", help="more overrides for the FedCLIP runs, e.g. strategy.secagg.enabled=true "
-                        "(the floor stays one plain exchange a round)")
+    parser.add_argument(
+        "--client-cpus", type=float, default=1, help="client-resources-num-cpus of the simulation (Ray)"
+    )
+    parser.add_argument(
+        "--overrides",
+        default="",
+        help="more overrides for the FedCLIP runs, e.g. strategy.secagg.enabled=true "
+        "(the floor stays one plain exchange a round)",
+    )
     parser.add_argument("--run-timeout", type=float, default=3600, help="seconds one `flwr run` may take")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fedclip-round-overhead"), help="data, feature cache, runs")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "round_overhead", help="round_overhead.json and .csv")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/fedclip-round-overhead"), help="data, feature cache, runs"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "outputs" / "round_overhead", help="round_overhead.json and .csv"
+    )
     args = parser.parse_args()
     if args.rounds < 3 or args.deployment_rounds < 3:
         parser.error("at least 3 rounds: rounds 2..R-1 are measured")
 
     t0 = time.time()
     bench = Bench(args)
-    print(f"round overhead: flwr {_version('flwr')}, {os.cpu_count()} CPUs, load average {load_average():.2f}; "
-          f"adapter {bench.adapter_dim}-dim ({2 * (bench.adapter_dim**2 + bench.adapter_dim):,} float32); work {bench.work}", flush=True)
+    print(
+        f"round overhead: flwr {_version('flwr')}, {os.cpu_count()} CPUs, load average {load_average():.2f}; "
+        f"adapter {bench.adapter_dim}-dim ({2 * (bench.adapter_dim**2 + bench.adapter_dim):,} float32); "
+        f"work {bench.work}",
+        flush=True,
+    )
     for clients, fraction in args.sizes:
         bench.setting("simulation", clients, fraction)
     if args.deployment:
         bench.deployed(len(DOMAINS))
     if args.deployment_warm:
         bench.deployed(len(DOMAINS), warm=True)
-    print(f"\n{table(bench.rows)}\n\nseconds per round: mean of rounds 2..R-1; {args.images_per_client} images per client; "
-          f"total {time.time() - t0:.0f} s; load average now {load_average():.2f} on {os.cpu_count()} CPUs; "
-          f"results: {bench.out / 'round_overhead.json'} and .csv")
+    print(
+        f"\n{table(bench.rows)}\n\nseconds per round: mean of rounds 2..R-1; {args.images_per_client} images per "
+        f"client; "
+        f"total {time.time() - t0:.0f} s; load average now {load_average():.2f} on {os.cpu_count()} CPUs; "
+        f"results: {bench.out / 'round_overhead.json'} and .csv"
+    )
     return 0 if all(r["fedclip_exit_code"] == 0 and r["ratio_1x"] for r in bench.rows) else 1
 
 

@@ -8,10 +8,12 @@ domain as a deployed site does (node config `domain` and `data-dir`, the tiny CL
 environment (FEDCLIP_FUZZ_SECRET) that each hostile configuration tries to read. Kinds:
 
 - config-values, config-keys: a run's configuration (JSON, as messages carry it) with an interpolation or resolver call
-  at a random value or key: `${oc.env:...}` with spaces, tabs, newlines and unicode spaces inside, escaped `\\${`, nested,
+  at a random value or key: `${oc.env:...}` with spaces, tabs, newlines and unicode spaces inside, escaped `\\${`,
+  nested,
   custom resolver names, plain `${key}`; the whole text JSON-escaped (`\\u0024{`) or not.
 - config-yaml: the same in YAML, as the configuration travelled before (YAML escapes `\\x24`, `\\u0024`).
-- config-overrides: Hydra overrides as `flwr run --run-config` brings them (TOML escapes decoded), composed on the server;
+- config-overrides: Hydra overrides as `flwr run --run-config` brings them (TOML escapes decoded), composed on the
+server;
   what the server sends is then parsed by the site.
 - config-types: a value of the wrong type, or a key added or removed, anywhere in the configuration.
 - messages: query, train and evaluate messages pushed into the site's running run: records of the wrong type or missing,
@@ -54,24 +56,43 @@ KINDS = ("config-values", "config-keys", "config-yaml", "config-overrides", "con
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 SPACES = ["", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\u00a0", "\u2003", "\u3000"]
-RESOLVERS = ["oc.env", "oc.decode", "oc.create", "oc.select", "oc.dict.keys", "env", "my_resolver", "hydra:runtime.cwd", "eval"]
+RESOLVERS = [
+    "oc.env",
+    "oc.decode",
+    "oc.create",
+    "oc.select",
+    "oc.dict.keys",
+    "env",
+    "my_resolver",
+    "hydra:runtime.cwd",
+    "eval",
+]
 ENV_NAMES = [SECRET_ENV, "HOME", "PATH"]
 DOLLARS = ["$", "\\$"]  # an interpolation, and OmegaConf's escaped one
 
 
 @st.composite
 def interpolations(draw) -> str:
-    """A string OmegaConf would interpolate: a resolver call reading the environment, nested, escaped, or a plain ${key}."""
+    """A string OmegaConf would interpolate: a resolver call reading the environment, nested, escaped, or a plain
+    ${key}."""
     ws = st.sampled_from(SPACES)
-    call = f"{draw(st.sampled_from(RESOLVERS))}:{draw(ws)}{draw(st.sampled_from(ENV_NAMES))}{draw(st.sampled_from(['', ',cpu', ',']))}"
-    inner = draw(st.sampled_from([call, "cache_dir", ".hub_id", "dataset.root", f"oc.env:{SECRET_ENV},${{oc.env:HOME}}"]))
+    resolver, name, tail = (
+        draw(st.sampled_from(RESOLVERS)),
+        draw(st.sampled_from(ENV_NAMES)),
+        draw(st.sampled_from(["", ",cpu", ","])),
+    )
+    call = f"{resolver}:{draw(ws)}{name}{tail}"
+    inner = draw(
+        st.sampled_from([call, "cache_dir", ".hub_id", "dataset.root", f"oc.env:{SECRET_ENV},${{oc.env:HOME}}"])
+    )
     dollar = draw(st.sampled_from(DOLLARS))
     text = f"{dollar}{{{draw(ws)}{inner}{draw(ws)}}}"
     return f"{draw(st.text(max_size=4))}{text}{draw(st.text(max_size=4))}"
 
 
 def json_escaped(text: str) -> str:
-    """JSON whose `$` and `{` inside strings are written as \\u escapes (a reader that matches the text sees no `${`)."""
+    """JSON whose `$` and `{` inside strings are written as \\u escapes (a reader that matches the text sees no
+    `${`)."""
     return text.replace("$", "\\u0024").replace("{\\u", "\\u007b\\u")
 
 
@@ -106,8 +127,15 @@ def at(tree: object, path: tuple) -> object:
     return tree
 
 
-WRONG_VALUES = st.one_of(st.text(max_size=8), st.integers(-10**12, 10**12), st.floats(allow_nan=False, allow_infinity=False),
-                         st.booleans(), st.none(), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+WRONG_VALUES = st.one_of(
+    st.text(max_size=8),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 
 # ---- the site -------------------------------------------------------------------------------------------------
 
@@ -128,12 +156,17 @@ class Site:
         self.cache = self.root / "site-cache"
         node_config = {"domain": "photo", "data-dir": str(self.data), "cache-dir": str(self.cache), "device": "cpu"}
         self.context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-        cfg = load_config(f"dataset=folder dataset.root=/server/data dataset.domains=[art,photo,sketch] dataset.held_out=sketch "
-                          f"model.name_or_path={clip} training.batch_size=8")
+        cfg = load_config(
+            f"dataset=folder dataset.root=/server/data dataset.domains=[art,photo,sketch] dataset.held_out=sketch "
+            f"model.name_or_path={clip} training.batch_size=8"
+        )
         self.run_config = message_config(cfg)
         reply = self.send(self.query(self.run_config))
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        self.adapter = {k: v.numpy() for k, v in self.initial_adapter(cfg, int(reply.content[wire.METRICS][wire.FEATURE_DIM])).items()}
+        self.adapter = {
+            k: v.numpy()
+            for k, v in self.initial_adapter(cfg, int(reply.content[wire.METRICS][wire.FEATURE_DIM])).items()
+        }
         self.files = self.snapshot()
 
     @staticmethod
@@ -144,14 +177,26 @@ class Site:
 
     def snapshot(self) -> dict[str, str]:
         """Every file of the site's data folder and cache with its SHA-256: what no input may change."""
-        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for folder in (self.data, self.cache)
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in (self.data, self.cache)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
     def query(self, run_config: object) -> Message:
-        return Message(RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}), dst_node_id=7, message_type=MessageType.QUERY)
+        return Message(
+            RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}),
+            dst_node_id=7,
+            message_type=MessageType.QUERY,
+        )
 
     def train(self, arrays: ArrayRecord | None = None, config: dict | None = None) -> Message:
-        records = {wire.CONFIG: ConfigRecord(config if config is not None else {wire.RUN_CONFIG: self.run_config, wire.SERVER_ROUND: 1})}
+        records = {
+            wire.CONFIG: ConfigRecord(
+                config if config is not None else {wire.RUN_CONFIG: self.run_config, wire.SERVER_ROUND: 1}
+            )
+        }
         records[wire.ARRAYS] = arrays if arrays is not None else encode(self.adapter, "float32")
         return Message(RecordDict(records), dst_node_id=7, message_type=MessageType.TRAIN)
 
@@ -169,7 +214,11 @@ class Site:
 
     def leaked(self, text: str) -> list[str]:
         """What of the site's own a text carries back: the secret, its data folder, its cache."""
-        return [name for name, value in (("secret", SECRET), ("data-dir", str(self.data)), ("cache-dir", str(self.cache))) if value in text]
+        return [
+            name
+            for name, value in (("secret", SECRET), ("data-dir", str(self.data)), ("cache-dir", str(self.cache)))
+            if value in text
+        ]
 
     def still_working(self) -> bool:
         reply = self.send(self.train())
@@ -179,7 +228,9 @@ class Site:
 def reply_text(reply: Message) -> str:
     if reply.has_error():
         return reply.error.reason
-    return repr({name: dict(record) for name, record in reply.content.config_records.items()}) + repr(dict(reply.content.metric_records))
+    return repr({name: dict(record) for name, record in reply.content.config_records.items()}) + repr(
+        dict(reply.content.metric_records)
+    )
 
 
 # ---- the campaign ---------------------------------------------------------------------------------------------
@@ -205,7 +256,8 @@ class Tally:
 
 
 def parse_at_site(site: Site, tally: Tally, text: str, example: object) -> None:
-    """The site parses a configuration text a message brings; refused, or accepted exactly as sent (nothing resolved)."""
+    """The site parses a configuration text a message brings; refused, or accepted exactly as sent (nothing
+    resolved)."""
     try:
         cfg = config_from_message(text)
     except ConfigError as err:
@@ -218,16 +270,25 @@ def parse_at_site(site: Site, tally: Tally, text: str, example: object) -> None:
 
     sent, held = json.loads(text), OmegaConf.to_container(cfg)
     changed = [p for p in paths(sent) if p and isinstance(at(held, p), str) and at(held, p) != str(at(sent, p))]
-    resolved = f"{'.'.join(map(str, changed[0]))} changed from what was sent" if changed else None  # a type's conversion is no change
+    resolved = (
+        f"{'.'.join(map(str, changed[0]))} changed from what was sent" if changed else None
+    )  # a type's conversion is no change
     tally.note("accepted", site.leaked(json.dumps(held)), resolved, example)
 
 
 def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
     tally = Tally()
     base = json.loads(site.run_config)
-    options = dict(max_examples=examples, database=None, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    options = dict(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
 
     if kind == "config-values":
+
         @settings(**options)
         @given(st.data(), interpolations(), st.booleans())
         def trial(data, payload, escaped):
@@ -235,6 +296,7 @@ def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
             text = json.dumps(put(base, path, payload), ensure_ascii=data.draw(st.booleans()))
             parse_at_site(site, tally, json_escaped(text) if escaped else text, (path, payload, escaped))
     elif kind == "config-keys":
+
         @settings(**options)
         @given(st.data(), interpolations())
         def trial(data, payload):
@@ -243,6 +305,7 @@ def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
             at(tree, where)[payload] = data.draw(WRONG_VALUES)
             parse_at_site(site, tally, json.dumps(tree), (where, payload))
     elif kind == "config-yaml":
+
         @settings(**options)
         @given(st.data(), interpolations())
         def trial(data, payload):
@@ -251,19 +314,29 @@ def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
             text = text.replace("$", data.draw(st.sampled_from(["$", "\\x24", "\\u0024"]))) if '"' in text else text
             parse_at_site(site, tally, text, (path, payload))
     elif kind == "config-overrides":
+
         @settings(**options)
         @given(st.data(), interpolations())
         def trial(data, payload):
-            key = data.draw(st.sampled_from(["device", "dataset.root", "model.prompt", "cache_dir", "+dataset.extra", "output_dir"]))
-            toml = 'overrides = "' + f"{key}='{payload}'".replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\u0024") + '"'
+            key = data.draw(
+                st.sampled_from(["device", "dataset.root", "model.prompt", "cache_dir", "+dataset.extra", "output_dir"])
+            )
+            toml = (
+                'overrides = "'
+                + f"{key}='{payload}'".replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\u0024")
+                + '"'
+            )
             try:
-                overrides = tomllib.loads(toml.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r"))["overrides"]
+                overrides = tomllib.loads(toml.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r"))[
+                    "overrides"
+                ]
                 cfg = load_config(overrides)
             except Exception as err:  # noqa: BLE001 - refused on the server (Hydra's parser, OmegaConf, the schema)
                 tally.note("refused", site.leaked(str(err)), None, (key, payload))
                 return
             parse_at_site(site, tally, message_config(cfg), (key, payload))
     elif kind == "config-types":
+
         @settings(**options)
         @given(st.data())
         def trial(data):
@@ -280,6 +353,7 @@ def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
                     parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(WRONG_VALUES)
             parse_at_site(site, tally, json.dumps(tree), (path, change))
     elif kind == "messages":
+
         @settings(**options)
         @given(hostile_messages(site))
         def trial(case):
@@ -300,12 +374,16 @@ def campaign(kind: str, site: Site, examples: int, seed: int) -> Tally:
 def hostile_messages(draw, site: Site) -> tuple[str, Message]:
     """A query, train or evaluate message with one thing wrong (or several), as pushed into a running run."""
     adapter = site.adapter
-    arrays_kind = draw(st.sampled_from(["good", "nan", "inf", "shape", "names", "dtype", "large", "empty", "missing", "wrong-record"]))
+    arrays_kind = draw(
+        st.sampled_from(["good", "nan", "inf", "shape", "names", "dtype", "large", "empty", "missing", "wrong-record"])
+    )
     arrays = dict(adapter)
     if arrays_kind in ("nan", "inf"):
         key = draw(st.sampled_from(sorted(adapter)))
         values = arrays[key].copy()
-        values.flat[draw(st.integers(0, values.size - 1))] = np.nan if arrays_kind == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        values.flat[draw(st.integers(0, values.size - 1))] = (
+            np.nan if arrays_kind == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        )
         arrays[key] = values
     elif arrays_kind == "shape":
         key = draw(st.sampled_from(sorted(adapter)))
@@ -314,19 +392,25 @@ def hostile_messages(draw, site: Site) -> tuple[str, Message]:
         arrays[draw(st.text(min_size=1, max_size=12))] = np.zeros(3, dtype=np.float32)
     elif arrays_kind == "dtype":
         key = draw(st.sampled_from(sorted(adapter)))
-        arrays[key] = arrays[key].astype(draw(st.sampled_from([np.float64, np.int64, np.int8, np.uint16, np.bool_, np.complex64])))
+        arrays[key] = arrays[key].astype(
+            draw(st.sampled_from([np.float64, np.int64, np.int8, np.uint16, np.bool_, np.complex64]))
+        )
     elif arrays_kind == "large":
         arrays[draw(st.sampled_from(sorted(adapter)))] = np.ones(draw(st.integers(10**5, 4 * 10**6)), dtype=np.float32)
     elif arrays_kind == "empty":
         arrays = {}
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
-    config_kind = draw(st.sampled_from(["good", "round", "unknown-key", "missing-run-config", "huge-string", "not-json", "wrong-type"]))
+    config_kind = draw(
+        st.sampled_from(["good", "round", "unknown-key", "missing-run-config", "huge-string", "not-json", "wrong-type"])
+    )
     config: dict = {wire.RUN_CONFIG: site.run_config, wire.SERVER_ROUND: draw(st.integers(-3, 10**6))}
     if config_kind == "round":
         config[wire.SERVER_ROUND] = draw(st.one_of(st.text(max_size=5), st.floats(allow_nan=True), st.booleans()))
     elif config_kind == "unknown-key":
-        config[draw(st.text(min_size=1, max_size=10))] = draw(st.one_of(st.text(max_size=10), st.integers(), st.floats()))
+        config[draw(st.text(min_size=1, max_size=10))] = draw(
+            st.one_of(st.text(max_size=10), st.integers(), st.floats())
+        )
     elif config_kind == "missing-run-config":
         del config[wire.RUN_CONFIG]
     elif config_kind == "huge-string":
@@ -334,7 +418,9 @@ def hostile_messages(draw, site: Site) -> tuple[str, Message]:
     elif config_kind == "not-json":
         config[wire.RUN_CONFIG] = draw(st.text(max_size=50))
     elif config_kind == "wrong-type":
-        config[wire.RUN_CONFIG] = draw(st.one_of(st.integers(), st.floats(), st.binary(max_size=20), st.lists(st.integers(), max_size=3)))
+        config[wire.RUN_CONFIG] = draw(
+            st.one_of(st.integers(), st.floats(), st.binary(max_size=20), st.lists(st.integers(), max_size=3))
+        )
     if draw(st.booleans()):
         config[wire.EVALUATE_ROUND] = draw(st.one_of(st.integers(-2, 5), st.text(max_size=3)))
     if draw(st.booleans()):
@@ -347,7 +433,9 @@ def hostile_messages(draw, site: Site) -> tuple[str, Message]:
     elif arrays_kind != "missing":
         records[wire.ARRAYS] = record
     if draw(st.booleans()):
-        records[draw(st.sampled_from([wire.METRICS, wire.INFO, "extra"]))] = ConfigRecord({"x": draw(st.text(max_size=8))})
+        records[draw(st.sampled_from([wire.METRICS, wire.INFO, "extra"]))] = ConfigRecord(
+            {"x": draw(st.text(max_size=8))}
+        )
     try:
         content = RecordDict(records)
     except Exception:  # noqa: BLE001 - Flower refuses some records itself: a record of the wrong type under a name
@@ -369,8 +457,10 @@ def run(kinds: list[str], examples: int, seed: int, root: Path) -> dict[str, Tal
 def table(tallies: dict[str, Tally]) -> str:
     lines = ["| kind | inputs | refused | accepted or answered | crashes | leaks |", "|---|---|---|---|---|---|"]
     for kind, t in tallies.items():
-        lines.append(f"| {kind} | {t.inputs} | {t.outcomes['refused']} | {t.outcomes['accepted'] + t.outcomes['answered']} | "
-                     f"{t.crashes} | {t.leaks} |")
+        lines.append(
+            f"| {kind} | {t.inputs} | {t.outcomes['refused']} | {t.outcomes['accepted'] + t.outcomes['answered']} | "
+            f"{t.crashes} | {t.leaks} |"
+        )
     return "\n".join(lines)
 
 

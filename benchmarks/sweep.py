@@ -37,8 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Ray's own failures: its GCS server or raylet not starting (the cause we found, a crash of the forked child with
 # grpcio >= 1.80, is pinned away in pyproject.toml: docs/first-run.md), or its node lost on a busy machine; the run
 # then fails or hangs (a round waits strategy.round_timeout), so the run is stopped and started again.
-RAY_FAILURES = ("logs/gcs_server.err'", "The raylet exited immediately", "marked dead because the detector has missed",
-                "The current node timed out during startup")
+RAY_FAILURES = (
+    "logs/gcs_server.err'",
+    "The raylet exited immediately",
+    "marked dead because the detector has missed",
+    "The current node timed out during startup",
+)
 SWEPT_KEYS = {"dataset.held_out": "sweep.held_out", "seed": "sweep.seeds", "method": "sweep.methods"}
 
 
@@ -66,7 +70,9 @@ def _stop(pids: list[int], wait: float = 15.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.time() + wait
-    while (alive := [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _proc_state(p)]) and time.time() < deadline:
+    while (
+        alive := [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _proc_state(p)]
+    ) and time.time() < deadline:
         time.sleep(0.2)
     for pid in alive:
         try:
@@ -119,9 +125,18 @@ def _watch(proc: subprocess.Popen, log: Path, timeout: float | None) -> tuple[in
     return proc.returncode, next((f for f in RAY_FAILURES if f in seen), None)
 
 
-def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_cpus: float = 1, client_gpus: float = 0,
-             env: dict[str, str] | None = None, timeout: float | None = None, attempts: int = 3, app: Path = REPO,
-             run_config: str | None = None) -> tuple[int, str]:
+def flwr_run(
+    folder: Path,
+    overrides: str = "",
+    num_supernodes: int = 4,
+    client_cpus: float = 1,
+    client_gpus: float = 0,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    attempts: int = 3,
+    app: Path = REPO,
+    run_config: str | None = None,
+) -> tuple[int, str]:
     """One `flwr run` of this app (or of the Flower app in `app`, with `run_config` as its --run-config) in
     `folder` (new or empty): outputs (FEDCLIP_OUTPUTS), a private FLWR_HOME and the log (flwr.log) all go there;
     the SuperLink it starts is stopped afterwards. Returns (exit code, log).
@@ -146,14 +161,21 @@ def flwr_run(folder: Path, overrides: str = "", num_supernodes: int = 4, client_
         shutil.rmtree(folder, ignore_errors=True)  # new or empty at first; a failed start's leftovers after
         folder.mkdir(parents=True)
         _wait_for_free_control_port()
-        run_env = dict(os.environ, **(env or {}), FLWR_HOME=str(folder / "flwr-home"), FEDCLIP_OUTPUTS=str(folder),
-                       PATH=f"{bin_dir}:{os.environ['PATH']}")
+        run_env = dict(
+            os.environ,
+            **(env or {}),
+            FLWR_HOME=str(folder / "flwr-home"),
+            FEDCLIP_OUTPUTS=str(folder),
+            PATH=f"{bin_dir}:{os.environ['PATH']}",
+        )
         header = f"# attempt {attempt}: {shlex.join(command)}\n"
         try:
             with open(folder / LOG_FILE, "w") as fh:
                 fh.write(header)
                 fh.flush()
-                proc = subprocess.Popen(command, env=run_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(
+                    command, env=run_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 try:
                     code, ray_failed = _watch(proc, folder / LOG_FILE, timeout)
                 finally:
@@ -182,12 +204,15 @@ def hydra_value(value: str) -> str:
 
 def run_overrides(base: list[str], method: str, held_out: str, seed: int) -> str:
     """A run's overrides: the sweep's shared ones, then held-out domain, seed and method (fedclip is the default)."""
-    swept = [f"dataset.held_out={hydra_value(held_out)}", f"seed={seed}"] + ([f"method={method}"] if method != "fedclip" else [])
+    swept = [f"dataset.held_out={hydra_value(held_out)}", f"seed={seed}"] + (
+        [f"method={method}"] if method != "fedclip" else []
+    )
     return " ".join(base + swept)
 
 
 def shared_experiment(base: list[str], out_dir: Path) -> list[str]:
-    """The overrides with every run of the sweep in one MLflow experiment (tracking.mlflow_uri), named by the sweep's folder,
+    """The overrides with every run of the sweep in one MLflow experiment (tracking.mlflow_uri), named by the
+    sweep's folder,
     unless they name one themselves."""
     if any(o.lstrip("+~").startswith("tracking.mlflow_experiment=") for o in base):
         return base
@@ -240,8 +265,11 @@ def main(argv: list[str]) -> int:
     base = shared_experiment(base, out_dir)
     methods, seeds = list(sweep.methods), [int(s) for s in sweep.seeds]
     cells = [(m, d, s) for m in methods for d in held_outs for s in seeds]
-    print(f"sweep: {len(methods)} method(s) {methods} x {len(held_outs)} held-out domain(s) {held_outs} x "
-          f"{len(seeds)} seed(s) {seeds} = {len(cells)} runs, {clients} clients each; folder {out_dir}", flush=True)
+    print(
+        f"sweep: {len(methods)} method(s) {methods} x {len(held_outs)} held-out domain(s) {held_outs} x "
+        f"{len(seeds)} seed(s) {seeds} = {len(cells)} runs, {clients} clients each; folder {out_dir}",
+        flush=True,
+    )
 
     start, launched, not_started, durations = time.time(), 0, 0, []
 
@@ -250,12 +278,29 @@ def main(argv: list[str]) -> int:
         write_tables(out_dir, runs, methods, held_outs, seeds)
         plots = write_plots(out_dir, runs, methods, held_outs)
         index = {
-            "overrides": base, "methods": methods, "held_out": held_outs, "seeds": seeds, "clients_per_run": clients,
-            "settings": OmegaConf.to_container(sweep), "table_md": str(out_dir / "table.md"),
-            "table_csv": str(out_dir / "table.csv"), "plots": [str(p) for p in plots],
-            "runs": [{"method": r.method, "held_out": r.held_out, "seed": r.seed, "status": r.status, "folder": str(r.dir),
-                      "log": str(r.log), "run_folder": r.summary.get("run_folder"), "failure": r.failure or None,
-                      "overrides": run_overrides(base, r.method, r.held_out, r.seed)} for r in runs],
+            "overrides": base,
+            "methods": methods,
+            "held_out": held_outs,
+            "seeds": seeds,
+            "clients_per_run": clients,
+            "settings": OmegaConf.to_container(sweep),
+            "table_md": str(out_dir / "table.md"),
+            "table_csv": str(out_dir / "table.csv"),
+            "plots": [str(p) for p in plots],
+            "runs": [
+                {
+                    "method": r.method,
+                    "held_out": r.held_out,
+                    "seed": r.seed,
+                    "status": r.status,
+                    "folder": str(r.dir),
+                    "log": str(r.log),
+                    "run_folder": r.summary.get("run_folder"),
+                    "failure": r.failure or None,
+                    "overrides": run_overrides(base, r.method, r.held_out, r.seed),
+                }
+                for r in runs
+            ],
         }
         (out_dir / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
         return runs
@@ -270,30 +315,45 @@ def main(argv: list[str]) -> int:
             if sweep.max_runs is not None and launched >= sweep.max_runs:
                 not_started += 1
                 continue
-            redo = {"failed": " (failed before: redone)", "incomplete": " (stopped half-way before: redone)"}.get(run.status, "")
+            redo = {"failed": " (failed before: redone)", "incomplete": " (stopped half-way before: redone)"}.get(
+                run.status, ""
+            )
             print(f"{name}{redo} ... log {run.log}", flush=True)
             shutil.rmtree(run.dir, ignore_errors=True)
             t0 = time.time()
-            code, log = flwr_run(run.dir, run_overrides(base, method, held_out, seed), clients, sweep.client_cpus,
-                                 sweep.client_gpus, timeout=sweep.run_timeout)
+            code, log = flwr_run(
+                run.dir,
+                run_overrides(base, method, held_out, seed),
+                clients,
+                sweep.client_cpus,
+                sweep.client_gpus,
+                timeout=sweep.run_timeout,
+            )
             launched += 1
             durations.append(time.time() - t0)
             run = read_run(out_dir, method, held_out, seed)
             if run.status == "done":
-                shutil.rmtree(run.dir / "flwr-home", ignore_errors=True)  # Flower's own state; kept only for failed runs
+                shutil.rmtree(
+                    run.dir / "flwr-home", ignore_errors=True
+                )  # Flower's own state; kept only for failed runs
                 result = f"held-out {100 * (run.generalization or 0):.2f}%"
                 if run.personalization is not None:
                     result += f", personalization {100 * run.personalization:.2f}%"
             else:
                 reason = f"no summary.json (flwr run exit code {code}): {failure_reason(log)}"
-                (run.dir / FAILURE_FILE).write_text(json.dumps({"reason": reason, "returncode": code, "log": str(run.log)}, indent=2))
+                (run.dir / FAILURE_FILE).write_text(
+                    json.dumps({"reason": reason, "returncode": code, "log": str(run.log)}, indent=2)
+                )
                 result = f"FAILED ({reason}); log {run.log}"
             todo = sum(read_run(out_dir, *c).status != "done" for c in cells)
             if sweep.max_runs is not None:
                 todo = min(todo, sweep.max_runs - launched)
             eta = sum(durations) / len(durations) * todo
-            print(f"{name}: {result} in {durations[-1]:.0f} s; elapsed {duration(time.time() - start)}, "
-                  f"ETA {duration(eta)} for {todo} more", flush=True)
+            print(
+                f"{name}: {result} in {durations[-1]:.0f} s; elapsed {duration(time.time() - start)}, "
+                f"ETA {duration(eta)} for {todo} more",
+                flush=True,
+            )
             write_outputs()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume (finished runs are kept)", flush=True)
@@ -303,8 +363,10 @@ def main(argv: list[str]) -> int:
     if not_started:
         print(f"{not_started} run(s) not started (sweep.max_runs={sweep.max_runs}): run again to go on", flush=True)
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "incomplete", "pending")}
-    print(f"sweep: {counts['done']}/{len(runs)} done, {counts['failed']} failed, "
-          f"{counts['pending'] + counts['incomplete']} not run, in {duration(time.time() - start)}")
+    print(
+        f"sweep: {counts['done']}/{len(runs)} done, {counts['failed']} failed, "
+        f"{counts['pending'] + counts['incomplete']} not run, in {duration(time.time() - start)}"
+    )
     print(f"table: {out_dir / 'table.md'} and table.csv; plots: {out_dir / 'plots'}; index: {out_dir / 'sweep.json'}")
     print((out_dir / "table.md").read_text())
     return 0 if counts["failed"] == 0 else 1
@@ -313,5 +375,10 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ValueError, FileNotFoundError, RuntimeError, HydraException) as err:  # bad overrides or data: say what, not where
+    except (
+        ValueError,
+        FileNotFoundError,
+        RuntimeError,
+        HydraException,
+    ) as err:  # bad overrides or data: say what, not where
         sys.exit(f"sweep: {err}")

@@ -155,8 +155,10 @@ def write_tables(out_dir: Path, runs: list[Run], methods: list[str], held_outs: 
         "that have every domain.",
     ]
     csv_rows = []
-    for title, metric in (("Generalization: accuracy on the held-out domain (all its images)", "generalization"),
-                          ("Personalization: mean accuracy of the training clients on their test splits", "personalization")):
+    for title, metric in (
+        ("Generalization: accuracy on the held-out domain (all its images)", "generalization"),
+        ("Personalization: mean accuracy of the training clients on their test splits", "personalization"),
+    ):
         md += ["", f"## {title}", "", "| held out | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for d in held_outs:
             cells = []
@@ -169,32 +171,48 @@ def write_tables(out_dir: Path, runs: list[Run], methods: list[str], held_outs: 
         cells = [_pct_cell(_seed_means(method_runs[m], held_outs, seeds, metric), len(seeds), False) for m in methods]
         md.append("| **mean** | " + " | ".join(cells) + " |")
 
-    md += ["", "## Cost per method (mean over its finished runs)", "",
-           "| method | parameters trained | up / client / round | down / client / round | up + down / client / round "
-           "| total per run | seconds / round | features encoded per run | rounds |",
-           "|---" * 9 + "|"]
+    md += [
+        "",
+        "## Cost per method (mean over its finished runs)",
+        "",
+        "| method | parameters trained | up / client / round | down / client / round | up + down / client / round "
+        "| total per run | seconds / round | features encoded per run | rounds |",
+        "|---" * 9 + "|",
+    ]
     for m in methods:
         c = {k: _cost(method_runs[m], k) for k in COST_COLUMNS}
-        md.append(f"| {m} | {_number(c['trained_parameters'])} | {format_bytes(c['bytes_up_per_client_per_round'])} "
-                  f"| {format_bytes(c['bytes_down_per_client_per_round'])} | {format_bytes(c['bytes_per_client_per_round'])} "
-                  f"| {format_bytes(c['bytes_total'])} | {_number(c['seconds_per_round'], '.2f')} "
-                  f"| {_number(c['features_encoded'])} | {_number(c['rounds'], '.0f')} |")
+        md.append(
+            f"| {m} | {_number(c['trained_parameters'])} | {format_bytes(c['bytes_up_per_client_per_round'])} "
+            f"| {format_bytes(c['bytes_down_per_client_per_round'])} | {format_bytes(c['bytes_per_client_per_round'])} "
+            f"| {format_bytes(c['bytes_total'])} | {_number(c['seconds_per_round'], '.2f')} "
+            f"| {_number(c['features_encoded'])} | {_number(c['rounds'], '.0f')} |"
+        )
 
     failed_runs = [r for r in runs if r.status == "failed"]
     if failed_runs:
         md += ["", "## Failed runs", ""]
-        md += [f"- {r.method}, held out {r.held_out}, seed {r.seed}: {r.failure.get('reason', '?')} (log: {r.log})" for r in failed_runs]
+        md += [
+            f"- {r.method}, held out {r.held_out}, seed {r.seed}: {r.failure.get('reason', '?')} (log: {r.log})"
+            for r in failed_runs
+        ]
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
 
     for m in methods:
         for d, group in [*((d, cell_runs[m, d]) for d in held_outs), ("mean", method_runs[m])]:
-            row = {"held_out": d, "method": m, "runs": len(group), "done": sum(r.status == "done" for r in group),
-                   "failed": sum(r.status == "failed" for r in group)}
+            row = {
+                "held_out": d,
+                "method": m,
+                "runs": len(group),
+                "done": sum(r.status == "done" for r in group),
+                "failed": sum(r.status == "failed" for r in group),
+            }
             for metric in ("generalization", "personalization"):
                 if d == "mean":
                     mean, std = _stats(_seed_means(group, held_outs, seeds, metric))
                 else:
-                    mean, std = _stats([v for r in group if r.status == "done" and (v := getattr(r, metric)) is not None])
+                    mean, std = _stats(
+                        [v for r in group if r.status == "done" and (v := getattr(r, metric)) is not None]
+                    )
                 row[f"{metric}_mean_pct"] = None if mean is None else round(100 * mean, 4)
                 row[f"{metric}_std_pct"] = None if std is None else round(100 * std, 4)
             row.update({k: None if (v := _cost(group, k)) is None else round(v, 4) for k in COST_COLUMNS})
@@ -239,8 +257,10 @@ def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: l
         if not any(cell.values()):
             continue
         fig, axes = figure(2, size=(11, 4), sharex=True)
-        for ax, value, title in ((axes[0], _held_out_acc, f"held out: {d} (generalization)"),
-                                 (axes[1], _train_acc, "training clients' test splits (personalization)")):
+        for ax, value, title in (
+            (axes[0], _held_out_acc, f"held out: {d} (generalization)"),
+            (axes[1], _train_acc, "training clients' test splits (personalization)"),
+        ):
             for m, group in cell.items():
                 if group:
                     line(ax, *_curve(group, value), f"{m} ({len(group)} seed{'s' * (len(group) > 1)})", colors[m])
@@ -264,12 +284,19 @@ def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: l
         xs = [statistics.mean(c[k] for c in sent) for k in rounds]
         keep = [i for i, x in enumerate(xs) if x > 0]  # log axis: a method that sends nothing is a level line
         if keep:
-            line(ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m])  # no band: it would mix domains
+            line(
+                ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m]
+            )  # no band: it would mix domains
         elif rounds:
             line(ax, [1], acc[-1:], [0.0], f"{m} (sends nothing)", colors[m])
     ax.set(xscale="log")
-    style(ax, "communication against generalization", "bytes sent, all clients, cumulative",
-          "held-out accuracy (%), mean over domains and seeds", integer_x=False)
+    style(
+        ax,
+        "communication against generalization",
+        "bytes sent, all clients, cumulative",
+        "held-out accuracy (%), mean over domains and seeds",
+        integer_x=False,
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     return [*written, save(fig, plots / "bytes_vs_accuracy.png")]

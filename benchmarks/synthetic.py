@@ -76,7 +76,10 @@ def make_dataset(root: Path, scale: float, size: int, workers: int) -> dict[str,
         for class_i, name in enumerate(PACS_CLASSES):
             (root / domain / name).mkdir(parents=True, exist_ok=True)
             per_class = n // len(PACS_CLASSES) + (class_i < n % len(PACS_CLASSES))
-            jobs += [(str(root / domain / name / f"{i:05d}.jpg"), domain_i, class_i, len(jobs) + i, size) for i in range(per_class)]
+            jobs += [
+                (str(root / domain / name / f"{i:05d}.jpg"), domain_i, class_i, len(jobs) + i, size)
+                for i in range(per_class)
+            ]
     t0 = time.time()
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # nothing heavy is imported yet: fork is safe
         for _ in pool.imap_unordered(_render, jobs, chunksize=64):
@@ -103,9 +106,14 @@ def make_clip(folder: Path, preset: str) -> int:
     shutil.rmtree(folder, ignore_errors=True)
     tokenizer = build_tokenizer(["a", "picture", "of", *PACS_CLASSES])
     sizes = PRESETS[preset]
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(text_config={**sizes.get("text_config", {}), **special},
-                        vision_config=sizes.get("vision_config", {}), projection_dim=sizes.get("projection_dim", 512))
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = CLIPConfig(
+        text_config={**sizes.get("text_config", {}), **special},
+        vision_config=sizes.get("vision_config", {}),
+        projection_dim=sizes.get("projection_dim", 512),
+    )
     torch.manual_seed(0)
     model = CLIPModel(config)
     model.save_pretrained(folder)

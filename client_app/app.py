@@ -1,4 +1,5 @@
-"""The FedCLIP ClientApp: one client's images (a domain, or a share of one), a frozen CLIP, and what the run's method trains.
+"""The FedCLIP ClientApp: one client's images (a domain, or a share of one), a frozen CLIP, and what the run's
+method trains.
 
 A node builds its local data (configuration, images, cached features, split) on a run's first
 message and reuses it for every later message this process handles (client_app/node.py). One
@@ -38,7 +39,9 @@ def method_of(message: Message) -> Method:
     return _method(str(message.content[wire.CONFIG][wire.RUN_CONFIG]))
 
 
-@functools.lru_cache(maxsize=KEPT)  # one method object for every node of this process in the run (a Local method keeps theirs)
+@functools.lru_cache(
+    maxsize=KEPT
+)  # one method object for every node of this process in the run (a Local method keeps theirs)
 def _method(run_config: str) -> Method:
     return load_method(config_from_message(run_config))
 
@@ -63,7 +66,9 @@ def query(message: Message, context: Context) -> Message:
     try:
         local = local_data(message, context)
     except NoClient as idle:
-        return Message(content=RecordDict({wire.INFO: ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message)
+        return Message(
+            content=RecordDict({wire.INFO: ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message
+        )
     except NodeUnusable as err:
         return _unusable(message, err)
     metrics = {
@@ -76,11 +81,15 @@ def query(message: Message, context: Context) -> Message:
         wire.IMAGES_ENCODED: images_encoded() - before,  # 0 when the features came from the cache
     }
     reply = _reply(message, local, {wire.METRICS: MetricRecord(metrics)})
-    reply.content[wire.INFO]["model-fingerprint"] = model_files_fingerprint(model_name_or_path(local.cfg), local.cfg.cache_dir)
+    reply.content[wire.INFO]["model-fingerprint"] = model_files_fingerprint(
+        model_name_or_path(local.cfg), local.cfg.cache_dir
+    )
     return reply
 
 
-@app.train(mods=[secagg_mod, dp_clipping_mod])  # Flower's SecAgg+ and client-side DP clipping, when the server asks for them
+@app.train(
+    mods=[secagg_mod, dp_clipping_mod]
+)  # Flower's SecAgg+ and client-side DP clipping, when the server asks for them
 def train(message: Message, context: Context) -> Message:
     """Evaluate the received weights if asked (config `evaluate-round`), then train from them locally.
 
@@ -96,10 +105,16 @@ def train(message: Message, context: Context) -> Message:
     method, config = method_of(message), message.content[wire.CONFIG]
     evaluation = {}
     if wire.EVALUATE_ROUND in config:
-        evaluation = method.evaluate(local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False)))
+        evaluation = method.evaluate(
+            local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False))
+        )
     t0 = time.time()
     trained, metrics = method.train(local, message.content, context.state, int(config[wire.SERVER_ROUND]))
-    metrics = {**metrics, "train-seconds": time.time() - t0, **{wire.EVALUATION_PREFIX + key: value for key, value in evaluation.items()}}
+    metrics = {
+        **metrics,
+        "train-seconds": time.time() - t0,
+        **{wire.EVALUATION_PREFIX + key: value for key, value in evaluation.items()},
+    }
     arrays = encode(trained, local.cfg.strategy.transport_dtype)
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics), wire.ARRAYS: arrays})
 
@@ -112,5 +127,7 @@ def evaluate(message: Message, context: Context) -> Message:
     except NodeUnusable as err:
         return _unusable(message, err)
     config = message.content[wire.CONFIG]
-    metrics = method_of(message).evaluate(local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False)))
+    metrics = method_of(message).evaluate(
+        local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False))
+    )
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

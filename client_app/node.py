@@ -36,38 +36,57 @@ class NodeUnusable(Exception):
 
 # What a SuperNode may say about itself with `flower-supernode --node-config`; Flower's simulation
 # sets partition-id and num-partitions.
-NODE_CONFIG_KEYS = {"domain", "shard", "data-dir", "cache-dir", "device", "cpu-threads", "partition-id", "num-partitions"}
+NODE_CONFIG_KEYS = {
+    "domain",
+    "shard",
+    "data-dir",
+    "cache-dir",
+    "device",
+    "cpu-threads",
+    "partition-id",
+    "num-partitions",
+}
 SITE_KEYS = ("device", "cpu_threads", "cache_dir", "output_dir")  # with dataset.root: a site's own, never the run's
 _LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
-KEPT = 4  # clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
+KEPT = (
+    4  # clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
+)
 
 
 def site_defaults() -> dict[str, object]:
-    """A site's own device, CPU threads, cache and output folder when its node config does not set them: this installation's
+    """A site's own device, CPU threads, cache and output folder when its node config does not set them: this
+    installation's
     conf/config.yaml, its FEDCLIP_CACHE/FEDCLIP_OUTPUTS winning. Never the run's."""
     own = OmegaConf.load(CONF_DIR / "config.yaml")
-    return {key: own[key] for key in SITE_KEYS} | {key: os.environ[name] for key, name in MACHINE_ENV if os.environ.get(name)}
+    return {key: own[key] for key in SITE_KEYS} | {
+        key: os.environ[name] for key, name in MACHINE_ENV if os.environ.get(name)
+    }
 
 
 def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
-    """The run's configuration as this node runs it: `data-dir` replaces dataset.root, `cache-dir` cache_dir (features, the
+    """The run's configuration as this node runs it: `data-dir` replaces dataset.root, `cache-dir` cache_dir
+    (features, the
     built demo), `device` device and `cpu-threads` cpu_threads (set it when several SuperNodes share one machine).
 
-    A site (its node config names its `domain`: a deployment) takes none of these, nor output_dir, from the run: what its
+    A site (its node config names its `domain`: a deployment) takes none of these, nor output_dir, from the run:
+    what its
     node config does not set comes from site_defaults, and it must name its data folder. A node of Flower's simulation
     (partition-id) runs on the machine that started the run, and takes the run's.
     """
     unknown = sorted(set(node_config) - NODE_CONFIG_KEYS)
     if unknown:
         raise ValueError(
-            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, device and cpu-threads, "
+            f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, "
+            f"device and cpu-threads, "
             "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
         )
     if "domain" in node_config:
         if "data-dir" not in node_config:
-            raise ValueError("this site names its domain but not its data folder: start its SuperNode with --node-config "
-                             "\"domain='<domain>' data-dir='DATA_DIR'\" (DATA_DIR/<domain>/<class>/<image>, or 'demo'); a site "
-                             "never takes its data folder from the run")
+            raise ValueError(
+                "this site names its domain but not its data folder: start its SuperNode with --node-config "
+                "\"domain='<domain>' data-dir='DATA_DIR'\" (DATA_DIR/<domain>/<class>/<image>, or 'demo'); a site "
+                "never takes its data folder from the run"
+            )
         cfg.update(site_defaults())
         cfg.demo.cache_dir = cfg.cache_dir
     if "data-dir" in node_config:
@@ -102,7 +121,10 @@ def local_data(message: Message, context: Context) -> LocalData:
     node never sees stale data; added, removed or renamed image files make it build again.
     """
     if wire.RUN_CONFIG not in message.content.config_records.get(wire.CONFIG, {}):
-        raise ValueError("the message carries no 'run-config': the ServerApp of this run is not FedCLIP's, or older than this ClientApp")
+        raise ValueError(
+            "the message carries no 'run-config': the ServerApp of this run is not FedCLIP's, or older than this "
+            "ClientApp"
+        )
     run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
     key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
     local = _LOCAL.get(key)
@@ -112,9 +134,16 @@ def local_data(message: Message, context: Context) -> LocalData:
             while len(_LOCAL) > KEPT:
                 _LOCAL.pop(next(iter(_LOCAL)))  # the oldest
         except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
-            site = "domain" in context.node_config  # a site's log says it; simulated nodes leave it to the server's one line
-            log.log(logging.WARNING if site else logging.DEBUG, "this node cannot take part in run %s: %s: %s", context.run_id,
-                    type(err).__name__, err)
+            site = (
+                "domain" in context.node_config
+            )  # a site's log says it; simulated nodes leave it to the server's one line
+            log.log(
+                logging.WARNING if site else logging.DEBUG,
+                "this node cannot take part in run %s: %s: %s",
+                context.run_id,
+                type(err).__name__,
+                err,
+            )
             raise NodeUnusable(without_site_values(f"{type(err).__name__}: {err}", context.node_config)) from err
     return local
 
@@ -134,12 +163,20 @@ def load_local_data(cfg: DictConfig, node_config: Mapping) -> LocalData:
     if "domain" in node_config:
         domain = str(node_config["domain"])
         if k > 1 and "shard" not in node_config:
-            raise ValueError(f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config shard=0..{k - 1}")
+            raise ValueError(
+                f"dataset.clients_per_domain={k}: give this node its share of {domain!r} with node-config "
+                f"shard=0..{k - 1}"
+            )
         return client_data(cfg, domain, int(node_config.get("shard", 0)), device, own_only=True)
     if "partition-id" not in node_config:
-        raise ValueError("this SuperNode does not say which data it holds: start it with --node-config \"domain='<domain>' data-dir='DATA_DIR'\"")
+        raise ValueError(
+            "this SuperNode does not say which data it holds: start it with --node-config \"domain='<domain>' "
+            "data-dir='DATA_DIR'\""
+        )
     domains = dataset_domains(cfg)
     partition = int(node_config["partition-id"])
     if partition >= len(domains) * k:
-        raise NoClient(f"partition-id {partition}: the run has {len(domains) * k} clients ({len(domains)} domains x {k})")
+        raise NoClient(
+            f"partition-id {partition}: the run has {len(domains) * k} clients ({len(domains)} domains x {k})"
+        )
     return client_data(cfg, domains[partition // k], partition % k, device)

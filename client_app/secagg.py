@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
@@ -42,20 +42,27 @@ def as_train_message(msg: Message) -> Message:
     config = msg.content["fitins.config"]
     tensors = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content["fitins.parameters"], keep_input=True))
     arrays = ArrayRecord({str(k): Array(t) for k, t in zip(config[wire.ADAPTER_KEYS], tensors, strict=True)})
-    msg.content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})  # one of each, as Flower's DP clipping mods require
+    msg.content = RecordDict(
+        {wire.ARRAYS: arrays, wire.CONFIG: config}
+    )  # one of each, as Flower's DP clipping mods require
     return msg
 
 
 def as_fitres(msg: Message, reply: Message, ctxt: Context) -> Message:
-    """The handler's reply in the FitRes layout secaggplus_mod reads: the update and its weight, nothing else in the clear."""
+    """The handler's reply in the FitRes layout secaggplus_mod reads: the update and its weight, nothing else in the
+    clear."""
     config = msg.content[wire.CONFIG]
     sent, trained = decode(msg.content[wire.ARRAYS]), decode(reply.content.array_records.pop(wire.ARRAYS))
     update = [(trained[k] - sent[k]).numpy() for k in config[wire.ADAPTER_KEYS]]
     examples = reply.content[wire.METRICS][wire.NUM_EXAMPLES]
     weight = 1 if config[wire.SECAGG_WEIGHTING] == "equal" else int(examples)
     protocol = ctxt.state.config_records[RECORD_KEY_STATE]  # what the setup stage said
-    limit = float(protocol["clipping_range"]) * float(protocol["max_weight"]) / weight  # secaggplus_mod clips weight / max_weight x update
-    reply.content[wire.METRICS]["secagg-clipped"] = float(sum(np.sum(np.abs(u) > limit) for u in update) / sum(u.size for u in update))
+    limit = (
+        float(protocol["clipping_range"]) * float(protocol["max_weight"]) / weight
+    )  # secaggplus_mod clips weight / max_weight x update
+    reply.content[wire.METRICS]["secagg-clipped"] = float(
+        sum(np.sum(np.abs(u) > limit) for u in update) / sum(u.size for u in update)
+    )
     reply.content["fitres.parameters"] = parameters_to_arrayrecord(ndarrays_to_parameters(update), keep_input=False)
     reply.content["fitres.num_examples"] = MetricRecord({"num_examples": weight})
     reply.content["fitres.metrics"] = ConfigRecord()

@@ -43,20 +43,26 @@ def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -
         return compose(config_name="config", overrides=list(overrides))
 
 
-MESSAGE_CONFIG_MAX_CHARS = 1 << 20  # a run's configuration is about 5 KB (DomainNet's 345 classes included); a node parses no more
+MESSAGE_CONFIG_MAX_CHARS = (
+    1 << 20
+)  # a run's configuration is about 5 KB (DomainNet's 345 classes included); a node parses no more
 
 
 def load_config(overrides: str | list[str] = "", complete: bool = True) -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides, e.g. "training.lr=1e-4 dataset.held_out=photo", for this machine:
-    FEDCLIP_CACHE/FEDCLIP_OUTPUTS win, interpolations resolved, and the result checked against the schema (common/schema.py;
+    FEDCLIP_CACHE/FEDCLIP_OUTPUTS win, interpolations resolved, and the result checked against the schema
+    (common/schema.py;
     `complete=False` lets a mandatory key such as dataset.held_out stay `???`)."""
     return resolved_config(compose_config(overrides), complete)
 
 
 def refuse_resolvers(tree: object, path: str = "") -> None:
-    """Raise a ConfigError for a resolver call anywhere in a composed configuration: the server resolves conf/'s own `${key}`
-    interpolations, never `${oc.env:NAME}` and the like, which would put this machine's environment into the configuration
-    every site receives. Decided on OmegaConf's own parse of each interpolation (its grammar's resolver nodes), not its text."""
+    """Raise a ConfigError for a resolver call anywhere in a composed configuration: the server resolves conf/'s own
+    `${key}`
+    interpolations, never `${oc.env:NAME}` and the like, which would put this machine's environment into the
+    configuration
+    every site receives. Decided on OmegaConf's own parse of each interpolation (its grammar's resolver nodes), not
+    its text."""
     if isinstance(tree, dict):
         for key, value in tree.items():
             refuse_resolvers(value, f"{path}.{key}" if path else str(key))
@@ -69,13 +75,21 @@ def refuse_resolvers(tree: object, path: str = "") -> None:
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {tree!r} is not a valid interpolation ({str(err).splitlines()[0]})") from None
         if calls:
-            raise ConfigError(f"{path}: {tree!r} calls the resolver {calls[0]}; a run's configuration may refer to its own keys "
-                              "(${key}) but call no resolver: give the value itself")
+            raise ConfigError(
+                f"{path}: {tree!r} calls the resolver {calls[0]}; a run's configuration may refer to its own keys "
+                "(${key}) but call no resolver: give the value itself"
+            )
 
 
 def _resolver_calls(node: object) -> list[str]:
-    found = [node.resolverName().getText()] if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext) else []
-    return found + [name for child in (node.getChildren() if hasattr(node, "getChildren") else ()) for name in _resolver_calls(child)]
+    found = (
+        [node.resolverName().getText()] if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext) else []
+    )
+    return found + [
+        name
+        for child in (node.getChildren() if hasattr(node, "getChildren") else ())
+        for name in _resolver_calls(child)
+    ]
 
 
 def resolved_config(composed: DictConfig, complete: bool = True) -> DictConfig:
@@ -89,7 +103,9 @@ def resolved_config(composed: DictConfig, complete: bool = True) -> DictConfig:
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{getattr(err, 'full_key', None) or 'the configuration'}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{getattr(err, 'full_key', None) or 'the configuration'}: {str(err).splitlines()[0]}"
+        ) from None
     return checked_config(data, complete)
 
 
@@ -105,27 +121,36 @@ def _refuse_constant(name: str) -> None:
 @functools.lru_cache(maxsize=8)
 def _parsed_message_config(text: str) -> DictConfig:
     if len(text) > MESSAGE_CONFIG_MAX_CHARS:
-        raise ConfigError(f"the run's configuration is {len(text)} characters, more than a node reads ({MESSAGE_CONFIG_MAX_CHARS})")
+        raise ConfigError(
+            f"the run's configuration is {len(text)} characters, more than a node reads ({MESSAGE_CONFIG_MAX_CHARS})"
+        )
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, RecursionError) as err:
-        raise ConfigError(f"the run's configuration is not JSON ({type(err).__name__}: {str(err).splitlines()[0][:200]}): the ServerApp of "
-                          "this run is not FedCLIP's, or another version of it") from None
+        raise ConfigError(
+            f"the run's configuration is not JSON ({type(err).__name__}: {str(err).splitlines()[0][:200]}): the "
+            f"ServerApp of "
+            "this run is not FedCLIP's, or another version of it"
+        ) from None
     return checked_config(data)
 
 
 def config_from_message(text: str) -> DictConfig:
-    """The configuration a message brings, parsed as JSON and checked before anything in it is used (a ConfigError otherwise).
+    """The configuration a message brings, parsed as JSON and checked before anything in it is used (a ConfigError
+    otherwise).
 
-    It is data from the server, never instructions: a string OmegaConf would interpolate or resolve (`${oc.env:NAME}` would
+    It is data from the server, never instructions: a string OmegaConf would interpolate or resolve
+    (`${oc.env:NAME}` would
     put this machine's environment into values that replies carry back) is refused in the parsed tree, keys included,
-    whatever escape carried it; so are unknown keys, missing ones and values of the wrong type. A copy: the caller may change it.
+    whatever escape carried it; so are unknown keys, missing ones and values of the wrong type. A copy: the caller
+    may change it.
     """
     return copy.deepcopy(_parsed_message_config(text))
 
 
 def config_from_file(path: Path) -> DictConfig:
-    """The configuration a run folder keeps (config.yaml), which may come from another machine: parsed as YAML, plain data
+    """The configuration a run folder keeps (config.yaml), which may come from another machine: parsed as YAML,
+    plain data
     only (refuse_interpolations), not held to today's schema (a run folder may be older than it)."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):

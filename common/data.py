@@ -120,7 +120,9 @@ class HubDomain:
         return h.hexdigest()
 
     def subset(self, rows: np.ndarray) -> HubDomain:
-        return HubDomain(self.domain, self.classes, self.dataset, self.rows[rows], [self.labels[r] for r in rows], self.hub_id)
+        return HubDomain(
+            self.domain, self.classes, self.dataset, self.rows[rows], [self.labels[r] for r in rows], self.hub_id
+        )
 
 
 def read_image(file: Path | BinaryIO, name: str | None = None) -> Image.Image | None:
@@ -141,8 +143,10 @@ def dataset_root(cfg: DictConfig) -> Path:
     if cfg.dataset.root == "demo":
         return demo_dataset_root(cfg.demo)
     if cfg.dataset.root is None:
-        raise FileNotFoundError("dataset.source=folder needs dataset.root: a folder laid out as ROOT/<domain>/<class>/<image>, e.g. "
-                                "--run-config 'overrides=\"dataset=pacs dataset.root=/data/PACS dataset.held_out=sketch\"'")
+        raise FileNotFoundError(
+            "dataset.source=folder needs dataset.root: a folder laid out as ROOT/<domain>/<class>/<image>, e.g. "
+            "--run-config 'overrides=\"dataset=pacs dataset.root=/data/PACS dataset.held_out=sketch\"'"
+        )
     root = Path(cfg.dataset.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -187,7 +191,9 @@ def _list_domain(root: Path, domain: str, classes: tuple[str, ...], stamp: tuple
         folder = root / domain / name
         if not folder.is_dir():
             continue
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)  # by name: fast
+        files = sorted(
+            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name
+        )  # by name: fast
         paths += files
         labels += [label] * len(files)
     if not paths:
@@ -205,7 +211,9 @@ def _hub_dataset(hub_id: str, split: str):
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
-    fds = FederatedDataset(dataset=hub_id, partitioners={split: NaturalIdPartitioner(partition_by="domain")}, shuffle=False)
+    fds = FederatedDataset(
+        dataset=hub_id, partitioners={split: NaturalIdPartitioner(partition_by="domain")}, shuffle=False
+    )
     try:
         partitioner = fds.partitioners[split]  # downloads (or opens the local copy) and converts to Arrow once
     except (OSError, ValueError) as err:  # no network, no such dataset or folder, no such split
@@ -242,10 +250,14 @@ def hub_domain(hub_id: str, split: str, domain: str, classes: list[str] | None) 
     if hub_names is not None:
         unknown = [n for n in hub_names if n not in classes]
         if unknown:
-            raise ValueError(f"classes {unknown} of {hub_id!r} are not in dataset.classes; add them or set dataset.classes=null")
+            raise ValueError(
+                f"classes {unknown} of {hub_id!r} are not in dataset.classes; add them or set dataset.classes=null"
+            )
         labels = np.array([classes.index(n) for n in hub_names], dtype=np.int64)[labels]
     elif labels.size and not (0 <= labels.min() and labels.max() < len(classes)):
-        raise ValueError(f"labels of {hub_id!r} range over {labels.min()}..{labels.max()} but dataset.classes has {len(classes)}")
+        raise ValueError(
+            f"labels of {hub_id!r} range over {labels.min()}..{labels.max()} but dataset.classes has {len(classes)}"
+        )
     return HubDomain(domain, classes, rows, np.arange(len(rows)), labels.tolist(), hub_id)
 
 
@@ -259,7 +271,9 @@ def dataset_domains(cfg: DictConfig, require_held_out: bool = True) -> list[str]
         found, where = sorted(p.name for p in root.iterdir() if _is_data_dir(p)), str(root)
     elif cfg.dataset.source == "hub":
         if not cfg.dataset.hub_id:
-            raise ValueError("dataset.source=hub needs dataset.hub_id (a hub dataset id such as flwrlabs/pacs, or a local copy)")
+            raise ValueError(
+                "dataset.source=hub needs dataset.hub_id (a hub dataset id such as flwrlabs/pacs, or a local copy)"
+            )
         found, where = sorted(_hub_dataset(cfg.dataset.hub_id, cfg.dataset.hub_split)[1]), cfg.dataset.hub_id
     else:
         raise ValueError(f"dataset.source={cfg.dataset.source!r} is not one of: folder, hub")
@@ -268,7 +282,9 @@ def dataset_domains(cfg: DictConfig, require_held_out: bool = True) -> list[str]
     if unknown:
         raise ValueError(f"domain(s) {unknown} not found in {where}; valid domains: {', '.join(found)}")
     if require_held_out and cfg.dataset.held_out not in domains:
-        raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}")
+        raise ValueError(
+            f"dataset.held_out={cfg.dataset.held_out!r} is not a domain of this run; valid: {', '.join(domains)}"
+        )
     return domains
 
 
@@ -280,14 +296,18 @@ def domain_images(cfg: DictConfig, domain: str, own_only: bool = False) -> Image
     """
     if own_only and cfg.dataset.source == "folder":
         if cfg.dataset.domains and domain not in cfg.dataset.domains:
-            raise ValueError(f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(cfg.dataset.domains)}")
+            raise ValueError(
+                f"node-config domain={domain!r} is not a domain of this run; valid: {', '.join(cfg.dataset.domains)}"
+            )
         root = dataset_root(cfg)
         if not (root / domain).is_dir():
             raise FileNotFoundError(
                 f"node-config domain={domain!r}: no folder {root / domain}. Give the node its data with "
                 "--node-config \"data-dir='DATA_DIR'\" where DATA_DIR/<domain>/<class>/<image> holds its images"
             )
-        return domain_folder(root, domain, list(cfg.dataset.classes) if cfg.dataset.classes else dataset_classes(root, [domain]))
+        return domain_folder(
+            root, domain, list(cfg.dataset.classes) if cfg.dataset.classes else dataset_classes(root, [domain])
+        )
     domains = dataset_domains(cfg)
     if domain not in domains:
         raise ValueError(f"domain {domain!r} is not a domain of this run; valid: {', '.join(domains)}")

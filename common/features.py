@@ -43,16 +43,26 @@ _ENCODED = {"images": 0}  # images this process has run through a CLIP image enc
 def images_encoded() -> int:
     """How many images this process has encoded so far (a client reports the difference a call made)."""
     return _ENCODED["images"]
+
+
 _MODEL_DIRS: dict[str, Path] = {}
 _FILE_HASHES: dict[str, str] = {}
 
 
 class Progress:
-    """Log lines while a long job goes on: done of total, the rate and the time left, at most every `every` seconds and once
-    at the end. Plain logging, so each client's lines reach its log also under Ray and in a deployment; `clock` for tests."""
+    """Log lines while a long job goes on: done of total, the rate and the time left, at most every `every` seconds
+    and once
+    at the end. Plain logging, so each client's lines reach its log also under Ray and in a deployment; `clock` for
+    tests."""
 
-    def __init__(self, label: str, total: int, unit: str = "images", every: float = PROGRESS_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str = "images",
+        every: float = PROGRESS_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.label, self.total, self.unit, self.every, self.clock = label, total, unit, every, clock
         self.done, self.start = 0, clock()
         self.last = self.start
@@ -64,8 +74,12 @@ class Progress:
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
-        left = f", about {duration((self.total - self.done) / rate)} left" if self.done < self.total and rate > 0 else ""
-        log.info("[%s] encoded %d/%d %s (%.0f %s/s)%s", self.label, self.done, self.total, self.unit, rate, self.unit, left)
+        left = (
+            f", about {duration((self.total - self.done) / rate)} left" if self.done < self.total and rate > 0 else ""
+        )
+        log.info(
+            "[%s] encoded %d/%d %s (%.0f %s/s)%s", self.label, self.done, self.total, self.unit, rate, self.unit, left
+        )
 
 
 def duration(seconds: float) -> str:
@@ -115,7 +129,9 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
         except (OSError, ValueError):  # a broken memo only costs the hashing
             pass
     _FILE_HASHES.update(stored)
-    if name_or_path not in _MODEL_DIRS and Path(name_or_path).expanduser().is_dir():  # a saved CLIP: no need to import transformers
+    if (
+        name_or_path not in _MODEL_DIRS and Path(name_or_path).expanduser().is_dir()
+    ):  # a saved CLIP: no need to import transformers
         _MODEL_DIRS[name_or_path] = Path(name_or_path).expanduser()
     if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
         from transformers.utils import cached_file
@@ -148,14 +164,27 @@ def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str]
 
 
 def _decoded(images: ImageSource, rows: list[int]) -> list[torch.Tensor | None]:
-    """Images as uint8 [3, H, W] tensors, None where unreadable. PIL decodes and numpy copies without the GIL, so threads
+    """Images as uint8 [3, H, W] tensors, None where unreadable. PIL decodes and numpy copies without the GIL, so
+    threads
     run in parallel (a torch copy here would start an OpenMP team per thread)."""
-    return [None if (img := images.read(i)) is None else torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
-            for i in rows]
+    return [
+        None
+        if (img := images.read(i)) is None
+        else torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+        for i in rows
+    ]
 
 
-def image_batches(processor, images: ImageSource, indices, batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                  skipped: list[str] | None = None, workers: int | None = None):
+def image_batches(
+    processor,
+    images: ImageSource,
+    indices,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    skipped: list[str] | None = None,
+    workers: int | None = None,
+):
     """(pixel_values, labels) batches of images[indices]; unreadable ones are left out (and named in `skipped`).
 
     `workers` threads (default: torch's CPU threads, which cpu_threads sets) decode the next DECODE_AHEAD batches
@@ -168,7 +197,9 @@ def image_batches(processor, images: ImageSource, indices, batch_size: int, devi
     try:
         for chunk in chunks:
             step = -(-len(chunk) // workers)  # each thread decodes one slice of the batch
-            pending.append((chunk, [pool.submit(_decoded, images, chunk[s : s + step]) for s in range(0, len(chunk), step)]))
+            pending.append(
+                (chunk, [pool.submit(_decoded, images, chunk[s : s + step]) for s in range(0, len(chunk), step)])
+            )
             if len(pending) > DECODE_AHEAD:
                 yield from _preprocessed(processor, images, *pending.popleft(), device, dtype, skipped)
         while pending:
@@ -177,8 +208,15 @@ def image_batches(processor, images: ImageSource, indices, batch_size: int, devi
         pool.shutdown(cancel_futures=True)
 
 
-def _preprocessed(processor, images: ImageSource, chunk: list[int], decoding: list, device: torch.device, dtype: torch.dtype,
-                  skipped: list[str] | None):
+def _preprocessed(
+    processor,
+    images: ImageSource,
+    chunk: list[int],
+    decoding: list,
+    device: torch.device,
+    dtype: torch.dtype,
+    skipped: list[str] | None,
+):
     """The pixel values and labels of one decoded batch (nothing when none of it could be read)."""
     batch, labels = [], []
     for i, pixels in zip(chunk, [pixels for future in decoding for pixels in future.result()]):
@@ -194,8 +232,14 @@ def _preprocessed(processor, images: ImageSource, chunk: list[int], decoding: li
 
 
 @torch.no_grad()
-def encode_images(model, processor, images: ImageSource, device: torch.device, batch_size: int,
-                  progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_images(
+    model,
+    processor,
+    images: ImageSource,
+    device: torch.device,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch.
 
     `progress` is called with the number of images (read or skipped) each batch got through.
@@ -203,7 +247,9 @@ def encode_images(model, processor, images: ImageSource, device: torch.device, b
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
     done, logged = 0, Progress(images.domain, len(images))
-    for pixels, batch_labels in image_batches(processor, images, range(len(images)), batch_size, device, dtype, skipped):
+    for pixels, batch_labels in image_batches(
+        processor, images, range(len(images)), batch_size, device, dtype, skipped
+    ):
         feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
         labels.append(batch_labels.cpu())
         _ENCODED["images"] += len(batch_labels)
@@ -257,7 +303,13 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
 
 
 def domain_features(
-    name_or_path: str, images: ImageSource, prompt: str, cache_dir: Path, device: torch.device, batch_size: int, dtype: str
+    name_or_path: str,
+    images: ImageSource,
+    prompt: str,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int,
+    dtype: str,
 ) -> DomainFeatures:
     """A client's frozen features from memory, else from the disk cache, else encoded (and cached)."""
     prompts = class_prompts(images.classes, prompt)
@@ -273,7 +325,9 @@ def domain_features(
         model, processor = load_clip(name_or_path, device, getattr(torch, dtype))
         feats = encode_domain(model, processor, images, prompts, device, batch_size)
         del model
-        _save_cached(path, feats, {"domain": images.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped})
+        _save_cached(
+            path, feats, {"domain": images.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped}
+        )
     if feats.skipped:
         log.warning("[%s] %d unreadable image(s) skipped", images.domain, len(feats.skipped))
     _MEMORY[key] = feats

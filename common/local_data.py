@@ -42,14 +42,17 @@ class LocalData:
         return any(_mtime(folder) != mtime for folder, mtime in self.folders.items())
 
     def clip_model(self) -> tuple:
-        """This node's CLIP (model, processor), loaded once, for methods that run it: fedavg's image encoder, promptfl's text tower."""
+        """This node's CLIP (model, processor), loaded once, for methods that run it: fedavg's image encoder,
+        promptfl's text tower."""
         if self.clip is None:
             self.clip = load_clip(model_name_or_path(self.cfg), self.device)
         return self.clip
 
     def generator(self, server_round: int, purpose: str) -> torch.Generator:
         """A seeded generator per client, round and purpose, so runs repeat exactly."""
-        return torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}/{self.client}/{server_round}/{purpose}".encode()))
+        return torch.Generator().manual_seed(
+            zlib.crc32(f"{self.cfg.seed}/{self.client}/{server_round}/{purpose}".encode())
+        )
 
     def pooled_train(self) -> tuple[DomainFeatures, torch.Tensor]:
         """Every training client's train split pooled, with their features (built once): method=centralized's data."""
@@ -60,13 +63,23 @@ class LocalData:
         for domain in dataset_domains(cfg):
             for shard in range(k) if domain != cfg.dataset.held_out else []:
                 try:
-                    other = self if client_name(domain, shard, k) == self.client else client_data(cfg, domain, shard, self.device)
+                    other = (
+                        self
+                        if client_name(domain, shard, k) == self.client
+                        else client_data(cfg, domain, shard, self.device)
+                    )
                 except (OSError, ValueError) as err:
-                    raise RuntimeError(f"method=centralized pools every training client's data on one node, but this node cannot read "
-                                       f"{client_name(domain, shard, k)!r} ({err}); it is an upper bound for simulation, where all data is local") from err
+                    raise RuntimeError(
+                        f"method=centralized pools every training client's data on one node, but this node cannot read "
+                        f"{client_name(domain, shard, k)!r} ({err}); it is an upper bound for simulation, where all "
+                        f"data is local"
+                    ) from err
                 parts.append((other.feats.image[other.split.train], other.feats.labels[other.split.train]))
         image, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        self.pooled = DomainFeatures(image, labels, self.feats.text, self.feats.logit_scale, []), torch.arange(len(labels))
+        self.pooled = (
+            DomainFeatures(image, labels, self.feats.text, self.feats.logit_scale, []),
+            torch.arange(len(labels)),
+        )
         return self.pooled
 
 
@@ -80,10 +93,22 @@ def _mtime(folder: Path) -> int:
 def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device, own_only: bool = False) -> LocalData:
     """One client's images, their frozen features (cached) and its seeded split."""
     images = client_images(cfg, domain, shard, own_only)
-    folders = {p.parent for p in images.paths} | {p.parent.parent for p in images.paths} if isinstance(images, DomainFolder) else set()
-    stamp = {folder: _mtime(folder) for folder in folders}  # before the listing is used: a change during the build is seen next time
+    folders = (
+        {p.parent for p in images.paths} | {p.parent.parent for p in images.paths}
+        if isinstance(images, DomainFolder)
+        else set()
+    )
+    stamp = {
+        folder: _mtime(folder) for folder in folders
+    }  # before the listing is used: a change during the build is seen next time
     feats = domain_features(
-        model_name_or_path(cfg), images, cfg.model.prompt, cfg.cache_dir, device, cfg.model.encode_batch_size, cfg.model.dtype
+        model_name_or_path(cfg),
+        images,
+        cfg.model.prompt,
+        cfg.cache_dir,
+        device,
+        cfg.model.encode_batch_size,
+        cfg.model.dtype,
     )
     client = client_name(domain, shard, int(cfg.dataset.clients_per_domain))
     split = split_domain(len(feats.labels), list(cfg.dataset.split), cfg.seed, client)

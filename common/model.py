@@ -67,7 +67,8 @@ def model_unavailable(name_or_path: str, err: Exception) -> RuntimeError:
         f"could not load the CLIP {name_or_path!r}: {err}\n"
         "It is neither a local folder with a saved CLIP nor a Hugging Face hub id that can be "
         "downloaded now (no network, or HF_HUB_OFFLINE=1?). On a machine with the hub, save it once with "
-        "CLIPModel.from_pretrained(ID).save_pretrained(DIR) and CLIPProcessor.from_pretrained(ID).save_pretrained(DIR), "
+        "CLIPModel.from_pretrained(ID).save_pretrained(DIR) and "
+        "CLIPProcessor.from_pretrained(ID).save_pretrained(DIR), "
         "copy DIR here and run with --run-config 'overrides=\"model.name_or_path=DIR\"'."
     )
 

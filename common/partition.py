@@ -45,7 +45,9 @@ def client_images(cfg: DictConfig, domain: str, shard: int, own_only: bool = Fal
     return images.subset(shards[shard])
 
 
-def shard_domain(labels: list[int], num_shards: int, partition: str, alpha: float, seed: int, domain: str) -> list[np.ndarray]:
+def shard_domain(
+    labels: list[int], num_shards: int, partition: str, alpha: float, seed: int, domain: str
+) -> list[np.ndarray]:
     """Divide one domain's images among `num_shards` clients, seeded so that every machine agrees.
 
     `shards`: a random permutation cut into equal parts. `dirichlet`: each class is spread over the clients
@@ -77,7 +79,8 @@ def shard_domain(labels: list[int], num_shards: int, partition: str, alpha: floa
         if all(shards):
             return [np.array(sorted(shard), dtype=np.int64) for shard in shards]
     raise ValueError(
-        f"a Dirichlet split (alpha={alpha}) of domain {domain!r} ({len(labels)} images, {len(np.unique(labels))} classes) "
+        f"a Dirichlet split (alpha={alpha}) of domain {domain!r} ({len(labels)} images, {len(np.unique(labels))} "
+        f"classes) "
         f"left a client with no image in {DIRICHLET_TRIES} draws: raise dataset.dirichlet_alpha, lower "
         "dataset.clients_per_domain, or use dataset.partition=shards"
     )

@@ -15,7 +15,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, AnyNode, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,11 +32,11 @@ class ConfigError(ValueError):
 @dataclass
 class Dataset:
     source: str = MISSING
-    root: Optional[str] = MISSING
-    hub_id: Optional[str] = MISSING
+    root: str | None = MISSING
+    hub_id: str | None = MISSING
     hub_split: str = MISSING
-    domains: Optional[list[str]] = MISSING
-    classes: Optional[list[str]] = MISSING
+    domains: list[str] | None = MISSING
+    classes: list[str] | None = MISSING
     held_out: str = MISSING
     split: list[float] = MISSING
     clients_per_domain: int = MISSING
@@ -47,7 +47,7 @@ class Dataset:
 @dataclass
 class Model:
     name_or_path: str = MISSING
-    hub_id: Optional[str] = MISSING
+    hub_id: str | None = MISSING
     prompt: str = MISSING
     encode_batch_size: int = MISSING
     dtype: str = MISSING
@@ -67,14 +67,14 @@ class Training:
 
 @dataclass
 class DifferentialPrivacy:
-    side: Optional[str] = MISSING
+    side: str | None = MISSING
     clipping: str = MISSING
     noise_multiplier: float = MISSING
     clipping_norm: float = MISSING
     delta: float = MISSING
     target_clipped_quantile: float = MISSING
     clip_norm_lr: float = MISSING
-    clipped_count_stddev: Optional[float] = MISSING
+    clipped_count_stddev: float | None = MISSING
 
 
 @dataclass
@@ -90,7 +90,7 @@ class SecAgg:
 class Strategy:
     weighting: str = MISSING
     server_optimizer: str = MISSING
-    server_lr: Optional[float] = MISSING
+    server_lr: float | None = MISSING
     server_momentum: float = MISSING
     server_betas: list[float] = MISSING
     server_tau: float = MISSING
@@ -99,8 +99,8 @@ class Strategy:
     round_timeout: float = MISSING
     fraction_train: float = MISSING
     fraction_evaluate: float = MISSING
-    max_update_norm: Optional[float] = MISSING
-    max_norm_ratio: Optional[float] = MISSING
+    max_update_norm: float | None = MISSING
+    max_norm_ratio: float | None = MISSING
     on_large_update: str = MISSING
     aggregation: str = MISSING
     num_malicious: int = MISSING
@@ -112,9 +112,9 @@ class Strategy:
 @dataclass
 class Tracking:
     tensorboard: bool = MISSING
-    mlflow_uri: Optional[str] = MISSING
+    mlflow_uri: str | None = MISSING
     mlflow_experiment: str = MISSING
-    mlflow_run_name: Optional[str] = MISSING
+    mlflow_run_name: str | None = MISSING
 
 
 @dataclass
@@ -147,12 +147,12 @@ class Demo:
 class Sweep:
     methods: list[str] = MISSING
     seeds: list[int] = MISSING
-    held_out: Optional[list[str]] = MISSING
+    held_out: list[str] | None = MISSING
     out_dir: str = MISSING
     client_cpus: int = MISSING
     client_gpus: float = MISSING
     run_timeout: float = MISSING
-    max_runs: Optional[int] = MISSING
+    max_runs: int | None = MISSING
 
 
 @dataclass
@@ -161,11 +161,11 @@ class Config:
 
     seed: int = MISSING
     device: str = MISSING
-    cpu_threads: Optional[int] = MISSING
+    cpu_threads: int | None = MISSING
     cache_dir: str = MISSING
     output_dir: str = MISSING
     selection: str = MISSING
-    resume: Optional[str] = MISSING
+    resume: str | None = MISSING
     tracking: Tracking = field(default_factory=Tracking)
     demo: Demo = field(default_factory=Demo)
     sweep: Sweep = field(default_factory=Sweep)
@@ -196,28 +196,41 @@ def interpolates(text: str) -> bool:
 
 
 def refuse_interpolations(data: object, path: str = "") -> None:
-    """Raise ConfigError if parsed data holds anything but plain values, or a string OmegaConf would interpolate or resolve.
+    """Raise ConfigError if parsed data holds anything but plain values, or a string OmegaConf would interpolate or
+    resolve.
 
-    OmegaConf itself tells an interpolation from a string (`${` anywhere in it, escaped or not, whatever encoding carried
+    OmegaConf itself tells an interpolation from a string (`${` anywhere in it, escaped or not, whatever encoding
+    carried
     it before parsing): so a key, a value or an element of a list never reaches OmegaConf's resolver from here.
     """
     if isinstance(data, dict):
         for key, value in data.items():
             if not isinstance(key, str):
-                raise ConfigError(f"{path or 'the configuration'}: key {key!r} is a {type(key).__name__}, keys are strings")
+                raise ConfigError(
+                    f"{path or 'the configuration'}: key {key!r} is a {type(key).__name__}, keys are strings"
+                )
             if interpolates(key):
-                raise ConfigError(f"{path or 'the configuration'}: a key holds an interpolation ({key!r}); configuration keys are plain names")
+                raise ConfigError(
+                    f"{path or 'the configuration'}: a key holds an interpolation ({key!r}); configuration keys are "
+                    f"plain names"
+                )
             refuse_interpolations(value, f"{path}.{key}" if path else key)
     elif isinstance(data, list):
         for i, value in enumerate(data):
             refuse_interpolations(value, f"{path}[{i}]")
     elif not isinstance(data, PLAIN):
-        raise ConfigError(f"{path}: got a {type(data).__name__}; the configuration holds only strings, numbers, booleans, null, lists and maps")
+        raise ConfigError(
+            f"{path}: got a {type(data).__name__}; the configuration holds only strings, numbers, booleans, null, "
+            f"lists and maps"
+        )
     elif isinstance(data, float) and not math.isfinite(data):
         raise ConfigError(f"{path}: got {data}; a number in the configuration is finite")
     elif isinstance(data, str) and interpolates(data):
-        raise ConfigError(f"{path}: holds an interpolation or resolver call ({data!r}); the configuration a run sends is plain values: "
-                          "resolve it where it is composed")
+        raise ConfigError(
+            f"{path}: holds an interpolation or resolver call ({data!r}); the configuration a run sends is plain "
+            f"values: "
+            "resolve it where it is composed"
+        )
 
 
 def method_schema(cls: type) -> type:
@@ -241,20 +254,27 @@ def _schema_error(err: OmegaConfBaseException) -> ConfigError:
 
 
 def checked_config(data: dict, complete: bool = True) -> DictConfig:
-    """Plain configuration data (parsed JSON or YAML, or a resolved container) checked against the schema, as a plain DictConfig.
+    """Plain configuration data (parsed JSON or YAML, or a resolved container) checked against the schema, as a
+    plain DictConfig.
 
-    Refused with a ConfigError naming the key: interpolations anywhere, unknown keys, values of the wrong type or outside
-    CHOICES, a `method._target_` that is not a Method class of this app, and (`complete`) keys missing or without a value
+    Refused with a ConfigError naming the key: interpolations anywhere, unknown keys, values of the wrong type or
+    outside
+    CHOICES, a `method._target_` that is not a Method class of this app, and (`complete`) keys missing or without a
+    value
     (`???`: conf/'s mandatory dataset.held_out, say; a sweep's plan composes without it).
     """
-    from common.methods.base import method_class  # the methods import the model and data code, which import this module's users
+    from common.methods.base import (
+        method_class,
+    )  # the methods import the model and data code, which import this module's users
 
     if not isinstance(data, dict):
         raise ConfigError(f"the configuration is a {type(data).__name__}, not a map of keys to values")
     refuse_interpolations(data)
     method = data.get("method")
     if not isinstance(method, dict):
-        raise ConfigError("method: missing, or not a map (conf/method/<name>.yaml: `_target_` and the method's options)")
+        raise ConfigError(
+            "method: missing, or not a map (conf/method/<name>.yaml: `_target_` and the method's options)"
+        )
     schema = OmegaConf.structured(Config)
     try:
         cls = method_class(method.get("_target_"), method.get("name"))
@@ -267,7 +287,9 @@ def checked_config(data: dict, complete: bool = True) -> DictConfig:
     except OmegaConfBaseException as err:
         raise _schema_error(err) from None
     if missing and complete:
-        raise ConfigError(f"{missing[0]}: missing from the configuration ({len(missing)} key(s) missing: {', '.join(missing[:5])})")
+        raise ConfigError(
+            f"{missing[0]}: missing from the configuration ({len(missing)} key(s) missing: {', '.join(missing[:5])})"
+        )
     for (group, key), choices in CHOICES.items():
         if not OmegaConf.is_missing(typed[group], key) and typed[group][key] not in choices:
             raise ConfigError(f"{group}.{key}: got {typed[group][key]!r}, takes one of {', '.join(choices)}")

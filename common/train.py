@@ -14,15 +14,24 @@ from common.features import DomainFeatures
 from common.model import adapter_loss, class_logits
 
 
-def make_optimizer(params: nn.Module | list[nn.Parameter], cfg: DictConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The paper's Adam settings with decoupled weight decay (AdamW), not the reference's L2 penalty; lr=cfg.lr unless given."""
+def make_optimizer(
+    params: nn.Module | list[nn.Parameter], cfg: DictConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """The paper's Adam settings with decoupled weight decay (AdamW), not the reference's L2 penalty; lr=cfg.lr
+    unless given."""
     params = params.parameters() if isinstance(params, nn.Module) else params
-    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """The optimiser's per-parameter state as flat tensors, so a client keeps it between rounds."""
-    return {f"{i}.{name}": torch.as_tensor(value) for i, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
+    return {
+        f"{i}.{name}": torch.as_tensor(value)
+        for i, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+    }
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
@@ -34,9 +43,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def train_epochs(logits_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 cfg: DictConfig, generator: torch.Generator) -> float:
-    """`cfg.local_epochs` epochs of minibatches of cached features `x` (labels `y`), the loss on `logits_of(batch)`; the mean loss."""
+def train_epochs(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: DictConfig,
+    generator: torch.Generator,
+) -> float:
+    """`cfg.local_epochs` epochs of minibatches of cached features `x` (labels `y`), the loss on `logits_of(batch)`;
+    the mean loss."""
     total, count = 0.0, 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(y), generator=generator).to(x.device)
@@ -68,8 +84,9 @@ def train_adapter(
 
 
 @torch.no_grad()
-def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, splits: dict[str, np.ndarray], device: torch.device
-                     ) -> dict[str, tuple[float, float]]:
+def evaluate_adapter(
+    adapter: nn.Module | None, feats: DomainFeatures, splits: dict[str, np.ndarray], device: torch.device
+) -> dict[str, tuple[float, float]]:
     """(top-1 accuracy, cross-entropy) over the class prompts on each split of a client's images, from one
     pass over all its features (val and test are part of all: each is scored once); adapter=None is zero-shot CLIP."""
     if adapter is not None:
@@ -79,5 +96,8 @@ def evaluate_adapter(adapter: nn.Module | None, feats: DomainFeatures, splits: d
     scores = {}
     for name, indices in splits.items():
         rows = torch.as_tensor(indices, dtype=torch.long, device=device)
-        scores[name] = (logits[rows].argmax(1) == labels[rows]).float().mean().item(), F.cross_entropy(logits[rows], labels[rows]).item()
+        scores[name] = (
+            (logits[rows].argmax(1) == labels[rows]).float().mean().item(),
+            F.cross_entropy(logits[rows], labels[rows]).item(),
+        )
     return scores

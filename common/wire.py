@@ -20,6 +20,13 @@ TRAIN_LOSS = "train-loss"
 IMAGES_ENCODED = "images-encoded"  # images that went through the CLIP image encoder for this reply
 FEATURE_DIM = "feature-dim"  # discovery: the CLIP's feature size
 NUM_TRAIN = "num-train"  # discovery: the client's train split
-QUERY_METRICS = (FEATURE_DIM, "num-images", "num-skipped", NUM_TRAIN, "num-val", "num-test")  # what a node reports at discovery
+QUERY_METRICS = (
+    FEATURE_DIM,
+    "num-images",
+    "num-skipped",
+    NUM_TRAIN,
+    "num-val",
+    "num-test",
+)  # what a node reports at discovery
 # A train reply carries the evaluation of the weights its message brought in its one MetricRecord, under this prefix.
 EVALUATION_PREFIX = "evaluation/"

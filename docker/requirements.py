@@ -25,7 +25,10 @@ def main(directory: Path) -> None:
     dependencies = tomllib.loads((directory / "pyproject.toml").read_text())["project"]["dependencies"]
     flwr_pin = next(re.search(r"==\s*([^\s;,]+)", d).group(1) for d in dependencies if name(d) == "flwr")
     if version("flwr") != flwr_pin:
-        sys.exit(f"the base image has flwr {version('flwr')}, pyproject.toml pins {flwr_pin}: build on flwr/superlink:{flwr_pin} or flwr/supernode:{flwr_pin}")
+        sys.exit(
+            f"the base image has flwr {version('flwr')}, pyproject.toml pins {flwr_pin}: build on "
+            f"flwr/superlink:{flwr_pin} or flwr/supernode:{flwr_pin}"
+        )
     (directory / "torch.txt").write_text("".join(f"{d}\n" for d in dependencies if name(d) in TORCH))
     without_flwr_extras = [re.sub(r"^flwr\[[^]]*]", "flwr", d) for d in dependencies]
     (directory / "app.txt").write_text("".join(f"{d}\n" for d in without_flwr_extras))

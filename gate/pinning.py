@@ -1,4 +1,5 @@
-"""Which apps a site runs: the FAB's SHA-256, computed here, approved by the site's list or signed by a key the site trusts.
+"""Which apps a site runs: the FAB's SHA-256, computed here, approved by the site's list or signed by a key the site
+trusts.
 
 A Flower SuperNode runs whatever app (FAB) the SuperLink hands it, and anyone who reaches the
 SuperLink's Control API can hand it one. The warm ClientApp (gate/warm.py) runs from the
@@ -56,14 +57,17 @@ def read_approved(path: Path) -> dict[str, str]:
             continue
         digest, _, name = line.partition(" ")
         if not HASH.match(digest):
-            raise PolicyFileError(f"{path}, line {number}: {digest!r} is not a SHA-256 hash (64 hex digits); "
-                                  "each line is `<sha256> [name]`, as `fedclip-approve` prints it")
+            raise PolicyFileError(
+                f"{path}, line {number}: {digest!r} is not a SHA-256 hash (64 hex digits); "
+                "each line is `<sha256> [name]`, as `fedclip-approve` prints it"
+            )
         approved[digest.lower()] = name.strip()
     return approved
 
 
 def public_key_id(key: ed25519.Ed25519PublicKey) -> str:
-    """A Flower-style `fpk_` id derived from the key itself, so that signer and site name the key alike without a registry."""
+    """A Flower-style `fpk_` id derived from the key itself, so that signer and site name the key alike without a
+    registry."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "fpk_" + hashlib.sha256(raw).hexdigest()[:32]
 
@@ -82,8 +86,10 @@ def read_trusted_keys(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
     except yaml.YAMLError as err:
         raise PolicyFileError(f"the trusted-keys file {path} is not YAML: {err}") from err
     if not isinstance(entries, dict) or not entries:
-        raise PolicyFileError(f"the trusted-keys file {path} must map key ids to public keys, e.g. "
-                              "`fpk_0123...: 'ssh-ed25519 AAAA... release'` (`fedclip-approve --keygen KEY` prints the line)")
+        raise PolicyFileError(
+            f"the trusted-keys file {path} must map key ids to public keys, e.g. "
+            "`fpk_0123...: 'ssh-ed25519 AAAA... release'` (`fedclip-approve --keygen KEY` prints the line)"
+        )
     keys = {}
     for key_id, value in entries.items():
         try:
@@ -96,8 +102,11 @@ def read_trusted_keys(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
     return keys
 
 
-def sign(private_key: ed25519.Ed25519PrivateKey, sha256: str, key_id: str | None = None, signed_at: int | None = None) -> str:
-    """The `fab-signature` value for a FAB hash: Flower's signed message (signing time + digest), base64url without padding."""
+def sign(
+    private_key: ed25519.Ed25519PrivateKey, sha256: str, key_id: str | None = None, signed_at: int | None = None
+) -> str:
+    """The `fab-signature` value for a FAB hash: Flower's signed message (signing time + digest), base64url without
+    padding."""
     signed_at = int(time.time()) if signed_at is None else signed_at
     signature = private_key.sign(create_message_to_sign(bytes.fromhex(sha256), signed_at))
     key_id = key_id or public_key_id(private_key.public_key())
@@ -112,10 +121,14 @@ def signature_problem(sha256: str, token: str, keys: dict[str, ed25519.Ed25519Pu
     except ValueError:
         return f"its {SIGNATURE_KEY} {token[:40]!r} is not `<key id>:<signed at>:<base64url signature>`"
     if key_id not in keys:
-        return f"its {SIGNATURE_KEY} is by key {key_id}, which is not among the trusted keys ({', '.join(sorted(keys))})"
+        return (
+            f"its {SIGNATURE_KEY} is by key {key_id}, which is not among the trusted keys ({', '.join(sorted(keys))})"
+        )
     if not verify_signature(keys[key_id], message, raw):
-        return (f"its {SIGNATURE_KEY} by {key_id} does not match this FAB: the app was changed after it was signed, "
-                "or the signature belongs to another release")
+        return (
+            f"its {SIGNATURE_KEY} by {key_id} does not match this FAB: the app was changed after it was signed, "
+            "or the signature belongs to another release"
+        )
     return None
 
 
@@ -131,7 +144,8 @@ class AppPolicy:
         return self.approved_apps is not None or self.trusted_keys is not None
 
     def validate(self) -> str:
-        """Read both files once (at start: a broken file is an error now, not a refusal later); a summary for the log."""
+        """Read both files once (at start: a broken file is an error now, not a refusal later); a summary for the
+        log."""
         parts = []
         if self.approved_apps is not None:
             parts.append(f"{len(read_approved(self.approved_apps))} approved app hash(es) in {self.approved_apps}")
@@ -140,7 +154,8 @@ class AppPolicy:
         return " or ".join(parts) if parts else "any app (no --approved-apps or --trusted-keys)"
 
     def problem(self, fab: bytes, signature: str = "", name: str = "") -> tuple[str, str | None]:
-        """(the FAB's SHA-256, None if this site runs it, else why not and how to approve it); `name` labels the approval line."""
+        """(the FAB's SHA-256, None if this site runs it, else why not and how to approve it); `name` labels the
+        approval line."""
         sha256 = fab_sha256(fab)
         if not self.enforced:
             return sha256, None
@@ -159,8 +174,17 @@ class AppPolicy:
                     reasons.append(why)
         except PolicyFileError as err:
             reasons.append(f"the site's policy cannot be read ({err}), so no app runs until it is fixed")
-        how = (f"To run this release, review it and add the line `{sha256}  {name}` to {self.approved_apps} (`fedclip-approve "
-               "<app folder>` prints it from the release's source)" if self.approved_apps else
-               f"To run it, sign its hash with a trusted key (`fedclip-approve <app folder> --sign KEY`) and pass the "
-               f"{SIGNATURE_KEY} it prints to `flwr run --run-config`")
-        return sha256, f"app {name} with SHA-256 {sha256} is not approved: {'; '.join(reasons)}. {how}, or run a release the site approved."
+        how = (
+            f"To run this release, review it and add the line `{sha256}  {name}` to {self.approved_apps} "
+            f"(`fedclip-approve "
+            "<app folder>` prints it from the release's source)"
+            if self.approved_apps
+            else f"To run it, sign its hash with a trusted key (`fedclip-approve <app folder> --sign KEY`) and pass "
+            f"the "
+            f"{SIGNATURE_KEY} it prints to `flwr run --run-config`"
+        )
+        return (
+            sha256,
+            f"app {name} with SHA-256 {sha256} is not approved: {'; '.join(reasons)}. {how}, or run a release the "
+            f"site approved.",
+        )

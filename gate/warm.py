@@ -54,7 +54,8 @@ POLL_SECONDS = 0.05  # how often to ask the SuperNode for a message to handle (a
 
 
 def refusal(policy: AppPolicy, context: Context, run: Run, fab: Fab | None, seen: set[str]) -> tuple[str, str | None]:
-    """(the FAB's SHA-256, None if this site runs it, else the error reason naming the node); logs each new hash once."""
+    """(the FAB's SHA-256, None if this site runs it, else the error reason naming the node); logs each new hash
+    once."""
     node = f"node {context.node_id} ({context.node_config.get('domain', 'no domain')})"
     if fab is None:
         return "", f"{node} refused the run: no FAB came with its message, so there is no app to check"
@@ -68,7 +69,12 @@ def refusal(policy: AppPolicy, context: Context, run: Run, fab: Fab | None, seen
         if policy.enforced:
             log.info("run %d: app %s with SHA-256 %s is approved: it runs", context.run_id, name, sha256)
         else:
-            log.warning("run %d: running app %s with SHA-256 %s unchecked (no --approved-apps or --trusted-keys)", context.run_id, name, sha256)
+            log.warning(
+                "run %d: running app %s with SHA-256 %s unchecked (no --approved-apps or --trusted-keys)",
+                context.run_id,
+                name,
+                sha256,
+            )
     return sha256, None
 
 
@@ -89,16 +95,27 @@ def handle(stub: ClientAppIoStub, token: str, policy: AppPolicy, seen: set[str])
             if refused is not None:
                 reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=refused), reply_to=message)
             else:
-                installed = install_from_fab(fab.content, install_dir=get_flwr_home() / APPROVED_DIR if policy.enforced else None,
-                                             skip_prompt=True)
-                app = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)(run.fab_id, run.fab_version, sha256)
+                installed = install_from_fab(
+                    fab.content,
+                    install_dir=get_flwr_home() / APPROVED_DIR if policy.enforced else None,
+                    skip_prompt=True,
+                )
+                app = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)(
+                    run.fab_id, run.fab_version, sha256
+                )
                 reply = app(message=message, context=context)
         except Exception as err:  # noqa: BLE001 - any failure of the app is the message's error reply, as in Flower
-            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            code = (
+                ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+                if isinstance(err, LoadClientAppError)
+                else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            )
             log.exception("the ClientApp raised an exception")
             reply = Message(Error(code=code, reason=f"{type(err)}:<'{err}'>"), reply_to=message)
         push_appoutputs(stub=stub, token=token, message=reply, context=context)
-        log.info("handled a %s message of run %d in %.3f s", message.metadata.message_type, context.run_id, time.time() - t0)
+        log.info(
+            "handled a %s message of run %d in %.3f s", message.metadata.message_type, context.run_id, time.time() - t0
+        )
     finally:
         heartbeat.stop()
 
@@ -109,9 +126,11 @@ def serve(address: str, policy: AppPolicy) -> None:
     wrap_stub(stub, make_simple_grpc_retry_invoker())
     log.info("warm ClientApp process serving the SuperNode at %s; it runs %s", address, policy.validate())
     if not policy.enforced:
-        log.warning("ANY app the SuperLink sends runs here, with this site's data: whoever reaches the SuperLink's Control API "
-                    "chooses the code. Pass --approved-apps FILE (hashes printed by `fedclip-approve`) or --trusted-keys FILE "
-                    "(docs/security.md)")
+        log.warning(
+            "ANY app the SuperLink sends runs here, with this site's data: whoever reaches the SuperLink's Control API "
+            "chooses the code. Pass --approved-apps FILE (hashes printed by `fedclip-approve`) or --trusted-keys FILE "
+            "(docs/security.md)"
+        )
     seen: set[str] = set()
     while True:
         runs = stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids
@@ -124,14 +143,25 @@ def serve(address: str, policy: AppPolicy) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clientappio-api-address", default="127.0.0.1:9094",
-                        help="the SuperNode's ClientAppIo API (its --clientappio-api-address)")
-    parser.add_argument("--approved-apps", type=Path, metavar="FILE",
-                        help="run only apps whose FAB SHA-256 this file lists: one `<sha256> [name]` a line, `#` comments "
-                             "(`fedclip-approve APP_FOLDER` prints the line); read again at every message")
-    parser.add_argument("--trusted-keys", type=Path, metavar="FILE",
-                        help=f"also run apps whose hash one of these Ed25519 keys signed (Flower's --trusted-entities YAML: "
-                             f"`fpk_...: 'ssh-ed25519 AAAA...'`); the signature comes with the run as run-config {SIGNATURE_KEY}")
+    parser.add_argument(
+        "--clientappio-api-address",
+        default="127.0.0.1:9094",
+        help="the SuperNode's ClientAppIo API (its --clientappio-api-address)",
+    )
+    parser.add_argument(
+        "--approved-apps",
+        type=Path,
+        metavar="FILE",
+        help="run only apps whose FAB SHA-256 this file lists: one `<sha256> [name]` a line, `#` comments "
+        "(`fedclip-approve APP_FOLDER` prints the line); read again at every message",
+    )
+    parser.add_argument(
+        "--trusted-keys",
+        type=Path,
+        metavar="FILE",
+        help=f"also run apps whose hash one of these Ed25519 keys signed (Flower's --trusted-entities YAML: "
+        f"`fpk_...: 'ssh-ed25519 AAAA...'`); the signature comes with the run as run-config {SIGNATURE_KEY}",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     policy = AppPolicy(args.approved_apps, args.trusted_keys)

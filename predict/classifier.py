@@ -25,14 +25,24 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from predict.export import (ADAPTER_FILE, CONFIG_FILE, CONTEXT_FILE, DEMO_DATASET, EXPORT_FORMAT, TEXT_FEATURES, TEXT_FILE,
-                                        exported_clip, hub_id, write_export)
 from common.config import config_from_file, select_device
 from common.data import read_image
 from common.features import encode_images, encode_prompts, model_files_fingerprint
 from common.methods.base import load_method
 from common.methods.promptfl import CONTEXT, prompt_features
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
+from predict.export import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    CONTEXT_FILE,
+    DEMO_DATASET,
+    EXPORT_FORMAT,
+    TEXT_FEATURES,
+    TEXT_FILE,
+    exported_clip,
+    hub_id,
+    write_export,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +66,9 @@ class InputImages:
         item = self.items[i]
         if isinstance(item, Image.Image):
             return item.convert("RGB")
-        if isinstance(item, torch.Tensor):  # uint8 in [0, 255] or float in [0, 1], as torchvision's to_pil_image takes them
+        if isinstance(
+            item, torch.Tensor
+        ):  # uint8 in [0, 255] or float in [0, 1], as torchvision's to_pil_image takes them
             from torchvision.transforms.functional import to_pil_image
 
             return to_pil_image(item.cpu()).convert("RGB")
@@ -94,18 +106,40 @@ class Predictions:
     def top_k(self, k: int) -> list[list[tuple[str, float]]]:
         """The k most probable (class, probability) pairs of each image."""
         probs, idx = self.probabilities.topk(min(k, len(self.classes)), dim=1)
-        return [[(self.classes[c], p) for c, p in zip(row_idx, row_p)] for row_idx, row_p in zip(idx.tolist(), probs.tolist())]
+        return [
+            [(self.classes[c], p) for c, p in zip(row_idx, row_p)]
+            for row_idx, row_p in zip(idx.tolist(), probs.tolist())
+        ]
 
 
 class FedClipClassifier:
     """A frozen CLIP, one prompt per class and a FedCLIP adapter (None: zero-shot CLIP)."""
 
-    def __init__(self, model, processor, classes: list[str], prompt: str, adapter: AttentionAdapter | None, device: torch.device,
-                 batch_size: int, info: dict, text: torch.Tensor | None = None, context: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        processor,
+        classes: list[str],
+        prompt: str,
+        adapter: AttentionAdapter | None,
+        device: torch.device,
+        batch_size: int,
+        info: dict,
+        text: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> None:
         self.model, self.processor, self.device = model, processor, device
-        self.classes, self.prompt, self.adapter, self.batch_size, self.info = list(classes), prompt, adapter, batch_size, info
+        self.classes, self.prompt, self.adapter, self.batch_size, self.info = (
+            list(classes),
+            prompt,
+            adapter,
+            batch_size,
+            info,
+        )
         self.context = context  # a PromptFL run's learned context: `text` holds the class features it gives
-        self.text = encode_prompts(model, processor, class_prompts(self.classes, prompt), device) if text is None else text
+        self.text = (
+            encode_prompts(model, processor, class_prompts(self.classes, prompt), device) if text is None else text
+        )
         self.logit_scale = model.logit_scale.detach().float().cpu()
         if adapter is not None:
             adapter.eval()
@@ -113,28 +147,47 @@ class FedClipClassifier:
     # ---- loading ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_run(cls, run: str | Path, which: str = "best", clip: str | None = None, device: str = "auto",
-                 dtype: str | torch.dtype = "float32", batch_size: int | None = None) -> FedClipClassifier:
-        """The classifier of a run folder: its CLIP (or `clip`, which must be the same files), classes, prompt and adapter.
+    def from_run(
+        cls,
+        run: str | Path,
+        which: str = "best",
+        clip: str | None = None,
+        device: str = "auto",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int | None = None,
+    ) -> FedClipClassifier:
+        """The classifier of a run folder: its CLIP (or `clip`, which must be the same files), classes, prompt and
+        adapter.
 
         which: "best" (the round with the best mean validation accuracy), "final", or None for zero-shot CLIP.
         """
         run = Path(run).expanduser()
         if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run} is not a run folder (no config.yaml): pass the folder a run logged as 'run folder: ...'")
+            raise FileNotFoundError(
+                f"{run} is not a run folder (no config.yaml): pass the folder a run logged as 'run folder: ...'"
+            )
         cfg = config_from_file(run / "config.yaml")
         run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
         classes = run_info.get("classes") or (list(cfg.dataset.classes) if cfg.dataset.classes else None)
         if not classes:
-            raise ValueError(f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
-                             "with dataset.classes=null); run it again to use its adapter")
+            raise ValueError(
+                f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
+                "with dataset.classes=null); run it again to use its adapter"
+            )
         weights = None
         if which is not None:
-            saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"  # a run from before methods named their class
+            saves = (
+                load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"
+            )  # a run from before methods named their class
             path = run / f"{saves or 'adapter'}_{which}.safetensors"
             if saves not in ("adapter", "prompt") or not path.is_file():
-                kind = (f"which={which!r} is 'best' or 'final'" if saves in ("adapter", "prompt") else
-                        f"method={cfg.method.name} keeps no global weights" if saves is None else f"method={cfg.method.name} trains its {saves}, not an adapter")
+                kind = (
+                    f"which={which!r} is 'best' or 'final'"
+                    if saves in ("adapter", "prompt")
+                    else f"method={cfg.method.name} keeps no global weights"
+                    if saves is None
+                    else f"method={cfg.method.name} trains its {saves}, not an adapter"
+                )
                 raise FileNotFoundError(f"{path} does not exist: {kind}. which=None gives zero-shot CLIP")
             weights = load_file(path)
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
@@ -142,7 +195,8 @@ class FedClipClassifier:
         info = {
             "format": EXPORT_FORMAT,
             "clip": run_clip,
-            "base_model": hub_id(cfg.model.get("hub_id")) or hub_id(cfg.model.name_or_path),  # the model card's; None: no hub id
+            "base_model": hub_id(cfg.model.get("hub_id"))
+            or hub_id(cfg.model.name_or_path),  # the model card's; None: no hub id
             "clip_fingerprint": run_info.get("model_fingerprint"),
             "prompt": str(cfg.model.prompt),
             "classes": classes,
@@ -153,8 +207,14 @@ class FedClipClassifier:
         return cls._build(clip or run_clip, info, weights, device, dtype, batch_size)
 
     @classmethod
-    def from_pretrained(cls, folder_or_hub_id: str | Path, clip: str | None = None, device: str = "auto",
-                        dtype: str | torch.dtype = "float32", batch_size: int | None = None) -> FedClipClassifier:
+    def from_pretrained(
+        cls,
+        folder_or_hub_id: str | Path,
+        clip: str | None = None,
+        device: str = "auto",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int | None = None,
+    ) -> FedClipClassifier:
         """An export (see `export`), from a folder or a Hugging Face hub repository; `clip` overrides where its CLIP is.
 
         A PromptFL export's class text features are used as they are (the text encoder does not run); its context is
@@ -164,16 +224,37 @@ class FedClipClassifier:
             folder = _download(str(folder_or_hub_id))
         info = json.loads((folder / CONFIG_FILE).read_text())
         if info.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, expected {EXPORT_FORMAT!r})")
+            raise ValueError(
+                f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, "
+                f"expected {EXPORT_FORMAT!r})"
+            )
         if info.get("weights") == "prompt":
-            return cls._build(clip or exported_clip(info), info, load_file(folder / CONTEXT_FILE), device, dtype, batch_size,
-                              load_file(folder / TEXT_FILE)[TEXT_FEATURES])
-        return cls._build(clip or exported_clip(info), info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size)
+            return cls._build(
+                clip or exported_clip(info),
+                info,
+                load_file(folder / CONTEXT_FILE),
+                device,
+                dtype,
+                batch_size,
+                load_file(folder / TEXT_FILE)[TEXT_FEATURES],
+            )
+        return cls._build(
+            clip or exported_clip(info), info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size
+        )
 
     @classmethod
-    def _build(cls, clip: str, info: dict, weights: dict | None, device: str, dtype: str | torch.dtype,
-               batch_size: int | None, text: torch.Tensor | None = None) -> FedClipClassifier:
-        """Load the CLIP, refuse it unless it is the one the weights were trained with, and put them on it: an adapter on the
+    def _build(
+        cls,
+        clip: str,
+        info: dict,
+        weights: dict | None,
+        device: str,
+        dtype: str | torch.dtype,
+        batch_size: int | None,
+        text: torch.Tensor | None = None,
+    ) -> FedClipClassifier:
+        """Load the CLIP, refuse it unless it is the one the weights were trained with, and put them on it: an
+        adapter on the
         image features, or a PromptFL context in the class prompts (`text`: the class features it gives, when known)."""
         device_ = select_device(device)
         dtype_ = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -182,18 +263,28 @@ class FedClipClassifier:
         context = weights.pop(CONTEXT) if weights is not None and CONTEXT in weights else None
         adapter_state = weights or None
         if adapter_state is not None and adapter_state["fc1.weight"].shape[1] != dim:
-            raise ValueError(f"the CLIP {clip!r} gives {dim} features but the adapter was trained on "
-                             f"{adapter_state['fc1.weight'].shape[1]}: it needs the CLIP its run used ({info['clip']!r})")
+            raise ValueError(
+                f"the CLIP {clip!r} gives {dim} features but the adapter was trained on "
+                f"{adapter_state['fc1.weight'].shape[1]}: it needs the CLIP its run used ({info['clip']!r})"
+            )
         if context is not None and context.shape[1] != (width := int(model.config.text_config.hidden_size)):
-            raise ValueError(f"the CLIP {clip!r} has text width {width} but the context was trained for {context.shape[1]}: "
-                             f"it needs the CLIP its run used ({info['clip']!r})")
+            raise ValueError(
+                f"the CLIP {clip!r} has text width {width} but the context was trained for {context.shape[1]}: "
+                f"it needs the CLIP its run used ({info['clip']!r})"
+            )
         if text is not None and tuple(text.shape) != (len(info["classes"]), dim):
-            raise ValueError(f"the class text features are {tuple(text.shape)}, but {len(info['classes'])} classes and the CLIP {clip!r}'s "
-                             f"{dim} features need ({len(info['classes'])}, {dim}): it needs the CLIP its run used ({info['clip']!r})")
+            raise ValueError(
+                f"the class text features are {tuple(text.shape)}, but {len(info['classes'])} classes and the "
+                f"CLIP {clip!r}'s "
+                f"{dim} features need ({len(info['classes'])}, {dim}): it needs the CLIP its run used "
+                f"({info['clip']!r})"
+            )
         expected, found = info.get("clip_fingerprint"), model_files_fingerprint(str(clip))
         if expected and found != expected:
-            raise ValueError(f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
-                             f"the run's {expected}. Pass the run's CLIP ({info['clip']!r}), or a copy of exactly its files")
+            raise ValueError(
+                f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
+                f"the run's {expected}. Pass the run's CLIP ({info['clip']!r}), or a copy of exactly its files"
+            )
         if not expected:
             log.warning("this run does not record its CLIP's fingerprint: only the feature size (%d) was checked", dim)
         adapter = None
@@ -203,24 +294,60 @@ class FedClipClassifier:
         info = {**info, "clip_fingerprint": found, "feature_dim": dim}
         if text is None and context is not None:
             text = prompt_features(model, processor.tokenizer, info["classes"], info["prompt"], context)
-        return cls(model, processor, info["classes"], info["prompt"], adapter, device_, batch_size or info["encode_batch_size"], info, text, context)
+        return cls(
+            model,
+            processor,
+            info["classes"],
+            info["prompt"],
+            adapter,
+            device_,
+            batch_size or info["encode_batch_size"],
+            info,
+            text,
+            context,
+        )
 
     def zero_shot(self) -> FedClipClassifier:
         """The same CLIP and prompts without the adapter or learned context (shares the loaded CLIP)."""
-        return FedClipClassifier(self.model, self.processor, self.classes, self.prompt, None, self.device, self.batch_size,
-                                 {**self.info, "adapter": None}, self.text if self.context is None else None)
+        return FedClipClassifier(
+            self.model,
+            self.processor,
+            self.classes,
+            self.prompt,
+            None,
+            self.device,
+            self.batch_size,
+            {**self.info, "adapter": None},
+            self.text if self.context is None else None,
+        )
 
     # ---- prediction ------------------------------------------------------------------------------------------
 
-    def encode(self, images: ImageInput | Sequence[ImageInput], labels: list[int] | None = None,
-               progress: Callable[[int], None] | None = None) -> Encoded:
-        """Frozen CLIP features of the images, as training's feature extraction computes them; unreadable ones are skipped."""
-        source = images if hasattr(images, "read") else InputImages([images] if isinstance(images, ImageInput) else images, labels)
+    def encode(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: list[int] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Encoded:
+        """Frozen CLIP features of the images, as training's feature extraction computes them; unreadable ones are
+        skipped."""
+        source = (
+            images
+            if hasattr(images, "read")
+            else InputImages([images] if isinstance(images, ImageInput) else images, labels)
+        )
         try:
-            features, found, skipped = encode_images(self.model, self.processor, source, self.device, self.batch_size, progress)
+            features, found, skipped = encode_images(
+                self.model, self.processor, source, self.device, self.batch_size, progress
+            )
         except RuntimeError as err:  # none could be read
             log.warning("%s", err)
-            return Encoded(torch.zeros(0, self.info["feature_dim"]), torch.zeros(0, dtype=torch.long), [], [source.name(i) for i in range(len(source))])
+            return Encoded(
+                torch.zeros(0, self.info["feature_dim"]),
+                torch.zeros(0, dtype=torch.long),
+                [],
+                [source.name(i) for i in range(len(source))],
+            )
         lost = set(skipped)
         names = [source.name(i) for i in range(len(source)) if source.name(i) not in lost]
         return Encoded(features, found, names, skipped)
@@ -228,9 +355,13 @@ class FedClipClassifier:
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits of encoded images: the same function as training and evaluation use."""
-        return class_logits(features.to(self.device), self.text.to(self.device), self.logit_scale.to(self.device), self.adapter).cpu()
+        return class_logits(
+            features.to(self.device), self.text.to(self.device), self.logit_scale.to(self.device), self.adapter
+        ).cpu()
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], progress: Callable[[int], None] | None = None) -> Predictions:
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], progress: Callable[[int], None] | None = None
+    ) -> Predictions:
         """Class probabilities of PIL images, image paths or [C, H, W] tensors, batched on the classifier's device."""
         return self.predictions(self.encode(images, progress=progress))
 
@@ -247,8 +378,15 @@ class FedClipClassifier:
         scores with (computed with the CLIP in the precision it was loaded in; float32 by default), so the export
         predicts exactly what this classifier predicts."""
         if self.context is not None:
-            info = {**self.info, "weights": "prompt", "n_ctx": int(self.context.shape[0]), "text_width": int(self.context.shape[1])}
-            return write_export(folder, {CONTEXT_FILE: {CONTEXT: self.context}, TEXT_FILE: {TEXT_FEATURES: self.text}}, info)
+            info = {
+                **self.info,
+                "weights": "prompt",
+                "n_ctx": int(self.context.shape[0]),
+                "text_width": int(self.context.shape[1]),
+            }
+            return write_export(
+                folder, {CONTEXT_FILE: {CONTEXT: self.context}, TEXT_FILE: {TEXT_FEATURES: self.text}}, info
+            )
         if self.adapter is None:
             raise ValueError("a zero-shot classifier has no adapter or prompt context to export")
         return write_export(folder, {ADAPTER_FILE: self.adapter.state_dict()}, {**self.info, "weights": "adapter"})
@@ -269,7 +407,9 @@ def _run_results(cfg, summary: dict, which: str | None) -> dict:
         "trained_parameters": summary.get("trained_parameters"),
         "bytes_per_client_per_round": summary.get("bytes_per_client_per_round"),
         "bytes_total": summary.get("bytes_total"),
-        "accuracies_are_of": "the best round's adapter" if which == "best" else "the best round (this export holds the final adapter)",
+        "accuracies_are_of": "the best round's adapter"
+        if which == "best"
+        else "the best round (this export holds the final adapter)",
     }
 
 
@@ -280,5 +420,8 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # noqa: BLE001 - offline mode, no network, no such repository: all say the same to the user
-        raise RuntimeError(f"{repo_id!r} is neither a folder here nor a hub repository that can be downloaded now ({type(err).__name__}: "
-                           f"{err}). Offline, copy the exported folder here and pass its path") from err
+        raise RuntimeError(
+            f"{repo_id!r} is neither a folder here nor a hub repository that can be downloaded now "
+            f"({type(err).__name__}: "
+            f"{err}). Offline, copy the exported folder here and pass its path"
+        ) from err

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from common.data import IMAGE_EXTENSIONS, DomainFolder, _is_data_dir, domain_folder
 from predict.classifier import Encoded, FedClipClassifier, InputImages
 from predict.export import push_to_hub
-from common.data import IMAGE_EXTENSIONS, DomainFolder, _is_data_dir, domain_folder
 
 log = logging.getLogger("fedclip-predict")
 
@@ -52,8 +52,10 @@ def input_groups(inputs: list[str], classes: list[str]) -> list[InputGroup]:
         subdirs = [p for p in sorted(path.iterdir()) if _is_data_dir(p)]
         if subdirs and all(p.name in classes for p in subdirs):
             groups.append(InputGroup(path.name, domain_folder(path.parent, path.name, classes)))
-        elif subdirs and all(any(_is_data_dir(c) for c in d.iterdir()) and all(c.name in classes for c in d.iterdir() if _is_data_dir(c))
-                             for d in subdirs):
+        elif subdirs and all(
+            any(_is_data_dir(c) for c in d.iterdir()) and all(c.name in classes for c in d.iterdir() if _is_data_dir(c))
+            for d in subdirs
+        ):
             groups += [InputGroup(d.name, domain_folder(path, d.name, classes)) for d in subdirs]
         else:
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -67,20 +69,35 @@ def accuracy(clf: FedClipClassifier, encoded: Encoded) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedclip-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedclip-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run folder (outputs/<date-time>)")
     source.add_argument("--model", help="an exported adapter: a folder or a hub repository id")
     parser.add_argument("inputs", nargs="*", help="image files and folders")
-    parser.add_argument("--which", default="best", choices=["best", "final"], help="with --run: the adapter of the best round or the last")
+    parser.add_argument(
+        "--which",
+        default="best",
+        choices=["best", "final"],
+        help="with --run: the adapter of the best round or the last",
+    )
     parser.add_argument("--zero-shot", action="store_true", help="predict with CLIP alone, no adapter")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--out", help="write the predictions to this CSV file instead of stdout")
     parser.add_argument("--clip", help="where the CLIP is, if not where the run had it (it must be the same files)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="precision of the CLIP")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's model.encode_batch_size)")
-    parser.add_argument("--export", metavar="DIR", help="write the adapter (a PromptFL run: its context and class text features) as a Hugging Face-style folder")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="precision of the CLIP"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="images per forward pass (default: the run's model.encode_batch_size)"
+    )
+    parser.add_argument(
+        "--export",
+        metavar="DIR",
+        help="write the adapter (a PromptFL run: its context and class text features) as a Hugging Face-style folder",
+    )
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
@@ -117,7 +134,9 @@ def classify(clf: FedClipClassifier, groups: list[InputGroup], top_k: int, out: 
 
     total = sum(len(g.images) for g in groups)
     encoded = []
-    with tqdm(total=total, unit="img", desc="classifying", disable=total <= clf.batch_size or None, file=sys.stderr) as bar:
+    with tqdm(
+        total=total, unit="img", desc="classifying", disable=total <= clf.batch_size or None, file=sys.stderr
+    ) as bar:
         for group in groups:
             encoded.append(clf.encode(group.images, progress=bar.update))
     k = min(top_k, len(clf.classes))
@@ -127,25 +146,38 @@ def classify(clf: FedClipClassifier, groups: list[InputGroup], top_k: int, out: 
         writer.writerow(header)
         for group, enc in zip(groups, encoded):
             for name, label, top in zip(enc.names, enc.labels.tolist(), clf.predictions(enc).top_k(k)):
-                writer.writerow([name, clf.classes[label] if group.domain is not None else ""]
-                                + [v for cls, p in top for v in (cls, f"{p:.4f}")])
+                writer.writerow(
+                    [name, clf.classes[label] if group.domain is not None else ""]
+                    + [v for cls, p in top for v in (cls, f"{p:.4f}")]
+                )
     skipped = [name for enc in encoded for name in enc.skipped]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
+        print(
+            f"skipped {len(skipped)} unreadable "
+            f"image(s): {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}",
+            file=sys.stderr,
+        )
     labelled = [(g.domain, e) for g, e in zip(groups, encoded) if g.domain is not None and len(e.names)]
     if labelled:
         zero_shot = clf.zero_shot()
         which = "adapter" if clf.adapter is not None else "prompt" if clf.context is not None else "(no adapter)"
         print(f"{'domain':>16} {'images':>8} {which:>12} {'zero-shot':>10}", file=sys.stderr)
         for domain, enc in labelled + ([("all", _joined([e for _, e in labelled]))] if len(labelled) > 1 else []):
-            print(f"{domain:>16} {len(enc.names):>8} {100 * accuracy(clf, enc):>12.2f} {100 * accuracy(zero_shot, enc):>10.2f}",
-                  file=sys.stderr)
+            print(
+                f"{domain:>16} {len(enc.names):>8} {100 * accuracy(clf, enc):>12.2f} "
+                f"{100 * accuracy(zero_shot, enc):>10.2f}",
+                file=sys.stderr,
+            )
     if out:
         print(f"wrote {sum(len(e.names) for e in encoded)} predictions to {out}", file=sys.stderr)
 
 
 def _joined(parts: list[Encoded]) -> Encoded:
-    return Encoded(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]), [n for p in parts for n in p.names])
+    return Encoded(
+        torch.cat([p.features for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        [n for p in parts for n in p.names],
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,11 @@ def write_export(folder: str | Path, files: dict[str, dict[str, torch.Tensor]], 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensors in files.items():
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, folder / name, metadata={"format": EXPORT_FORMAT})
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+            folder / name,
+            metadata={"format": EXPORT_FORMAT},
+        )
         set_default_mode(folder / name)
     (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2))
     (folder / CARD_FILE).write_text(model_card(info))
@@ -51,7 +55,8 @@ def write_export(folder: str | Path, files: dict[str, dict[str, torch.Tensor]], 
 
 
 def exported_clip(info: dict) -> str:
-    """The CLIP an exported adapter loads: config.json's `clip` (the run's folder or hub id) where that is here or on the hub,
+    """The CLIP an exported adapter loads: config.json's `clip` (the run's folder or hub id) where that is here or
+    on the hub,
     else its base model's hub id (an export made from a local copy of a hub CLIP, used on another machine)."""
     clip = str(info["clip"])
     if Path(clip).expanduser().exists() or hub_id(clip) or not hub_id(info.get("base_model")):
@@ -68,9 +73,11 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="FedCLIP adapter")
     except Exception as err:  # noqa: BLE001 - offline mode, no network, no token: the export on disk stays usable
-        raise RuntimeError(f"could not push {folder} to the hub repository {repo_id!r} ({type(err).__name__}: {err}). "
-                           "It needs network access (HF_HUB_OFFLINE unset) and a write token (`hf auth login` or HF_TOKEN); "
-                           f"the exported folder is complete, upload it later with `hf upload {repo_id} {folder}`") from err
+        raise RuntimeError(
+            f"could not push {folder} to the hub repository {repo_id!r} ({type(err).__name__}: {err}). "
+            "It needs network access (HF_HUB_OFFLINE unset) and a write token (`hf auth login` or HF_TOKEN); "
+            f"the exported folder is complete, upload it later with `hf upload {repo_id} {folder}`"
+        ) from err
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -81,14 +88,19 @@ def _title(info: dict) -> str:
 def _weights_description(info: dict) -> str:
     """What the export holds, for the card: a FedCLIP adapter, or a PromptFL context and its class text features."""
     if info.get("weights") == "prompt":
-        return (f"A PromptFL prompt context ({info['n_ctx']} vectors, {info['n_ctx'] * info['text_width']:,} parameters, `{CONTEXT_FILE}`) "
-                f"and the class text features it gives (`{TEXT_FILE}`: the `{TEXT_FEATURES}` that replace the encoded prompts "
-                "in zero-shot CLIP's logits)")
+        return (
+            f"A PromptFL prompt context ({info['n_ctx']} vectors, {info['n_ctx'] * info['text_width']:,} parameters, "
+            f"`{CONTEXT_FILE}`) "
+            f"and the class text features it gives (`{TEXT_FILE}`: the `{TEXT_FEATURES}` that replace the encoded "
+            f"prompts "
+            "in zero-shot CLIP's logits)"
+        )
     return f"A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters)"
 
 
 def card_metadata(info: dict):
-    """The card's YAML header as the hub reads it (huggingface_hub's ModelCardData): the base CLIP by its hub id (none for a
+    """The card's YAML header as the hub reads it (huggingface_hub's ModelCardData): the base CLIP by its hub id
+    (none for a
     CLIP with no hub id), the pipeline tag, and the run's accuracies in `model-index`: per domain, with this adapter and
     zero-shot CLIP, on the held-out domain's images and the training domains' test splits."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -99,12 +111,22 @@ def card_metadata(info: dict):
     results = []
     for domain in zero:
         held = domain == run["held_out"]
-        where = dict(task_type=PIPELINE_TAG, task_name="image classification with class prompts", dataset_type=dataset or "imagefolder",
-                     dataset_name=f"{dataset or 'image folder'}: {domain}{' (held out)' if held else ''}", dataset_config=domain,
-                     dataset_split="all" if held else "test")
-        for name, value in (("accuracy (%)", gen.get(domain) if held else pers.get(domain)), ("zero-shot CLIP accuracy (%)", zero.get(domain))):
+        where = dict(
+            task_type=PIPELINE_TAG,
+            task_name="image classification with class prompts",
+            dataset_type=dataset or "imagefolder",
+            dataset_name=f"{dataset or 'image folder'}: {domain}{' (held out)' if held else ''}",
+            dataset_config=domain,
+            dataset_split="all" if held else "test",
+        )
+        for name, value in (
+            ("accuracy (%)", gen.get(domain) if held else pers.get(domain)),
+            ("zero-shot CLIP accuracy (%)", zero.get(domain)),
+        ):
             if value is not None:
-                results.append(EvalResult(**where, metric_type="accuracy", metric_name=name, metric_value=round(100 * value, 2)))
+                results.append(
+                    EvalResult(**where, metric_type="accuracy", metric_name=name, metric_value=round(100 * value, 2))
+                )
     return ModelCardData(
         model_name=f"{_title(info)} ({run['method']}, {run['held_out']} held out)",
         base_model=hub_id(info.get("base_model")),
@@ -122,15 +144,31 @@ def model_card(info: dict) -> str:
     run = info["run"]
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     zero, pers, gen = run.get("zero_shot") or {}, run.get("personalization") or {}, run.get("generalization") or {}
-    rows = [f"| {d}{' (held out)' if d == run['held_out'] else ''} | {pct(zero.get(d))} | {pct(gen.get(d) if d == run['held_out'] else pers.get(d))} |"
-            for d in zero]
-    classes = ", ".join(info["classes"][:20]) + (f", ... ({len(info['classes'])} in all)" if len(info["classes"]) > 20 else "")
+    rows = [
+        f"| {d}{' (held out)' if d == run['held_out'] else ''} | {pct(zero.get(d))} "
+        f"| {pct(gen.get(d) if d == run['held_out'] else pers.get(d))} |"
+        for d in zero
+    ]
+    classes = ", ".join(info["classes"][:20]) + (
+        f", ... ({len(info['classes'])} in all)" if len(info["classes"]) > 20 else ""
+    )
     base = hub_id(info.get("base_model"))
-    clip = (f"[`{base}`](https://huggingface.co/{base})" if base else
-            "a CLIP with no Hugging Face hub id (a local one, e.g. the app's demo CLIP: its files are identified by the fingerprint)")
-    load = (f"The CLIP is config.json's `clip` where that folder exists, else the hub's `{base}`" if base else
-            "This CLIP is not on the hub: pass a copy of exactly its files")
+    clip = (
+        f"[`{base}`](https://huggingface.co/{base})"
+        if base
+        else "a CLIP with no Hugging Face hub id (a local one, e.g. the app's demo CLIP: its files are identified by "
+        "the fingerprint)"
+    )
+    load = (
+        f"The CLIP is config.json's `clip` where that folder exists, else the hub's `{base}`"
+        if base
+        else "This CLIP is not on the hub: pass a copy of exactly its files"
+    )
     dataset = run.get("dataset") or "a local image folder"
+    domains = ", ".join(f"`{d}`" for d in zero) or "-"
+    best = f" ({run['best_round']})" if run.get("best_round") is not None else ""
+    which = "best round" + best if info["adapter"] == "best" else "final"
+    per_round, total = run.get("bytes_per_client_per_round") or "-", run.get("bytes_total") or "-"
     return f"""---
 {card_metadata(info).to_yaml()}
 ---
@@ -138,25 +176,25 @@ def model_card(info: dict) -> str:
 # {_title(info)}
 
 {_weights_description(info)} for the frozen CLIP
-{clip} (files' fingerprint `{info['clip_fingerprint']}`), trained federated with
-[Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info['classes'])} classes
-({classes}) with the prompt `{info['prompt']}`.
+{clip} (files' fingerprint `{info["clip_fingerprint"]}`), trained federated with
+[Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info["classes"])} classes
+({classes}) with the prompt `{info["prompt"]}`.
 
 ## Training
 
-Method `{run['method']}` on {dataset} (domains {', '.join(f'`{d}`' for d in zero) or '-'}), {run['rounds']} rounds, seed {run['seed']},
-domain `{run['held_out']}` held out (never trained on).
-This file holds the {'best round' + (f" ({run['best_round']})" if run.get('best_round') is not None else '') if info['adapter'] == 'best' else 'final'}
-adapter. Traffic: {run.get('bytes_per_client_per_round') or '-'} bytes per training client per round, {run.get('bytes_total') or '-'} bytes in all.
+Method `{run["method"]}` on {dataset} (domains {domains}), {run["rounds"]} rounds, seed {run["seed"]},
+domain `{run["held_out"]}` held out (never trained on).
+This file holds the {which}
+adapter. Traffic: {per_round} bytes per training client per round, {total} bytes in all.
 
-## Results (accuracy %, {run['accuracies_are_of']})
+## Results (accuracy %, {run["accuracies_are_of"]})
 
 Training domains: their clients' test splits; the held-out domain: all its images. The same numbers are in the
 `model-index` above.
 
 | domain | zero-shot CLIP | with this adapter |
 |---|---|---|
-{chr(10).join(rows) if rows else '| - | - | - |'}
+{chr(10).join(rows) if rows else "| - | - | - |"}
 
 ## Use
 
@@ -171,7 +209,7 @@ point elsewhere); a CLIP whose files differ from the one it was trained with is 
 
 ## Limitations
 
-It only knows the {len(info['classes'])} classes above and the CLIP it was trained on; its accuracy was
+It only knows the {len(info["classes"])} classes above and the CLIP it was trained on; its accuracy was
 measured on the run's own domains and may not carry over to other images. The held-out accuracy is the
 best estimate of how it does on a new domain.
 """

@@ -27,30 +27,55 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Discover the nodes, then one exchange per round: round r's training carries round r-1's evaluation."""
-    cfg = load_config(str(context.run_config.get("overrides", "")))  # checked before the first message: a mistyped value stops here
+    cfg = load_config(
+        str(context.run_config.get("overrides", ""))
+    )  # checked before the first message: a mistyped value stops here
     run_config = message_config(cfg)  # the clients get the run's checked configuration with every message
     method = load_method(cfg)
     if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:
-        raise ValueError(f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}")
+        raise ValueError(
+            f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}"
+        )
     method.refuse(cfg)
     optimizer = ServerOptimizer.from_config(cfg.strategy)
     if optimizer.kind != "mean" and not method.weights_name:
-        raise ValueError(f"strategy.server_optimizer={optimizer.kind} steps the global weights; method={method.name} keeps none")
+        raise ValueError(
+            f"strategy.server_optimizer={optimizer.kind} steps the global weights; method={method.name} keeps none"
+        )
     federation = Federation(grid, cfg, run_config)
 
     weights = method.initial_weights(cfg, federation.feature_dim)
     arrays = ArrayRecord(weights)
     last_round = cfg.training.rounds if method.trains else 0
     options = cfg.strategy
-    strategy = FedClipStrategy(federation.node_domains, cfg.dataset.held_out, {k: v.numpy() for k, v in arrays.items()}, options.weighting,
-                               options.min_train_nodes, method, federation.node_clients, options.fraction_train, options.fraction_evaluate,
-                               cfg.seed, last_round, **trust_options(options),
-                               client_num_train={c: int(m[wire.NUM_TRAIN]) for c, m in federation.info.items()})
+    strategy = FedClipStrategy(
+        federation.node_domains,
+        cfg.dataset.held_out,
+        {k: v.numpy() for k, v in arrays.items()},
+        options.weighting,
+        options.min_train_nodes,
+        method,
+        federation.node_clients,
+        options.fraction_train,
+        options.fraction_evaluate,
+        cfg.seed,
+        last_round,
+        **trust_options(options),
+        client_num_train={c: int(m[wire.NUM_TRAIN]) for c, m in federation.info.items()},
+    )
     strategy = with_privacy(strategy, options.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
     strategy.summary()
     trained = sum(v.numel() for v in weights.values()) if method.trains else 0
-    report = RunReport(cfg, federation.client_domains, [federation.node_clients[n] for n in strategy.train_nodes], trained, federation.classes,
-                       federation.fingerprint, method.weights_name, context.run_id)
+    report = RunReport(
+        cfg,
+        federation.client_domains,
+        [federation.node_clients[n] for n in strategy.train_nodes],
+        trained,
+        federation.classes,
+        federation.fingerprint,
+        method.weights_name,
+        context.run_id,
+    )
     report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
     try:
         arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer, strategy) if cfg.resume else (arrays, 1)

@@ -1,7 +1,8 @@
 """Checkpoint after every round, so a run that stops (server crash, restart) can resume.
 
 `<run folder>/checkpoint.safetensors` holds the global weights (adapter, or encoder for fedavg/fedprox) and the server
-optimizer's moments; its metadata holds the round, every report row so far (JSON) and what the strategy learnt on the way
+optimizer's moments; its metadata holds the round, every report row so far (JSON) and what the strategy learnt on
+the way
 (adaptive DP's clipping norm), in one file replaced atomically, so the adapter, the round and that state always agree.
 `resume=<run folder>` starts a new run folder from there: the earlier rows are copied over and training goes on with
 the next round.
@@ -41,7 +42,9 @@ class Checkpoint:
     rows: list[dict]
     protocol: dict
     optimizer: dict[str, np.ndarray]  # the server optimizer's moments (server_app/server_optimizer.py), if it has any
-    strategy: dict[str, float] = field(default_factory=dict)  # the strategy's checkpoint_state() (adaptive DP's clipping norm)
+    strategy: dict[str, float] = field(
+        default_factory=dict
+    )  # the strategy's checkpoint_state() (adaptive DP's clipping norm)
 
 
 class StrategyState(Protocol):
@@ -54,20 +57,37 @@ class StrategyState(Protocol):
 
 def protocol(cfg: DictConfig) -> dict:
     """What must not change between a run and its resumption: the rows before and after must mean the same."""
-    return {"method": cfg.method.name, "held_out": cfg.dataset.held_out, "seed": cfg.seed, "split": list(cfg.dataset.split),
-            "clients_per_domain": cfg.dataset.clients_per_domain, "partition": cfg.dataset.partition, "model": cfg.model.name_or_path}
+    return {
+        "method": cfg.method.name,
+        "held_out": cfg.dataset.held_out,
+        "seed": cfg.seed,
+        "split": list(cfg.dataset.split),
+        "clients_per_domain": cfg.dataset.clients_per_domain,
+        "partition": cfg.dataset.partition,
+        "model": cfg.model.name_or_path,
+    }
 
 
-def save_checkpoint(report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None,
-                    strategy_state: Mapping[str, float] | None = None) -> None:
+def save_checkpoint(
+    report: RunReport,
+    arrays: ArrayRecord,
+    optimizer: ServerOptimizer | None = None,
+    strategy_state: Mapping[str, float] | None = None,
+) -> None:
     """Write the adapter (and the server optimizer's moments), the rows of every round so far and the strategy's state
     (the one the next round starts from), replacing the last checkpoint atomically."""
     path = report.dir / CHECKPOINT
     tmp = path.with_suffix(".tmp")
-    meta = {"round": str(report.rows[-1]["round"]), "rows": json.dumps(report.rows), "protocol": json.dumps(protocol(report.cfg)),
-            "strategy": json.dumps(dict(strategy_state or {}))}
+    meta = {
+        "round": str(report.rows[-1]["round"]),
+        "rows": json.dumps(report.rows),
+        "protocol": json.dumps(protocol(report.cfg)),
+        "strategy": json.dumps(dict(strategy_state or {})),
+    }
     moments = optimizer.state() if optimizer is not None else {}
-    save_weights(ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}}), tmp, meta)
+    save_weights(
+        ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}}), tmp, meta
+    )
     os.replace(tmp, path)
 
 
@@ -77,7 +97,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(
             f"resume={folder}: no {CHECKPOINT} there. Pass the run folder the run logged as 'run folder: ...' "
-            "(it gets a checkpoint after every round), e.g. overrides=\"resume=outputs/2026-01-01_12-00-00\""
+            '(it gets a checkpoint after every round), e.g. overrides="resume=outputs/2026-01-01_12-00-00"'
         )
     with safe_open(path, "pt") as fh:
         meta = fh.metadata() or {}
@@ -89,11 +109,23 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     tensors = load_file(path)
     weights = ArrayRecord({k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)})
     moments = {k: v.numpy() for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-    return Checkpoint(int(meta["round"]), weights, rows, json.loads(meta.get("protocol", "{}")), moments, json.loads(meta.get("strategy", "{}")))
+    return Checkpoint(
+        int(meta["round"]),
+        weights,
+        rows,
+        json.loads(meta.get("protocol", "{}")),
+        moments,
+        json.loads(meta.get("strategy", "{}")),
+    )
 
 
-def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optimizer: ServerOptimizer | None = None,
-               strategy: StrategyState | None = None) -> tuple[ArrayRecord, int]:
+def resume_run(
+    folder: str | Path,
+    report: RunReport,
+    arrays: ArrayRecord,
+    optimizer: ServerOptimizer | None = None,
+    strategy: StrategyState | None = None,
+) -> tuple[ArrayRecord, int]:
     """Continue from a run folder's checkpoint: the adapter to start from and the next round.
 
     The earlier rows go into the new run folder's metrics and the best adapter so far is copied,
@@ -105,17 +137,29 @@ def resume_run(folder: str | Path, report: RunReport, arrays: ArrayRecord, optim
     ckpt = load_checkpoint(folder)
     changed = {k: (v, ckpt.protocol.get(k)) for k, v in protocol(report.cfg).items() if ckpt.protocol.get(k) != v}
     if changed:
-        raise ValueError(f"resume={folder}: this run differs from the checkpoint's in {', '.join(f'{k} (now {a!r}, then {b!r})' for k, (a, b) in changed.items())}; "
-                         "resume with the same settings, or start a new run")
+        raise ValueError(
+            f"resume={folder}: this run differs from the checkpoint's "
+            f"in {', '.join(f'{k} (now {a!r}, then {b!r})' for k, (a, b) in changed.items())}; "
+            "resume with the same settings, or start a new run"
+        )
     expected = {k: tuple(v.shape) for k, v in arrays.items()}
     found = {k: tuple(v.shape) for k, v in ckpt.arrays.items()}
     if found != expected:
-        raise ValueError(f"resume={folder}: the checkpoint's adapter {found} does not fit this run's {expected}; was it made with another CLIP?")
+        raise ValueError(
+            f"resume={folder}: the checkpoint's adapter {found} does not fit this run's {expected}; was it made with "
+            f"another CLIP?"
+        )
     old_domains = {k.removeprefix("acc/") for k in ckpt.rows[0] if k.startswith("acc/")}
     if old_domains != set(report.domains):
-        raise ValueError(f"resume={folder}: the checkpoint's run had domains {sorted(old_domains)}, this federation has {sorted(report.domains)}")
-    weights = ArrayRecord({k: ckpt.arrays[k] for k in arrays.keys()})  # in this run's order, not the file's (sorted): Flower's
-    # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the client was sent
+        raise ValueError(
+            f"resume={folder}: the checkpoint's run had domains {sorted(old_domains)}, this federation "
+            f"has {sorted(report.domains)}"
+        )
+    weights = ArrayRecord(
+        {k: ckpt.arrays[k] for k in arrays.keys()}
+    )  # in this run's order, not the file's (sorted): Flower's
+    # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the
+    # client was sent
     report.rows = ckpt.rows
     with open(report.dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)

@@ -23,16 +23,24 @@ def figure(ncols: int = 1, size: tuple[float, float] = (6.5, 4.5), sharex: bool 
     return fig, list(axes)
 
 
-def line(ax: Axes, xs: Sequence[float], means: Sequence[float], stds: Sequence[float], label: str | None, color: str) -> None:
-    """A curve of fractions drawn in % with its ± std band; a single point (zero-shot: round 0 only) as a dashed level line."""
+def line(
+    ax: Axes, xs: Sequence[float], means: Sequence[float], stds: Sequence[float], label: str | None, color: str
+) -> None:
+    """A curve of fractions drawn in % with its ± std band; a single point (zero-shot: round 0 only) as a dashed
+    level line."""
     ys = [100 * m for m in means]
     if len(xs) == 1:
         ax.axhline(ys[0], linestyle="--", color=color, label=label)
         return
     ax.plot(xs, ys, color=color, label=label)
     if any(stds):
-        ax.fill_between(xs, [100 * (m - s) for m, s in zip(means, stds)], [100 * (m + s) for m, s in zip(means, stds)],
-                        color=color, alpha=0.2)
+        ax.fill_between(
+            xs,
+            [100 * (m - s) for m, s in zip(means, stds)],
+            [100 * (m + s) for m, s in zip(means, stds)],
+            color=color,
+            alpha=0.2,
+        )
 
 
 def style(ax: Axes, title: str, xlabel: str = "round", ylabel: str = "accuracy (%)", integer_x: bool = True) -> None:
@@ -51,8 +59,11 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def run_accuracy_plot(rows: list[dict], domains: list[str], held_out: str, best_round: int | None, title: str, path: Path) -> Path:
-    """A run's accuracy.png: each domain's accuracy against the round (held out marked), its zero-shot accuracy (round 0)
+def run_accuracy_plot(
+    rows: list[dict], domains: list[str], held_out: str, best_round: int | None, title: str, path: Path
+) -> Path:
+    """A run's accuracy.png: each domain's accuracy against the round (held out marked), its zero-shot accuracy
+    (round 0)
     as a dashed line of the same colour, and the round `selection` chose (the best, or the last) marked."""
     fig, [ax] = figure(size=(8.5, 4.5))
     trained = [r for r in rows if r["round"] > 0]

@@ -61,8 +61,14 @@ class ScreenedReplies:
         return getattr(self.strategy, name)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
-        updates = [Update(self.strategy.client(msg), {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()},
-                          float(msg.content[wire.METRICS][wire.NUM_EXAMPLES])) for msg in replies]
+        updates = [
+            Update(
+                self.strategy.client(msg),
+                {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()},
+                float(msg.content[wire.METRICS][wire.NUM_EXAMPLES]),
+            )
+            for msg in replies
+        ]
         return self.strategy.combine(server_round, updates), MetricRecord()
 
 
@@ -80,7 +86,8 @@ class ScreenedPrivacy:
     total_noise_multiplier: float
 
     def __getattr__(self, name: str):
-        """Everything else (train_nodes, node_clients, ...) is the wrapped strategy's, so the main loop need not know about DP."""
+        """Everything else (train_nodes, node_clients, ...) is the wrapped strategy's, so the main loop need not
+        know about DP."""
         if name == "strategy":
             raise AttributeError(name)
         return getattr(self.strategy, name)
@@ -89,12 +96,21 @@ class ScreenedPrivacy:
         """Epsilon after `server_round` rounds; a round that released nothing counts too (an upper bound)."""
         return privacy_spent(self.total_noise_multiplier, server_round, self.delta)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, screened_metrics = self.strategy.screen(server_round, replies)
-        if isinstance(self, DifferentialPrivacyClientSideAdaptiveClipping):  # Flower's wrapper raises if one lacks the norm bit
+        if isinstance(
+            self, DifferentialPrivacyClientSideAdaptiveClipping
+        ):  # Flower's wrapper raises if one lacks the norm bit
             for msg, update in [a for a in accepted if KEY_NORM_BIT not in a[0].content[wire.METRICS]]:
-                log.warning("round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod", server_round,
-                            msg.metadata.src_node_id, update.client, KEY_NORM_BIT)
+                log.warning(
+                    "round %d: dropped the update of node %d (%s): no %r from adaptiveclipping_mod",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    update.client,
+                    KEY_NORM_BIT,
+                )
                 screened_metrics[f"{update.client}/{screening.REJECTED}"] = 1
             accepted = [a for a in accepted if KEY_NORM_BIT in a[0].content[wire.METRICS]]
         arrays = None
@@ -102,18 +118,25 @@ class ScreenedPrivacy:
             for msg, update in accepted:
                 msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.state.items()})
             self.num_sampled_clients = len(accepted)  # the noise's std is noise_multiplier x clip / clients averaged
-            # Flower's metrics are ScreenedReplies' (none): the round's are the screened replies' (update norms before clipping)
+            # Flower's metrics are ScreenedReplies' (none): the round's are the screened replies' (update norms
+            # before clipping)
             arrays, _ = super().aggregate_train(server_round, [msg for msg, _ in accepted])  # type: ignore[misc]
         else:  # nothing to release; Flower's adaptive wrappers would divide the clipped count by zero replies
-            log.warning("round %d: no update to aggregate: the global adapter and the clipping norm are unchanged", server_round)
+            log.warning(
+                "round %d: no update to aggregate: the global adapter and the clipping norm are unchanged", server_round
+            )
         screened_metrics["dp-epsilon"] = self.spent(server_round)
         return arrays, screened_metrics
 
-    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict | None) -> tuple[ArrayRecord | None, MetricRecord]:
+    def aggregate_secure(
+        self, server_round: int, replies: Iterable[Message], mean_update: dict | None
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
         """SecAgg+ with client-side fixed clipping: Flower's noise added to the unmasked mean of the clipped updates."""
         replies = [r for r in replies if not r.has_error()]
         arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean_update)
-        self.num_sampled_clients = len(replies)  # the updates in the sum (the noise is added only when there are 2 or more)
+        self.num_sampled_clients = len(
+            replies
+        )  # the updates in the sum (the noise is added only when there are 2 or more)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined] - Flower's client-side fixed wrapper's
         metrics["dp-epsilon"] = self.spent(server_round)
@@ -144,8 +167,12 @@ class TowardsTargetQuantile:
 
     def load_checkpoint_state(self, state: Mapping[str, float]) -> None:
         if CLIPPING_NORM_STATE not in state:
-            log.warning("the checkpoint holds no adaptive clipping norm (its run did not clip adaptively): the norm starts again "
-                        "from strategy.dp.clipping_norm=%s", self.clipping_norm)
+            log.warning(
+                "the checkpoint holds no adaptive clipping norm (its run did not clip adaptively): the norm starts "
+                "again "
+                "from strategy.dp.clipping_norm=%s",
+                self.clipping_norm,
+            )
             return
         self.clipping_norm = float(state[CLIPPING_NORM_STATE])
         log.info("adaptive clipping goes on from the checkpoint's clipping norm %.6g", self.clipping_norm)
@@ -167,8 +194,12 @@ class ClientSideAdaptiveClipping(ScreenedPrivacy, TowardsTargetQuantile, Differe
     pass
 
 
-WRAPPERS = {("server", "fixed"): ServerSideFixedClipping, ("server", "adaptive"): ServerSideAdaptiveClipping,
-            ("client", "fixed"): ClientSideFixedClipping, ("client", "adaptive"): ClientSideAdaptiveClipping}
+WRAPPERS = {
+    ("server", "fixed"): ServerSideFixedClipping,
+    ("server", "adaptive"): ServerSideAdaptiveClipping,
+    ("client", "fixed"): ClientSideFixedClipping,
+    ("client", "adaptive"): ClientSideAdaptiveClipping,
+}
 
 
 def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
@@ -176,24 +207,49 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
     if dp.side is None:
         return strategy
     if (dp.side, dp.clipping) not in WRAPPERS:
-        raise ValueError(f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, got {dp.side!r}, {dp.clipping!r}")
+        raise ValueError(
+            f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
+            f"got {dp.side!r}, {dp.clipping!r}"
+        )
     if not strategy.method.averages_updates or strategy.aggregation != "mean" or strategy.weighting != "equal":
-        raise ValueError("strategy.dp needs a method whose new weights are the mean of the clients' updates (conf/method/ says which: "
-                         f"method={strategy.method.name}'s {'are' if strategy.method.averages_updates else 'are not'}), "
-                         "strategy.aggregation=mean and strategy.weighting=equal: the noise is "
-                         "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients")
+        raise ValueError(
+            "strategy.dp needs a method whose new weights are the mean of the clients' updates (conf/method/ says "
+            "which: "
+            f"method={strategy.method.name}'s {'are' if strategy.method.averages_updates else 'are not'}), "
+            "strategy.aggregation=mean and strategy.weighting=equal: the noise is "
+            "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients"
+        )
     if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
-        raise ValueError("strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: the server "
-                         "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)")
+        raise ValueError(
+            "strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: "
+            "the server "
+            "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)"
+        )
     if dp.side == "client" and strategy.transport_dtype != "float32":
-        raise ValueError("strategy.dp.side=client clips on the clients with Flower's mods, which need strategy.transport_dtype=float32")
+        raise ValueError(
+            "strategy.dp.side=client clips on the clients with Flower's mods, which need "
+            "strategy.transport_dtype=float32"
+        )
     clients = len(strategy.train_nodes)
     if dp.clipping == "fixed":
         wrapper = WRAPPERS[dp.side, "fixed"](ScreenedReplies(strategy), dp.noise_multiplier, dp.clipping_norm, clients)
     else:
-        wrapper = WRAPPERS[dp.side, "adaptive"](ScreenedReplies(strategy), dp.noise_multiplier, clients, dp.clipping_norm, dp.target_clipped_quantile,
-                                                 dp.clip_norm_lr, dp.clipped_count_stddev)
+        wrapper = WRAPPERS[dp.side, "adaptive"](
+            ScreenedReplies(strategy),
+            dp.noise_multiplier,
+            clients,
+            dp.clipping_norm,
+            dp.target_clipped_quantile,
+            dp.clip_norm_lr,
+            dp.clipped_count_stddev,
+        )
     wrapper.delta, wrapper.total_noise_multiplier = float(dp.delta), float(dp.noise_multiplier)
-    log.info("central DP (%s side, %s clipping): noise multiplier %s, clipping norm %s, delta %s",
-             dp.side, dp.clipping, dp.noise_multiplier, dp.clipping_norm, dp.delta)
+    log.info(
+        "central DP (%s side, %s clipping): noise multiplier %s, clipping norm %s, delta %s",
+        dp.side,
+        dp.clipping,
+        dp.noise_multiplier,
+        dp.clipping_norm,
+        dp.delta,
+    )
     return wrapper

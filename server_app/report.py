@@ -60,20 +60,34 @@ def message_bytes(message: Message) -> int:
 class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
 
-    def __init__(self, cfg: DictConfig, client_domains: dict[str, str], train_clients: list[str], trained_parameters: int,
-                 classes: list[str] | None = None, model_fingerprint: str | None = None, weights_name: str | None = "adapter",
-                 flwr_run_id: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        client_domains: dict[str, str],
+        train_clients: list[str],
+        trained_parameters: int,
+        classes: list[str] | None = None,
+        model_fingerprint: str | None = None,
+        weights_name: str | None = "adapter",
+        flwr_run_id: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
-        self.clients = {d: sorted(c for c, cd in client_domains.items() if cd == d) for d in set(client_domains.values())}
+        self.clients = {
+            d: sorted(c for c, cd in client_domains.items() if cd == d) for d in set(client_domains.values())
+        }
         self.source_domains = sorted(d for d in self.clients if d != self.held_out)
         self.all_clients = set(client_domains)
-        self.source_clients = {c for d in self.source_domains for c in self.clients[d]}  # evaluated on their val and test splits
+        self.source_clients = {
+            c for d in self.source_domains for c in self.clients[d]
+        }  # evaluated on their val and test splits
         self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
-        self.weights_name = weights_name  # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
+        self.weights_name = (
+            weights_name  # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
+        )
         self.images_encoded = 0  # images that went through the CLIP image encoder in this run
         self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
         self.up: dict[str, int] = defaultdict(int)
@@ -81,7 +95,9 @@ class RunReport:
         self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.dir / "config.yaml")
-        (self.dir / "run.json").write_text(json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2))
+        (self.dir / "run.json").write_text(
+            json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2)
+        )
         self.rows: list[dict] = []
         self.selection = cfg.selection  # how the best round is chosen (SELECTIONS); the others are in summary.json too
         if self.selection not in SELECTIONS:
@@ -91,16 +107,32 @@ class RunReport:
         self.start = time.time()
         self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
         log.info("run folder: %s", self.dir)
-        self.tracking = Tracking(cfg, self.dir, self.domains, self.held_out, {"method": self.method, "held_out": str(self.held_out),
-                                 "seed": str(cfg.seed), **({"flwr_run_id": str(flwr_run_id)} if flwr_run_id is not None else {})})
+        self.tracking = Tracking(
+            cfg,
+            self.dir,
+            self.domains,
+            self.held_out,
+            {
+                "method": self.method,
+                "held_out": str(self.held_out),
+                "seed": str(cfg.seed),
+                **({"flwr_run_id": str(flwr_run_id)} if flwr_run_id is not None else {}),
+            },
+        )
         names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
-        self.dp = cfg.strategy.dp.side is not None  # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
-        self._print(["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])])
+        self.dp = (
+            cfg.strategy.dp.side is not None
+        )  # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
+        self._print(
+            ["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])]
+        )
 
     def _print(self, cells: list[str]) -> None:
         log.info(" | ".join(f"{c:>10}" for c in cells))
 
-    def accuracy(self, metrics: MetricRecord | dict, domain: str, split: str | None = None, clients: set[str] | None = None) -> float | None:
+    def accuracy(
+        self, metrics: MetricRecord | dict, domain: str, split: str | None = None, clients: set[str] | None = None
+    ) -> float | None:
         """A domain's accuracy over its clients' images (only `clients`, if given): all of them if held out,
         else the test splits (after local fine-tuning, if any); or the given split."""
         split = split or ("all" if domain == self.held_out else "test")
@@ -125,8 +157,11 @@ class RunReport:
     def val_pooled(self, metrics: MetricRecord | dict, clients: set[str] | None = None) -> float | None:
         """Validation accuracy over the training clients' validation images pooled (over `clients` only, if given):
         every image counts once, so a domain of many tiny clients is not scored on a few images each."""
-        pairs = [(metrics[f"{c}/val-acc"], metrics.get(f"{c}/num-val", 1)) for c in sorted(self.source_clients)
-                 if (clients is None or c in clients) and f"{c}/val-acc" in metrics and metrics.get(f"{c}/num-val", 1) > 0]
+        pairs = [
+            (metrics[f"{c}/val-acc"], metrics.get(f"{c}/num-val", 1))
+            for c in sorted(self.source_clients)
+            if (clients is None or c in clients) and f"{c}/val-acc" in metrics and metrics.get(f"{c}/num-val", 1) > 0
+        ]
         return _pooled(pairs)
 
     def beats(self, row: dict, best: dict | None, rule: str | None = None) -> bool:
@@ -163,7 +198,9 @@ class RunReport:
         An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
         and counted as a client that sent 0 bytes it would drag the per-client mean down.
         """
-        unanswered: dict[str, int] = defaultdict(int)  # per client: messages sent minus replies that came back without an error
+        unanswered: dict[str, int] = defaultdict(
+            int
+        )  # per client: messages sent minus replies that came back without an error
         for msg in messages:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
             unanswered[node_clients[msg.metadata.dst_node_id]] += 1
@@ -173,11 +210,22 @@ class RunReport:
             self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
             unanswered[node_clients.get(msg.metadata.src_node_id, "?")] -= 1
             # a train reply's evaluation may have encoded images too (fedavg/fedprox)
-            self.images_encoded += sum(int(value) for record in msg.content.metric_records.values()
-                                       for key, value in record.items() if key.endswith(wire.IMAGES_ENCODED))
+            self.images_encoded += sum(
+                int(value)
+                for record in msg.content.metric_records.values()
+                for key, value in record.items()
+                if key.endswith(wire.IMAGES_ENCODED)
+            )
         self.lost |= {client for client, count in unanswered.items() if count > 0}
 
-    def add_round(self, server_round: int, train: MetricRecord, evaluation: MetricRecord, seconds: float, arrays: ArrayRecord | None) -> None:
+    def add_round(
+        self,
+        server_round: int,
+        train: MetricRecord,
+        evaluation: MetricRecord,
+        seconds: float,
+        arrays: ArrayRecord | None,
+    ) -> None:
         """Record one round (0 = zero-shot); save the weights if they beat the best round's so far (`beats`).
 
         Per training client, bytes down are averaged over the clients sent to and bytes up over those that
@@ -195,7 +243,9 @@ class RunReport:
             "missing": sorted(self.all_clients - self.evaluated(evaluation)),
             "lost": sorted(self.lost),
             "rejected": sorted(key.rpartition("/")[0] for key in train if key.endswith(f"/{screening.REJECTED}")),
-            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down),  # a training client's
+            "bytes_down_per_client": _mean(
+                self.down[c] for c in self.train_clients if c in self.down
+            ),  # a training client's
             "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.up),
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
@@ -213,35 +263,76 @@ class RunReport:
         fmt = lambda v, pct=True: "-" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}")  # noqa: E731
         sent = (row["bytes_down_per_client"] or 0) + (row["bytes_up_per_client"] or 0)
         self._print(
-            [str(server_round), fmt(row["train_loss"], False), *[fmt(row[f"acc/{d}"]) for d in self.domains],
-             fmt(row["val_acc_mean"]), format_bytes(sent), f"{seconds:.2f}", *([fmt(row["dp_epsilon"], False)] if self.dp else [])]
+            [
+                str(server_round),
+                fmt(row["train_loss"], False),
+                *[fmt(row[f"acc/{d}"]) for d in self.domains],
+                fmt(row["val_acc_mean"]),
+                format_bytes(sent),
+                f"{seconds:.2f}",
+                *([fmt(row["dp_epsilon"], False)] if self.dp else []),
+            ]
         )
-        if row["missing"] and self.cfg.strategy.fraction_evaluate >= 1:  # sampled evaluation leaves clients out by design
-            log.warning("round %d: no evaluation from %s: the row's means are over the other clients", server_round, ", ".join(row["missing"]))
+        if (
+            row["missing"] and self.cfg.strategy.fraction_evaluate >= 1
+        ):  # sampled evaluation leaves clients out by design
+            log.warning(
+                "round %d: no evaluation from %s: the row's means are over the other clients",
+                server_round,
+                ", ".join(row["missing"]),
+            )
         if server_round > 0 and self.choose(row):
             if arrays is not None and self.weights_name:
-                save_weights(arrays, self.dir / f"{self.weights_name}_best.safetensors", {"round": str(server_round), "method": self.method})
+                save_weights(
+                    arrays,
+                    self.dir / f"{self.weights_name}_best.safetensors",
+                    {"round": str(server_round), "method": self.method},
+                )
 
     def personalization(self, best: dict, zero_shot: dict) -> tuple[set[str], dict[str, float | None], float | None]:
         """Each training domain's test accuracy at a round, and zero-shot's mean, on the same clients: those evaluated
         both at that round and at round 0."""
         compared = self.evaluated(best["evaluate"]) & self.evaluated(zero_shot["evaluate"]) & self.source_clients
         pers = {d: self.accuracy(best["evaluate"], d, clients=compared) for d in self.source_domains}
-        return compared, pers, _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains)
+        return (
+            compared,
+            pers,
+            _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains),
+        )
 
     def outcome(self, best: dict, zero_shot: dict) -> dict:
         """What a selection rule's round gives: held-out and personalization accuracy, zero-shot's beside them."""
         _, pers, zero_shot_pers = self.personalization(best, zero_shot)
-        return {"round": best["round"], "held_out": best.get(f"acc/{self.held_out}"), "zero_shot_held_out": zero_shot.get(f"acc/{self.held_out}"),
-                "personalization_mean": _mean(pers.values()), "zero_shot_train_domains_mean": zero_shot_pers}
+        return {
+            "round": best["round"],
+            "held_out": best.get(f"acc/{self.held_out}"),
+            "zero_shot_held_out": zero_shot.get(f"acc/{self.held_out}"),
+            "personalization_mean": _mean(pers.values()),
+            "zero_shot_train_domains_mean": zero_shot_pers,
+        }
 
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
         if arrays is not None and self.weights_name and len(self.rows) > 1:
-            save_weights(arrays, self.dir / f"{self.weights_name}_final.safetensors", {"round": str(self.rows[-1]["round"]), "method": self.method})
+            save_weights(
+                arrays,
+                self.dir / f"{self.weights_name}_final.safetensors",
+                {"round": str(self.rows[-1]["round"]), "method": self.method},
+            )
         lists = ("missing", "lost", "rejected")  # clients, ";"-separated
-        columns = ["round", "train_loss", "val_acc_mean", *[f"acc/{d}" for d in self.domains], "missing",
-                   "bytes_down_per_client", "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
+        columns = [
+            "round",
+            "train_loss",
+            "val_acc_mean",
+            *[f"acc/{d}" for d in self.domains],
+            "missing",
+            "bytes_down_per_client",
+            "bytes_up_per_client",
+            "bytes_round",
+            "seconds",
+            "lost",
+            "rejected",
+        ]
         with open(self.dir / "metrics.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
@@ -251,9 +342,15 @@ class RunReport:
         compared, pers, zero_shot_pers = self.personalization(best, zero_shot)
         incomplete = [r["round"] for r in self.rows if self.all_clients - self.evaluated(r["evaluate"])]
         if compared != self.source_clients:
-            log.warning("personalization and zero-shot are compared on the clients evaluated in both round %d and round 0: %s",
-                        best["round"], ", ".join(sorted(compared)))
-        down, up = _mean(r["bytes_down_per_client"] for r in trained) or 0, _mean(r["bytes_up_per_client"] for r in trained) or 0
+            log.warning(
+                "personalization and zero-shot are compared on the clients evaluated in both round %d and round 0: %s",
+                best["round"],
+                ", ".join(sorted(compared)),
+            )
+        down, up = (
+            _mean(r["bytes_down_per_client"] for r in trained) or 0,
+            _mean(r["bytes_up_per_client"] for r in trained) or 0,
+        )
         summary = {
             "method": self.method,
             "seed": self.cfg.seed,
@@ -278,29 +375,59 @@ class RunReport:
             "bytes_per_client_per_round": round(down + up),
             "bytes_total": sum(r["bytes_round"] for r in self.rows),
             "features_encoded": self.images_encoded,
-            "dp": {**OmegaConf.to_container(self.cfg.strategy.dp), "epsilon": self.rows[-1]["dp_epsilon"]} if self.dp else None,
+            "dp": {**OmegaConf.to_container(self.cfg.strategy.dp), "epsilon": self.rows[-1]["dp_epsilon"]}
+            if self.dp
+            else None,
             "run_folder": str(self.dir),
             "flwr_run_id": self.flwr_run_id,
         }
         with open(self.dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=2)
         self.tracking.finish(summary, [self.plot(), *self.files()])
-        log.info("%s: round %s (selection=%s, mean val %s): held-out %s %s (zero-shot %s); personalization mean %s (zero-shot %s)",
-                 self.method, best["round"], self.selection, _pct(best["val_acc_mean"]), self.held_out, _pct(best.get(f"acc/{self.held_out}")),
-                 _pct(zero_shot.get(f"acc/{self.held_out}")), _pct(summary["personalization_mean"]), _pct(summary["zero_shot_train_domains_mean"]))
-        log.info("trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
-                 f"{self.trained_parameters:,}", format_bytes(down), format_bytes(up), self.images_encoded, self.dir / "summary.json")
+        log.info(
+            "%s: round %s (selection=%s, mean val %s): held-out %s %s (zero-shot %s); personalization mean %s "
+            "(zero-shot %s)",
+            self.method,
+            best["round"],
+            self.selection,
+            _pct(best["val_acc_mean"]),
+            self.held_out,
+            _pct(best.get(f"acc/{self.held_out}")),
+            _pct(zero_shot.get(f"acc/{self.held_out}")),
+            _pct(summary["personalization_mean"]),
+            _pct(summary["zero_shot_train_domains_mean"]),
+        )
+        log.info(
+            "trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
+            f"{self.trained_parameters:,}",
+            format_bytes(down),
+            format_bytes(up),
+            self.images_encoded,
+            self.dir / "summary.json",
+        )
         return summary
 
     def plot(self) -> Path:
-        """accuracy.png: each domain's accuracy against the round, zero-shot dashed, the best round marked (server_app/plots.py)."""
+        """accuracy.png: each domain's accuracy against the round, zero-shot dashed, the best round marked
+        (server_app/plots.py)."""
         title = f"{self.method}, held out {self.held_out}, seed {self.cfg.seed}"
-        return run_accuracy_plot(self.rows, self.domains, self.held_out, self.best["round"] if self.best else None, title,
-                                 self.dir / PLOT_FILE)
+        return run_accuracy_plot(
+            self.rows,
+            self.domains,
+            self.held_out,
+            self.best["round"] if self.best else None,
+            title,
+            self.dir / PLOT_FILE,
+        )
 
     def files(self) -> list[Path]:
-        """The run folder's files that MLflow keeps as artifacts: the weights, run.json, the configuration, the summary."""
-        weights = [self.dir / f"{self.weights_name}_{which}.safetensors" for which in ("best", "final")] if self.weights_name else []
+        """The run folder's files that MLflow keeps as artifacts: the weights, run.json, the configuration, the
+        summary."""
+        weights = (
+            [self.dir / f"{self.weights_name}_{which}.safetensors" for which in ("best", "final")]
+            if self.weights_name
+            else []
+        )
         return [*weights, *(self.dir / name for name in ("run.json", "config.yaml", "metrics.csv", "summary.json"))]
 
     def abort(self) -> None:

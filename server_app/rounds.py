@@ -1,4 +1,5 @@
-"""The round schedule: one exchange a round, in which round r's training also carries the evaluation of round r-1's weights.
+"""The round schedule: one exchange a round, in which round r's training also carries the evaluation of round r-1's
+weights.
 
 Round r pushes the train messages of round r (each also asks its node to evaluate the weights it
 brings: round r-1's) together with evaluate messages for the nodes that do not train (held out, or
@@ -28,7 +29,8 @@ from server_app.strategy import FedClipStrategy
 
 @dataclass
 class Trained:
-    """Weights whose evaluation rides on the next exchange: those after round `round`, with that round's train metrics."""
+    """Weights whose evaluation rides on the next exchange: those after round `round`, with that round's train
+    metrics."""
 
     round: int
     arrays: ArrayRecord
@@ -41,18 +43,33 @@ def split_replies(sent: list[Message], replies: list[Message]) -> tuple[list[Mes
 
     SecAgg+'s protocol stages send train messages without weights: their replies are in neither list.
     """
-    train_ids = {m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.TRAIN and m.content.array_records}
+    train_ids = {
+        m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.TRAIN and m.content.array_records
+    }
     evaluate_ids = {m.metadata.message_id for m in sent if m.metadata.message_type == MessageType.EVALUATE}
-    return ([r for r in replies if r.metadata.reply_to_message_id in train_ids],
-            [r for r in replies if r.metadata.reply_to_message_id in evaluate_ids])
+    return (
+        [r for r in replies if r.metadata.reply_to_message_id in train_ids],
+        [r for r in replies if r.metadata.reply_to_message_id in evaluate_ids],
+    )
 
 
-def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federation, strategy: FedClipStrategy, report: RunReport,
-               optimizer: ServerOptimizer, arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
+def run_rounds(
+    grid: Grid,
+    context: Context,
+    cfg: DictConfig,
+    federation: Federation,
+    strategy: FedClipStrategy,
+    report: RunReport,
+    optimizer: ServerOptimizer,
+    arrays: ArrayRecord,
+    first_round: int,
+    last_round: int,
+) -> ArrayRecord:
     """Rounds first_round .. last_round from `arrays`, then the last evaluation; returns the final weights.
 
     The strategy's combined weights become the next global ones through the server optimizer (the mean: as they are).
-    The weights to start from are evaluated first (round 0: zero-shot), unless the report already has their row (a resumed run).
+    The weights to start from are evaluated first (round 0: zero-shot), unless the report already has their row (a
+    resumed run).
     """
     trained = None if report.rows else Trained(first_round - 1, arrays, MetricRecord(), time.time())
     config = {wire.RUN_CONFIG: federation.run_config}
@@ -60,17 +77,27 @@ def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federa
         started, final = time.time(), server_round > last_round
         federation.refresh()
         evaluation = {wire.EVALUATE_ROUND: trained.round, wire.ZERO_SHOT: trained.round == 0} if trained else {}
-        train = [] if final else list(strategy.configure_train(server_round, arrays, ConfigRecord({**config, **evaluation}), grid))
+        train = (
+            []
+            if final
+            else list(strategy.configure_train(server_round, arrays, ConfigRecord({**config, **evaluation}), grid))
+        )
         evaluate = []
         if trained:  # the nodes that do not train now get their evaluation in the same push
             training = {m.metadata.dst_node_id for m in train}
             weights = trained.arrays if trained.round else ArrayRecord()  # round 0 is zero-shot
-            evaluate = [m for m in strategy.configure_evaluate(trained.round, weights, ConfigRecord({**config, **evaluation}), grid)
-                        if m.metadata.dst_node_id not in training]
+            evaluate = [
+                m
+                for m in strategy.configure_evaluate(
+                    trained.round, weights, ConfigRecord({**config, **evaluation}), grid
+                )
+                if m.metadata.dst_node_id not in training
+            ]
         secure = strategy.secagg and bool(train)
         if secure:
-            sent, replies, mean_update = secure_exchange(grid, federation.exchange, train, evaluate, cfg.strategy,
-                                                         strategy.client_num_train.values(), context)
+            sent, replies, mean_update = secure_exchange(
+                grid, federation.exchange, train, evaluate, cfg.strategy, strategy.client_num_train.values(), context
+            )
         else:
             sent, replies, mean_update = train + evaluate, federation.exchange(train + evaluate), None
         train_replies, eval_replies = split_replies(sent, replies)
@@ -80,7 +107,9 @@ def run_rounds(grid: Grid, context: Context, cfg: DictConfig, federation: Federa
             metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
             seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
             report.add_round(trained.round, trained.train, metrics, seconds, trained.arrays)
-            save_checkpoint(report, trained.arrays, optimizer, strategy.checkpoint_state())  # the state round trained.round + 1 starts from
+            save_checkpoint(
+                report, trained.arrays, optimizer, strategy.checkpoint_state()
+            )  # the state round trained.round + 1 starts from
         if final:
             break
         report.count_traffic(federation.node_clients, sent, replies)

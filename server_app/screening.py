@@ -22,10 +22,14 @@ from common.transport import WIRE_DTYPES, decode_array
 log = logging.getLogger(__name__)
 
 ON_LARGE_UPDATE = ("clip", "reject")
-REJECTED = "rejected"  # `<client>/rejected` = 1 in a round's train metrics: its update was left out (the report counts them)
+REJECTED = (
+    "rejected"  # `<client>/rejected` = 1 in a round's train metrics: its update was left out (the report counts them)
+)
 
 
-def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_dtype: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
+def checked_tensors(
+    arrays: Mapping, template: dict[str, np.ndarray], transport_dtype: str
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """Tensors by name decoded to the template's dtype and checked, or None and why they cannot be used.
 
     Each must come in the transport dtype or in the template's own (float32: what Flower's DP
@@ -37,7 +41,9 @@ def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_
     state = {}
     for key, expected in template.items():
         try:
-            array = arrays[key] if isinstance(arrays[key], np.ndarray) else arrays[key].numpy()  # the decoded bytes, not the declared shape
+            array = (
+                arrays[key] if isinstance(arrays[key], np.ndarray) else arrays[key].numpy()
+            )  # the decoded bytes, not the declared shape
         except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
             return None, f"{key} cannot be decoded: {err}"
         if array.shape != expected.shape:
@@ -52,8 +58,11 @@ def checked_tensors(arrays: Mapping, template: dict[str, np.ndarray], transport_
     return state, None
 
 
-def checked_update(content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """A training reply's tensors, decoded and checked (checked_tensors), with a usable example count; or None and why not."""
+def checked_update(
+    content: RecordDict, template: dict[str, np.ndarray], transport_dtype: str
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """A training reply's tensors, decoded and checked (checked_tensors), with a usable example count; or None and
+    why not."""
     if wire.ARRAYS not in content.array_records:
         return None, f"no {wire.ARRAYS!r} record"
     if wire.METRICS not in content.metric_records or wire.NUM_EXAMPLES not in content[wire.METRICS]:
@@ -69,7 +78,9 @@ def update_norm(state: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> fl
     return math.sqrt(sum(float(np.sum(np.square(state[k].astype(np.float64) - base[k]))) for k in base))
 
 
-def clipped(state: dict[str, np.ndarray], base: dict[str, np.ndarray], norm: float, bound: float) -> dict[str, np.ndarray]:
+def clipped(
+    state: dict[str, np.ndarray], base: dict[str, np.ndarray], norm: float, bound: float
+) -> dict[str, np.ndarray]:
     """The weights moved back towards `base` until their update has L2 norm `bound`."""
     scale = bound / norm
     return {k: (base[k] + scale * (state[k].astype(np.float64) - base[k])).astype(np.float32) for k in base}
@@ -82,10 +93,18 @@ def add_train_metrics(metrics: MetricRecord, client: str, reply_metrics: MetricR
             metrics[f"{client}/{key}"] = value
 
 
-def screen_updates(server_round: int, replies: Iterable[Message], client_of: Callable[[Message], str], template: dict[str, np.ndarray],
-                   transport_dtype: str, max_examples: Callable[[str], int | None], base: Callable[[str], dict[str, np.ndarray]] | None,
-                   max_update_norm: float | None, max_norm_ratio: float | None, on_large_update: str
-                   ) -> tuple[list[tuple[Message, Update]], MetricRecord]:
+def screen_updates(
+    server_round: int,
+    replies: Iterable[Message],
+    client_of: Callable[[Message], str],
+    template: dict[str, np.ndarray],
+    transport_dtype: str,
+    max_examples: Callable[[str], int | None],
+    base: Callable[[str], dict[str, np.ndarray]] | None,
+    max_update_norm: float | None,
+    max_norm_ratio: float | None,
+    on_large_update: str,
+) -> tuple[list[tuple[Message, Update]], MetricRecord]:
     """The replies fit to aggregate, each with its decoded (maybe clipped) update, and their train metrics.
 
     Each update is measured against `base(client)`, the weights it was trained from (base None: not
@@ -94,14 +113,21 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
     accepted, metrics = [], MetricRecord()
     for msg in replies:
         node, client = msg.metadata.src_node_id, client_of(msg)
-        state, reason = (None, msg.error.reason) if msg.has_error() else checked_update(msg.content, template, transport_dtype)
+        state, reason = (
+            (None, msg.error.reason) if msg.has_error() else checked_update(msg.content, template, transport_dtype)
+        )
         if state is not None:
             examples = msg.content[wire.METRICS][wire.NUM_EXAMPLES]
             if (limit := max_examples(client)) is not None and examples > limit:
-                state, reason = None, f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery"
+                state, reason = (
+                    None,
+                    f"{wire.NUM_EXAMPLES} {examples} exceeds the {limit} training examples it reported at discovery",
+                )
         if state is None:
             log.warning("round %d: dropped the update of node %d (%s): %s", server_round, node, client, reason)
-            if not msg.has_error():  # an error reply is a lost client (the report counts those from the traffic), not a rejected update
+            if (
+                not msg.has_error()
+            ):  # an error reply is a lost client (the report counts those from the traffic), not a rejected update
                 metrics[f"{client}/{REJECTED}"] = 1
             continue
         accepted.append((msg, Update(client, state, float(examples))))
@@ -118,8 +144,15 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
     for (msg, update), b, norm in zip(accepted, bases, norms):
         metrics[f"{update.client}/update-norm"] = norm
         if norm > bound:
-            log.warning("round %d: update of node %d (%s) has norm %.4g > %.4g: %s", server_round, msg.metadata.src_node_id, update.client,
-                        norm, bound, "clipped" if on_large_update == "clip" else "rejected")
+            log.warning(
+                "round %d: update of node %d (%s) has norm %.4g > %.4g: %s",
+                server_round,
+                msg.metadata.src_node_id,
+                update.client,
+                norm,
+                bound,
+                "clipped" if on_large_update == "clip" else "rejected",
+            )
             if on_large_update == "reject":
                 metrics[f"{update.client}/{REJECTED}"] = 1
                 continue
@@ -129,14 +162,18 @@ def screen_updates(server_round: int, replies: Iterable[Message], client_of: Cal
 
 
 def evaluation(msg: Message) -> tuple[dict | None, str | None]:
-    """The evaluation metrics a reply carries (a train reply's under EVALUATION_PREFIX), or None and why there are none."""
+    """The evaluation metrics a reply carries (a train reply's under EVALUATION_PREFIX), or None and why there are
+    none."""
     if msg.has_error():
         return None, msg.error.reason
     if wire.METRICS not in msg.content.metric_records:
         return None, f"no {wire.METRICS!r} record"
     fused = msg.metadata.message_type == MessageType.TRAIN
-    found = {k.removeprefix(wire.EVALUATION_PREFIX): v for k, v in msg.content[wire.METRICS].items()
-             if k.startswith(wire.EVALUATION_PREFIX) == fused}  # a train reply's, under the prefix; an evaluate reply's, without
+    found = {
+        k.removeprefix(wire.EVALUATION_PREFIX): v
+        for k, v in msg.content[wire.METRICS].items()
+        if k.startswith(wire.EVALUATION_PREFIX) == fused
+    }  # a train reply's, under the prefix; an evaluate reply's, without
     if not found:
         return None, "its train reply carries no evaluation" if fused else "no evaluation metrics"
     return found, None
@@ -149,6 +186,10 @@ def query_answer(msg: Message) -> str | None:
     content = msg.content
     if wire.INFO in content.config_records and "idle" in content[wire.INFO]:
         return None
-    if wire.INFO not in content.config_records or wire.METRICS not in content.metric_records or not set(wire.QUERY_METRICS) <= set(content[wire.METRICS]):
+    if (
+        wire.INFO not in content.config_records
+        or wire.METRICS not in content.metric_records
+        or not set(wire.QUERY_METRICS) <= set(content[wire.METRICS])
+    ):
         return f"its query reply lacks {wire.INFO!r} or the metrics {sorted(wire.QUERY_METRICS)}"
     return None

@@ -37,7 +37,8 @@ Send = Callable[[list[Message]], list[Message]]  # the app's exchange: messages 
 
 
 class SecureRound(LegacyFedAvg):
-    """The legacy strategy SecAggPlusWorkflow asks: this round's train messages as FitIns, and the unmasked mean kept."""
+    """The legacy strategy SecAggPlusWorkflow asks: this round's train messages as FitIns, and the unmasked mean
+    kept."""
 
     def __init__(self, fitins: list[tuple[ClientProxy, FitIns]]) -> None:
         super().__init__()
@@ -47,8 +48,11 @@ class SecureRound(LegacyFedAvg):
     def configure_fit(self, server_round, parameters, client_manager) -> list[tuple[ClientProxy, FitIns]]:
         return self.fitins
 
-    def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures) -> tuple[Parameters | None, dict]:
-        """Every result carries the same unmasked mean (the workflow put it there); no update of one client exists here."""
+    def aggregate_fit(
+        self, server_round, results: list[tuple[ClientProxy, FitRes]], failures
+    ) -> tuple[Parameters | None, dict]:
+        """Every result carries the same unmasked mean (the workflow put it there); no update of one client exists
+        here."""
         if results:
             self.mean_update = parameters_to_ndarrays(results[0][1].parameters)
         return (results[0][1].parameters if results else None), {}
@@ -73,7 +77,8 @@ class ExchangeGrid:
 
 
 def share_count(clients: int, most: int) -> int | float:
-    """SecAggPlusWorkflow's num_shares: every client of the round (1.0) up to `most`, else `most` made odd (Flower wants it odd).
+    """SecAggPlusWorkflow's num_shares: every client of the round (1.0) up to `most`, else `most` made odd (Flower
+    wants it odd).
 
     Each client masks against and shares its secrets with this many neighbours, so a round's cost grows
     as clients x shares rather than clients^2 (Bell et al. 2020 take O(log n) neighbours).
@@ -81,8 +86,15 @@ def share_count(clients: int, most: int) -> int | float:
     return 1.0 if clients <= most else most | 1
 
 
-def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[Message], strategy_cfg: DictConfig,
-                    num_train: Iterable[int], context: Context) -> tuple[list[Message], list[Message], dict[str, np.ndarray] | None]:
+def secure_exchange(
+    grid: Grid,
+    send: Send,
+    train: list[Message],
+    others: list[Message],
+    strategy_cfg: DictConfig,
+    num_train: Iterable[int],
+    context: Context,
+) -> tuple[list[Message], list[Message], dict[str, np.ndarray] | None]:
     """One SecAgg+ round for the train messages (and the evaluate-only `others`, sent alongside its first stage).
 
     Each train message's adapter and config go out as FitIns (the adapter's tensor names in the config);
@@ -92,7 +104,9 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
     stage that brings the adapter carry the train metrics, no arrays), and the mean update by tensor name
     (None when the protocol halted: too few nodes left).
     """
-    arrays = train[0].content[wire.ARRAYS]  # method=fedclip: every node trains from the same global adapter, serialized once
+    arrays = train[0].content[
+        wire.ARRAYS
+    ]  # method=fedclip: every node trains from the same global adapter, serialized once
     parameters, keys = ndarrays_to_parameters([a.numpy() for a in arrays.values()]), list(arrays.keys())
     proxies, fitins = SimpleClientManager(), []
     for msg in train:
@@ -102,12 +116,19 @@ def secure_exchange(grid: Grid, send: Send, train: list[Message], others: list[M
         fitins.append((proxy, FitIns(parameters, config)))
     strategy = SecureRound(fitins)
     legacy = LegacyContext(context, strategy=strategy, client_manager=proxies)
-    legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(train[0].content[wire.CONFIG][wire.SERVER_ROUND])})
+    legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: int(train[0].content[wire.CONFIG][wire.SERVER_ROUND])}
+    )
     legacy.state[MAIN_PARAMS_RECORD] = ArrayRecord()  # the workflow reads it; configure_fit ignores it
     options = strategy_cfg.secagg
     max_weight = 1.0 if strategy_cfg.weighting == "equal" else float(max(num_train, default=1))
-    workflow = SecAggPlusWorkflow(share_count(len(train), int(options.num_shares)), float(options.reconstruction_threshold), max_weight=max_weight,
-                                  clipping_range=float(options.clipping_range), quantization_range=int(options.quantization_range))
+    workflow = SecAggPlusWorkflow(
+        share_count(len(train), int(options.num_shares)),
+        float(options.reconstruction_threshold),
+        max_weight=max_weight,
+        clipping_range=float(options.clipping_range),
+        quantization_range=int(options.quantization_range),
+    )
     channel = ExchangeGrid(send, others)
     flower, level = logging.getLogger("flwr"), logging.getLogger("flwr").level
     flower.setLevel(logging.WARNING)  # the workflow's four INFO lines a round; the round table says what happened

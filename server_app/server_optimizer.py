@@ -19,23 +19,37 @@ STATE_PREFIX = "server-optimizer/"  # how the optimizer's moments are named in a
 
 
 class ServerOptimizer:
-    """The next global weights from the current ones and the round's combined weights; keeps its moments between rounds."""
+    """The next global weights from the current ones and the round's combined weights; keeps its moments between
+    rounds."""
 
-    def __init__(self, kind: str = "mean", lr: float | None = None, momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
-                 tau: float = 1e-3) -> None:
+    def __init__(
+        self,
+        kind: str = "mean",
+        lr: float | None = None,
+        momentum: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        tau: float = 1e-3,
+    ) -> None:
         if kind not in SERVER_OPTIMIZERS:
             raise ValueError(f"strategy.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {kind!r}")
         self.kind, self.momentum, self.tau = kind, float(momentum), float(tau)
         self.lr = DEFAULT_LR[kind] if lr is None else float(lr)
-        self.beta_1, self.beta_2 = (0.0, 0.0) if kind == "fedadagrad" else (float(betas[0]), float(betas[1]))  # FedAdagrad: m = delta
+        self.beta_1, self.beta_2 = (
+            (0.0, 0.0) if kind == "fedadagrad" else (float(betas[0]), float(betas[1]))
+        )  # FedAdagrad: m = delta
         self.m: dict[str, np.ndarray] = {}  # first moment (FedAvgM: the momentum vector)
         self.v: dict[str, np.ndarray] = {}  # second moment
 
     @classmethod
     def from_config(cls, strategy_cfg: DictConfig) -> ServerOptimizer:
         """strategy.server_optimizer with its options (conf/strategy/fedclip.yaml)."""
-        return cls(strategy_cfg.server_optimizer, strategy_cfg.server_lr, strategy_cfg.server_momentum, tuple(strategy_cfg.server_betas),
-                   strategy_cfg.server_tau)
+        return cls(
+            strategy_cfg.server_optimizer,
+            strategy_cfg.server_lr,
+            strategy_cfg.server_momentum,
+            tuple(strategy_cfg.server_betas),
+            strategy_cfg.server_tau,
+        )
 
     def step(self, server_round: int, current: ArrayRecord, combined: ArrayRecord) -> ArrayRecord:
         """The weights after this round's step: `combined` itself for the mean."""
@@ -63,7 +77,11 @@ class ServerOptimizer:
 
     def state(self) -> dict[str, np.ndarray]:
         """The moments, named for a checkpoint (empty for the mean, and before the first step)."""
-        return {f"{STATE_PREFIX}{name}/{k}": a for name, moments in (("m", self.m), ("v", self.v)) for k, a in moments.items()}
+        return {
+            f"{STATE_PREFIX}{name}/{k}": a
+            for name, moments in (("m", self.m), ("v", self.v))
+            for k, a in moments.items()
+        }
 
     def load_state(self, tensors: dict[str, np.ndarray]) -> None:
         """The moments back from a checkpoint's tensors (those named by `state`)."""

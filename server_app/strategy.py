@@ -32,10 +32,19 @@ AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 def min_clients(aggregation: str, num_malicious: int) -> int:
     """The fewest updates with which a rule still tolerates `num_malicious` faulty ones (its paper's bound)."""
     f = num_malicious
-    return {"mean": 1, "median": 2 * f + 1, "trimmed_mean": 2 * f + 1, "krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}[aggregation]
+    return {
+        "mean": 1,
+        "median": 2 * f + 1,
+        "trimmed_mean": 2 * f + 1,
+        "krum": 2 * f + 3,
+        "multikrum": 2 * f + 3,
+        "bulyan": 4 * f + 3,
+    }[aggregation]
 
 
-def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str, num_malicious: int) -> dict[str, np.ndarray]:
+def aggregate_adapters(
+    states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str, num_malicious: int
+) -> dict[str, np.ndarray]:
     """Tensors combined key by key, in float32: the weighted mean, or one of Flower's robust rules.
 
     median, trimmed_mean (cuts `num_malicious` updates from each end of every coordinate), krum and
@@ -45,13 +54,18 @@ def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]
     keys = list(states[0])
     if aggregation == "mean":
         total = float(sum(weights))
-        return {k: sum(w / total * s[k].astype(np.float64) for s, w in zip(states, weights)).astype(np.float32) for k in keys}
+        return {
+            k: sum(w / total * s[k].astype(np.float64) for s, w in zip(states, weights)).astype(np.float32)
+            for k in keys
+        }
     results = [([s[k] for k in keys], w) for s, w in zip(states, weights)]
     f = num_malicious
     if aggregation == "median":
         combined = aggregate_median(results)
     elif aggregation == "trimmed_mean":
-        combined = aggregate_trimmed_avg(results, (f + 0.5) / len(results))  # int(fraction * n) == f, whatever float rounding does
+        combined = aggregate_trimmed_avg(
+            results, (f + 0.5) / len(results)
+        )  # int(fraction * n) == f, whatever float rounding does
     elif aggregation == "krum":
         combined = aggregate_krum(results, f, to_keep=0)
     elif aggregation == "multikrum":
@@ -65,7 +79,8 @@ def aggregate_adapters(states: list[dict[str, np.ndarray]], weights: list[float]
 
 def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_round: int) -> list[str]:
     """n of the client names, sorted: the sorted names sampled by a generator seeded by the run's seed, the purpose
-    ("train", "evaluate") and the round; all of them when n >= len(clients). benchmarks/noop_app.py draws the same way."""
+    ("train", "evaluate") and the round; all of them when n >= len(clients). benchmarks/noop_app.py draws the same
+    way."""
     clients = sorted(clients)
     if n >= len(clients):
         return clients
@@ -73,7 +88,8 @@ def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_r
 
 
 def trust_options(strategy_cfg: Mapping) -> dict:
-    """FedClipStrategy's screening, robust-aggregation and transport keyword arguments, from conf/strategy (docs/trust.md)."""
+    """FedClipStrategy's screening, robust-aggregation and transport keyword arguments, from conf/strategy
+    (docs/trust.md)."""
     keys = ("aggregation", "num_malicious", "max_update_norm", "max_norm_ratio", "on_large_update", "transport_dtype")
     return {**{k: strategy_cfg[k] for k in keys}, "secagg": bool(strategy_cfg.secagg.enabled)}
 
@@ -124,10 +140,17 @@ class FedClipStrategy(FedAvg):
         if on_large_update not in screening.ON_LARGE_UPDATE:
             raise ValueError(f"strategy.on_large_update must be 'clip' or 'reject', got {on_large_update!r}")
         check_transport_dtype(transport_dtype)
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                         arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG)
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
+        )
         self.node_domains = node_domains
-        self.node_clients = node_clients if node_clients is not None else dict(node_domains)  # names metrics: "<client>/<metric>"
+        self.node_clients = (
+            node_clients if node_clients is not None else dict(node_domains)
+        )  # names metrics: "<client>/<metric>"
         self.held_out = held_out
         self.template = template
         self.weighting = weighting
@@ -135,66 +158,113 @@ class FedClipStrategy(FedAvg):
         self.seed = seed
         self.rounds = rounds  # the last round: its evaluation has no next round's training to ride on
         self.aggregation, self.num_malicious = aggregation, int(num_malicious)
-        self.max_update_norm, self.max_norm_ratio, self.on_large_update = max_update_norm, max_norm_ratio, on_large_update
+        self.max_update_norm, self.max_norm_ratio, self.on_large_update = (
+            max_update_norm,
+            max_norm_ratio,
+            on_large_update,
+        )
         self.transport_dtype = transport_dtype
-        self.secagg = secagg  # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
+        self.secagg = (
+            secagg  # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
+        )
         self.client_num_train = client_num_train or {}  # what each client reported at discovery
-        self.global_state: dict[str, np.ndarray] = {}  # the weights this round's updates were trained from (set in configure_train)
+        self.global_state: dict[
+            str, np.ndarray
+        ] = {}  # the weights this round's updates were trained from (set in configure_train)
         self._check_options()
 
     def _check_options(self) -> None:
         """Options that cannot work with this method or federation fail here, before the first round."""
         method = self.method.name
         if self.transport_dtype != "float32" and not self.method.narrows_to_16_bits:
-            raise ValueError(f"strategy.transport_dtype={self.transport_dtype} narrows what travels to 16 bits; method={method} sends float32")
+            raise ValueError(
+                f"strategy.transport_dtype={self.transport_dtype} narrows what travels to 16 bits; method={method} "
+                f"sends float32"
+            )
         if self.secagg:
             self._check_secagg()
         if self.aggregation == "mean":
             return
         if not self.method.combines_updates:
-            raise ValueError(f"strategy.aggregation={self.aggregation} combines several clients' updates; method={method} has none to combine")
+            raise ValueError(
+                f"strategy.aggregation={self.aggregation} combines several clients' updates; method={method} has "
+                f"none to combine"
+            )
         if self.num_malicious < 0:
             raise ValueError(f"strategy.num_malicious must be >= 0, got {self.num_malicious}")
-        need, have = min_clients(self.aggregation, self.num_malicious), len(self.train_sample(1))  # every round samples as many
+        need, have = (
+            min_clients(self.aggregation, self.num_malicious),
+            len(self.train_sample(1)),
+        )  # every round samples as many
         if have < need:
-            raise ValueError(f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at least {need} "
-                             f"training clients, this federation has {have} a round ({len(self.train_nodes)} training, strategy.fraction_train="
-                             f"{self.fraction_train}); lower num_malicious, raise fraction_train or choose another rule (docs/trust.md)")
+            raise ValueError(
+                f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at "
+                f"least {need} "
+                f"training clients, this federation has {have} a round ({len(self.train_nodes)} training, "
+                f"strategy.fraction_train="
+                f"{self.fraction_train}); lower num_malicious, raise fraction_train or choose another rule "
+                f"(docs/trust.md)"
+            )
 
     def _check_secagg(self) -> None:
-        """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails here."""
+        """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails
+        here."""
         if not self.method.averages_updates:
-            raise ValueError(f"strategy.secagg.enabled is for a method whose new weights are the mean of the clients' updates; method={self.method.name}'s "
-                             "are not, so it cannot use it")
+            raise ValueError(
+                f"strategy.secagg.enabled is for a method whose new weights are the mean of the clients' updates; "
+                f"method={self.method.name}'s "
+                "are not, so it cannot use it"
+            )
         if self.aggregation != "mean":
-            raise ValueError(f"strategy.secagg.enabled: the server sees only the sum of the updates, so strategy.aggregation={self.aggregation}, "
-                             "which needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off")
+            raise ValueError(
+                f"strategy.secagg.enabled: the server sees only the sum of the updates, so "
+                f"strategy.aggregation={self.aggregation}, "
+                "which needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off"
+            )
         if (have := len(self.train_sample(1))) < 2:
             raise ValueError(f"strategy.secagg.enabled needs at least 2 training clients a round, this run has {have}")
-        log.info("SecAgg+: the server sees only the mean update; per-update screening (norm bounds, num-examples) cannot apply, "
-                 "each coordinate of an update is clipped to strategy.secagg.clipping_range on its client")
+        log.info(
+            "SecAgg+: the server sees only the mean update; per-update screening (norm bounds, num-examples) cannot "
+            "apply, "
+            "each coordinate of an update is clipped to strategy.secagg.clipping_range on its client"
+        )
 
     @property
     def train_nodes(self) -> list[int]:
         """The nodes that train: of every training domain's, those the method trains (in client order)."""
-        nodes = sorted((n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_clients[n])
+        nodes = sorted(
+            (n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_clients[n]
+        )
         return self.method.train_nodes(nodes)
 
     def checkpoint_state(self) -> dict[str, float]:
         """What the strategy learnt during the run and the next round needs, for the checkpoint: nothing (the weights
-        and the server optimizer are checkpointed themselves); adaptive DP adds its clipping norm (server_app/privacy.py)."""
+        and the server optimizer are checkpointed themselves); adaptive DP adds its clipping norm
+        (server_app/privacy.py)."""
         return {}
 
     def load_checkpoint_state(self, state: Mapping[str, float]) -> None:
         """Take back what checkpoint_state() gave, on resume: nothing to take here."""
 
     def summary(self) -> None:
-        log.info("FedClipStrategy (%s): train on %s, hold out %s, %s weighting, %s aggregation (tolerates %d faulty), %s transport",
-                 self.method.name, sorted(self.node_clients[n] for n in self.train_nodes), self.held_out, self.weighting, self.aggregation,
-                 self.num_malicious, self.transport_dtype)
+        log.info(
+            "FedClipStrategy (%s): train on %s, hold out %s, %s weighting, %s aggregation (tolerates %d faulty), %s "
+            "transport",
+            self.method.name,
+            sorted(self.node_clients[n] for n in self.train_nodes),
+            self.held_out,
+            self.weighting,
+            self.aggregation,
+            self.num_malicious,
+            self.transport_dtype,
+        )
         if self.fraction_train < 1 or self.fraction_evaluate < 1:
-            log.info("each round trains %.0f%% and evaluates at least %.0f%% of the training clients (seeded); held-out clients: all",
-                     100 * self.fraction_train, 100 * self.fraction_evaluate)
+            log.info(
+                "each round trains %.0f%% and evaluates at least %.0f%% of the training clients (seeded); held-out "
+                "clients: all",
+                100 * self.fraction_train,
+                100 * self.fraction_evaluate,
+            )
 
     def _sample(self, nodes: list[int], n: int, purpose: str, server_round: int) -> list[int]:
         """n of the nodes, drawn by client name (sample_clients), in client order."""
@@ -206,7 +276,9 @@ class FedClipStrategy(FedAvg):
     def train_sample(self, server_round: int) -> list[int]:
         """The nodes that train in a round: strategy.fraction_train of the training nodes (at least min_train_nodes)."""
         nodes = self.train_nodes
-        return self._sample(nodes, max(self.min_train_nodes, math.ceil(self.fraction_train * len(nodes))), "train", server_round)
+        return self._sample(
+            nodes, max(self.min_train_nodes, math.ceil(self.fraction_train * len(nodes))), "train", server_round
+        )
 
     def evaluate_sample(self, server_round: int) -> list[int]:
         """The nodes evaluated on round `server_round`'s weights that get an evaluate message: every held-out node,
@@ -216,19 +288,28 @@ class FedClipStrategy(FedAvg):
         riding = set(self.train_sample(server_round + 1)) if server_round < self.rounds else set()
         rest = [n for n in training if n not in riding]
         wanted = max(0, math.ceil(self.fraction_evaluate * len(training)) - len(riding))
-        return [n for n, d in self.node_domains.items() if d == self.held_out] + self._sample(rest, wanted, "evaluate", server_round)
+        return [n for n, d in self.node_domains.items() if d == self.held_out] + self._sample(
+            rest, wanted, "evaluate", server_round
+        )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[wire.SERVER_ROUND] = server_round
         self.global_state = {k: v.numpy() for k, v in arrays.items()}  # screening measures each update from it
         return self._messages(self.train_sample(server_round), arrays, config, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[wire.SERVER_ROUND] = server_round
         return self._messages(self.evaluate_sample(server_round), arrays, config, MessageType.EVALUATE)
 
-    def _messages(self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str) -> list[Message]:
-        """One message per node with the weights the method gives its client, in strategy.transport_dtype (each record encoded once)."""
+    def _messages(
+        self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        """One message per node with the weights the method gives its client, in strategy.transport_dtype (each
+        record encoded once)."""
         travelling: dict[int, ArrayRecord] = {}
 
         def outgoing(record: ArrayRecord) -> ArrayRecord:
@@ -249,15 +330,30 @@ class FedClipStrategy(FedAvg):
         """The client a reply comes from."""
         return self.node_clients.get(message.metadata.src_node_id, f"node-{message.metadata.src_node_id}")
 
-    def screen(self, server_round: int, replies: Iterable[Message]) -> tuple[list[tuple[Message, Update]], MetricRecord]:
-        """The replies fit to aggregate with their decoded (maybe clipped) updates, and their train metrics (screening.py)."""
+    def screen(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[tuple[Message, Update]], MetricRecord]:
+        """The replies fit to aggregate with their decoded (maybe clipped) updates, and their train metrics
+        (screening.py)."""
         base = (lambda client: self.method.update_base(client, self.global_state)) if self.global_state else None
-        return screening.screen_updates(server_round, replies, self.client, self.template, self.transport_dtype,
-                                        lambda client: self.method.max_examples(client, self.client_num_train), base,
-                                        self.max_update_norm, self.max_norm_ratio, self.on_large_update)
+        return screening.screen_updates(
+            server_round,
+            replies,
+            self.client,
+            self.template,
+            self.transport_dtype,
+            lambda client: self.method.max_examples(client, self.client_num_train),
+            base,
+            self.max_update_norm,
+            self.max_norm_ratio,
+            self.on_large_update,
+        )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The new global weights (None keeps the current ones) and per-client train metrics: each reply screened, then combined."""
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global weights (None keeps the current ones) and per-client train metrics: each reply screened,
+        then combined."""
         accepted, metrics = self.screen(server_round, replies)
         return self.combine(server_round, [update for _, update in accepted]), metrics
 
@@ -265,7 +361,12 @@ class FedClipStrategy(FedAvg):
         """Screened updates made into the next global weights, by the method with strategy.aggregation."""
         need = max(self.min_train_nodes, min_clients(self.aggregation, self.num_malicious))  # min_clients is 1 or more
         if len(updates) < need:
-            log.warning("round %d: %d valid update(s), need %d: the global adapter is unchanged", server_round, len(updates), need)
+            log.warning(
+                "round %d: %d valid update(s), need %d: the global adapter is unchanged",
+                server_round,
+                len(updates),
+                need,
+            )
             return None
         combined = self.method.aggregate(updates, self._rule)
         if combined is None:
@@ -277,9 +378,11 @@ class FedClipStrategy(FedAvg):
         weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
         return aggregate_adapters([u.state for u in updates], weights, self.aggregation, self.num_malicious)
 
-    def aggregate_secure(self, server_round: int, replies: Iterable[Message], mean_update: dict[str, np.ndarray] | None
-                         ) -> tuple[ArrayRecord | None, MetricRecord]:
-        """A SecAgg+ round: the global adapter plus the unmasked mean update (None: the protocol halted), and the replies' train metrics.
+    def aggregate_secure(
+        self, server_round: int, replies: Iterable[Message], mean_update: dict[str, np.ndarray] | None
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """A SecAgg+ round: the global adapter plus the unmasked mean update (None: the protocol halted), and the
+        replies' train metrics.
 
         No single update reached the server, so none can be screened; the mean is checked like one (checked_tensors).
         """
@@ -289,23 +392,42 @@ class FedClipStrategy(FedAvg):
                 screening.add_train_metrics(metrics, self.client(msg), msg.content[wire.METRICS])
                 count += 1
         if mean_update is None or count < max(self.min_train_nodes, 2):
-            log.warning("round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged", server_round, count)
+            log.warning(
+                "round %d: secure aggregation gave no mean (%d update(s) collected): the global adapter is unchanged",
+                server_round,
+                count,
+            )
             return None, metrics
-        unmasked = {k: np.empty(v.shape, np.float64) for k, v in self.template.items()}  # SecAgg+ dequantizes to float64
-        mean, reason = screening.checked_tensors(mean_update, unmasked, "float32")  # a float64 template takes float64 only: no transport dtype applies
+        unmasked = {
+            k: np.empty(v.shape, np.float64) for k, v in self.template.items()
+        }  # SecAgg+ dequantizes to float64
+        mean, reason = screening.checked_tensors(
+            mean_update, unmasked, "float32"
+        )  # a float64 template takes float64 only: no transport dtype applies
         if mean is None:
-            log.warning("round %d: the securely aggregated update is unusable (%s): the global adapter is unchanged", server_round, reason)
+            log.warning(
+                "round %d: the securely aggregated update is unusable (%s): the global adapter is unchanged",
+                server_round,
+                reason,
+            )
             return None, metrics
         combined = {k: (self.global_state[k] + mean[k]).astype(self.template[k].dtype) for k in self.template}
         return ArrayRecord({k: Array(v) for k, v in combined.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """Evaluation metrics keyed `<client>/<metric>`; replies without one are logged and left out (screening.evaluation)."""
+        """Evaluation metrics keyed `<client>/<metric>`; replies without one are logged and left out
+        (screening.evaluation)."""
         metrics = MetricRecord()
         for msg in replies:
             found, reason = screening.evaluation(msg)
             if found is None:
-                log.warning("round %d: evaluation of node %d (%s) left out: %s", server_round, msg.metadata.src_node_id, self.client(msg), reason)
+                log.warning(
+                    "round %d: evaluation of node %d (%s) left out: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    self.client(msg),
+                    reason,
+                )
                 continue
             for key, value in found.items():
                 metrics[f"{self.client(msg)}/{key}"] = value

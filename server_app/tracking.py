@@ -40,7 +40,10 @@ ROW_COUNTS = {  # a report row's list of clients -> the name its length is logge
 }
 NAME_CHARACTERS = re.compile(r"[^\w.\- /]")  # what MLflow accepts in a metric name on every platform
 FOLDER_NAME = re.compile(r"[^\w.-]+")  # what an experiment's artifact folder name may not hold
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # an absent server: a warning
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}  # an absent server: a warning
 # within seconds, not after MLflow's default minutes of retries (a user's own setting wins)
 
 
@@ -79,7 +82,8 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
 
 class TensorBoardLog:
-    """Event files in the run folder (torch's SummaryWriter): the scalars at every round, the configuration and summary as text."""
+    """Event files in the run folder (torch's SummaryWriter): the scalars at every round, the configuration and
+    summary as text."""
 
     def __init__(self, folder: Path, config_yaml: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -98,7 +102,8 @@ class TensorBoardLog:
 
 
 class MlflowLog:
-    """One MLflow run: the configuration as params, the scalars at every round (asynchronously), then the summary's numbers
+    """One MLflow run: the configuration as params, the scalars at every round (asynchronously), then the summary's
+    numbers
     as metrics and the run folder's files as artifacts.
 
     Rounds are handed to MLflow at most every FLUSH_SECONDS, and at the end: one write per round cost fast in-process
@@ -112,7 +117,11 @@ class MlflowLog:
 
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifact_root(uri, experiment))
+        experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_root(uri, experiment))
+        )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a call
@@ -134,7 +143,9 @@ class MlflowLog:
     def flush(self) -> None:
         """Hand the buffered rounds to MLflow's background logging, at most 1000 metrics a call (MLflow's limit)."""
         for start in range(0, len(self.buffer), 1000):
-            self.pending.append(self.client.log_batch(self.run_id, metrics=self.buffer[start : start + 1000], synchronous=False))
+            self.pending.append(
+                self.client.log_batch(self.run_id, metrics=self.buffer[start : start + 1000], synchronous=False)
+            )
         self.buffer, self.flushed_at = [], time.monotonic()
 
     def finish(self, summary: dict, files: list[Path], status: str) -> None:
@@ -164,20 +175,26 @@ def summary_numbers(summary: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:
-    """Where a new experiment keeps its artifacts: next to a sqlite database (mlartifacts/<experiment>/), as `mlflow server`
-    keeps them beside its store, rather than ./mlruns of whatever folder the ServerApp runs in; else the server's choice."""
+    """Where a new experiment keeps its artifacts: next to a sqlite database (mlartifacts/<experiment>/), as `mlflow
+    server`
+    keeps them beside its store, rather than ./mlruns of whatever folder the ServerApp runs in; else the server's
+    choice."""
     database = sqlite_database(uri)
-    folder = FOLDER_NAME.sub("_", experiment).strip("_") or "experiment"  # one folder, also for a sweep's path-like name
+    folder = (
+        FOLDER_NAME.sub("_", experiment).strip("_") or "experiment"
+    )  # one folder, also for a sweep's path-like name
     return None if database is None else (database.parent / "mlartifacts" / folder).as_uri()
 
 
 def sqlite_database(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (sqlite:///rel.db is relative to this process's folder, sqlite:////abs.db absolute)."""
+    """The database file of a sqlite:/// URI (sqlite:///rel.db is relative to this process's folder,
+    sqlite:////abs.db absolute)."""
     return Path(uri.removeprefix("sqlite:///")).expanduser().resolve() if uri.startswith("sqlite:///") else None
 
 
 class Tracking:
-    """The run's TensorBoard and MLflow logs (tracking.* in conf/config.yaml); a writer that fails is dropped with one warning."""
+    """The run's TensorBoard and MLflow logs (tracking.* in conf/config.yaml); a writer that fails is dropped with
+    one warning."""
 
     def __init__(self, cfg: DictConfig, folder: Path, domains: list[str], held_out: str, tags: dict[str, str]) -> None:
         self.domains, self.held_out = domains, held_out
@@ -188,15 +205,30 @@ class Tracking:
         if uri := options.get("mlflow_uri"):
             run_name = options.get("mlflow_run_name") or f"{cfg.method.name} {held_out} seed{cfg.seed} {folder.name}"
             try:
-                self.writers.append(MlflowLog(str(uri), str(options.get("mlflow_experiment") or "fedclip"), run_name, flat_params(cfg),
-                                              {**tags, "run_folder": str(folder)}))
+                self.writers.append(
+                    MlflowLog(
+                        str(uri),
+                        str(options.get("mlflow_experiment") or "fedclip"),
+                        run_name,
+                        flat_params(cfg),
+                        {**tags, "run_folder": str(folder)},
+                    )
+                )
             except ImportError as err:
-                log.warning("tracking.mlflow_uri=%s but MLflow is not installed (%s): this run is not logged to MLflow. "
-                            "Install it with pip install -e \".[mlflow]\" (or pip install mlflow)", uri, err)
+                log.warning(
+                    "tracking.mlflow_uri=%s but MLflow is not installed (%s): this run is not logged to MLflow. "
+                    'Install it with pip install -e ".[mlflow]" (or pip install mlflow)',
+                    uri,
+                    err,
+                )
             except Exception as err:  # noqa: BLE001 - a bad URI, an absent server, a refused login: the run goes on without it
-                log.warning("tracking.mlflow_uri=%s: MLflow cannot be used (%s: %s); this run is not logged to MLflow. "
-                            "Check the URI (sqlite:////abs/path/mlflow.db, http://host:5000) and that its server runs",
-                            uri, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                log.warning(
+                    "tracking.mlflow_uri=%s: MLflow cannot be used (%s: %s); this run is not logged to MLflow. "
+                    "Check the URI (sqlite:////abs/path/mlflow.db, http://host:5000) and that its server runs",
+                    uri,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                )
 
     def log_round(self, row: Mapping) -> None:
         """One report row's scalars to every writer, at step = its round."""
@@ -213,5 +245,7 @@ class Tracking:
             try:
                 getattr(writer, method)(*args)
             except Exception as err:  # noqa: BLE001 - tracking never stops a run
-                log.warning("%s failed (%s: %s): the run goes on without it", type(writer).__name__, type(err).__name__, err)
+                log.warning(
+                    "%s failed (%s: %s): the run goes on without it", type(writer).__name__, type(err).__name__, err
+                )
                 self.writers.remove(writer)

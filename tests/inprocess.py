@@ -22,8 +22,13 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int) -> None:
         self.client_app = client_app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config=run_config)
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
             for i in range(num_nodes)
         }
         self.replies: dict[str, Message] = {}

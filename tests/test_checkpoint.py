@@ -46,7 +46,9 @@ def play(report: RunReport, arrays: ArrayRecord, rounds: int, accs: list[float])
     for r in range(rounds + 1):
         if r > 0:
             arrays = ArrayRecord({k: v + r for k, v in arrays.to_torch_state_dict().items()})
-        report.add_round(r, MetricRecord({"a/train-loss": 1.0 / (r + 1)}) if r else MetricRecord(), evaluation(accs[r]), 0.1, arrays)
+        report.add_round(
+            r, MetricRecord({"a/train-loss": 1.0 / (r + 1)}) if r else MetricRecord(), evaluation(accs[r]), 0.1, arrays
+        )
         save_checkpoint(report, arrays)
     return arrays
 
@@ -81,8 +83,10 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
     old, arrays = make_report(tmp_path / "run1")
     play(old, arrays, 1, [0.1, 0.2])
     nowhere = tmp_path / "nowhere"
-    expected = (f"resume={nowhere}: no checkpoint.safetensors there. Pass the run folder the run logged as 'run folder: ...' "
-                '(it gets a checkpoint after every round), e.g. overrides="resume=outputs/2026-01-01_12-00-00"')
+    expected = (
+        f"resume={nowhere}: no checkpoint.safetensors there. Pass the run folder the run logged as 'run folder: ...' "
+        '(it gets a checkpoint after every round), e.g. overrides="resume=outputs/2026-01-01_12-00-00"'
+    )
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(expected)}$"):
         resume_run(str(nowhere), *make_report(tmp_path / "run2"))
     with pytest.raises(ValueError, match="another CLIP"):
@@ -91,11 +95,14 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
     other.domains = ["a", "c", "sketch"]
     with pytest.raises(ValueError, match="domains"):
         resume_run(str(old.dir), other, fresh)
-    with pytest.raises(ValueError, match=r"seed \(now 1, then 0\)"):  # another protocol: the rows would not mean the same
+    with pytest.raises(
+        ValueError, match=r"seed \(now 1, then 0\)"
+    ):  # another protocol: the rows would not mean the same
         resume_run(str(old.dir), *make_report(tmp_path / "run5", extra="seed=1"))
 
 
 # --- resume through the server loop (ServerApp main on the in-process grid) ---------------------------------
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
@@ -109,7 +116,9 @@ class CrashingGrid(InProcessGrid):
     def __init__(self, client_app, run_config: dict, num_nodes: int, crash_round: int | None = None) -> None:
         super().__init__(client_app, run_config, num_nodes)
         self.crash_round = crash_round
-        self.sent: dict[int, list[tuple[dict[str, np.ndarray], dict]]] = {}  # round -> (arrays, config) of each train message
+        self.sent: dict[
+            int, list[tuple[dict[str, np.ndarray], dict]]
+        ] = {}  # round -> (arrays, config) of each train message
 
     def push_messages(self, messages):
         messages = list(messages)
@@ -118,7 +127,9 @@ class CrashingGrid(InProcessGrid):
                 config = dict(msg.content["config"])
                 if config["server-round"] == self.crash_round:
                     raise RuntimeError("the server crashed")
-                self.sent.setdefault(config["server-round"], []).append(({k: v.numpy() for k, v in msg.content["arrays"].items()}, config))
+                self.sent.setdefault(config["server-round"], []).append(
+                    ({k: v.numpy() for k, v in msg.content["arrays"].items()}, config)
+                )
         return super().push_messages(messages)
 
 
@@ -137,8 +148,11 @@ def serve(grid_overrides: str, out: Path, crash_round: int | None = None, nodes:
 
 def common(folder: Path, tiny_clip: Path, tmp_path: Path, rounds: int, extra: str = "") -> str:
     # a short round_timeout: a client that cannot answer fails the test in a minute, not an hour
-    return (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={rounds} "
-            f"training.batch_size=8 strategy.round_timeout=60 cache_dir={tmp_path / 'cache'} {extra}")
+    return (
+        f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds={rounds} "
+        f"training.batch_size=8 strategy.round_timeout=60 cache_dir={tmp_path / 'cache'} {extra}"
+    )
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -159,7 +173,9 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(folder, tiny_clip, tmp_p
     for arrays, config in grid.sent[2]:
         for key, value in ckpt.arrays.to_torch_state_dict().items():
             np.testing.assert_array_equal(arrays[key], value.numpy())  # round 2 trains from the checkpoint's weights
-        assert list(arrays) == list(crashed_grid.sent[2][0][0])  # in the run's order, not the file's (Flower's DP mods compare it)
+        assert list(arrays) == list(
+            crashed_grid.sent[2][0][0]
+        )  # in the run's order, not the file's (Flower's DP mods compare it)
         assert "evaluate-round" not in config  # round 1's weights were evaluated before the crash: not again
     assert [config["evaluate-round"] for _, config in grid.sent[3]] == [2, 2]
     rows = rows_of(resumed)
@@ -171,21 +187,33 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(folder, tiny_clip, tmp_p
 def test_adaptive_clipping_goes_on_with_the_norm_it_had_learnt(folder, tiny_clip, tmp_path):
     """Client-side adaptive DP: the clipping norm the clients are sent in the resumed run's first round is the one the
     crashed run had learnt for that round, not strategy.dp.clipping_norm again."""
-    dp = ("strategy.dp.side=client strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.001 strategy.dp.noise_multiplier=0.5 "
-          "strategy.dp.clipped_count_stddev=0.5 strategy.dp.clip_norm_lr=0.5")
+    dp = (
+        "strategy.dp.side=client strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.001 "
+        "strategy.dp.noise_multiplier=0.5 "
+        "strategy.dp.clipped_count_stddev=0.5 strategy.dp.clip_norm_lr=0.5"
+    )
     crashed_grid, crashed = serve(common(folder, tiny_clip, tmp_path, 3, dp), tmp_path / "crashed", crash_round=3)
     norms = {r: {config[KEY_CLIPPING_NORM] for _, config in sent} for r, sent in crashed_grid.sent.items()}
-    assert norms[1] == {0.001} and len(norms[2]) == 1 and norms[2] != {0.001}  # 0.001 clips every update: round 2's grew
+    assert (
+        norms[1] == {0.001} and len(norms[2]) == 1 and norms[2] != {0.001}
+    )  # 0.001 clips every update: round 2's grew
     assert load_checkpoint(crashed).strategy == {CLIPPING_NORM_STATE: norms[2].pop()}
     grid, resumed = serve(common(folder, tiny_clip, tmp_path, 3, f"{dp} resume={crashed}"), tmp_path / "resumed")
-    assert {config[KEY_CLIPPING_NORM] for _, config in grid.sent[2]} == {load_checkpoint(crashed).strategy[CLIPPING_NORM_STATE]}
+    assert {config[KEY_CLIPPING_NORM] for _, config in grid.sent[2]} == {
+        load_checkpoint(crashed).strategy[CLIPPING_NORM_STATE]
+    }
     round3 = {config[KEY_CLIPPING_NORM] for _, config in grid.sent[3]}
-    assert load_checkpoint(resumed).strategy[CLIPPING_NORM_STATE] not in round3  # each checkpoint keeps the norm of the round after it
+    assert (
+        load_checkpoint(resumed).strategy[CLIPPING_NORM_STATE] not in round3
+    )  # each checkpoint keeps the norm of the round after it
 
 
 def test_an_old_checkpoint_without_the_norm_restarts_it_and_says_so(tmp_path, caplog):
     strategy = FedClipStrategy({1: "a", 2: "b", 3: "sketch"}, "sketch", {"w": np.zeros(2, np.float32)}, "equal", 1)
-    dp = load_config("strategy.dp.side=server strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.3 strategy.dp.noise_multiplier=0").strategy.dp
+    dp = load_config(
+        "strategy.dp.side=server strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.3 "
+        "strategy.dp.noise_multiplier=0"
+    ).strategy.dp
     wrapped = with_privacy(strategy, dp)
     wrapped.load_checkpoint_state({})
     assert wrapped.clipping_norm == 0.3 and "the checkpoint holds no adaptive clipping norm" in caplog.text
@@ -201,7 +229,9 @@ def test_encoder_baselines_resume_with_their_best_encoder(method, folder, tiny_c
     _, first = serve(common(folder, tiny_clip, tmp_path, 1, f"method={method}"), tmp_path / "first")
     best = first / "encoder_best.safetensors"
     assert best.exists() and load_checkpoint(first).arrays.keys() == load_file(best).keys()
-    grid, resumed = serve(common(folder, tiny_clip, tmp_path, 2, f"method={method} resume={first}"), tmp_path / "resumed")
+    grid, resumed = serve(
+        common(folder, tiny_clip, tmp_path, 2, f"method={method} resume={first}"), tmp_path / "resumed"
+    )
     for arrays, _ in grid.sent[2]:
         for key, value in load_file(first / "encoder_final.safetensors").items():
             np.testing.assert_array_equal(arrays[key], value.numpy())  # round 2 trains from round 1's encoder
@@ -218,24 +248,35 @@ def test_encoder_baselines_resume_with_their_best_encoder(method, folder, tiny_c
 def test_local_refuses_to_resume(folder, tiny_clip, tmp_path):
     _, first = serve(common(folder, tiny_clip, tmp_path, 1, "method=local"), tmp_path / "first")
     with pytest.raises(ValueError, match="resume= is not available for method=local: its adapters live on the clients"):
-        run_in_process(server_app, client_app, common(folder, tiny_clip, tmp_path, 2, f"method=local resume={first} output_dir={tmp_path / 'r'}"), 3)
+        run_in_process(
+            server_app,
+            client_app,
+            common(folder, tiny_clip, tmp_path, 2, f"method=local resume={first} output_dir={tmp_path / 'r'}"),
+            3,
+        )
     assert not (tmp_path / "r").exists()  # refused before anything ran
 
 
-@pytest.mark.parametrize("change,message", [
-    ("method=centralized seed=3", "method (now 'centralized', then 'fedclip'), seed (now 3, then 0)"),
-    ("method=centralized", "method (now 'centralized', then 'fedclip')"),
-    ("dataset.held_out=a", "held_out (now 'a', then 'sketch')"),
-    ("dataset.split=[0.5,0.25,0.25]", "split (now [0.5, 0.25, 0.25], then [0.6, 0.2, 0.2])"),
-    ("dataset.clients_per_domain=2", "clients_per_domain (now 2, then 1)"),
-    ("dataset.partition=dirichlet", "partition (now 'dirichlet', then 'shards')"),
-    ("model.name_or_path=/elsewhere", "model (now '/elsewhere', then 'demo')"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("method=centralized seed=3", "method (now 'centralized', then 'fedclip'), seed (now 3, then 0)"),
+        ("method=centralized", "method (now 'centralized', then 'fedclip')"),
+        ("dataset.held_out=a", "held_out (now 'a', then 'sketch')"),
+        ("dataset.split=[0.5,0.25,0.25]", "split (now [0.5, 0.25, 0.25], then [0.6, 0.2, 0.2])"),
+        ("dataset.clients_per_domain=2", "clients_per_domain (now 2, then 1)"),
+        ("dataset.partition=dirichlet", "partition (now 'dirichlet', then 'shards')"),
+        ("model.name_or_path=/elsewhere", "model (now '/elsewhere', then 'demo')"),
+    ],
+)
 def test_resume_refuses_another_protocol(change, message, tmp_path):
     """Every setting the rows' meaning depends on must match the checkpoint's run."""
     old, arrays = make_report(tmp_path / "run1")
     play(old, arrays, 1, [0.1, 0.2])
-    with pytest.raises(ValueError, match=re.escape(f"this run differs from the checkpoint's in {message}; resume with the same settings")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"this run differs from the checkpoint's in {message}; resume with the same settings"),
+    ):
         resume_run(str(old.dir), *make_report(tmp_path / "run2", extra=change))
 
 
@@ -257,7 +298,9 @@ def test_an_older_checkpoint_without_protocol_or_strategy_state_loads(tmp_path):
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     report, arrays = make_report(tmp_path / "run1")
-    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "3", "rows": json.dumps([{"round": 0}, {"round": 1}])})
+    save_weights(
+        arrays, report.dir / "checkpoint.safetensors", {"round": "3", "rows": json.dumps([{"round": 0}, {"round": 1}])}
+    )
     with pytest.raises(ValueError, match="is inconsistent: round 3 but 2 report rows"):
         load_checkpoint(report.dir)
     save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "0", "rows": "[]"})
@@ -303,4 +346,6 @@ def test_the_resumed_runs_own_checkpoint_keeps_the_optimizer_and_the_strategy_st
     assert strategy.loaded == {"dp-clipping-norm": 0.25}  # what the old run had
     ckpt = load_checkpoint(new.dir)
     assert ckpt.strategy == {"dp-clipping-norm": 0.5}  # what the strategy holds now
-    assert ckpt.optimizer.keys() == moments.keys() and all(np.array_equal(ckpt.optimizer[k], moments[k]) for k in moments)
+    assert ckpt.optimizer.keys() == moments.keys() and all(
+        np.array_equal(ckpt.optimizer[k], moments[k]) for k in moments
+    )

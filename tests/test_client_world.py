@@ -20,8 +20,12 @@ from tests.inprocess import run_in_process
 @pytest.fixture
 def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
     folder = write_image_folder(tmp_path / "data")
-    run_config = message_config(load_config(f"dataset=folder dataset.root={folder} dataset.held_out=sketch "
-                                            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"))
+    run_config = message_config(
+        load_config(
+            f"dataset=folder dataset.root={folder} dataset.held_out=sketch "
+            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"
+        )
+    )
     builds = []
     real = client.load_local_data
     monkeypatch.setattr(client, "load_local_data", lambda *a: builds.append(a) or real(*a))
@@ -29,15 +33,26 @@ def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
 
 
 def message(run_config: str, server_round: int = 1, message_type: str = MessageType.TRAIN) -> Message:
-    config = ConfigRecord({"run-config": run_config, "server-round": server_round, "evaluate-round": server_round - 1, "zero-shot": False})
-    msg = Message(RecordDict({"arrays": ArrayRecord(AttentionAdapter(24).state_dict()), "config": config}), dst_node_id=1,
-                  message_type=message_type)
+    config = ConfigRecord(
+        {"run-config": run_config, "server-round": server_round, "evaluate-round": server_round - 1, "zero-shot": False}
+    )
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(AttentionAdapter(24).state_dict()), "config": config}),
+        dst_node_id=1,
+        message_type=message_type,
+    )
     msg.metadata.__dict__["_message_id"] = f"m{server_round}"
     return msg
 
 
 def context(run_id: int = 1, partition: int = 1) -> Context:
-    return Context(run_id=run_id, node_id=1, node_config={"partition-id": partition, "num-partitions": 3}, state=RecordDict(), run_config={})
+    return Context(
+        run_id=run_id,
+        node_id=1,
+        node_config={"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_later_messages_reuse_the_world(setup):
@@ -46,7 +61,9 @@ def test_later_messages_reuse_the_world(setup):
     for r in (1, 2, 3):
         reply = client_app(message(run_config, r), node)
         assert not reply.has_error(), reply.error
-        assert "evaluation/val-acc" in reply.content["metrics"] and "arrays" in reply.content  # the evaluation rode on the train message
+        assert (
+            "evaluation/val-acc" in reply.content["metrics"] and "arrays" in reply.content
+        )  # the evaluation rode on the train message
     client_app(message(run_config, 4, MessageType.EVALUATE), node)
     assert len(builds) == 1
 
@@ -72,8 +89,13 @@ def test_a_message_without_the_run_config_is_a_clear_error(setup):
 def test_more_supernodes_than_clients_is_a_clean_run(tiny_clip, tmp_path, caplog):
     folder = write_image_folder(tmp_path / "data")
     with caplog.at_level("INFO"):
-        run_in_process(server_app, client_app, f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
-                       f"training.rounds=2 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}", 5)  # 3 clients, 5 nodes
+        run_in_process(
+            server_app,
+            client_app,
+            f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+            f"training.rounds=2 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}",
+            5,
+        )  # 3 clients, 5 nodes
     [summary] = (tmp_path / "out").glob("*/summary.json")
     assert json.loads(summary.read_text())["rounds"] == 2
     assert caplog.text.count("is idle: no data in this run") == 2  # nodes 103 and 104, once each

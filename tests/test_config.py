@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_run_config_overrides_reach_every_group(monkeypatch):
     monkeypatch.delenv("FEDCLIP_CACHE", raising=False)
-    cfg = load_config("training.lr=0.5 dataset.held_out=photo strategy.weighting=examples model.prompt='a photo of a {}'")
+    cfg = load_config(
+        "training.lr=0.5 dataset.held_out=photo strategy.weighting=examples model.prompt='a photo of a {}'"
+    )
     assert cfg.training.lr == 0.5 and cfg.dataset.held_out == "photo" and cfg.strategy.weighting == "examples"
     assert cfg.model.prompt == "a photo of a {}"
     assert cfg.training.weight_decay == 0.2  # untouched values keep the paper's
@@ -41,16 +43,22 @@ def test_unknown_option_is_an_error():
         load_config("training.learning_rate=1")
 
 
-@pytest.mark.parametrize(("override", "line"), [
-    ("training.lr=abc", "training.lr: Value 'abc' of type 'str' could not be converted to Float"),
-    ("training.rounds=2.5", "training.rounds: Value '2.5' of type 'float' could not be converted to Integer"),
-    ("strategy.secagg.enabled=maybe", "strategy.secagg.enabled: Value 'maybe' is not a valid bool (type str)"),
-    ("dataset.split=0.5", "dataset.split: Invalid value assigned: AnyNode is not a ListConfig, list or tuple."),
-    ("training.loss=hinge", "training.loss: got 'hinge', takes one of cross_entropy, contrastive"),
-    ("+dataset.extra=1", "dataset.extra: not a key of this app's configuration (Key 'extra' not in 'Dataset')"),
-    ("method.personalize_epochs=two", "method.personalize_epochs: Value 'two' of type 'str' could not be converted to Integer"),
-    ("method=promptfl method.n_ctx=x", "method.n_ctx: Value 'x' of type 'str' could not be converted to Integer"),
-])
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("training.lr=abc", "training.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        ("training.rounds=2.5", "training.rounds: Value '2.5' of type 'float' could not be converted to Integer"),
+        ("strategy.secagg.enabled=maybe", "strategy.secagg.enabled: Value 'maybe' is not a valid bool (type str)"),
+        ("dataset.split=0.5", "dataset.split: Invalid value assigned: AnyNode is not a ListConfig, list or tuple."),
+        ("training.loss=hinge", "training.loss: got 'hinge', takes one of cross_entropy, contrastive"),
+        ("+dataset.extra=1", "dataset.extra: not a key of this app's configuration (Key 'extra' not in 'Dataset')"),
+        (
+            "method.personalize_epochs=two",
+            "method.personalize_epochs: Value 'two' of type 'str' could not be converted to Integer",
+        ),
+        ("method=promptfl method.n_ctx=x", "method.n_ctx: Value 'x' of type 'str' could not be converted to Integer"),
+    ],
+)
 def test_a_wrong_type_or_value_is_one_line_naming_the_key(override, line):
     """The schema (common/schema.py) checks every key, a method's own keys by its class's __init__ annotations."""
     with pytest.raises(ConfigError) as err:
@@ -59,7 +67,8 @@ def test_a_wrong_type_or_value_is_one_line_naming_the_key(override, line):
 
 
 def test_every_key_of_every_conf_file_is_in_the_schema():
-    """Each option of each group composes and passes the schema: no key of conf/ is unknown to it, none lacks a value."""
+    """Each option of each group composes and passes the schema: no key of conf/ is unknown to it, none lacks a
+    value."""
     for group in ("dataset", "model", "training", "method"):
         for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml") if not p.stem.startswith("_")):
             extra = " dataset.root=/data dataset.held_out=x" if group == "dataset" and option != "demo" else ""

@@ -14,7 +14,9 @@ def folder_cfg(root, *overrides, held_out="sketch"):
 
 
 def hub_cfg(copy, *overrides):
-    return load_config(["dataset=pacs", "dataset.source=hub", f"dataset.hub_id={copy}", "dataset.held_out=sketch", *overrides])
+    return load_config(
+        ["dataset=pacs", "dataset.source=hub", f"dataset.hub_id={copy}", "dataset.held_out=sketch", *overrides]
+    )
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -70,14 +72,20 @@ def test_unknown_domain_and_held_out_are_clear_errors(image_folder):
 
 
 def test_benchmark_domain_typo_lists_the_valid_domains(tmp_path):
-    root = write_image_folder(tmp_path / "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), classes=("dog", "horse"))
+    root = write_image_folder(
+        tmp_path / "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), classes=("dog", "horse")
+    )
     cfg = load_config(["dataset=pacs", f"dataset.root={root}", "dataset.held_out=sketch"])
     assert dataset_domains(cfg) == ["art_painting", "cartoon", "photo", "sketch"]
     assert domain_images(cfg, "photo").classes[:2] == ["dog", "elephant"]  # the benchmark's 7 classes, in its order
     with pytest.raises(ValueError, match="held_out='skech'.*valid: art_painting, cartoon, photo, sketch"):
         dataset_domains(load_config(["dataset=pacs", f"dataset.root={root}", "dataset.held_out=skech"]))
     with pytest.raises(ValueError, match=r"\['paint'\] not found.*valid domains: art_painting, cartoon, photo, sketch"):
-        dataset_domains(load_config(["dataset=pacs", f"dataset.root={root}", "dataset.held_out=sketch", "dataset.domains=[paint,sketch]"]))
+        dataset_domains(
+            load_config(
+                ["dataset=pacs", f"dataset.root={root}", "dataset.held_out=sketch", "dataset.domains=[paint,sketch]"]
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +122,9 @@ def test_saved_hub_dataset_goes_through_flwr_datasets_with_its_corrupt_image_ski
 
 
 def test_hub_domain_typo_and_missing_dataset_are_clear_errors(hub_dataset, tmp_path):
-    with pytest.raises(ValueError, match=r"\['Sketch'\] not found in .*valid domains: art_painting, cartoon, photo, sketch"):
+    with pytest.raises(
+        ValueError, match=r"\['Sketch'\] not found in .*valid domains: art_painting, cartoon, photo, sketch"
+    ):
         dataset_domains(hub_cfg(hub_dataset, "dataset.domains=[photo,Sketch]"))
     with pytest.raises(RuntimeError, match="hf download flwrlabs/pacs --repo-type dataset"):
         dataset_domains(load_config(["dataset=pacs", "dataset.source=hub", "dataset.held_out=sketch"]))  # offline
@@ -124,7 +134,9 @@ def test_hub_domain_typo_and_missing_dataset_are_clear_errors(hub_dataset, tmp_p
 
 def test_hub_features_are_encoded_with_the_corrupt_image_skipped(hub_dataset, tiny_clip, tmp_path):
     images = domain_images(hub_cfg(hub_dataset), "art_painting")
-    feats = domain_features(str(tiny_clip), images, "a picture of a {}", tmp_path / "cache", torch.device("cpu"), 5, "float32")
+    feats = domain_features(
+        str(tiny_clip), images, "a picture of a {}", tmp_path / "cache", torch.device("cpu"), 5, "float32"
+    )
     assert feats.image.shape == (11, 24) and feats.text.shape == (7, 24)
     assert len(feats.skipped) == 1 and feats.skipped[0].endswith("art_painting[1]")
     assert feats.labels.tolist() == [2] * 3 + [0] * 4 + [1] * 4
@@ -167,12 +179,16 @@ def test_impossible_shard_requests_are_clear_errors():
 
 
 def test_client_images_are_shards_of_their_domain(image_folder):
-    cfg = folder_cfg(image_folder, "dataset.clients_per_domain=3", "dataset.partition=dirichlet", "dataset.dirichlet_alpha=1.0")
+    cfg = folder_cfg(
+        image_folder, "dataset.clients_per_domain=3", "dataset.partition=dirichlet", "dataset.dirichlet_alpha=1.0"
+    )
     domain = domain_images(cfg, "photo")
     shards = [client_images(cfg, "photo", s) for s in range(3)]
     assert sorted(p for s in shards for p in s.paths) == sorted(domain.paths)
     assert all(len(s) > 0 and s.labels == [domain.labels[domain.paths.index(p)] for p in s.paths] for s in shards)
-    assert [client_name("photo", s, 3) for s in range(3)] == ["photo#0", "photo#1", "photo#2"] and client_name("photo", 0, 1) == "photo"
+    assert [client_name("photo", s, 3) for s in range(3)] == ["photo#0", "photo#1", "photo#2"] and client_name(
+        "photo", 0, 1
+    ) == "photo"
     with pytest.raises(ValueError, match="shard 3 does not exist: dataset.clients_per_domain=3"):
         client_images(cfg, "photo", 3)
 
@@ -182,7 +198,11 @@ def test_feature_cache_key_differs_between_shards_and_sources(image_folder, hub_
     key = lambda images: features_key("model", images, ["p"], "float32")  # noqa: E731
     folder_keys = {key(domain_images(cfg, "art")), key(client_images(cfg, "art", 0)), key(client_images(cfg, "art", 1))}
     hub = hub_cfg(hub_dataset, "dataset.clients_per_domain=2")
-    hub_keys = {key(domain_images(hub, "photo")), key(client_images(hub, "photo", 0)), key(client_images(hub, "photo", 1))}
+    hub_keys = {
+        key(domain_images(hub, "photo")),
+        key(client_images(hub, "photo", 0)),
+        key(client_images(hub, "photo", 1)),
+    }
     assert len(folder_keys | hub_keys) == 6
     assert key(client_images(hub, "photo", 1)) in hub_keys  # and stable
 
@@ -190,8 +210,12 @@ def test_feature_cache_key_differs_between_shards_and_sources(image_folder, hub_
 def test_simulation_partition_ids_map_to_domain_and_shard(image_folder, tiny_clip, tmp_path):
     from client_app.node import NoClient, load_local_data
 
-    cfg = lambda: load_config(f"dataset=folder dataset.root={image_folder} dataset.held_out=sketch dataset.clients_per_domain=2 "  # noqa: E731
-                              f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} device=cpu")
+    def cfg():
+        return load_config(
+            f"dataset=folder dataset.root={image_folder} dataset.held_out=sketch dataset.clients_per_domain=2 "
+            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} device=cpu"
+        )
+
     local = [load_local_data(cfg(), {"partition-id": p}) for p in range(6)]
     assert [x.client for x in local] == ["art#0", "art#1", "photo#0", "photo#1", "sketch#0", "sketch#1"]
     assert sum(len(x.images) for x in local[2:4]) == 15 and all(x.domain == "sketch" and x.held_out for x in local[4:])

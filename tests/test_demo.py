@@ -18,7 +18,9 @@ DEMO_CLIP_SHA256 = "2b71e636f485b51d93ec217345a48de933b08fc7c47268a1e2b63ff614f2
 def test_shipped_clip_fits_the_default_configuration():
     shipped = json.loads(SHIPPED_CLIP.read_text())
     assert shipped["settings"] == _settings(load_config().demo, CLIP_KEYS), (
-        "conf/config.yaml's demo settings changed: run `python -m common.demo --rebuild-clip` and update the hashes here")
+        "conf/config.yaml's demo settings changed: run `python -m common.demo --rebuild-clip` and update the hashes "
+        "here"
+    )
     assert shipped["sha256"] == DEMO_CLIP_SHA256
 
 

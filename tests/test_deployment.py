@@ -4,7 +4,8 @@ SuperNode authentication, driven by `flwr run`, with the commands and flags of d
 Each SuperNode runs in its own network namespace (`ip netns`, a veth pair to the host), so it
 reaches the SuperLink over a network interface by the name `superlink`, as a container or a
 separate machine would. Where namespaces cannot be made the deployment tests fail if the machine
-promised them (root, with iproute2) and are skipped, saying why, otherwise: never run on the host instead. Ports are free ones, so parallel runs
+promised them (root, with iproute2) and are skipped, saying why, otherwise: never run on the host instead. Ports are
+free ones, so parallel runs
 do not collide. Every SuperNode holds only its own domain's folder (a link to the demo's).
 """
 
@@ -39,15 +40,33 @@ DOMAINS = ["cartoon", "painting", "photo", "sketch"]  # the demo's; sketch is he
 ROUNDS = 6  # not the demo's 40: each message starts a ClientApp process (docs/measurements.md, "Deployment")
 KILLED = "cartoon"  # a training domain whose node dies mid-run and comes back
 KILL_AFTER_ROUND = 2
-# the flags of docker/compose.yml's commands and docs/deployment.md's (tests/test_compose.py and the test below check they
+# the flags of docker/compose.yml's commands and docs/deployment.md's (tests/test_compose.py and the test below
+# check they
 # agree); here the SuperLink also gets free ports instead of 9091-9093, and --fleet-api-address to set its port
-SUPERLINK_FLAGS = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
-                   "--fleet-api-address", "--control-api-address", "--serverappio-api-address"}
-SUPERNODE_FLAGS = {"--superlink", "--root-certificates", "--auth-supernode-private-key", "--clientappio-api-address", "--node-config"}
+SUPERLINK_FLAGS = {
+    "--ssl-ca-certfile",
+    "--ssl-certfile",
+    "--ssl-keyfile",
+    "--enable-supernode-auth",
+    "--database",
+    "--fleet-api-address",
+    "--control-api-address",
+    "--serverappio-api-address",
+}
+SUPERNODE_FLAGS = {
+    "--superlink",
+    "--root-certificates",
+    "--auth-supernode-private-key",
+    "--clientappio-api-address",
+    "--node-config",
+}
 ROW = re.compile(r"^\S*\s*\S*\s*(\d+) \|\s+[-\d.]+ \|")  # a row of the per-round table
 # where Flower 1.28 binds each API a `flower-superlink` command does not bind: every interface (flwr/common/constant.py)
-FLOWER_BIND_DEFAULTS = {"--fleet-api-address": FLEET_API_GRPC_RERE_DEFAULT_ADDRESS, "--control-api-address": CONTROL_API_DEFAULT_SERVER_ADDRESS,
-                        "--serverappio-api-address": SERVERAPPIO_API_DEFAULT_SERVER_ADDRESS}
+FLOWER_BIND_DEFAULTS = {
+    "--fleet-api-address": FLEET_API_GRPC_RERE_DEFAULT_ADDRESS,
+    "--control-api-address": CONTROL_API_DEFAULT_SERVER_ADDRESS,
+    "--serverappio-api-address": SERVERAPPIO_API_DEFAULT_SERVER_ADDRESS,
+}
 
 
 def documented_superlink() -> dict[str, str]:
@@ -58,10 +77,14 @@ def documented_superlink() -> dict[str, str]:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if "flower-superlink" in words:
-                commands.append(words[words.index("flower-superlink") + 1:])
+                commands.append(words[words.index("flower-superlink") + 1 :])
     assert len(commands) == 1, f"docs/deployment.md should start the SuperLink with one command, not {len(commands)}"
     words = commands[0]
-    return {w: words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else "" for i, w in enumerate(words) if w.startswith("--")}
+    return {
+        w: words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+        for i, w in enumerate(words)
+        if w.startswith("--")
+    }
 
 
 DOCUMENTED_SUPERLINK = documented_superlink()
@@ -90,13 +113,25 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen] = {}
         self.namespaces: list[str] = []
         self.fleet, self.control, self.serverappio = free_port(), free_port(), free_port()
-        self.env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", FEDCLIP_OUTPUTS=str(tmp / "outputs"))
+        self.env = dict(
+            os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", FEDCLIP_OUTPUTS=str(tmp / "outputs")
+        )
         self.env.pop("PYTHONPATH", None)  # the ClientApp and ServerApp must run from the FAB `flwr run` ships
         self.env.pop("FEDCLIP_CACHE", None)  # each node gets its cache from --node-config
         self.netns_error = self._probe_netns()
         self.certs = tmp / "certs"
-        out = run(["bash", str(REPO / "docker/make-certs.sh"), "-o", str(self.certs), *sum((["--node", d] for d in [*DOMAINS, "intruder"]), []),
-                   "superlink", "localhost", "127.0.0.1"])
+        out = run(
+            [
+                "bash",
+                str(REPO / "docker/make-certs.sh"),
+                "-o",
+                str(self.certs),
+                *sum((["--node", d] for d in [*DOMAINS, "intruder"]), []),
+                "superlink",
+                "localhost",
+                "127.0.0.1",
+            ]
+        )
         assert out.returncode == 0, out.stderr
         home = tmp / "flwr-cli"
         home.mkdir()
@@ -122,10 +157,16 @@ class Deployment:
         """A namespace joined to the host by a veth pair; in it, `superlink` is the host's end."""
         ns, subnet = f"fc{os.getpid()}n{index}", f"10.{200 + os.getpid() % 50}.{index}"
         host_if, ns_if = f"fch{os.getpid() % 100000}{index}", f"fcn{os.getpid() % 100000}{index}"
-        for cmd in (["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-                    ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
-                    ["ip", "link", "set", host_if, "up"], ["ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", ns_if],
-                    ["ip", "-n", ns, "link", "set", ns_if, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]):
+        for cmd in (
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["ip", "link", "set", ns_if, "netns", ns],
+            ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", ns_if],
+            ["ip", "-n", ns, "link", "set", ns_if, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ):
             out = run(cmd)
             assert out.returncode == 0, f"{cmd}: {out.stderr}"
             if cmd[:3] == ["ip", "netns", "add"]:
@@ -137,7 +178,9 @@ class Deployment:
 
     def _start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp
+        )
         self.procs[name] = proc
         return proc
 
@@ -145,30 +188,47 @@ class Deployment:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def start_superlink(self) -> None:
-        """docs/deployment.md's SuperLink command (and docker/compose.yml's): TLS, SuperNode authentication, each API bound on
+        """docs/deployment.md's SuperLink command (and docker/compose.yml's): TLS, SuperNode authentication, each
+        API bound on
         the host that command binds it on (ServerAppIo and Control: 127.0.0.1), on a free port."""
         home = self.tmp / "superlink-home"
         home.mkdir()
         command = [
             str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-            "--ssl-certfile", str(self.certs / "superlink.crt"),
-            "--ssl-keyfile", str(self.certs / "superlink.key"),
+            "--ssl-ca-certfile",
+            str(self.certs / "ca.crt"),
+            "--ssl-certfile",
+            str(self.certs / "superlink.crt"),
+            "--ssl-keyfile",
+            str(self.certs / "superlink.key"),
             "--enable-supernode-auth",
-            "--database", str(home / "state.db"),
-            "--fleet-api-address", f"{documented_bind_host('--fleet-api-address')}:{self.fleet}",
-            "--control-api-address", f"{documented_bind_host('--control-api-address')}:{self.control}",
-            "--serverappio-api-address", f"{documented_bind_host('--serverappio-api-address')}:{self.serverappio}",
+            "--database",
+            str(home / "state.db"),
+            "--fleet-api-address",
+            f"{documented_bind_host('--fleet-api-address')}:{self.fleet}",
+            "--control-api-address",
+            f"{documented_bind_host('--control-api-address')}:{self.control}",
+            "--serverappio-api-address",
+            f"{documented_bind_host('--serverappio-api-address')}:{self.serverappio}",
         ]
         assert {c for c in command if c.startswith("--")} == SUPERLINK_FLAGS
         self._start("superlink", command, dict(self.env, FLWR_HOME=str(home)))
-        self.wait_for(lambda: run([str(BIN / "flwr"), "supernode", "ls", "fedclip"], env=self.cli_env).returncode == 0, 60, "SuperLink")
+        self.wait_for(
+            lambda: run([str(BIN / "flwr"), "supernode", "ls", "fedclip"], env=self.cli_env).returncode == 0,
+            60,
+            "SuperLink",
+        )
 
     def register(self, name: str) -> None:
-        out = run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"supernode-{name}.pub"), "fedclip"], env=self.cli_env)
+        out = run(
+            [str(BIN / "flwr"), "supernode", "register", str(self.certs / f"supernode-{name}.pub"), "fedclip"],
+            env=self.cli_env,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
-    def start_supernode(self, index: int, domain: str, key: str | None = None, warm: list[str] | None = None) -> subprocess.Popen:
+    def start_supernode(
+        self, index: int, domain: str, key: str | None = None, warm: list[str] | None = None
+    ) -> subprocess.Popen:
         """docker/compose.yml's SuperNode command: the CA, its private key, its domain, data, cache and device.
 
         With `warm` (fedclip-clientapp's flags, e.g. --approved-apps FILE) the SuperNode runs with
@@ -185,25 +245,33 @@ class Deployment:
         clientappio = f"127.0.0.1:{free_port()}"
         command = [
             str(BIN / "flower-supernode"),
-            "--superlink", f"{host}:{self.fleet}",
-            "--root-certificates", str(self.certs / "ca.crt"),
-            "--auth-supernode-private-key", str(self.certs / f"supernode-{key or domain}"),
-            "--clientappio-api-address", clientappio,
-            "--node-config", node_config,
+            "--superlink",
+            f"{host}:{self.fleet}",
+            "--root-certificates",
+            str(self.certs / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(self.certs / f"supernode-{key or domain}"),
+            "--clientappio-api-address",
+            clientappio,
+            "--node-config",
+            node_config,
         ]
         assert {c for c in command if c.startswith("--")} == SUPERNODE_FLAGS
         env = dict(self.env, FLWR_HOME=str(home))
         if warm is not None:
             command += ["--isolation", "process"]
-            self._start(f"warm-{domain}-{index}", [*prefix, str(BIN / "fedclip-clientapp"), "--clientappio-api-address", clientappio, *warm],
-                        dict(env, PYTHONPATH=str(REPO)))
+            self._start(
+                f"warm-{domain}-{index}",
+                [*prefix, str(BIN / "fedclip-clientapp"), "--clientappio-api-address", clientappio, *warm],
+                dict(env, PYTHONPATH=str(REPO)),
+            )
         return self._start(f"supernode-{domain}-{index}", [*prefix, *command], env)
 
     def online_nodes(self) -> int:
         out = run([str(BIN / "flwr"), "supernode", "ls", "fedclip", "--format", "json"], env=self.cli_env)
         if out.returncode != 0:
             return 0
-        nodes = json.loads(out.stdout[out.stdout.index("{"):]).get("nodes", [])
+        nodes = json.loads(out.stdout[out.stdout.index("{") :]).get("nodes", [])
         return sum(1 for n in nodes if n.get("status") == "online")
 
     @staticmethod
@@ -262,14 +330,27 @@ def deployment(tmp_path_factory):
         dep.close()
 
 
-def stream_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900, app: Path = REPO, run_config: tuple[str, ...] = ()
-               ) -> tuple[str, list[Path]]:
-    """`flwr run --stream` of an app against the deployment's SuperLink (more run-config in `run_config`); returns the streamed log
+def stream_run(
+    dep: Deployment,
+    overrides: str,
+    on_line=None,
+    timeout: float = 900,
+    app: Path = REPO,
+    run_config: tuple[str, ...] = (),
+) -> tuple[str, list[Path]]:
+    """`flwr run --stream` of an app against the deployment's SuperLink (more run-config in `run_config`); returns
+    the streamed log
     and the new run folders."""
     before = set((dep.tmp / "outputs").glob("*")) if (dep.tmp / "outputs").exists() else set()
     more = [arg for value in run_config for arg in ("--run-config", value)]
-    proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"', *more],
-                            env=dep.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=dep.tmp)
+    proc = subprocess.Popen(
+        [str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"', *more],
+        env=dep.cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=dep.tmp,
+    )
     lines, deadline = [], time.time() + timeout
     try:
         for line in proc.stdout:
@@ -288,31 +369,50 @@ def stream_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 9
 
 
 def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900) -> tuple[str, Path]:
-    """`flwr run` of this app against the deployment's SuperLink; returns the streamed log and the run folder, which holds summary.json."""
+    """`flwr run` of this app against the deployment's SuperLink; returns the streamed log and the run folder, which
+    holds summary.json."""
     log, new = stream_run(dep, overrides, on_line, timeout)
     assert new and (new[-1] / "summary.json").is_file(), f"the run wrote no summary.json:\n{log[-8000:]}"
     return log, new[-1]
 
 
 def test_documented_superlink_keeps_its_server_side_apis_local():
-    """docs/deployment.md's SuperLink binds the ServerAppIo API (plain gRPC, no TLS in Flower 1.28: it takes a running run's
+    """docs/deployment.md's SuperLink binds the ServerAppIo API (plain gRPC, no TLS in Flower 1.28: it takes a
+    running run's
     messages given only the run id) and the Control API on its loopback; Flower's defaults would bind them on every
-    interface. Only the Fleet API is left to its default, every interface: SuperNodes connect there. The deployments of this
-    module and tests/test_pinned_deployment.py start the SuperLink on these hosts (`documented_bind_host`), and the latter
+    interface. Only the Fleet API is left to its default, every interface: SuperNodes connect there. The deployments
+    of this
+    module and tests/test_pinned_deployment.py start the SuperLink on these hosts (`documented_bind_host`), and the
+    latter
     probes them from a SuperNode's network namespace."""
     assert set(DOCUMENTED_SUPERLINK) == SUPERLINK_FLAGS - {"--fleet-api-address"}
     assert DOCUMENTED_SUPERLINK["--serverappio-api-address"] == "127.0.0.1:9091"
     assert DOCUMENTED_SUPERLINK["--control-api-address"] == "127.0.0.1:9093"
     assert {flag: documented_bind_host(flag) for flag in FLOWER_BIND_DEFAULTS} == {
-        "--fleet-api-address": "0.0.0.0", "--control-api-address": "127.0.0.1", "--serverappio-api-address": "127.0.0.1"}
-    assert all(address.startswith("0.0.0.0:") for address in FLOWER_BIND_DEFAULTS.values())  # why the flags must be there
+        "--fleet-api-address": "0.0.0.0",
+        "--control-api-address": "127.0.0.1",
+        "--serverappio-api-address": "127.0.0.1",
+    }
+    assert all(
+        address.startswith("0.0.0.0:") for address in FLOWER_BIND_DEFAULTS.values()
+    )  # why the flags must be there
 
 
 def test_superlink_without_certificates_refuses_to_start(tmp_path):
     """TLS is not optional: without certificates (and without an explicit --insecure) there is no SuperLink."""
-    out = run([str(BIN / "flower-superlink"), "--fleet-api-address", f"127.0.0.1:{free_port()}",
-               "--control-api-address", f"127.0.0.1:{free_port()}", "--serverappio-api-address", f"127.0.0.1:{free_port()}"],
-              env=dict(os.environ, FLWR_HOME=str(tmp_path)), timeout=120)
+    out = run(
+        [
+            str(BIN / "flower-superlink"),
+            "--fleet-api-address",
+            f"127.0.0.1:{free_port()}",
+            "--control-api-address",
+            f"127.0.0.1:{free_port()}",
+            "--serverappio-api-address",
+            f"127.0.0.1:{free_port()}",
+        ],
+        env=dict(os.environ, FLWR_HOME=str(tmp_path)),
+        timeout=120,
+    )
     assert out.returncode != 0 and "Certificates are required" in out.stdout + out.stderr
 
 
@@ -359,7 +459,10 @@ def federated_run(nodes):
 
     t0 = time.time()
     log, folder = flwr_run(dep, f"training.rounds={ROUNDS}", on_line)
-    print(f"flwr run of {ROUNDS} rounds: {time.time() - t0:.1f} s; node lost {events.get('lost', 0) - events.get('killed', 0):.1f} s after the kill")
+    print(
+        f"flwr run of {ROUNDS} rounds: {time.time() - t0:.1f} s; node "
+        f"lost {events.get('lost', 0) - events.get('killed', 0):.1f} s after the kill"
+    )
     return json.loads((folder / "summary.json").read_text()), folder, log, events
 
 
@@ -413,14 +516,17 @@ def test_secure_aggregation_over_tls(nodes):
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     # each training node gets the 4 SecAgg+ stages a round as train messages (setup, share keys, masked vectors, unmask)
-    received = {name.split("-")[1]: nodes.log(name)[before[name]:].count("Receiving: train message") for name in live}
+    received = {name.split("-")[1]: nodes.log(name)[before[name] :].count("Receiving: train message") for name in live}
     assert received == {d: 0 if d == "sketch" else 4 * 2 for d in DOMAINS}, received
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]  # masked int64 against float32
+    assert (
+        summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]
+    )  # masked int64 against float32
 
 
 def test_promptfl_over_tls(nodes):
-    """PromptFL across real SuperNodes: only the context vectors travel, and the held-out domain is evaluated with them."""
+    """PromptFL across real SuperNodes: only the context vectors travel, and the held-out domain is evaluated with
+    them."""
     log, folder = flwr_run(nodes, "training.rounds=1 method=promptfl")
     assert "Traceback" not in log, log[-4000:]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -428,5 +534,7 @@ def test_promptfl_over_tls(nodes):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["method"] == "promptfl" and summary["generalization"]["sketch"] is not None
     assert summary["trained_parameters"] == 4 * 64  # "a picture of a": 4 vectors of the demo CLIP's text width
-    assert summary["bytes_up_per_client_per_round"] < 2048  # the context (1 KiB) and the .npy header, not an adapter (33 KiB)
+    assert (
+        summary["bytes_up_per_client_per_round"] < 2048
+    )  # the context (1 KiB) and the .npy header, not an adapter (33 KiB)
     assert (folder / "prompt_final.safetensors").exists()

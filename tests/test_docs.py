@@ -71,8 +71,12 @@ def option_rows(text: str) -> list[tuple[list[str], str]]:
         for row in table[1:]:
             names = re.findall(r"`([^`]+)`", row[0])
             parent = names[0].rpartition(".")[0] if names else ""
-            rows.append(([names[0], *(n if "." in n or not parent else f"{parent}.{n}" for n in names[1:])] if names else [],
-                         row[1] if len(row) > 1 else ""))
+            rows.append(
+                (
+                    [names[0], *(n if "." in n or not parent else f"{parent}.{n}" for n in names[1:])] if names else [],
+                    row[1] if len(row) > 1 else "",
+                )
+            )
     return rows
 
 
@@ -134,14 +138,22 @@ def nodes(node: object, prefix: str = "") -> set[str]:
     return found
 
 
-def problems(options: dict[str, list[tuple[str, str]]], default: dict[str, object], all_leaves: set[str], inner: set[str]) -> list[str]:
+def problems(
+    options: dict[str, list[tuple[str, str]]], default: dict[str, object], all_leaves: set[str], inner: set[str]
+) -> list[str]:
     """What the option tables and conf/ disagree on, one line each. A `prefix.*` row names a whole subtree."""
-    found = [f"{page}: option `{name}` is not in conf/ (renamed or removed?)"
-             for name, where in sorted(options.items()) for page, _ in where
-             if not (name[:-2] in inner if name.endswith(".*") else name in all_leaves | inner)]
+    found = [
+        f"{page}: option `{name}` is not in conf/ (renamed or removed?)"
+        for name, where in sorted(options.items())
+        for page, _ in where
+        if not (name[:-2] in inner if name.endswith(".*") else name in all_leaves | inner)
+    ]
     subtrees = tuple(name[:-1] for name in options if name.endswith(".*"))
-    found += [f"conf/ key `{key}` is in no option table of README.md or docs/ (docs/configuration.md is the reference)"
-              for key in sorted(all_leaves - STRUCTURAL) if key not in options and not key.startswith(subtrees)]
+    found += [
+        f"conf/ key `{key}` is in no option table of README.md or docs/ (docs/configuration.md is the reference)"
+        for key in sorted(all_leaves - STRUCTURAL)
+        if key not in options and not key.startswith(subtrees)
+    ]
     for name, where in sorted(options.items()):
         for page, cell in where:
             if name in default and (wrong := default_mismatch(cell, default[name])) is not None:
@@ -195,10 +207,14 @@ def test_a_wrong_default_is_caught():
     assert default_mismatch("`reject`", "clip") == "reject"
     assert default_mismatch("40", 20) == "40"
     assert default_mismatch("`null`", None) is None and default_mismatch("`true`", None) == "true"
-    assert split_top_level("`null` (all cores)") == ["`null`"] and split_top_level("`[0.6,0.2,0.2]`, 1") == ["`[0.6,0.2,0.2]`", "1"]
+    assert split_top_level("`null` (all cores)") == ["`null`"] and split_top_level("`[0.6,0.2,0.2]`, 1") == [
+        "`[0.6,0.2,0.2]`",
+        "1",
+    ]
     assert default_mismatch("the 4 demo styles", ["photo"]) is None  # prose is not checked
-    assert problems({"training.rounds": [("x.md", "20")]}, {"training.rounds": 40}, {"training.rounds"}, {"training"}) == [
-        "x.md: `training.rounds` documented with default 20, conf/ has 40"]
+    assert problems(
+        {"training.rounds": [("x.md", "20")]}, {"training.rounds": 40}, {"training.rounds"}, {"training"}
+    ) == ["x.md: `training.rounds` documented with default 20, conf/ has 40"]
 
 
 def test_node_config_table_lists_exactly_the_keys_the_code_takes():
@@ -216,11 +232,13 @@ def test_node_config_examples_use_known_keys():
     assert examples, "no --node-config example found"
     for page, example in examples:
         for key in re.findall(r"(?:^|[\s\"])([a-z][a-z-]*)=", example):
-            assert key in NODE_CONFIG_KEYS - SIMULATION_NODE_KEYS, f"{page}: --node-config key {key!r} is not one node.py takes"
+            assert key in NODE_CONFIG_KEYS - SIMULATION_NODE_KEYS, (
+                f"{page}: --node-config key {key!r} is not one node.py takes"
+            )
 
 
 def test_config_group_lists_follow_conf():
-    """"`dataset/` (`demo`, `folder`, ...)" in docs/configuration.md names exactly conf/dataset/'s files."""
+    """ "`dataset/` (`demo`, `folder`, ...)" in docs/configuration.md names exactly conf/dataset/'s files."""
     for page in (REPO / "docs" / "configuration.md",):
         lists = dict(re.findall(r"`(\w+)/` \(([^)]*)\)", page.read_text()))
         assert set(lists) >= {"dataset", "model", "training", "strategy"}, page.name
@@ -232,7 +250,9 @@ def test_config_group_lists_follow_conf():
 
 def test_methods_table_follows_conf():
     table = next(t for t in tables((REPO / "docs" / "methods.md").read_text()) if t[0][0] == "`method=`")
-    assert {re.findall(r"`([^`]+)`", row[0])[0] for row in table[1:]} == {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    assert {re.findall(r"`([^`]+)`", row[0])[0] for row in table[1:]} == {
+        p.stem for p in (CONF_DIR / "method").glob("*.yaml")
+    }
 
 
 def slug(heading: str) -> str:
@@ -259,9 +279,17 @@ def log_formats() -> list[str]:
     formats = []
     for source in sorted(REPO.glob("*_app/**/*.py")) + sorted((REPO / "common").glob("**/*.py")):
         for call in ast.walk(ast.parse(source.read_text())):
-            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
-                    and call.func.value.id == "log" and call.args and isinstance(call.args[0], ast.Constant)):
-                parts = [re.escape(p) for p in re.split(r"%[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]", str(call.args[0].value))]
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and isinstance(call.func.value, ast.Name)
+                and call.func.value.id == "log"
+                and call.args
+                and isinstance(call.args[0], ast.Constant)
+            ):
+                parts = [
+                    re.escape(p) for p in re.split(r"%[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]", str(call.args[0].value))
+                ]
                 if not parts[0]:  # a format that starts with a value could be any line
                     continue
                 if len(parts) > 1 and not parts[-1]:  # a value that ends the line may hold spaces (a reason, an error)
@@ -282,11 +310,14 @@ def test_quoted_log_lines_are_what_the_code_prints():
         for quote in re.findall(r"`((?:node|round) [^`]*)`", page.read_text()):
             quote = " ".join(quote.split())
             if re.search(r"\d|\.\.\.", quote):  # a line with values, not a name like `round 0`
-                assert any(regex.fullmatch(f, quote, partial=True) for f in formats), f"{page.name}: {quote!r} is not a line the app logs"
+                assert any(regex.fullmatch(f, quote, partial=True) for f in formats), (
+                    f"{page.name}: {quote!r} is not a line the app logs"
+                )
 
 
 def test_every_page_is_in_the_index_and_the_readme_fits_a_screen():
-    """docs/README.md links every page of docs/; the README stays a first screen (at most 120 lines), the rest in docs/."""
+    """docs/README.md links every page of docs/; the README stays a first screen (at most 120 lines), the rest in
+    docs/."""
     index = (REPO / "docs" / "README.md").read_text()
     linked = {target.partition("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", index)}
     assert {p.name for p in (REPO / "docs").glob("*.md")} - {"README.md"} <= linked

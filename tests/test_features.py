@@ -123,6 +123,7 @@ def test_file_hashes_are_kept_on_disk_for_fresh_processes(tiny_clip, tmp_path, m
 
 def _no_file_reads(blake2b):
     """blake2b that fails once fed more than a few bytes: model files must not be read again."""
+
     class Guard:
         def __init__(self, *args, **kwargs):
             self.h = blake2b(*args, **kwargs)

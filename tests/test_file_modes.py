@@ -27,7 +27,9 @@ def mode(path) -> int:
 
 
 def test_the_demo_clip_built_into_the_cache_is_readable_by_others(tmp_path, umask):
-    folder = _build_once(tmp_path / "cache" / "demo-clip", save_tiny_clip)  # save_pretrained, as the demo's pretraining saves
+    folder = _build_once(
+        tmp_path / "cache" / "demo-clip", save_tiny_clip
+    )  # save_pretrained, as the demo's pretraining saves
     files = sorted(p for p in folder.iterdir() if p.is_file())
     assert "model.safetensors" in [p.name for p in files]
     assert {p.name: mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}  # 0o644 with the usual umask
@@ -43,5 +45,7 @@ def test_feature_cache_and_file_hashes_are_readable_by_others(tmp_path, tiny_cli
 
 
 def test_run_folder_weights_are_readable_by_others(tmp_path, umask):
-    save_weights(ArrayRecord({"w": Array(np.zeros(3, np.float32))}), tmp_path / "adapter_best.safetensors", {"round": "1"})
+    save_weights(
+        ArrayRecord({"w": Array(np.zeros(3, np.float32))}), tmp_path / "adapter_best.safetensors", {"round": "1"}
+    )
     assert mode(tmp_path / "adapter_best.safetensors") == 0o666 & ~umask

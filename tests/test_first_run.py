@@ -18,9 +18,11 @@ def test_crashed_simulation_is_a_failed_run(tmp_path, monkeypatch, capsys):
 
 
 def test_round_times_read_from_the_log():
-    log = ("2026-11-28 18:08:07,445 INFO      round | train loss |    cartoon\n"
-           "\x1b[36m(ClientAppActor pid=610)\x1b[0m 2026-11-28 18:08:07,786 INFO [sketch] encoded 300/300 images\n"
-           "2026-11-28 18:08:08,056 INFO          0 |          - |      38.33\n"
-           "2026-11-28 18:08:09,479 INFO          1 |     1.6313 |      45.00\n")
+    log = (
+        "2026-11-28 18:08:07,445 INFO      round | train loss |    cartoon\n"
+        "\x1b[36m(ClientAppActor pid=610)\x1b[0m 2026-11-28 18:08:07,786 INFO [sketch] encoded 300/300 images\n"
+        "2026-11-28 18:08:08,056 INFO          0 |          - |      38.33\n"
+        "2026-11-28 18:08:09,479 INFO          1 |     1.6313 |      45.00\n"
+    )
     start = first_run.datetime.datetime(2026, 11, 28, 18, 8, 0).timestamp()
     assert first_run.round_times(log, start) == pytest.approx({0: 8.056, 1: 9.479})

@@ -27,8 +27,11 @@ def folder(tmp_path_factory) -> Path:
 
 
 def run_method(method: str, tiny_clip: Path, folder: Path, tmp_path: Path, extra: str = "", rounds: int = 2) -> dict:
-    overrides = (f"method={method} dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
-                 f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'} {extra}")
+    overrides = (
+        f"method={method} dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp_path / 'cache'} "
+        f"output_dir={tmp_path / 'out'} {extra}"
+    )
     run_in_process(server_app, client_app, overrides, len(DOMAINS))
     [summary] = (tmp_path / "out").glob("*/summary.json")
     assert (summary.parent / "accuracy.png").is_file()  # every run folder, every method
@@ -46,7 +49,10 @@ def test_zero_shot_trains_nothing_and_sends_nothing(tiny_clip, folder, tmp_path)
 
 def test_unknown_method_is_a_clear_error(tiny_clip, folder, tmp_path):
     """No conf/method/fedsgd.yaml: Hydra refuses it while composing, naming the methods there are."""
-    with pytest.raises(MissingConfigException, match=r"Could not find 'method/fedsgd'\s+Available options in 'method':(\s+\w+)*\s+fedclip"):
+    with pytest.raises(
+        MissingConfigException,
+        match=r"Could not find 'method/fedsgd'\s+Available options in 'method':(\s+\w+)*\s+fedclip",
+    ):
         run_method("fedsgd", tiny_clip, folder, tmp_path)
 
 
@@ -55,5 +61,9 @@ def test_a_method_file_without_a_class_is_a_clear_error():
     cfg = load_config("method=fedclip")
     OmegaConf.set_struct(cfg, False)
     del cfg.method["_target_"]
-    with pytest.raises(ValueError, match=r"method 'fedclip' names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`"):
+    with pytest.raises(
+        ValueError,
+        match=r"method 'fedclip' names no class: its conf/method/ file needs `_target_: "
+        r"common.methods.<module>.<Class>`",
+    ):
         load_method(cfg)

@@ -40,4 +40,7 @@ def test_contrastive_loss_is_the_reference_symmetric_clip_loss():
 
 
 def test_prompts_clean_class_names():
-    assert class_prompts(["art_painting", "dog"], "a picture of a {}") == ["a picture of a art painting", "a picture of a dog"]
+    assert class_prompts(["art_painting", "dog"], "a picture of a {}") == [
+        "a picture of a art painting",
+        "a picture of a dog",
+    ]

@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Error, Message, Metadata, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from common.config import load_config
@@ -22,7 +22,8 @@ def query_reply(node: int, domain: str, classes=CLASSES, dim: int = 8) -> dict:
 
 
 class FakeGrid:
-    """Connected nodes and how each answers: a dict of records, 'lost' (the SuperLink's error), an Error of its own or None (silence)."""
+    """Connected nodes and how each answers: a dict of records, 'lost' (the SuperLink's error), an Error of its own
+    or None (silence)."""
 
     def __init__(self, answers: dict[int, object]) -> None:
         self.answers = answers
@@ -44,8 +45,17 @@ class FakeGrid:
             if msg.metadata.message_id not in message_ids or answer is None:
                 continue
             src = SUPERLINK if isinstance(answer, str) else dst
-            meta = Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=f"m{dst}",
-                            group_id="", created_at=time.time(), ttl=60, message_type=msg.metadata.message_type)
+            meta = Metadata(
+                run_id=1,
+                message_id="",
+                src_node_id=src,
+                dst_node_id=0,
+                reply_to_message_id=f"m{dst}",
+                group_id="",
+                created_at=time.time(),
+                ttl=60,
+                message_type=msg.metadata.message_type,
+            )
             if isinstance(answer, str):  # "lost"
                 replies.append(Message(error=Error(code=5, reason="Error: Node Unavailable"), metadata=meta))
             elif isinstance(answer, Error):
@@ -62,7 +72,9 @@ def train_message(node: int) -> Message:
 def test_exchange_names_lost_and_silent_nodes_and_keeps_real_replies(caplog):
     grid = FakeGrid({11: {"metrics": MetricRecord({"x": 1.0})}, 12: "lost", 13: None})
     with caplog.at_level(logging.WARNING):
-        replies = exchange(grid, [train_message(n) for n in (11, 12, 13)], 0.5, {11: "photo", 12: "cartoon", 13: "painting"})
+        replies = exchange(
+            grid, [train_message(n) for n in (11, 12, 13)], 0.5, {11: "photo", 12: "cartoon", 13: "painting"}
+        )
     assert [r.metadata.src_node_id for r in replies] == [11]
     assert "node 12 (cartoon) lost: Error: Node Unavailable" in caplog.text
     assert "node 13 (painting) sent no reply within 0.5s" in caplog.text
@@ -76,8 +88,17 @@ def test_refresh_forgets_lost_nodes_and_takes_back_their_domain(caplog):
     # cartoon's node is gone; 2002 is it restarted under a new id; before it (ids are asked in order)
     # 2000 claims cartoon with other classes and 2001 with another CLIP; 2003 claims a domain already
     # held, 2004 one the run did not start with
-    grid = FakeGrid({1001: None, 1003: None, 2000: query_reply(2000, "cartoon", ["cat"]), 2001: query_reply(2001, "cartoon", dim=16),
-                     2002: query_reply(2002, "cartoon"), 2003: query_reply(2003, "photo"), 2004: query_reply(2004, "clipart")})
+    grid = FakeGrid(
+        {
+            1001: None,
+            1003: None,
+            2000: query_reply(2000, "cartoon", ["cat"]),
+            2001: query_reply(2001, "cartoon", dim=16),
+            2002: query_reply(2002, "cartoon"),
+            2003: query_reply(2003, "photo"),
+            2004: query_reply(2004, "clipart"),
+        }
+    )
     with caplog.at_level(logging.INFO):
         refresh_nodes(grid, cfg, node_domains, node_clients, info, CLASSES, "", set(), {})
     assert node_domains == node_clients == {1001: "photo", 1003: "sketch", 2002: "cartoon"}
@@ -93,7 +114,9 @@ def test_an_idle_node_is_logged_once_and_never_asked_again(caplog):
     cfg = load_config("dataset.held_out=sketch")
     info = {d: MetricRecord(query_reply(0, d)["metrics"]) for d in ("photo", "sketch")}
     node_domains, idle = {1001: "photo", 1003: "sketch"}, set()
-    grid = FakeGrid({1001: None, 1003: None, 3000: {"info": ConfigRecord({"idle": "no data in this run: partition-id 7"})}})
+    grid = FakeGrid(
+        {1001: None, 1003: None, 3000: {"info": ConfigRecord({"idle": "no data in this run: partition-id 7"})}}
+    )
     with caplog.at_level(logging.INFO):
         refresh_nodes(grid, cfg, node_domains, dict(node_domains), info, CLASSES, "", idle, {})
         grid.sent = []
@@ -105,23 +128,38 @@ def test_an_idle_node_is_logged_once_and_never_asked_again(caplog):
 
 def refusal(node: int) -> Error:
     """What a site's warm ClientApp answers for an app it did not approve (gate/warm.py)."""
-    return Error(code=ErrorCode.INVALID_FAB, reason=f"node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12 is not approved")
+    return Error(
+        code=ErrorCode.INVALID_FAB,
+        reason=f"node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12 is not approved",
+    )
 
 
 def test_a_run_every_site_refuses_stops_at_discovery_naming_each_refusal(caplog):
     cfg = load_config("dataset.held_out=sketch")
     nodes = (5001, 5002, 5003, 5004)
-    with caplog.at_level(logging.INFO), pytest.raises(FederationError, match=r"4 of 4 node\(s\) refused to run this app.*node 5001 \(photo\) refused"):
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.raises(FederationError, match=r"4 of 4 node\(s\) refused to run this app.*node 5001 \(photo\) refused"),
+    ):
         discover_nodes(FakeGrid({n: refusal(n) for n in nodes}), cfg, "", set(), refused := {})
     assert sorted(refused) == list(nodes)
     for node in nodes:
-        assert f"node {node} refused the app: node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 ab12" in caplog.text
+        assert (
+            f"node {node} refused the app: node {node} (photo) refused the app: app fedclip/fedclip 0.1.0 with "
+            f"SHA-256 ab12" in caplog.text
+        )
 
 
 def test_a_refusing_node_is_left_out_once_and_the_others_train(caplog):
     cfg = load_config("dataset.held_out=sketch")
-    grid = FakeGrid({1001: query_reply(1001, "photo"), 1002: refusal(1002), 1003: query_reply(1003, "cartoon"),
-                     1004: query_reply(1004, "sketch")})
+    grid = FakeGrid(
+        {
+            1001: query_reply(1001, "photo"),
+            1002: refusal(1002),
+            1003: query_reply(1003, "cartoon"),
+            1004: query_reply(1004, "sketch"),
+        }
+    )
     idle, refused = set(), {}
     with caplog.at_level(logging.INFO):
         node_domains, node_clients, info, _, _ = discover_nodes(grid, cfg, "", idle, refused)

@@ -1,10 +1,14 @@
-"""App pinning across real processes: a SuperLink (TLS, SuperNode authentication) and two SuperNodes in their own network
-namespaces, each with a warm ClientApp (`--isolation process`) that runs only the app its site approved: the photo site by
-its approved-apps file, the sketch site by a signature of a key it trusts, which comes with the run (run-config fab-signature).
+"""App pinning across real processes: a SuperLink (TLS, SuperNode authentication) and two SuperNodes in their own
+network
+namespaces, each with a warm ClientApp (`--isolation process`) that runs only the app its site approved: the photo
+site by
+its approved-apps file, the sketch site by a signature of a key it trusts, which comes with the run (run-config
+fab-signature).
 
 The approved app trains; the same app with one line changed (it writes a marker file when its ClientApp module is
 imported) is refused by every site before any of its code runs, the ServerApp names each refusal and the run stops at
-once. The SuperLink's server-side APIs, bound to its loopback as docs/deployment.md binds them (ServerAppIo, which takes a
+once. The SuperLink's server-side APIs, bound to its loopback as docs/deployment.md binds them (ServerAppIo, which
+takes a
 running run's messages given only the run id, and Control), refuse connections from a SuperNode's namespace while a run
 works: only the Fleet API answers there.
 """
@@ -19,13 +23,21 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import write_image_folder
 from flwr.cli.build import build_fab_from_disk
 
 from gate.pinning import fab_sha256
-from tests.test_deployment import (BIN, DOCUMENTED_SUPERLINK, REPO, ROW, Deployment, documented_bind_host, run, skip_without_cert_tools,
-                                   stream_run)
+from tests.conftest import write_image_folder
+from tests.test_deployment import (
+    BIN,
+    DOCUMENTED_SUPERLINK,
+    REPO,
+    ROW,
+    Deployment,
+    documented_bind_host,
+    run,
+    skip_without_cert_tools,
+    stream_run,
+)
 from tests.test_pinning import app_copy
 
 SITES = ("photo", "sketch")  # sketch is held out: photo trains
@@ -36,7 +48,8 @@ def overrides(clip: Path) -> str:
 
 
 def changed_copy(dest: Path, marker: Path, approved: str) -> Path:
-    """This app's files (what git tracks or would track: the approved FAB) with one line added to the ClientApp: it writes `marker`
+    """This app's files (what git tracks or would track: the approved FAB) with one line added to the ClientApp: it
+    writes `marker`
     on import."""
     app_copy(dest)
     assert fab_sha256(build_fab_from_disk(dest)) == approved  # unchanged, the copy is the approved app
@@ -58,7 +71,10 @@ def pinned(tmp_path_factory, tiny_clip):
     approval_line, signature = out.stdout.splitlines()
     (tmp / "approved-apps.txt").write_text(f"# approved by the photo site after review\n{approval_line}\n")
     (tmp / "trusted-keys.yaml").write_text(keygen.stdout)
-    policies = {"photo": ["--approved-apps", str(tmp / "approved-apps.txt")], "sketch": ["--trusted-keys", str(tmp / "trusted-keys.yaml")]}
+    policies = {
+        "photo": ["--approved-apps", str(tmp / "approved-apps.txt")],
+        "sketch": ["--trusted-keys", str(tmp / "trusted-keys.yaml")],
+    }
     try:
         dep.start_superlink()
         for index, site in enumerate(SITES):
@@ -71,10 +87,13 @@ def pinned(tmp_path_factory, tiny_clip):
 
 
 def connects(dep: Deployment, port: int) -> str:
-    """From the first SuperNode's network namespace, a TCP connection to the SuperLink's host (`superlink`) at `port`: 'open',
+    """From the first SuperNode's network namespace, a TCP connection to the SuperLink's host (`superlink`) at
+    `port`: 'open',
     or the error (ConnectionRefusedError: nothing listens on the address the namespace reaches)."""
-    probe = (f"import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n s.connect(('superlink', {port})); print('open')\n"
-             "except OSError as err:\n print(type(err).__name__)")
+    probe = (
+        f"import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n s.connect(('superlink', {port})); print('open')\n"
+        "except OSError as err:\n print(type(err).__name__)"
+    )
     return run(["ip", "netns", "exec", dep.namespaces[0], sys.executable, "-c", probe]).stdout.strip()
 
 
@@ -89,7 +108,8 @@ def connects_locally(port: int) -> str:
 
 @pytest.fixture(scope="module")
 def approved_run(pinned, tiny_clip):
-    """The approved app's run: its log and run folders, and what the SuperLink's ports answered while it ran (probed once the
+    """The approved app's run: its log and run folders, and what the SuperLink's ports answered while it ran (probed
+    once the
     first row of the per-round table is out: the ServerApp is connected and a round is still to come)."""
     dep, _, signature = pinned
     probes: dict[str, str] = {}
@@ -112,7 +132,9 @@ def test_the_approved_app_trains(pinned, approved_run):
     rows = [json.loads(line) for line in (folders[-1] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and "photo/train-loss" in rows[-1]["train"]
     for index, site in enumerate(SITES):
-        assert f"app fedclip/fedclip 0.1.0 with SHA-256 {sha256} is approved: it runs" in dep.log(f"warm-{site}-{index}")
+        assert f"app fedclip/fedclip 0.1.0 with SHA-256 {sha256} is approved: it runs" in dep.log(
+            f"warm-{site}-{index}"
+        )
 
 
 def test_a_changed_app_is_refused_by_every_site_before_it_runs(pinned, tiny_clip, tmp_path):
@@ -120,13 +142,18 @@ def test_a_changed_app_is_refused_by_every_site_before_it_runs(pinned, tiny_clip
     marker = tmp_path / "changed-app-ran"
     app = changed_copy(tmp_path / "fedclip", marker, sha256)
     t0 = time.time()
-    log, folders = stream_run(dep, overrides(tiny_clip), timeout=300, app=app, run_config=(signature,))  # the release's signature
+    log, folders = stream_run(
+        dep, overrides(tiny_clip), timeout=300, app=app, run_config=(signature,)
+    )  # the release's signature
     seconds = time.time() - t0
     print(f"the refused run ended after {seconds:.1f} s")
     assert not marker.exists(), "the changed ClientApp was imported on a site"
     assert not folders, "a run folder was written for an app nobody ran"
-    refusals = re.findall(r"node (\d+) refused the app: node (\d+) \((\w+)\) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 "
-                          r"([0-9a-f]{64}) is not approved: (.*?)\. To run", log)
+    refusals = re.findall(
+        r"node (\d+) refused the app: node (\d+) \((\w+)\) refused the app: app fedclip/fedclip 0.1.0 with SHA-256 "
+        r"([0-9a-f]{64}) is not approved: (.*?)\. To run",
+        log,
+    )
     assert sorted(site for _, _, site, _, _ in refusals) == sorted(SITES), log[-6000:]
     assert all(a == b for a, b, *_ in refusals) and len({r[3] for r in refusals}) == 1 and refusals[0][3] != sha256
     reasons = {site: reason for _, _, site, _, reason in refusals}
@@ -153,18 +180,24 @@ def test_control_api_is_not_reachable_from_a_supernodes_host(pinned):
 
 
 def test_serverappio_api_is_not_reachable_from_a_supernodes_host_while_a_run_works(pinned, approved_run):
-    """The ServerAppIo API takes a running run's messages given only the run id (plain gRPC: no TLS, no token for pushing
-    messages in Flower 1.28). Bound to 127.0.0.1:9091 as docs/deployment.md's command binds it (Flower's default: 0.0.0.0), it
-    refuses connections from a SuperNode's namespace in the middle of a run, as the Control API does, while the ServerApp (a
+    """The ServerAppIo API takes a running run's messages given only the run id (plain gRPC: no TLS, no token for
+    pushing
+    messages in Flower 1.28). Bound to 127.0.0.1:9091 as docs/deployment.md's command binds it (Flower's default:
+    0.0.0.0), it
+    refuses connections from a SuperNode's namespace in the middle of a run, as the Control API does, while the
+    ServerApp (a
     subprocess of the SuperLink, told the address the SuperLink bound) reaches it over loopback: the run completes."""
     dep = pinned[0]
     if dep.netns_error or not dep.namespaces:
         pytest.skip(f"no network namespaces here: {dep.netns_error}")
     log, folders, probes = approved_run
     assert probes == {
-        "fleet from a SuperNode's host": "open", "fleet from the SuperLink's host": "open",  # the namespace reaches the host
-        "control from a SuperNode's host": "ConnectionRefusedError", "control from the SuperLink's host": "open",
-        "serverappio from a SuperNode's host": "ConnectionRefusedError", "serverappio from the SuperLink's host": "open",
+        "fleet from a SuperNode's host": "open",
+        "fleet from the SuperLink's host": "open",  # the namespace reaches the host
+        "control from a SuperNode's host": "ConnectionRefusedError",
+        "control from the SuperLink's host": "open",
+        "serverappio from a SuperNode's host": "ConnectionRefusedError",
+        "serverappio from the SuperLink's host": "open",
     }, f"{probes or 'no probe: no row of the per-round table was streamed'}\n{log[-4000:]}"
     assert folders and (folders[-1] / "summary.json").is_file(), log[-6000:]  # and the run went on to its end
     # the fixture's SuperLink bound it where docs/deployment.md's command does

@@ -33,8 +33,12 @@ def folder(tmp_path_factory) -> Path:
 
 
 def final_adapter(client: ClientApp, options: str, tiny_clip: Path, folder: Path, out: Path) -> dict[str, np.ndarray]:
-    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={ROUNDS} "
-                 f"training.batch_size=8 dataset.clients_per_domain=2 cache_dir={out.parent / 'cache'} output_dir={out} {options}")
+    overrides = (
+        f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds={ROUNDS} "
+        f"training.batch_size=8 dataset.clients_per_domain=2 cache_dir={out.parent / 'cache'} "
+        f"output_dir={out} {options}"
+    )
     run_in_process(server_app, client, overrides, 6)
     [path] = out.glob("*/adapter_final.safetensors")
     return load_file(path)
@@ -51,6 +55,7 @@ def initial_adapter(like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def silent_attacker_app() -> ClientApp:
     """The real handlers; the attacker trains and evaluates, but its train reply never reaches the server."""
+
     def drop(msg: Message, ctxt: Context, call_next) -> Message:
         reply = call_next(msg, ctxt)
         if int(ctxt.node_config["partition-id"]) == 0:
@@ -69,7 +74,9 @@ def rejections(log: str) -> list[str]:
 
 
 def test_the_plain_mean_is_ruined(tiny_clip, folder, tmp_path):
-    poisoned = final_adapter(poisoned_client_app("scale", {0}), "strategy.max_norm_ratio=null", tiny_clip, folder, tmp_path / "poisoned")
+    poisoned = final_adapter(
+        poisoned_client_app("scale", {0}), "strategy.max_norm_ratio=null", tiny_clip, folder, tmp_path / "poisoned"
+    )
     clean = final_adapter(client_module.app, "strategy.max_norm_ratio=null", tiny_clip, folder, tmp_path / "clean")
     assert max(float(np.abs(v).max()) for v in poisoned.values()) > 1e3
     assert distance(poisoned, clean) > 1e4 * distance(clean, initial_adapter(clean))

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from client_app.app import app as client_app
-from predict import FedClipClassifier, push_to_hub
-from predict.cli import main as predict_main
 from common.data import DomainFolder, domain_folder
 from common.features import encode_images
 from common.model import load_clip
+from predict import FedClipClassifier, push_to_hub
+from predict.cli import main as predict_main
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
 from tests.inprocess import run_in_process
@@ -30,7 +30,8 @@ COLOURS = {"bird": (200, 60, 60), "cat": (60, 200, 60), "dog": (60, 60, 200)}
 
 
 def write_coloured_folder(root: Path, domains=("art", "photo", "sketch"), per_class=8) -> Path:
-    """ROOT/<domain>/<class>/<i>.png whose colour follows the class (something an adapter can learn), one corrupt file."""
+    """ROOT/<domain>/<class>/<i>.png whose colour follows the class (something an adapter can learn), one corrupt
+    file."""
     rng = np.random.default_rng(0)
     for shift, domain in enumerate(domains):
         for name in CLASSES:
@@ -51,8 +52,10 @@ def data(tmp_path_factory) -> Path:
 def run(tiny_clip, data, tmp_path_factory) -> Path:
     """A real FedCLIP run folder (3 rounds, sketch held out)."""
     tmp = tmp_path_factory.mktemp("run")
-    overrides = (f"dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds=3 "
-                 f"training.lr=0.01 training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'}")
+    overrides = (
+        f"dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds=3 "
+        f"training.lr=0.01 training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'}"
+    )
     run_in_process(server_app, client_app, overrides, 3)
     [folder] = (tmp / "out").iterdir()
     return folder
@@ -71,7 +74,9 @@ def test_run_folder_records_classes_and_clip(run, tiny_clip):
 
 def test_api_accuracy_equals_the_runs_own_evaluation(run, data):
     clf = FedClipClassifier.from_run(run)
-    encoded = clf.encode(domain_folder(data, "sketch", clf.classes))  # the held-out domain: all its images, at the best round
+    encoded = clf.encode(
+        domain_folder(data, "sketch", clf.classes)
+    )  # the held-out domain: all its images, at the best round
     trained = (clf.logits(encoded.features).argmax(1) == encoded.labels).float().mean().item()
     zero_shot = (clf.zero_shot().logits(encoded.features).argmax(1) == encoded.labels).float().mean().item()
     assert trained == pytest.approx(summary(run)["generalization"]["sketch"], abs=1e-6)
@@ -137,9 +142,16 @@ def test_export_then_load_gives_identical_predictions(run, data, tmp_path):
     folder = clf.export(tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.safetensors", "config.json"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["classes"] == list(CLASSES) and config["feature_dim"] == 24 and config["prompt"] == "a picture of a {}"
-    assert config["run"]["held_out"] == "sketch" and config["run"]["rounds"] == 3 and config["run"]["method"] == "fedclip"
-    assert config["run"]["generalization"] == summary(run)["generalization"] and config["run"]["bytes_total"] == summary(run)["bytes_total"]
+    assert (
+        config["classes"] == list(CLASSES) and config["feature_dim"] == 24 and config["prompt"] == "a picture of a {}"
+    )
+    assert (
+        config["run"]["held_out"] == "sketch" and config["run"]["rounds"] == 3 and config["run"]["method"] == "fedclip"
+    )
+    assert (
+        config["run"]["generalization"] == summary(run)["generalization"]
+        and config["run"]["bytes_total"] == summary(run)["bytes_total"]
+    )
     assert "sketch (held out)" in (folder / "README.md").read_text()
     images = domain_folder(data, "photo", clf.classes).paths
     loaded = FedClipClassifier.from_pretrained(folder)
@@ -157,10 +169,17 @@ def assert_card_holds_the_runs_results(card, run: Path) -> None:
     s = summary(run)
     assert card.data.pipeline_tag == "zero-shot-image-classification"
     assert {r.task_type for r in card.data.eval_results} == {"zero-shot-image-classification"}
-    expected = {("sketch", "accuracy (%)"): s["generalization"]["sketch"], **{(d, "accuracy (%)"): s["personalization"][d] for d in ("art", "photo")},
-                **{(d, "zero-shot CLIP accuracy (%)"): s["zero_shot"][d] for d in ("art", "photo", "sketch")}}
+    expected = {
+        ("sketch", "accuracy (%)"): s["generalization"]["sketch"],
+        **{(d, "accuracy (%)"): s["personalization"][d] for d in ("art", "photo")},
+        **{(d, "zero-shot CLIP accuracy (%)"): s["zero_shot"][d] for d in ("art", "photo", "sketch")},
+    }
     assert card_results(card) == {k: round(100 * v, 2) for k, v in expected.items()}
-    assert {r.dataset_config: r.dataset_split for r in card.data.eval_results} == {"art": "test", "photo": "test", "sketch": "all"}
+    assert {r.dataset_config: r.dataset_split for r in card.data.eval_results} == {
+        "art": "test",
+        "photo": "test",
+        "sketch": "all",
+    }
 
 
 def test_exported_card_has_no_base_model_and_no_local_path_for_a_clip_with_no_hub_id(run, tiny_clip, tmp_path):
@@ -175,11 +194,15 @@ def test_exported_card_has_no_base_model_and_no_local_path_for_a_clip_with_no_hu
 
 @pytest.fixture(scope="module")
 def hub_run(tiny_clip, data, tmp_path_factory) -> Path:
-    """A run whose model names a hub id (conf/model/clip-vit-b32.yaml) but loads a local copy, as offline users run it."""
+    """A run whose model names a hub id (conf/model/clip-vit-b32.yaml) but loads a local copy, as offline users run
+    it."""
     tmp = tmp_path_factory.mktemp("hub-run")
-    overrides = (f"dataset=folder dataset.root={data} dataset.held_out=sketch model=clip-vit-b32 model.name_or_path={tiny_clip} "
-                 f"model.encode_batch_size=64 training.rounds=2 training.lr=0.01 training.batch_size=8 cache_dir={tmp / 'cache'} "
-                 f"output_dir={tmp / 'out'}")
+    overrides = (
+        f"dataset=folder dataset.root={data} dataset.held_out=sketch model=clip-vit-b32 model.name_or_path={tiny_clip} "
+        f"model.encode_batch_size=64 training.rounds=2 training.lr=0.01 training.batch_size=8 "
+        f"cache_dir={tmp / 'cache'} "
+        f"output_dir={tmp / 'out'}"
+    )
     run_in_process(server_app, client_app, overrides, 3)
     [folder] = (tmp / "out").iterdir()
     return folder
@@ -195,7 +218,8 @@ def test_exported_card_names_the_hub_base_model_and_the_runs_results(hub_run, ti
     assert_card_holds_the_runs_results(card, hub_run)
     assert str(tiny_clip) not in card.content and str(tmp_path) not in card.content
     assert json.loads((export / "config.json").read_text())["run"]["rounds"] == 2
-    # elsewhere, where the run's local copy is not, the export loads its base model from the hub (offline here: a clear error)
+    # elsewhere, where the run's local copy is not, the export loads its base model from the hub (offline here: a
+    # clear error)
     config = json.loads((export / "config.json").read_text())
     (export / "config.json").write_text(json.dumps({**config, "clip": "/nowhere/clip-copy"}))
     with pytest.raises(RuntimeError, match="could not load the CLIP 'openai/clip-vit-base-patch32'"):
@@ -221,14 +245,20 @@ def test_fast_preprocessing_matches_the_pil_clip_image_processor(tiny_clip, tmp_
 
     rng = np.random.default_rng(0)
     paths = []
-    for i, (h, w) in enumerate([(20, 20), (37, 50), (64, 48), (16, 16), (100, 30), (23, 41)] * 2):  # resized and cropped
+    for i, (h, w) in enumerate(
+        [(20, 20), (37, 50), (64, 48), (16, 16), (100, 30), (23, 41)] * 2
+    ):  # resized and cropped
         small = rng.integers(0, 255, (max(2, h // 6), max(2, w // 6), 3), dtype=np.uint8)
         paths.append(tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}")
         Image.fromarray(small).resize((w, h), Image.BILINEAR).save(paths[-1])
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    fast, _, _ = encode_images(model, processor, DomainFolder("x", ["a"], paths, [0] * len(paths)), torch.device("cpu"), 5)
+    fast, _, _ = encode_images(
+        model, processor, DomainFolder("x", ["a"], paths, [0] * len(paths)), torch.device("cpu"), 5
+    )
     settings = processor.image_processor.to_dict()
-    reference = CLIPImageProcessorPil(**{k: settings[k] for k in ("size", "crop_size", "image_mean", "image_std", "resample")})
+    reference = CLIPImageProcessorPil(
+        **{k: settings[k] for k in ("size", "crop_size", "image_mean", "image_std", "resample")}
+    )
     pixels = reference(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pixels).pooler_output

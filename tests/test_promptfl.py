@@ -1,4 +1,5 @@
-"""PromptFL: the context vectors through CLIP's frozen text tower, end to end, with the trust options, on the wire, and in
+"""PromptFL: the context vectors through CLIP's frozen text tower, end to end, with the trust options, on the wire,
+and in
 fedclip-predict and its export."""
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
-from predict import FedClipClassifier
-from predict.cli import main as predict_main
-from predict.export import CONTEXT_FILE, TEXT_FEATURES, TEXT_FILE
 from common.data import domain_folder
 from common.features import encode_prompts
 from common.methods.promptfl import CONTEXT, PromptFL, prompt_features
 from common.model import class_prompts, load_clip
+from predict import FedClipClassifier
+from predict.cli import main as predict_main
+from predict.export import CONTEXT_FILE, TEXT_FEATURES, TEXT_FILE
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
 from tests.inprocess import run_in_process
@@ -32,10 +33,20 @@ def data(tmp_path_factory) -> Path:
     return write_coloured_folder(tmp_path_factory.mktemp("data"))
 
 
-def run_promptfl(tiny_clip: Path, data: Path, tmp: Path, extra: str = "", rounds: int = 3, method: str = "method=promptfl method.lr=0.05") -> Path:
-    """One in-process PromptFL run (3 nodes: art and photo train, sketch held out; `method` another method); its run folder."""
-    overrides = (f"{method} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
-                 f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'} {extra}")
+def run_promptfl(
+    tiny_clip: Path,
+    data: Path,
+    tmp: Path,
+    extra: str = "",
+    rounds: int = 3,
+    method: str = "method=promptfl method.lr=0.05",
+) -> Path:
+    """One in-process PromptFL run (3 nodes: art and photo train, sketch held out; `method` another method); its run
+    folder."""
+    overrides = (
+        f"{method} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'} {extra}"
+    )
     run_in_process(server_app, client_app, overrides, 3)
     [folder] = (tmp / "out").iterdir()
     return folder
@@ -52,13 +63,17 @@ def test_context_set_to_the_prompts_words_gives_zero_shot_clip(tiny_clip, templa
     zero_shot = encode_prompts(model, processor, class_prompts(list(CLASSES), template), torch.device("cpu"))
     torch.testing.assert_close(prompted, zero_shot, rtol=0, atol=1e-6)
     with torch.no_grad():
-        assert not torch.allclose(text(ctx + 0.1 * torch.randn(ctx.shape)), zero_shot, atol=1e-3)  # the features depend on the context
+        assert not torch.allclose(
+            text(ctx + 0.1 * torch.randn(ctx.shape)), zero_shot, atol=1e-3
+        )  # the features depend on the context
 
 
 def test_random_context_too_long_for_the_text_encoder_is_a_clear_error(tiny_clip):
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
     with pytest.raises(ValueError, match="lower method.n_ctx"):
-        PromptFL(init="random", n_ctx=16).prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")  # 16 positions
+        PromptFL(init="random", n_ctx=16).prompt_text(
+            model, processor.tokenizer, list(CLASSES), "a picture of a {}"
+        )  # 16 positions
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +95,14 @@ def test_promptfl_trains_and_sends_only_the_context_and_predict_reproduces_it(ru
     width = 32  # the tiny CLIP's text width
     assert summary["method"] == "promptfl" and summary["trained_parameters"] == 4 * width
     assert 4 * 4 * width <= summary["bytes_up_per_client_per_round"] <= 4 * 4 * width + 512  # one float32 context back
-    assert summary["features_encoded"] == 3 * 3 * 8  # every readable image once, at discovery: training never encodes images
+    assert (
+        summary["features_encoded"] == 3 * 3 * 8
+    )  # every readable image once, at discovery: training never encodes images
     assert set(load_file(run / "prompt_best.safetensors")) == {CONTEXT}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["evaluate"]["sketch/all-acc"] != rows[0]["evaluate"]["sketch/all-acc"]  # the prompt moved the held-out accuracy
+    assert (
+        rows[-1]["evaluate"]["sketch/all-acc"] != rows[0]["evaluate"]["sketch/all-acc"]
+    )  # the prompt moved the held-out accuracy
     clf = FedClipClassifier.from_run(run)
     encoded = clf.encode(domain_folder(data, "sketch", clf.classes))
     assert accuracy(clf, encoded) == pytest.approx(summary["generalization"]["sketch"], abs=1e-6)
@@ -96,7 +115,9 @@ def test_the_command_reproduces_the_runs_held_out_accuracy(run, data, tmp_path, 
     for args in (["--run", str(run), str(data), "--export", str(export)], ["--model", str(export), str(data)]):
         assert predict_main(args) == 0
         err = capsys.readouterr().err
-        rows = {line.split()[0]: line.split() for line in err.splitlines() if line.split()[:1] in (["domain"], ["sketch"])}
+        rows = {
+            line.split()[0]: line.split() for line in err.splitlines() if line.split()[:1] in (["domain"], ["sketch"])
+        }
         header, sketch = rows["domain"], rows["sketch"]
         assert header[2] == "prompt" and sketch[1] == "24"
         assert float(sketch[2]) == pytest.approx(100 * summary["generalization"]["sketch"], abs=0.006)
@@ -106,13 +127,21 @@ def test_the_command_reproduces_the_runs_held_out_accuracy(run, data, tmp_path, 
 
 def test_export_holds_the_context_and_the_class_features_it_gives(run, data, tmp_path, tiny_clip):
     """The export predicts exactly what the run folder predicts; its class features are the context's through the text
-    tower; and plain transformers code (CLIP's zero-shot formula with those features) gets the run's held-out accuracy."""
+    tower; and plain transformers code (CLIP's zero-shot formula with those features) gets the run's held-out
+    accuracy."""
     clf = FedClipClassifier.from_run(run)
     folder = clf.export(tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", TEXT_FILE, "config.json", CONTEXT_FILE]
     config = json.loads((folder / "config.json").read_text())
-    assert (config["weights"], config["n_ctx"], config["text_width"], config["classes"]) == ("prompt", 4, 32, list(CLASSES))
-    assert config["run"]["method"] == "promptfl" and config["run"]["generalization"] == summary_of(run)["generalization"]
+    assert (config["weights"], config["n_ctx"], config["text_width"], config["classes"]) == (
+        "prompt",
+        4,
+        32,
+        list(CLASSES),
+    )
+    assert (
+        config["run"]["method"] == "promptfl" and config["run"]["generalization"] == summary_of(run)["generalization"]
+    )
     assert "PromptFL prompt context (4 vectors, 128 parameters" in (folder / "README.md").read_text()
     context, text = load_file(folder / CONTEXT_FILE)[CONTEXT], load_file(folder / TEXT_FILE)[TEXT_FEATURES]
     assert torch.equal(context, load_file(run / "prompt_best.safetensors")[CONTEXT])
@@ -144,14 +173,24 @@ def test_export_refuses_a_clip_of_another_size(run, tmp_path):
         FedClipClassifier.from_pretrained(folder, clip=str(other))
 
 
-@pytest.mark.parametrize("extra", ["strategy.secagg.enabled=true", "strategy.dp.side=server strategy.dp.noise_multiplier=0.0",
-                                   "strategy.transport_dtype=bfloat16", "strategy.aggregation=median", "method.personalize_epochs=1"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "strategy.secagg.enabled=true",
+        "strategy.dp.side=server strategy.dp.noise_multiplier=0.0",
+        "strategy.transport_dtype=bfloat16",
+        "strategy.aggregation=median",
+        "method.personalize_epochs=1",
+    ],
+)
 def test_promptfl_with_the_trust_options(extra, tiny_clip, data, tmp_path):
     run = run_promptfl(tiny_clip, data, tmp_path, extra, rounds=2)
     summary = json.loads((run / "summary.json").read_text())
     final = load_file(run / "prompt_final.safetensors")[CONTEXT]
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    start = PromptFL().prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}").initial_context("phrase")
+    start = (
+        PromptFL().prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}").initial_context("phrase")
+    )
     assert not torch.allclose(final, start)  # the context was trained and combined
     assert summary["generalization"]["sketch"] is not None
     if "personalize" in extra:
@@ -162,7 +201,9 @@ def test_promptfl_with_the_trust_options(extra, tiny_clip, data, tmp_path):
 def context_moved(run: Path, tiny_clip: Path) -> float:
     """The L2 distance of a run's final context from the one every run starts from (the phrase's token embeddings)."""
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    start = PromptFL().prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}").initial_context("phrase")
+    start = (
+        PromptFL().prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}").initial_context("phrase")
+    )
     return float((load_file(run / "prompt_final.safetensors")[CONTEXT] - start).norm())
 
 
@@ -171,10 +212,15 @@ def test_secagg_mean_of_the_contexts_equals_the_plain_mean(tiny_clip, data, tmp_
     plain = run_promptfl(tiny_clip, data, tmp_path / "plain", rounds=1)
     secure = run_promptfl(tiny_clip, data, tmp_path / "secure", "strategy.secagg.enabled=true", rounds=1)
     a, b = (load_file(run / "prompt_final.safetensors")[CONTEXT] for run in (plain, secure))
-    assert 0 < float((a - b).abs().max()) <= 2 * QUANTIZATION_STEP  # stochastic rounding: not bit-equal, within one step
+    assert (
+        0 < float((a - b).abs().max()) <= 2 * QUANTIZATION_STEP
+    )  # stochastic rounding: not bit-equal, within one step
     assert context_moved(secure, tiny_clip) > 1000 * QUANTIZATION_STEP
     rows = [json.loads(line) for line in (secure / "metrics.jsonl").read_text().splitlines()]
-    assert {k: v for k, v in rows[1]["train"].items() if k.endswith("secagg-clipped")} == {"art/secagg-clipped": 0.0, "photo/secagg-clipped": 0.0}
+    assert {k: v for k, v in rows[1]["train"].items() if k.endswith("secagg-clipped")} == {
+        "art/secagg-clipped": 0.0,
+        "photo/secagg-clipped": 0.0,
+    }
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
@@ -195,11 +241,15 @@ def test_a_vit_b32_sized_context_is_under_a_fiftieth_of_the_adapter_on_the_wire(
     projection (512), its towers 1 layer deep: FedCLIP's adapter against PromptFL's 16 random context vectors."""
     clip = save_tiny_clip(tmp_path / "clip", projection_dim=512, text_width=512, text_positions=77)
     fedclip = summary_of(run_promptfl(clip, data, tmp_path / "fedclip", rounds=1, method="method=fedclip"))
-    promptfl = summary_of(run_promptfl(clip, data, tmp_path / "promptfl", "method.init=random method.n_ctx=16", rounds=1))
+    promptfl = summary_of(
+        run_promptfl(clip, data, tmp_path / "promptfl", "method.init=random method.n_ctx=16", rounds=1)
+    )
     assert (fedclip["trained_parameters"], promptfl["trained_parameters"]) == (2 * (512 * 512 + 512), 16 * 512)
     for key in ("bytes_up_per_client_per_round", "bytes_down_per_client_per_round", "bytes_per_client_per_round"):
         assert 50 * promptfl[key] <= fedclip[key], key
-    assert 16 * 512 * 4 <= promptfl["bytes_up_per_client_per_round"] <= 16 * 512 * 4 + 512  # one float32 context and its header
+    assert (
+        16 * 512 * 4 <= promptfl["bytes_up_per_client_per_round"] <= 16 * 512 * 4 + 512
+    )  # one float32 context and its header
 
 
 def test_resume_goes_on_with_the_context(tiny_clip, data, tmp_path):
@@ -208,4 +258,3 @@ def test_resume_goes_on_with_the_context(tiny_clip, data, tmp_path):
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert (resumed / "prompt_final.safetensors").exists()
-

@@ -6,7 +6,8 @@ round (train, then evaluate, then the next round's train), by `python -m tests.t
 on the tiny CLIP and image folder of the tests. Only time and byte counts may differ; keys added
 since (new metrics) are not compared. Each case now starts with no features in the process's memory (as in a fresh
 process), so its images are encoded once at the query whatever case ran before: `features_encoded` of the cases the
-recording had run after one that encoded the same images was raised by those 54 images (0 -> 54, fedavg/fedprox 76 -> 130).
+recording had run after one that encoded the same images was raised by those 54 images (0 -> 54, fedavg/fedprox 76
+-> 130).
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ def run_case(name: str, clip: Path, folder: Path, tmp: Path) -> dict:
     overrides, nodes = CASES[name]
     rounds = 1 if "fedavg" in name or "fedprox" in name else 3
     out = tmp / name
-    run_in_process(server_app, client_app, f"{overrides} dataset=folder dataset.root={folder} dataset.held_out=sketch "
-                   f"model.name_or_path={clip} training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} "
-                   f"output_dir={out} selection=val_mean", nodes)  # the reference chose its best round by validation
+    run_in_process(
+        server_app,
+        client_app,
+        f"{overrides} dataset=folder dataset.root={folder} dataset.held_out=sketch "
+        f"model.name_or_path={clip} training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} "
+        f"output_dir={out} selection=val_mean",
+        nodes,
+    )  # the reference chose its best round by validation
     [summary] = out.glob("*/summary.json")
     rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "summary": json.loads(summary.read_text())}
@@ -65,10 +71,13 @@ ADAPTER_PARAMETERS = 2 * (24 * 24 + 24)  # the tiny CLIP's projection dim is 24
 
 
 def adapter_method(run: dict, clip: Path) -> None:
-    """fedclip, centralized, local: only the adapter is trained and travels (one float32 adapter back, plus .npy headers);
+    """fedclip, centralized, local: only the adapter is trained and travels (one float32 adapter back, plus .npy
+    headers);
     the global methods keep their best adapter, local (no global one) keeps none."""
     summary = run["summary"]
-    assert summary["trained_parameters"] == ADAPTER_PARAMETERS  # (features_encoded, the images encoded once at the query, is compared above)
+    assert (
+        summary["trained_parameters"] == ADAPTER_PARAMETERS
+    )  # (features_encoded, the images encoded once at the query, is compared above)
     assert 4 * ADAPTER_PARAMETERS <= summary["bytes_up_per_client_per_round"] <= 4 * ADAPTER_PARAMETERS + 1024
     assert (Path(summary["run_folder"]) / "adapter_best.safetensors").exists() == (summary["method"] != "local")
 
@@ -79,7 +88,11 @@ def encoder_method(run: dict, clip: Path) -> None:
     from transformers import CLIPModel
 
     summary = run["summary"]
-    encoder = {k: v for k, v in CLIPModel.from_pretrained(clip).state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
+    encoder = {
+        k: v
+        for k, v in CLIPModel.from_pretrained(clip).state_dict().items()
+        if k.startswith(("vision_model.", "visual_projection."))
+    }
     assert summary["trained_parameters"] == sum(v.numel() for v in encoder.values())
     assert summary["bytes_up_per_client_per_round"] >= 4 * summary["trained_parameters"]
     saved = load_file(Path(summary["run_folder"]) / "encoder_final.safetensors")
@@ -87,7 +100,8 @@ def encoder_method(run: dict, clip: Path) -> None:
 
 
 def personalized(run: dict, clip: Path) -> None:
-    """Local fine-tuning: every trained round has the training clients' personalized accuracy, never the held-out one's."""
+    """Local fine-tuning: every trained round has the training clients' personalized accuracy, never the held-out
+    one's."""
     for row in run["rows"][1:]:
         assert "art/personalized-test-acc" in row["evaluate"] and "sketch/personalized-test-acc" not in row["evaluate"]
 
@@ -95,15 +109,24 @@ def personalized(run: dict, clip: Path) -> None:
 def two_clients_per_domain(run: dict, clip: Path) -> None:
     """Four training clients; a domain's accuracy pools its clients' test images."""
     summary = run["summary"]
-    assert all({k.split("/")[0] for k in row["train"]} == {"art#0", "art#1", "photo#0", "photo#1"} for row in run["rows"][1:])
+    assert all(
+        {k.split("/")[0] for k in row["train"]} == {"art#0", "art#1", "photo#0", "photo#1"} for row in run["rows"][1:]
+    )
     best = run["rows"][summary["best_round"]]["evaluate"]
     pooled = [(best[f"art#{s}/test-acc"], best[f"art#{s}/num-test"]) for s in (0, 1)]
     assert summary["personalization"]["art"] == pytest.approx(sum(a * n for a, n in pooled) / sum(n for _, n in pooled))
     assert set(summary["zero_shot"]) == {"art", "photo", "sketch"}
 
 
-CHECKS = {"fedclip": adapter_method, "centralized": adapter_method, "local": adapter_method, "fedavg": encoder_method,
-          "fedprox": encoder_method, "personalized": personalized, "two-clients-per-domain": two_clients_per_domain}
+CHECKS = {
+    "fedclip": adapter_method,
+    "centralized": adapter_method,
+    "local": adapter_method,
+    "fedavg": encoder_method,
+    "fedprox": encoder_method,
+    "personalized": personalized,
+    "two-clients-per-domain": two_clients_per_domain,
+}
 
 
 def assert_same(reference, actual, where: str = "") -> None:
@@ -129,7 +152,9 @@ def cold_feature_memory(monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    return save_tiny_clip(tmp_path_factory.mktemp("clip")), write_image_folder(tmp_path_factory.mktemp("data"), per_class=6)
+    return save_tiny_clip(tmp_path_factory.mktemp("clip")), write_image_folder(
+        tmp_path_factory.mktemp("data"), per_class=6
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -147,5 +172,7 @@ if __name__ == "__main__":  # record the reference (only when the reported numbe
     tmp = Path(tempfile.mkdtemp())
     clip, folder = save_tiny_clip(tmp / "clip"), write_image_folder(tmp / "data", per_class=6)
     names = sys.argv[1:] or list(CASES)
-    REFERENCE.write_text(json.dumps({n: comparable(run_case(n, clip, folder, tmp)) for n in names}, indent=1, sort_keys=True))
+    REFERENCE.write_text(
+        json.dumps({n: comparable(run_case(n, clip, folder, tmp)) for n in names}, indent=1, sort_keys=True)
+    )
     print(f"wrote {REFERENCE}")

@@ -1,4 +1,5 @@
-"""The run report when a client is lost: rounds compared on the same clients, incomplete rounds named, honest traffic means."""
+"""The run report when a client is lost: rounds compared on the same clients, incomplete rounds named, honest
+traffic means."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ CLIENTS = {"a": "a", "b": "b", "sketch": "sketch"}  # one client per domain: the
 
 
 def make_report(tmp_path) -> RunReport:
-    return RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean"), CLIENTS, ["a", "b"], 10)
+    return RunReport(
+        load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean"), CLIENTS, ["a", "b"], 10
+    )
 
 
 def evaluation(**accs: float) -> MetricRecord:
@@ -47,11 +50,15 @@ def test_a_round_that_lost_a_client_is_compared_on_the_clients_it_kept(tmp_path,
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord(), evaluation(a=0.8, b=0.4, sketch=0.4), 0.1, weights(1))  # val mean 0.6
     with caplog.at_level(logging.WARNING):
-        report.add_round(2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2))  # b lost: "mean" 0.7, but a got worse
+        report.add_round(
+            2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2)
+        )  # b lost: "mean" 0.7, but a got worse
     assert report.best["round"] == 1  # on a, the only client evaluated in both rounds, round 1 is better (0.8 > 0.7)
     assert report.rows[2]["missing"] == ["b"] and report.rows[1]["missing"] == []
     assert "round 2: no evaluation from b" in caplog.text
-    report.add_round(3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3))  # b still lost; a better than at round 1
+    report.add_round(
+        3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3)
+    )  # b still lost; a better than at round 1
     assert report.best["round"] == 3
     assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 3  # the best round's weights were kept
     summary = report.finish(weights(3))
@@ -72,23 +79,40 @@ def test_a_complete_run_reports_as_before(tmp_path):
     summary = report.finish(None)
     assert summary["best_round"] == 1 and summary["incomplete_rounds"] == []
     assert summary["personalization_clients"] == ["a", "b"]
-    assert summary["personalization_mean"] == (0.6 + 0.7) / 2 and summary["zero_shot_train_domains_mean"] == (0.2 + 0.3) / 2
+    assert (
+        summary["personalization_mean"] == (0.6 + 0.7) / 2
+        and summary["zero_shot_train_domains_mean"] == (0.2 + 0.3) / 2
+    )
 
 
 def message(node: int, size: int) -> Message:
-    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}), "config": ConfigRecord()}),
-                   dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}), "config": ConfigRecord()}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def update(node: int, size: int) -> Message:
-    return reply_from(node, RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}), "metrics": MetricRecord({"num-examples": 1})}))
+    return reply_from(
+        node,
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(size, np.float32))}),
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        ),
+    )
 
 
 def test_a_client_that_never_replied_does_not_count_as_sending_nothing(tmp_path):
     report = make_report(tmp_path)
     nodes = {1: "a", 2: "b", 3: "sketch"}
     sent = [message(1, 100), message(2, 100)]
-    replies = [update(1, 50), reply_from(2, error="Error: Node Unavailable")]  # b got the adapter, its reply was an error
+    replies = [
+        update(1, 50),
+        reply_from(2, error="Error: Node Unavailable"),
+    ]  # b got the adapter, its reply was an error
     report.count_traffic(nodes, sent, replies)
     report.add_round(1, MetricRecord(), evaluation(a=0.5, sketch=0.5), 0.1, None)
     row = report.rows[0]
@@ -131,20 +155,34 @@ class LosingGrid(InProcessGrid):
 
 def test_a_run_that_loses_a_node_names_the_incomplete_rounds_and_averages_bytes_over_the_repliers(tiny_clip, tmp_path):
     folder = write_image_folder(tmp_path / "data")
-    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds=3 "
-                 f"training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}")
+    overrides = (
+        f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds=3 "
+        f"training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
+    )
     run_config = {"overrides": overrides}
     grid = LosingGrid(client_app, run_config, 3, lost_node=100, dies_in=2)
     server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
     [path] = (tmp_path / "out").glob("*/summary.json")
     summary = json.loads(path.read_text())
     rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
-    [lost] = [k.removesuffix("/train-loss") for k in rows[1]["train"] if k.endswith("/train-loss") and k not in rows[2]["train"]]
+    [lost] = [
+        k.removesuffix("/train-loss")
+        for k in rows[1]["train"]
+        if k.endswith("/train-loss") and k not in rows[2]["train"]
+    ]
     adapter = 4 * summary["trained_parameters"]  # one float32 adapter back per training client that replied
-    assert all(adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3])  # round 2: the lost node sent nothing
+    assert all(
+        adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3]
+    )  # round 2: the lost node sent nothing
     # round 1's evaluation rode on round 2's training message, which the lost node never answered
     assert [r["missing"] for r in rows] == [[], [lost], [lost], [lost]]
-    assert [r["lost"] for r in rows] == [[], [], [lost], []]  # its round-2 message went unanswered; after that it was not sent one
+    assert [r["lost"] for r in rows] == [
+        [],
+        [],
+        [lost],
+        [],
+    ]  # its round-2 message went unanswered; after that it was not sent one
     assert summary["incomplete_rounds"] == [1, 2, 3]
     assert lost not in summary["personalization_clients"] and summary["personalization_clients"]
 
@@ -160,13 +198,20 @@ def sized(**accs: tuple[float, int]) -> MetricRecord:
 
 def test_the_selection_rules_choose_their_own_rounds_and_the_summary_gives_each(tmp_path):
     # domain a has 30 validation images, b has 2: the mean over domains weighs b's two images like a's thirty
-    rounds = [sized(a=(0.5, 30), b=(0.5, 2)),
-              sized(a=(0.4, 30), b=(1.0, 2)),   # domain mean 0.70, pooled 0.44
-              sized(a=(0.6, 30), b=(0.5, 2)),   # domain mean 0.55, pooled 0.59
-              sized(a=(0.6, 30), b=(0.0, 2))]   # the last round: domain mean 0.30, pooled 0.56
+    rounds = [
+        sized(a=(0.5, 30), b=(0.5, 2)),
+        sized(a=(0.4, 30), b=(1.0, 2)),  # domain mean 0.70, pooled 0.44
+        sized(a=(0.6, 30), b=(0.5, 2)),  # domain mean 0.55, pooled 0.59
+        sized(a=(0.6, 30), b=(0.0, 2)),
+    ]  # the last round: domain mean 0.30, pooled 0.56
     chosen = {}
     for rule, expected in (("val_mean", 1), ("val_pooled", 2), ("last", 3)):
-        report = RunReport(load_config(f"output_dir={tmp_path / rule} dataset.held_out=sketch selection={rule}"), CLIENTS, ["a", "b"], 10)
+        report = RunReport(
+            load_config(f"output_dir={tmp_path / rule} dataset.held_out=sketch selection={rule}"),
+            CLIENTS,
+            ["a", "b"],
+            10,
+        )
         for r, metrics in enumerate(rounds):
             report.add_round(r, MetricRecord(), metrics, 0.1, weights(r))
         summary = report.finish(weights(3))
@@ -191,7 +236,10 @@ SHARDED = {"a#0": "a", "a#1": "a", "b#0": "b", "b#1": "b", "sketch": "sketch"}  
 
 
 def sharded_report(tmp_path, fraction_evaluate: float = 1.0) -> RunReport:
-    cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean strategy.fraction_evaluate={fraction_evaluate}")
+    cfg = load_config(
+        f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean "
+        f"strategy.fraction_evaluate={fraction_evaluate}"
+    )
     return RunReport(cfg, SHARDED, ["a#0", "a#1", "b#0", "b#1"], 10)
 
 
@@ -212,9 +260,13 @@ def test_rounds_with_no_training_client_in_common_are_compared_on_their_own_mean
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
     with caplog.at_level(logging.WARNING):
         report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.5, b_0=0.5), 0.1, weights(1))  # own mean 0.5
-        report.add_round(2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2))  # nothing in common: 0.6 > 0.5
+        report.add_round(
+            2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2)
+        )  # nothing in common: 0.6 > 0.5
     assert report.best["round"] == 2
-    assert report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text  # sampled by design: no warning
+    assert (
+        report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text
+    )  # sampled by design: no warning
     # b#1 in common with round 2: compared on it alone (0.45 < 0.5), although this round's own mean (0.675) is higher
     report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.9, b_1=0.45), 0.1, weights(3))
     assert report.best["round"] == 2
@@ -225,11 +277,17 @@ def test_a_round_that_only_ties_the_best_does_not_replace_it(tmp_path):
     report = sharded_report(tmp_path)
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
     report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.5), 0.1, weights(1))  # 0.5
-    report.add_round(2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2))  # 0.5: a tie
+    report.add_round(
+        2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2)
+    )  # 0.5: a tie
     assert report.best["round"] == 1  # the earlier round is kept: a later equal one is not better
-    report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3))  # b#0 lost: a tie on the rest
+    report.add_round(
+        3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3)
+    )  # b#0 lost: a tie on the rest
     assert report.best["round"] == 1
-    report.add_round(4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4))  # barely better
+    report.add_round(
+        4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4)
+    )  # barely better
     assert report.best["round"] == 4 and load_file(report.dir / "adapter_best.safetensors")["w"][0] == 4
     assert report.finish(weights(4))["best_round"] == 4
 
@@ -257,15 +315,24 @@ def test_zero_shot_is_never_the_best_round_even_when_no_round_beats_it(tmp_path)
 
 # --- what a run folder holds, the round table, the byte counts ----------------------------------------------
 
+
 def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         report = make_report(tmp_path)
         report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.25, sketch=0.125), 0.0, None)
         report.count_traffic({1: "a", 2: "b"}, [message(1, 2048), message(2, 2048)], [update(1, 1024), update(2, 1024)])
-        report.add_round(1, MetricRecord({"a/train-loss": 0.5, "b/train-loss": 0.25}), evaluation(a=0.75, b=0.5, sketch=0.25), 1.5, None)
+        report.add_round(
+            1,
+            MetricRecord({"a/train-loss": 0.5, "b/train-loss": 0.25}),
+            evaluation(a=0.75, b=0.5, sketch=0.25),
+            1.5,
+            None,
+        )
     lines = [r.getMessage() for r in caplog.records if " | " in r.getMessage()]
     cell = lambda c: f"{c:>10}"  # noqa: E731
-    assert lines[0] == " | ".join(map(cell, ["round", "train loss", "a", "b", "sketch*", "val mean", "sent/client", "seconds"]))
+    assert lines[0] == " | ".join(
+        map(cell, ["round", "train loss", "a", "b", "sketch*", "val mean", "sent/client", "seconds"])
+    )
     assert lines[1] == " | ".join(map(cell, ["0", "-", "50.00", "25.00", "12.50", "37.50", "0 B", "0.00"]))
     sent = format_bytes(message_bytes(message(1, 2048)) + message_bytes(update(1, 1024)))
     assert lines[2] == " | ".join(map(cell, ["1", "0.3750", "75.00", "50.00", "25.00", "62.50", sent, "1.50"]))
@@ -274,8 +341,13 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
 def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean")
     report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
-    assert report.dir.parent == tmp_path and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name)  # sorts by start time
-    assert json.loads((report.dir / "run.json").read_text()) == {"classes": ["cat", "dog"], "model_fingerprint": "abc123"}
+    assert report.dir.parent == tmp_path and re.fullmatch(
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name
+    )  # sorts by start time
+    assert json.loads((report.dir / "run.json").read_text()) == {
+        "classes": ["cat", "dog"],
+        "model_fingerprint": "abc123",
+    }
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
@@ -283,23 +355,55 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     report.count_traffic({1: "a", 2: "b", 3: "sketch"}, [message(2, 100), message(3, 100)], errors)
     report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
     summary = report.finish(weights(2))
-    assert [p.name for p in report.files()] == ["encoder_best.safetensors", "encoder_final.safetensors", "run.json", "config.yaml",
-                                                "metrics.csv", "summary.json"] and all(p.is_file() for p in report.files())
-    with safe_open(report.dir / "encoder_best.safetensors", "pt") as fh:  # selection=val_mean: round 1 has the best validation mean
+    assert [p.name for p in report.files()] == [
+        "encoder_best.safetensors",
+        "encoder_final.safetensors",
+        "run.json",
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+    ] and all(p.is_file() for p in report.files())
+    with safe_open(
+        report.dir / "encoder_best.safetensors", "pt"
+    ) as fh:  # selection=val_mean: round 1 has the best validation mean
         assert fh.metadata() == {"round": "1", "method": "fedclip"}
     with safe_open(report.dir / "encoder_final.safetensors", "pt") as fh:
         assert fh.metadata() == {"round": "2", "method": "fedclip"}  # the last round's
     rows = list(csv.DictReader((report.dir / "metrics.csv").open()))
-    assert list(rows[0]) == ["round", "train_loss", "val_acc_mean", "acc/a", "acc/b", "acc/sketch", "missing", "bytes_down_per_client",
-                             "bytes_up_per_client", "bytes_round", "seconds", "lost", "rejected"]
-    assert rows[1]["round"] == "1" and rows[1]["train_loss"] == "1.0" and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
+    assert list(rows[0]) == [
+        "round",
+        "train_loss",
+        "val_acc_mean",
+        "acc/a",
+        "acc/b",
+        "acc/sketch",
+        "missing",
+        "bytes_down_per_client",
+        "bytes_up_per_client",
+        "bytes_round",
+        "seconds",
+        "lost",
+        "rejected",
+    ]
+    assert (
+        rows[1]["round"] == "1"
+        and rows[1]["train_loss"] == "1.0"
+        and float(rows[1]["val_acc_mean"]) == pytest.approx(0.5)
+    )
     assert rows[2]["missing"] == "b;sketch" and rows[2]["lost"] == "b;sketch" and rows[2]["acc/b"] == ""
     assert json.loads((report.dir / "summary.json").read_text()) == summary
-    assert summary["seconds_per_round"] == 3.0 and summary["rounds"] == 2 and summary["trained_parameters"] == 10 and summary["dp"] is None
+    assert (
+        summary["seconds_per_round"] == 3.0
+        and summary["rounds"] == 2
+        and summary["trained_parameters"] == 10
+        and summary["dp"] is None
+    )
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
     assert 0 <= summary["wall_seconds"] < 600
     down, up = summary["bytes_down_per_client_per_round"], summary["bytes_up_per_client_per_round"]
-    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 2 * message_bytes(message(2, 100))  # round 2's two messages; errors carry nothing
+    assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 2 * message_bytes(
+        message(2, 100)
+    )  # round 2's two messages; errors carry nothing
 
 
 def test_personalization_is_compared_with_zero_shot_on_the_clients_evaluated_in_both(tmp_path):
@@ -324,7 +428,9 @@ def test_rows_of_an_older_run_without_missing_are_written(tmp_path):
 
 
 def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
-    report = RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10, weights_name=None)
+    report = RunReport(
+        load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10, weights_name=None
+    )
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.4, sketch=0.4), 0.1, weights(1))
     report.finish(weights(1))
@@ -339,15 +445,31 @@ def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
 
 def test_message_bytes_count_the_tensors_and_the_bytes_in_config_records():
     arrays = ArrayRecord({"w": Array(np.zeros(10, np.float32))})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"key": b"12345", "shares": [b"ab", b"cde"], "round": 3, "name": "x"})})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "config": ConfigRecord({"key": b"12345", "shares": [b"ab", b"cde"], "round": 3, "name": "x"}),
+        }
+    )
     msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     assert message_bytes(msg) == len(arrays["w"].data) + 5 + 2 + 3
     assert message_bytes(reply_from(1, error="lost")) == 0
     assert len(arrays["w"].data) > 40  # the .npy header is counted: what travels
 
 
-@pytest.mark.parametrize("n,text", [(None, "—"), (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (2**20, "1.0 MiB"),
-                                    (4.01 * 2**20, "4.0 MiB"), (3 * 2**30, "3.0 GiB")])
+@pytest.mark.parametrize(
+    "n,text",
+    [
+        (None, "—"),
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (2**20, "1.0 MiB"),
+        (4.01 * 2**20, "4.0 MiB"),
+        (3 * 2**30, "3.0 GiB"),
+    ],
+)
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
 
@@ -357,7 +479,9 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
     fused = update(1, 100)
     fused.content["metrics"]["evaluation/images-encoded"] = 7
     fused.content["metrics"]["images-encoded"] = 5
-    report.count_traffic({1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [reply_from(1, error="lost"), fused, update(2, 100)])
+    report.count_traffic(
+        {1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [reply_from(1, error="lost"), fused, update(2, 100)]
+    )
     assert report.images_encoded == 12 and report.up["a"] == report.up["b"] == message_bytes(fused)
     assert report.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
     report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)
@@ -366,14 +490,27 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
 
 
 def test_a_run_without_weights_gives_mlflow_no_weight_files(tmp_path):
-    report = RunReport(load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, weights_name=None)
+    report = RunReport(
+        load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, weights_name=None
+    )
     assert [p.name for p in report.files()] == ["run.json", "config.yaml", "metrics.csv", "summary.json"]
 
 
-def test_a_domains_test_accuracy_is_the_personalized_one_when_a_client_fine_tuned_and_pooled_validation_weighs_images(tmp_path):
+def test_a_domains_test_accuracy_is_the_personalized_one_when_a_client_fine_tuned_and_pooled_validation_weighs_images(
+    tmp_path,
+):
     report = make_report(tmp_path)
-    local = MetricRecord({"a/test-acc": 0.5, "a/personalized-test-acc": 0.9, "a/num-test": 10, "a/val-acc": 0.4, "a/num-val": 30,
-                          "b/val-acc": 0.8, "b/num-val": 10})
+    local = MetricRecord(
+        {
+            "a/test-acc": 0.5,
+            "a/personalized-test-acc": 0.9,
+            "a/num-test": 10,
+            "a/val-acc": 0.4,
+            "a/num-val": 30,
+            "b/val-acc": 0.8,
+            "b/num-val": 10,
+        }
+    )
     assert report.accuracy(local, "a") == 0.9  # method=local: each client's own adapter on its own test split
     assert report.accuracy(local, "a", "val") == 0.4  # validation is never the personalized score
     assert report.val_pooled(local) == pytest.approx((0.4 * 30 + 0.8 * 10) / 40)  # every validation image once
@@ -382,5 +519,11 @@ def test_a_domains_test_accuracy_is_the_personalized_one_when_a_client_fine_tune
 
 def test_a_rows_rejected_clients_are_those_screening_left_out(tmp_path):
     report = make_report(tmp_path)
-    report.add_round(1, MetricRecord({"a/rejected": 1, "a/train-loss": 1.0, "b/train-loss": 2.0}), evaluation(a=0.5, b=0.5), 0.1, None)
+    report.add_round(
+        1,
+        MetricRecord({"a/rejected": 1, "a/train-loss": 1.0, "b/train-loss": 2.0}),
+        evaluation(a=0.5, b=0.5),
+        0.1,
+        None,
+    )
     assert report.rows[0]["rejected"] == ["a"]

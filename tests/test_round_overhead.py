@@ -14,18 +14,32 @@ from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 from benchmarks import noop_app
 from benchmarks.round_overhead import DOMAINS, HELD_OUT, make_folder, parse_sizes
 from common.config import load_config
-from common.partition import client_images
 from common.demo import DIGIT_NAMES
 from common.model import AttentionAdapter
+from common.partition import client_images
 from tests.inprocess import InProcessGrid
 
 
-def run_floor(tmp_path, clients: int, exchanges: int, fraction: float = 1.0, rounds: int = 3) -> tuple[list[list], dict]:
+def run_floor(
+    tmp_path, clients: int, exchanges: int, fraction: float = 1.0, rounds: int = 3
+) -> tuple[list[list], dict]:
     """Run the floor's ServerApp against its ClientApp in this process; the messages of each push, and its results."""
     out = tmp_path / "floor.json"
-    run_config = {"rounds": rounds, "exchanges": exchanges, "adapter-dim": 64, "domains": ",".join(DOMAINS),
-                  "clients-per-domain": clients // len(DOMAINS), "held-out": HELD_OUT, "fraction-train": fraction,
-                  "fraction-evaluate": fraction, "poll-first": 0.0, "poll-max": 0.0, "timeout": 60, "seed": 0, "out": str(out)}
+    run_config = {
+        "rounds": rounds,
+        "exchanges": exchanges,
+        "adapter-dim": 64,
+        "domains": ",".join(DOMAINS),
+        "clients-per-domain": clients // len(DOMAINS),
+        "held-out": HELD_OUT,
+        "fraction-train": fraction,
+        "fraction-evaluate": fraction,
+        "poll-first": 0.0,
+        "poll-max": 0.0,
+        "timeout": 60,
+        "seed": 0,
+        "out": str(out),
+    }
     grid = InProcessGrid(noop_app.client, run_config, clients)
     pushes, push = [], grid.push_messages
 
@@ -42,14 +56,18 @@ def run_floor(tmp_path, clients: int, exchanges: int, fraction: float = 1.0, rou
 
 def test_floor_sends_fedclip_adapter_each_round_in_one_push(tmp_path):
     pushes, result = run_floor(tmp_path, clients=8, exchanges=1)
-    assert len(pushes) == 1 + 3 + 1 and len(result["round_seconds"]) == 3  # the query, one push per round, the last evaluation
+    assert (
+        len(pushes) == 1 + 3 + 1 and len(result["round_seconds"]) == 3
+    )  # the query, one push per round, the last evaluation
     adapter = {k: tuple(v.shape) for k, v in AttentionAdapter(64).state_dict().items()}
     sent_by_app = ArrayRecord(AttentionAdapter(64).state_dict())  # what the app sends: 2*(64*64+64) float32, serialized
     assert result["adapter_bytes"] == sum(len(a.data) for a in sent_by_app.values())
     assert {m.metadata.message_type for m, _ in pushes[-1]} == {MessageType.EVALUATE} and len(pushes[-1]) == 8
     for round_messages in pushes[1:]:
         types = [m.metadata.message_type for m, _ in round_messages]
-        if round_messages is not pushes[-1]:  # a train message also evaluates: evaluate messages go to the 2 held-out of 8
+        if (
+            round_messages is not pushes[-1]
+        ):  # a train message also evaluates: evaluate messages go to the 2 held-out of 8
             assert types.count(MessageType.TRAIN) == 6 and types.count(MessageType.EVALUATE) == 2
         for message, reply in round_messages:
             assert {k: tuple(a.shape) for k, a in message.content["arrays"].items()} == adapter

@@ -51,15 +51,21 @@ class _Grid:
 
 
 ONE_NODE = {"min_available_nodes": 1, "min_train_nodes": 1}  # Flower's strategies wait for 2 nodes by default
-COMBINED = [{k: v + RNG.normal(scale=0.1, size=v.shape).astype(np.float32) * (r + 1) for k, v in START.items()} for r in range(4)]
+COMBINED = [
+    {k: v + RNG.normal(scale=0.1, size=v.shape).astype(np.float32) * (r + 1) for k, v in START.items()}
+    for r in range(4)
+]
 
 
-@pytest.mark.parametrize("kind,flower", [  # built per test: a strategy keeps its moments, so one instance cannot serve twice
-    ("fedadam", lambda: FedAdam(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-    ("fedyogi", lambda: FedYogi(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-    ("fedadagrad", lambda: FedAdagrad(**ONE_NODE, eta=0.05, tau=1e-3)),
-    ("fedavgm", lambda: FedAvgM(**ONE_NODE, server_learning_rate=0.7, server_momentum=0.9)),
-])
+@pytest.mark.parametrize(
+    "kind,flower",
+    [  # built per test: a strategy keeps its moments, so one instance cannot serve twice
+        ("fedadam", lambda: FedAdam(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+        ("fedyogi", lambda: FedYogi(**ONE_NODE, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+        ("fedadagrad", lambda: FedAdagrad(**ONE_NODE, eta=0.05, tau=1e-3)),
+        ("fedavgm", lambda: FedAvgM(**ONE_NODE, server_learning_rate=0.7, server_momentum=0.9)),
+    ],
+)
 def test_each_step_equals_flowers(kind, flower):
     lr = 0.7 if kind == "fedavgm" else 0.05
     mine = ours(ServerOptimizer(kind, lr=lr, momentum=0.9, betas=(0.9, 0.99), tau=1e-3), COMBINED)
@@ -83,8 +89,11 @@ def test_unknown_optimizer_is_a_clear_error():
 
 
 def run(folder: Path, tiny_clip: Path, out: Path, extra: str, rounds: int) -> Path:
-    overrides = (f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} training.rounds={rounds} "
-                 f"training.batch_size=8 cache_dir={out.parent / 'cache'} output_dir={out} {extra}")
+    overrides = (
+        f"dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds={rounds} "
+        f"training.batch_size=8 cache_dir={out.parent / 'cache'} output_dir={out} {extra}"
+    )
     run_in_process(server_app, client_app, overrides, 3)
     return sorted(out.iterdir())[-1]
 
@@ -94,7 +103,9 @@ def test_fedadam_run_keeps_its_moments_across_a_resume(tiny_clip, tmp_path, monk
     adam = "strategy.server_optimizer=fedadam strategy.server_lr=0.01"
     first = run(folder, tiny_clip, tmp_path / "first", adam, 2)
     moments = load_checkpoint(first).optimizer
-    assert {k.split("/")[1] for k in moments} == {"m", "v"} and len(moments) == 2 * 4  # m and v of the adapter's 4 tensors
+    assert {k.split("/")[1] for k in moments} == {"m", "v"} and len(
+        moments
+    ) == 2 * 4  # m and v of the adapter's 4 tensors
     assert all(np.abs(v).max() > 0 for v in moments.values())
     steps = []  # the state each step of the resumed run starts from
     real_step = ServerOptimizer.step
@@ -106,8 +117,10 @@ def test_fedadam_run_keeps_its_moments_across_a_resume(tiny_clip, tmp_path, monk
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     plain = run(folder, tiny_clip, tmp_path / "plain", "", 2)
-    assert not np.allclose(load_file(plain / "adapter_final.safetensors")["fc1.weight"],
-                           load_file(first / "adapter_final.safetensors")["fc1.weight"])  # the optimizer changed the path
+    assert not np.allclose(
+        load_file(plain / "adapter_final.safetensors")["fc1.weight"],
+        load_file(first / "adapter_final.safetensors")["fc1.weight"],
+    )  # the optimizer changed the path
 
 
 def test_server_optimizer_needs_global_weights(tiny_clip, tmp_path):

@@ -26,7 +26,14 @@ def demo_run(tmp_path_factory, demo_cache) -> tuple[dict, Path, str]:
 
 def test_run_folder_holds_config_metrics_and_adapters(demo_run):
     summary, folder, log = demo_run
-    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "adapter_final.safetensors", "adapter_best.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "adapter_final.safetensors",
+        "adapter_best.safetensors",
+    ):
         assert (folder / name).is_file(), name
     with open(folder / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -34,7 +41,9 @@ def test_run_folder_holds_config_metrics_and_adapters(demo_run):
     state = load_file(folder / "adapter_best.safetensors")
     adapter = AttentionAdapter(state["fc1.weight"].shape[0])
     adapter.load_state_dict(state)
-    assert summary["method"] == "fedclip" and summary["trained_parameters"] == sum(p.numel() for p in adapter.parameters())
+    assert summary["method"] == "fedclip" and summary["trained_parameters"] == sum(
+        p.numel() for p in adapter.parameters()
+    )
     raw = 4 * summary["trained_parameters"]  # one float32 adapter
     adapter = summary["bytes_up_per_client_per_round"]  # a training client sends one adapter back a round
     assert raw <= adapter <= raw + 1024  # + .npy headers

@@ -1,4 +1,5 @@
-"""A site takes data, never instructions, from the server: the two findings of issue 25 reproduced, a mistyped configuration
+"""A site takes data, never instructions, from the server: the two findings of issue 25 reproduced, a mistyped
+configuration
 stopped before round 1, a failure every node shares said once, and the quick form of the fuzzing campaign
 (benchmarks/site_fuzz.py; its long form's figures are in docs/security.md)."""
 
@@ -33,21 +34,33 @@ def site(tiny_clip, tmp_path, monkeypatch):
 
 
 def query(run_config: str) -> Message:
-    message = Message(RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}), dst_node_id=7, message_type=MessageType.QUERY)
+    message = Message(
+        RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}),
+        dst_node_id=7,
+        message_type=MessageType.QUERY,
+    )
     message.metadata.__dict__["_message_id"] = "q1"
     return message
 
 
 def hostile_configs(tiny_clip) -> dict[str, str]:
-    """The finding's two carriers of `${oc.env:...}` (a tab after `${`; YAML's \\x24 for `$`), in the YAML a message carried
+    """The finding's two carriers of `${oc.env:...}` (a tab after `${`; YAML's \\x24 for `$`), in the YAML a message
+    carried
     before, and the same in JSON, as messages carry it now (with JSON's \\u0024 escape too)."""
-    plain = json.loads(message_config(load_config(f"dataset=folder dataset.root=/server dataset.domains=[art,photo,sketch] "
-                                                  f"dataset.held_out=sketch model.name_or_path={tiny_clip}")))
+    plain = json.loads(
+        message_config(
+            load_config(
+                f"dataset=folder dataset.root=/server dataset.domains=[art,photo,sketch] "
+                f"dataset.held_out=sketch model.name_or_path={tiny_clip}"
+            )
+        )
+    )
     tab = {**plain, "device": "${\toc.env:SITE_SECRET,cpu}"}
     return {
         "yaml, tab": yaml.safe_dump(tab),
-        "yaml, \\x24": yaml.safe_dump({**plain, "device": "DOLLAR{oc.env:SITE_SECRET}"}).replace("DOLLAR", "\\x24").replace(
-            "device: \\x24{oc.env:SITE_SECRET}", 'device: "\\x24{oc.env:SITE_SECRET}"'),
+        "yaml, \\x24": yaml.safe_dump({**plain, "device": "DOLLAR{oc.env:SITE_SECRET}"})
+        .replace("DOLLAR", "\\x24")
+        .replace("device: \\x24{oc.env:SITE_SECRET}", 'device: "\\x24{oc.env:SITE_SECRET}"'),
         "json, tab": json.dumps(tab),
         "json, \\u0024": json.dumps({**plain, "device": "${oc.env:SITE_SECRET}"}).replace("$", "\\u0024"),
     }
@@ -65,9 +78,13 @@ def test_finding_1_a_sites_environment_never_reaches_the_server(carrier, site, t
 def test_finding_1_from_the_overrides_the_server_refuses_a_resolver_call(monkeypatch):
     """The issue's one-line reproduction started from an override; the server now resolves conf/'s own ${key} only."""
     monkeypatch.setenv("S", SECRET)
-    with pytest.raises(ConfigError, match=r"^device: '\$\{\\toc.env:S,cpu\}' calls the resolver oc.env; .*give the value itself$"):
+    with pytest.raises(
+        ConfigError, match=r"^device: '\$\{\\toc.env:S,cpu\}' calls the resolver oc.env; .*give the value itself$"
+    ):
         load_config("device='${\toc.env:S,cpu}'")
-    assert load_config("model=clip-vit-b32").model.name_or_path == "openai/clip-vit-base-patch32"  # ${.hub_id} still resolves
+    assert (
+        load_config("model=clip-vit-b32").model.name_or_path == "openai/clip-vit-base-patch32"
+    )  # ${.hub_id} still resolves
 
 
 def test_finding_3_a_mistyped_value_stops_before_any_message(tiny_clip, tmp_path):
@@ -84,14 +101,20 @@ def test_finding_3_a_mistyped_value_stops_before_any_message(tiny_clip, tmp_path
 def test_a_failure_every_node_shares_is_said_once(tiny_clip, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     with pytest.raises(FederationError, match="no node holds a training domain"):
-        run_in_process(server_app, client_app, f"dataset=folder dataset.root={tmp_path / 'nonexistent'} dataset.held_out=sketch "
-                       f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}", 4)
+        run_in_process(
+            server_app,
+            client_app,
+            f"dataset=folder dataset.root={tmp_path / 'nonexistent'} dataset.held_out=sketch "
+            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}",
+            4,
+        )
     assert caplog.text.count("is not a folder") == 1
     assert "4 nodes (100, 101, 102, 103) left out" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_fuzzing_campaign_quick_form(tmp_path, monkeypatch):
-    """Every kind of the campaign, seeded: no crash, no leak, the site's files unchanged and the site still training after
+    """Every kind of the campaign, seeded: no crash, no leak, the site's files unchanged and the site still training
+    after
     each hostile message; every configuration carrying an interpolation refused, whatever its encoding."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tallies = site_fuzz.run(list(site_fuzz.KINDS), examples=40, seed=0, root=tmp_path)
@@ -100,7 +123,8 @@ def test_fuzzing_campaign_quick_form(tmp_path, monkeypatch):
         assert (tally.crashes, tally.leaks, tally.examples) == (0, 0, []), kind
     for kind in ("config-values", "config-keys", "config-yaml"):  # what a message brings: every one refused
         assert tallies[kind].outcomes["refused"] == tallies[kind].inputs, kind
-    # overrides: a resolver call is refused on the server; a plain ${key} of the run's own configuration is resolved there
+    # overrides: a resolver call is refused on the server; a plain ${key} of the run's own configuration is resolved
+    # there
     # and reaches the site as a plain value (parse_at_site: exactly as sent)
     assert tallies["config-overrides"].outcomes["refused"] > tallies["config-overrides"].outcomes["accepted"]
     assert tallies["messages"].outcomes["refused"] > 0 and tallies["messages"].outcomes["answered"] > 0
@@ -109,8 +133,12 @@ def test_fuzzing_campaign_quick_form(tmp_path, monkeypatch):
 def test_a_sites_error_reply_names_its_folders_by_key(site, tiny_clip, tmp_path):
     """A site whose data folder lacks the run's domain says so without giving the folder's path to the server."""
     site.node_config["domain"] = "art"  # the run has art, but this site's folder holds only photo
-    run_config = message_config(load_config(f"dataset=folder dataset.root=/server dataset.domains=[art,photo,sketch] "
-                                            f"dataset.held_out=sketch model.name_or_path={tiny_clip}"))
+    run_config = message_config(
+        load_config(
+            f"dataset=folder dataset.root=/server dataset.domains=[art,photo,sketch] "
+            f"dataset.held_out=sketch model.name_or_path={tiny_clip}"
+        )
+    )
     reply = client_app(query(run_config), site)
     assert reply.has_error() and "<data-dir>" in reply.error.reason
     assert str(tmp_path) not in reply.error.reason and SECRET not in reply.error.reason

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sweep import main as sweep_main
 from benchmarks.sweep import failure_reason, run_overrides, shared_experiment
+from benchmarks.sweep import main as sweep_main
 from benchmarks.sweep_report import read_run, run_dir, write_plots, write_tables
 from common.config import load_config
 
@@ -20,10 +20,24 @@ def fake_run(out: Path, method: str, held_out: str, seed: int, gen: float, pers:
     """A finished run folder: two training rounds after the zero-shot round 0."""
     folder = run_dir(out, method, held_out, seed) / "2026-01-01_00-00-00"
     folder.mkdir(parents=True)
-    rows = [{"round": r, f"acc/{held_out}": gen - 0.1 * (2 - r), "acc/other": 0.5, "bytes_round": 1000 * r,
-             "seconds": 0.5 + 0.2 * (r - 1)} for r in range(3)]
+    rows = [
+        {
+            "round": r,
+            f"acc/{held_out}": gen - 0.1 * (2 - r),
+            "acc/other": 0.5,
+            "bytes_round": 1000 * r,
+            "seconds": 0.5 + 0.2 * (r - 1),
+        }
+        for r in range(3)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"held_out": held_out, "generalization": {held_out: gen}, "personalization_mean": pers, "rounds": 2, **summary}
+    summary = {
+        "held_out": held_out,
+        "generalization": {held_out: gen},
+        "personalization_mean": pers,
+        "rounds": 2,
+        **summary,
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -37,10 +51,27 @@ def sweep_folder(tmp_path) -> Path:
     """fedclip: every run done, today's summary keys. fedavg: the new keys, one run done, two failed,
     one stopped half-way; its one finished run has no personalization."""
     today = dict(adapter_parameters=8320, bytes_per_client_per_round=101376, bytes_total=405504)
-    for held_out, seed, gen, pers in (("photo", 0, 0.50, 0.60), ("photo", 1, 0.52, 0.62), ("sketch", 0, 0.40, 0.70), ("sketch", 1, 0.44, 0.72)):
+    for held_out, seed, gen, pers in (
+        ("photo", 0, 0.50, 0.60),
+        ("photo", 1, 0.52, 0.62),
+        ("sketch", 0, 0.40, 0.70),
+        ("sketch", 1, 0.44, 0.72),
+    ):
         fake_run(tmp_path, "fedclip", held_out, seed, gen, pers, **today)
-    fake_run(tmp_path, "fedavg", "photo", 0, 0.30, None, trained_parameters=1_000_000, bytes_up_per_client_per_round=4 * 2**20,
-             bytes_down_per_client_per_round=8 * 2**20, seconds_per_round=2.5, features_encoded=0, bytes_total=3 * 2**30)
+    fake_run(
+        tmp_path,
+        "fedavg",
+        "photo",
+        0,
+        0.30,
+        None,
+        trained_parameters=1_000_000,
+        bytes_up_per_client_per_round=4 * 2**20,
+        bytes_down_per_client_per_round=8 * 2**20,
+        seconds_per_round=2.5,
+        features_encoded=0,
+        bytes_total=3 * 2**30,
+    )
     failed_run(tmp_path, "fedavg", "photo", 1)
     failed_run(tmp_path, "fedavg", "sketch", 0)
     (run_dir(tmp_path, "fedavg", "sketch", 1) / "2026-01-01_00-00-00").mkdir(parents=True)  # no summary.json
@@ -52,31 +83,53 @@ def test_table_markdown_and_csv(sweep_folder):
     assert [r.status for r in runs] == ["done"] * 5 + ["failed", "failed", "incomplete"]
     write_tables(sweep_folder, runs, METHODS, HELD_OUT, SEEDS)
     md = (sweep_folder / "table.md").read_text()
-    assert """| held out | fedclip | fedavg |
+    assert (
+        """| held out | fedclip | fedavg |
 |---|---|---|
 | photo | 51.00 ± 1.41 | 30.00 (1/2) |
 | sketch | 42.00 ± 2.83 | failed |
 | **mean** | 46.50 ± 2.12 | — |
-""" in md  # mean row: seed 0 (50+40)/2 = 45, seed 1 (52+44)/2 = 48; fedavg has no seed with both domains
-    assert """| held out | fedclip | fedavg |
+"""
+        in md
+    )  # mean row: seed 0 (50+40)/2 = 45, seed 1 (52+44)/2 = 48; fedavg has no seed with both domains
+    assert (
+        """| held out | fedclip | fedavg |
 |---|---|---|
 | photo | 61.00 ± 1.41 | n/a |
 | sketch | 71.00 ± 1.41 | failed |
 | **mean** | 66.00 ± 1.41 | — |
-""" in md
+"""
+        in md
+    )
     assert "| fedclip | 8,320 | — | — | 99.0 KiB | 396.0 KiB | 0.60 | — | 2 |" in md  # seconds from metrics.jsonl
     assert "| fedavg | 1,000,000 | 4.0 MiB | 8.0 MiB | 12.0 MiB | 3.0 GiB | 2.50 | 0 | 2 |" in md
-    assert f"- fedavg, held out sketch, seed 0: exit code 1: boom (log: {run_dir(sweep_folder, 'fedavg', 'sketch', 0)}/flwr.log)" in md
+    assert (
+        f"- fedavg, held out sketch, seed 0: exit code 1: boom "
+        f"(log: {run_dir(sweep_folder, 'fedavg', 'sketch', 0)}/flwr.log)" in md
+    )
 
     with open(sweep_folder / "table.csv") as fh:
         rows = {(r["held_out"], r["method"]): r for r in csv.DictReader(fh)}
-    assert list(rows) == [("photo", "fedclip"), ("sketch", "fedclip"), ("mean", "fedclip"),
-                          ("photo", "fedavg"), ("sketch", "fedavg"), ("mean", "fedavg")]
-    assert (rows["mean", "fedclip"]["generalization_mean_pct"], rows["mean", "fedclip"]["generalization_std_pct"]) == ("46.5", "2.1213")
+    assert list(rows) == [
+        ("photo", "fedclip"),
+        ("sketch", "fedclip"),
+        ("mean", "fedclip"),
+        ("photo", "fedavg"),
+        ("sketch", "fedavg"),
+        ("mean", "fedavg"),
+    ]
+    assert (rows["mean", "fedclip"]["generalization_mean_pct"], rows["mean", "fedclip"]["generalization_std_pct"]) == (
+        "46.5",
+        "2.1213",
+    )
     assert rows["photo", "fedclip"]["bytes_per_client_per_round"] == "101376"
     assert rows["photo", "fedclip"]["bytes_up_per_client_per_round"] == ""  # today's summaries hold only the sum
     assert rows["photo", "fedavg"]["bytes_per_client_per_round"] == str(12 * 2**20)
-    assert (rows["sketch", "fedavg"]["done"], rows["sketch", "fedavg"]["failed"], rows["sketch", "fedavg"]["generalization_mean_pct"]) == ("0", "1", "")
+    assert (
+        rows["sketch", "fedavg"]["done"],
+        rows["sketch", "fedavg"]["failed"],
+        rows["sketch", "fedavg"]["generalization_mean_pct"],
+    ) == ("0", "1", "")
 
     plots = write_plots(sweep_folder, runs, METHODS, HELD_OUT)
     assert sorted(p.name for p in plots) == ["accuracy_photo.png", "accuracy_sketch.png", "bytes_vs_accuracy.png"]
@@ -84,7 +137,10 @@ def test_table_markdown_and_csv(sweep_folder):
 
 
 def test_run_overrides_quote_domains_and_add_the_method_only_when_not_the_default():
-    assert run_overrides(["training.rounds=2"], "fedclip", "sketch", 1) == "training.rounds=2 dataset.held_out=sketch seed=1"
+    assert (
+        run_overrides(["training.rounds=2"], "fedclip", "sketch", 1)
+        == "training.rounds=2 dataset.held_out=sketch seed=1"
+    )
     assert run_overrides([], "fedavg", "Real World", 0) == "dataset.held_out='Real World' seed=0 method=fedavg"
 
 
@@ -95,7 +151,9 @@ def test_a_sweeps_runs_share_one_mlflow_experiment_named_by_its_folder(tmp_path)
     runs = {run_overrides(base, m, d, s) for m in ("fedclip", "promptfl") for d in ("photo", "sketch") for s in (0, 1)}
     assert all(f"tracking.mlflow_experiment='{out}'" in r for r in runs) and len(runs) == 8
     assert load_config(base).tracking.mlflow_experiment == str(out)
-    assert shared_experiment(["tracking.mlflow_experiment=mine"], out) == ["tracking.mlflow_experiment=mine"]  # the user's wins
+    assert shared_experiment(["tracking.mlflow_experiment=mine"], out) == [
+        "tracking.mlflow_experiment=mine"
+    ]  # the user's wins
 
 
 def test_failure_reason_is_the_server_apps_exception_not_flowers_wrapper():
@@ -105,7 +163,10 @@ RuntimeError: no node holds a training domain (nodes answered with []); nothing 
 RuntimeError: Exception in ServerApp thread
 2026-11-27 23:29:54,397 ERROR Exit Code: 700
 """
-    assert failure_reason(log) == "RuntimeError: no node holds a training domain (nodes answered with []); nothing can train"
+    assert (
+        failure_reason(log)
+        == "RuntimeError: no node holds a training domain (nodes answered with []); nothing can train"
+    )
     assert failure_reason("starting\n# stopped: still running after 5 s\n") == "# stopped: still running after 5 s"
 
 
@@ -160,14 +221,26 @@ def test_sweep_runs_promptfl_through_flwr_run(tmp_path, demo_cache, monkeypatch,
     its context the only thing that travels, and its column and cost row in the table."""
     monkeypatch.setenv("FEDCLIP_CACHE", demo_cache)
     out = tmp_path / "sweep"
-    assert sweep_main([f"dataset.domains=[photo,sketch,cartoon] training.rounds=2 sweep.methods=[promptfl] sweep.held_out=[sketch] "
-                       f"sweep.out_dir={out}"]) == 0
+    assert (
+        sweep_main(
+            [
+                f"dataset.domains=[photo,sketch,cartoon] training.rounds=2 sweep.methods=[promptfl] "
+                f"sweep.held_out=[sketch] "
+                f"sweep.out_dir={out}"
+            ]
+        )
+        == 0
+    )
     assert "run 1/1: method=promptfl held_out=sketch seed=0: held-out" in capsys.readouterr().out
     [path] = run_dir(out, "promptfl", "sketch", 0).glob("*/summary.json")
     summary = json.loads(path.read_text())
-    assert 'dataset.held_out=sketch seed=0 method=promptfl"' in \
-        (run_dir(out, "promptfl", "sketch", 0) / "flwr.log").read_text()
-    assert summary["method"] == "promptfl" and summary["rounds"] == 2 and summary["generalization"]["sketch"] is not None
+    assert (
+        'dataset.held_out=sketch seed=0 method=promptfl"'
+        in (run_dir(out, "promptfl", "sketch", 0) / "flwr.log").read_text()
+    )
+    assert (
+        summary["method"] == "promptfl" and summary["rounds"] == 2 and summary["generalization"]["sketch"] is not None
+    )
     assert summary["trained_parameters"] == 4 * 64  # "a picture of a": 4 vectors of the demo CLIP's text width
     assert 4 * 4 * 64 <= summary["bytes_up_per_client_per_round"] < 2048  # the context (1 KiB) and its .npy header
     assert (path.parent / "prompt_final.safetensors").is_file() and (path.parent / "prompt_best.safetensors").is_file()

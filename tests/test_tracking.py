@@ -1,4 +1,5 @@
-"""A run seen where people look: TensorBoard's event files, an MLflow run and accuracy.png, read back with the libraries' own readers.
+"""A run seen where people look: TensorBoard's event files, an MLflow run and accuracy.png, read back with the
+libraries' own readers.
 
 One in-process run of the demo (3 rounds, central DP so that epsilon is logged too) with TensorBoard on and, where the
 `mlflow` extra is installed, an MLflow sqlite store; every number read back must be the one in metrics.jsonl.
@@ -17,15 +18,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from client_app.app import app as client_app
-from predict import FedClipClassifier
 from common.config import load_config
+from predict import FedClipClassifier
 from server_app.app import app as server_app
 from server_app.report import RunReport
 from server_app.tracking import artifact_root
 from tests.inprocess import run_in_process
 
 MLFLOW = importlib.util.find_spec("mlflow") is not None
-NO_MLFLOW = "mlflow is not installed: pip install -e \".[mlflow]\" (.ci/run installs it)"
+NO_MLFLOW = 'mlflow is not installed: pip install -e ".[mlflow]" (.ci/run installs it)'
 EXPERIMENT = "tracking-test"
 DOMAINS, HELD_OUT = ("cartoon", "painting", "photo", "sketch"), "sketch"
 
@@ -35,8 +36,11 @@ def demo_run(tmp_path_factory, demo_cache) -> tuple[Path, Path]:
     """The run folder and the MLflow database of a 3-round demo run."""
     tmp = tmp_path_factory.mktemp("tracking")
     database = tmp / "mlflow.db"
-    overrides = (f"training.rounds=3 strategy.dp.side=server cache_dir={demo_cache} output_dir={tmp / 'out'} tracking.tensorboard=true"
-                 + (f" tracking.mlflow_uri=sqlite:///{database} tracking.mlflow_experiment={EXPERIMENT}" if MLFLOW else ""))
+    overrides = (
+        f"training.rounds=3 strategy.dp.side=server cache_dir={demo_cache} output_dir={tmp / 'out'} "
+        f"tracking.tensorboard=true"
+        + (f" tracking.mlflow_uri=sqlite:///{database} tracking.mlflow_experiment={EXPERIMENT}" if MLFLOW else "")
+    )
     run_in_process(server_app, client_app, overrides, len(DOMAINS))
     [folder] = (tmp / "out").iterdir()
     return folder, database
@@ -47,11 +51,19 @@ def rows(folder: Path) -> list[dict]:
 
 
 def expected_scalars(folder: Path) -> dict[str, dict[int, float]]:
-    """Every number of metrics.jsonl that the table shows, by the name TensorBoard and MLflow log it under, per round."""
-    names = {**{f"acc/{d}": f"accuracy/{d}" for d in DOMAINS}, f"acc/{HELD_OUT}": f"accuracy/{HELD_OUT}_held_out",
-             "val_acc_mean": "accuracy/val_mean", "train_loss": "train/loss", "bytes_down_per_client": "traffic/bytes_down_per_client",
-             "bytes_up_per_client": "traffic/bytes_up_per_client", "bytes_round": "traffic/bytes_round",
-             "seconds": "time/seconds_per_round", "dp_epsilon": "privacy/epsilon"}
+    """Every number of metrics.jsonl that the table shows, by the name TensorBoard and MLflow log it under, per
+    round."""
+    names = {
+        **{f"acc/{d}": f"accuracy/{d}" for d in DOMAINS},
+        f"acc/{HELD_OUT}": f"accuracy/{HELD_OUT}_held_out",
+        "val_acc_mean": "accuracy/val_mean",
+        "train_loss": "train/loss",
+        "bytes_down_per_client": "traffic/bytes_down_per_client",
+        "bytes_up_per_client": "traffic/bytes_up_per_client",
+        "bytes_round": "traffic/bytes_round",
+        "seconds": "time/seconds_per_round",
+        "dp_epsilon": "privacy/epsilon",
+    }
     counts = {"rejected": "clients/rejected_updates", "lost": "clients/lost", "missing": "clients/missing_evaluation"}
     expected: dict[str, dict[int, float]] = {}
     for row in rows(folder):
@@ -92,7 +104,11 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     [run] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["run_folder"] == str(folder)
-    assert {k: run.data.tags[k] for k in ("method", "held_out", "seed")} == {"method": "fedclip", "held_out": "sketch", "seed": "0"}  # to filter runs by
+    assert {k: run.data.tags[k] for k in ("method", "held_out", "seed")} == {
+        "method": "fedclip",
+        "held_out": "sketch",
+        "seed": "0",
+    }  # to filter runs by
     assert run.info.run_name == f"fedclip sketch seed0 {folder.name}"
     config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
     params = run.data.params
@@ -101,7 +117,11 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
         for part in key.split("."):
             node = node[part]
         assert value == (json.dumps(node) if isinstance(node, list) else str(node)), key
-    assert params["training.rounds"] == "3" and params["strategy.dp.side"] == "server" and params["dataset.domains"] == json.dumps(list(config["dataset"]["domains"]))
+    assert (
+        params["training.rounds"] == "3"
+        and params["strategy.dp.side"] == "server"
+        and params["dataset.domains"] == json.dumps(list(config["dataset"]["domains"]))
+    )
     assert len(params) == len(flat := list(_leaves(config))), set(flat) - set(params)
     for name, values in expected_scalars(folder).items():
         assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} == values, name
@@ -109,13 +129,28 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     assert run.data.metrics["results/generalization.sketch"] == summary["generalization"]["sketch"]
     assert run.data.metrics["results/best_round"] == summary["best_round"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter_best.safetensors", "adapter_final.safetensors", "run.json", "accuracy.png", "summary.json", "config.yaml", "metrics.csv"} <= artifacts
+    assert {
+        "adapter_best.safetensors",
+        "adapter_final.safetensors",
+        "run.json",
+        "accuracy.png",
+        "summary.json",
+        "config.yaml",
+        "metrics.csv",
+    } <= artifacts
     adapter = client.download_artifacts(run.info.run_id, "adapter_best.safetensors", str(tmp_path))
     assert Path(adapter).read_bytes() == (folder / "adapter_best.safetensors").read_bytes()
-    assert Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path))).read_text() == (folder / "run.json").read_text()
-    # the artifacts are a run folder fedclip-predict can use: the adapter fetched from MLflow classifies as the run's own
+    assert (
+        Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path))).read_text()
+        == (folder / "run.json").read_text()
+    )
+    # the artifacts are a run folder fedclip-predict can use: the adapter fetched from MLflow classifies as the
+    # run's own
     fetched = FedClipClassifier.from_run(client.download_artifacts(run.info.run_id, "", str(tmp_path / "all")))
-    assert fetched.info["run"]["generalization"] == summary["generalization"] and fetched.classes == json.loads((folder / "run.json").read_text())["classes"]
+    assert (
+        fetched.info["run"]["generalization"] == summary["generalization"]
+        and fetched.classes == json.loads((folder / "run.json").read_text())["classes"]
+    )
 
 
 def _leaves(node, prefix: str = ""):
@@ -137,10 +172,13 @@ def report(tmp_path, overrides: str = "") -> RunReport:
     return RunReport(cfg, {"a": "a", "b": "b", "sketch": "sketch"}, ["a", "b"], 10)
 
 
-@pytest.mark.parametrize("uri,says", [
-    ("nonsense://nowhere", "MLflow cannot be used"),
-    ("http://127.0.0.1:9", "MLflow cannot be used"),  # nothing listens on the discard port
-])
+@pytest.mark.parametrize(
+    "uri,says",
+    [
+        ("nonsense://nowhere", "MLflow cannot be used"),
+        ("http://127.0.0.1:9", "MLflow cannot be used"),  # nothing listens on the discard port
+    ],
+)
 @pytest.mark.skipif(not MLFLOW, reason=NO_MLFLOW)
 def test_an_unusable_mlflow_uri_is_one_warning_not_a_failed_run(uri, says, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
@@ -172,7 +210,14 @@ def test_a_run_that_stops_on_an_error_keeps_its_plot_and_is_marked_failed_in_mlf
 
     database = tmp_path / "mlflow.db"
     made = report(tmp_path / "out", f"tracking.mlflow_uri=sqlite:///{database}")
-    accuracies = {"a/val-acc": 0.5, "a/test-acc": 0.5, "a/num-val": 10, "a/num-test": 10, "sketch/all-acc": 0.4, "sketch/num-all": 10}
+    accuracies = {
+        "a/val-acc": 0.5,
+        "a/test-acc": 0.5,
+        "a/num-val": 10,
+        "a/num-test": 10,
+        "sketch/all-acc": 0.4,
+        "sketch/num-all": 10,
+    }
     made.add_round(0, MetricRecord(), MetricRecord(accuracies), 0.0, None)
     made.abort()
     assert (made.dir / "accuracy.png").is_file() and not (made.dir / "summary.json").exists()

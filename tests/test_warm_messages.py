@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from flwr.app import Context, Message, Metadata, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_files
 from flwr.common import object_ref
 from flwr.common.constant import ErrorCode
@@ -51,7 +51,8 @@ app = ClientApp()
 
 @app.query()
 def query(message, context):
-    return Message(RecordDict({{"metrics": MetricRecord({{"version": VERSION, "run": context.run_id}})}}), reply_to=message)
+    metrics = MetricRecord({{"version": VERSION, "run": context.run_id}})
+    return Message(RecordDict({{"metrics": metrics}}), reply_to=message)
 
 
 @app.train()
@@ -62,14 +63,27 @@ def train(message, context):
 
 def fab(version: int, clientapp: str = "app") -> Fab:
     """A FAB of the toy app, built by Flower; another version is other code, so another hash."""
-    content, _ = build_fab_from_files({"pyproject.toml": PYPROJECT.format(clientapp=clientapp).encode(),
-                                       "toyapp.py": TOYAPP.format(version=version).encode()})
+    content, _ = build_fab_from_files(
+        {
+            "pyproject.toml": PYPROJECT.format(clientapp=clientapp).encode(),
+            "toyapp.py": TOYAPP.format(version=version).encode(),
+        }
+    )
     return Fab(hashlib.sha256(content).hexdigest(), content, {})
 
 
 def incoming(run_id: int, message_type: str = MessageType.QUERY) -> tuple[Message, Context]:
-    metadata = Metadata(run_id=run_id, message_id=f"m{time.time_ns()}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=60, message_type=message_type)
+    metadata = Metadata(
+        run_id=run_id,
+        message_id=f"m{time.time_ns()}",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60,
+        message_type=message_type,
+    )
     return Message(content=RecordDict(), metadata=metadata), Context(run_id, 7, {}, RecordDict(), {})
 
 
@@ -125,11 +139,15 @@ def supernode(tmp_path, monkeypatch) -> FakeSuperNode:
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(object_ref, "_current_sys_path", None)
     yield node
-    for name in [m for m, module in sys.modules.items() if str(getattr(module, "__file__", "")).startswith(str(tmp_path))]:
+    for name in [
+        m for m, module in sys.modules.items() if str(getattr(module, "__file__", "")).startswith(str(tmp_path))
+    ]:
         del sys.modules[name]
 
 
-OPEN = AppPolicy()  # no --approved-apps or --trusted-keys: every app runs (tests/test_pinning.py checks the pinned cases)
+OPEN = (
+    AppPolicy()
+)  # no --approved-apps or --trusted-keys: every app runs (tests/test_pinning.py checks the pinned cases)
 
 
 def test_a_fab_with_a_new_hash_replaces_the_loaded_code(supernode):
@@ -139,7 +157,11 @@ def test_a_fab_with_a_new_hash_replaces_the_loaded_code(supernode):
     for token, version in (("a", v1), ("b", v2), ("c", v1)):
         supernode.add(token, 1, version)
         warm.handle(supernode, token, OPEN, seen)
-    assert [r.content["metrics"]["version"] for r in supernode.replies] == [1, 2, 1]  # each message runs its own FAB's code
+    assert [r.content["metrics"]["version"] for r in supernode.replies] == [
+        1,
+        2,
+        1,
+    ]  # each message runs its own FAB's code
 
 
 def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goes_on(supernode):
@@ -155,10 +177,17 @@ def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goe
     assert not answered.has_error() and answered.content["metrics"]["version"] == 3
 
 
-@pytest.mark.parametrize("fab_,code,reason", [
-    (lambda: fab(4, clientapp="missing"), ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "Unable to load attribute missing"),
-    (lambda: None, ErrorCode.INVALID_FAB, "refused the run: no FAB came with its message"),  # nothing to check: refused
-])
+@pytest.mark.parametrize(
+    "fab_,code,reason",
+    [
+        (lambda: fab(4, clientapp="missing"), ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "Unable to load attribute missing"),
+        (
+            lambda: None,
+            ErrorCode.INVALID_FAB,
+            "refused the run: no FAB came with its message",
+        ),  # nothing to check: refused
+    ],
+)
 def test_an_app_that_cannot_be_loaded_is_an_error_reply(fab_, code, reason, supernode):
     supernode.add("t", 1, fab_())
     warm.handle(supernode, "t", OPEN, set())
@@ -176,4 +205,8 @@ def test_the_process_serves_a_second_run_after_the_first(supernode, monkeypatch)
     supernode.pending = [[], [1], [], [2], [1]]
     with pytest.raises(StopServing):
         warm.serve("127.0.0.1:9094", OPEN)
-    assert [(r.content["metrics"]["run"], r.content["metrics"]["version"]) for r in supernode.replies] == [(1, 5), (2, 6), (1, 5)]
+    assert [(r.content["metrics"]["run"], r.content["metrics"]["version"]) for r in supernode.replies] == [
+        (1, 5),
+        (2, 6),
+        (1, 5),
+    ]

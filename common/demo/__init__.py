@@ -45,7 +45,24 @@ from common.demo.clip import (
 from common.demo.images import DIGIT_NAMES, STYLES, render, write_dataset
 
 __all__ = [
-    "CLIP_KEYS", "DATASET_KEYS", "DATASET_VERSION", "DIGIT_NAMES", "GENERIC_CAPTION", "MODEL_VERSION", "SHIPPED_CLIP",
-    "STYLES", "STYLE_CAPTION", "build_tokenizer", "demo_dataset_root", "demo_model_path", "pack_clip", "pretrain_clip",
-    "pretraining_captions", "rebuild_shipped_clip", "render", "tree_sha256", "unpack_clip", "write_dataset",
+    "CLIP_KEYS",
+    "DATASET_KEYS",
+    "DATASET_VERSION",
+    "DIGIT_NAMES",
+    "GENERIC_CAPTION",
+    "MODEL_VERSION",
+    "SHIPPED_CLIP",
+    "STYLES",
+    "STYLE_CAPTION",
+    "build_tokenizer",
+    "demo_dataset_root",
+    "demo_model_path",
+    "pack_clip",
+    "pretrain_clip",
+    "pretraining_captions",
+    "rebuild_shipped_clip",
+    "render",
+    "tree_sha256",
+    "unpack_clip",
+    "write_dataset",
 ]

@@ -11,9 +11,13 @@ from common.demo.clip import SHIPPED_CLIP
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.demo",
-                                     description="Build the embedded demo ahead of time, or pretrain the shipped CLIP again.")
-    parser.add_argument("--rebuild-clip", action="store_true", help=f"pretrain the demo CLIP and rewrite {SHIPPED_CLIP.name}")
+    parser = argparse.ArgumentParser(
+        prog="python -m common.demo",
+        description="Build the embedded demo ahead of time, or pretrain the shipped CLIP again.",
+    )
+    parser.add_argument(
+        "--rebuild-clip", action="store_true", help=f"pretrain the demo CLIP and rewrite {SHIPPED_CLIP.name}"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config()

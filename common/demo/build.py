@@ -79,7 +79,8 @@ def demo_dataset_root(cfg: DictConfig) -> Path:
 
 
 def demo_model_path(cfg: DictConfig) -> Path:
-    """The demo CLIP folder for `cfg`: the shipped one, unpacked; pretrained here only for other `demo.pretrain` settings."""
+    """The demo CLIP folder for `cfg`: the shipped one, unpacked; pretrained here only for other `demo.pretrain`
+    settings."""
     settings = _settings(cfg, CLIP_KEYS)
 
     def build(out: Path) -> None:
@@ -87,8 +88,11 @@ def demo_model_path(cfg: DictConfig) -> Path:
         if shipped["settings"] == settings:
             unpack_clip(shipped, out)
         else:
-            log.warning("the demo settings differ from those of the shipped CLIP (%s): pretraining one here, "
-                        "a few minutes; its weights depend on this machine's CPU", SHIPPED_CLIP.name)
+            log.warning(
+                "the demo settings differ from those of the shipped CLIP (%s): pretraining one here, "
+                "a few minutes; its weights depend on this machine's CPU",
+                SHIPPED_CLIP.name,
+            )
             pretrain_clip(out, cfg)
 
     name = _cache_name("clip", MODEL_VERSION, settings)

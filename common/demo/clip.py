@@ -89,7 +89,8 @@ def pretrain_clip(out: Path, cfg: DictConfig) -> None:
 
 @contextlib.contextmanager
 def _single_thread():
-    """One torch thread and deterministic algorithms while pretraining: the same machine always makes the same weights."""
+    """One torch thread and deterministic algorithms while pretraining: the same machine always makes the same
+    weights."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -109,13 +110,23 @@ def _pretrain(out: Path, cfg: DictConfig) -> None:
     p = cfg.pretrain
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=p.width, intermediate_size=2 * p.width,
-            num_hidden_layers=p.layers, num_attention_heads=p.heads, max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=p.width,
+            intermediate_size=2 * p.width,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=p.width, intermediate_size=2 * p.width, num_hidden_layers=p.layers,
-            num_attention_heads=p.heads, image_size=cfg.image_size, patch_size=p.patch_size,
+            hidden_size=p.width,
+            intermediate_size=2 * p.width,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            image_size=cfg.image_size,
+            patch_size=p.patch_size,
         ),
         projection_dim=p.projection_dim,
     )
@@ -163,7 +174,13 @@ def _pretrain(out: Path, cfg: DictConfig) -> None:
             sched.step()
             total += loss.item() * len(idx)
         if epoch % 10 == 0 or epoch == p.epochs - 1:
-            log.info("demo CLIP pretraining: epoch %d/%d loss %.3f (%.0fs)", epoch + 1, p.epochs, total / len(labels), time.time() - t0)
+            log.info(
+                "demo CLIP pretraining: epoch %d/%d loss %.3f (%.0fs)",
+                epoch + 1,
+                p.epochs,
+                total / len(labels),
+                time.time() - t0,
+            )
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -193,5 +210,7 @@ def unpack_clip(packed: dict, out: Path) -> None:
     for name, data in packed["files"].items():
         (out / name).write_bytes(base64.b64decode(data))
     if (digest := tree_sha256(out)) != packed["sha256"]:
-        raise RuntimeError(f"{SHIPPED_CLIP} is damaged: its files hash to {digest}, not {packed['sha256']}; "
-                           "restore it from the repository or rebuild it with `python -m common.demo --rebuild-clip`")
+        raise RuntimeError(
+            f"{SHIPPED_CLIP} is damaged: its files hash to {digest}, not {packed['sha256']}; "
+            "restore it from the repository or rebuild it with `python -m common.demo --rebuild-clip`"
+        )

@@ -50,7 +50,9 @@ def _color(hue: float, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)[0, 0] / 255
 
 
-def render(digit: np.ndarray, style: str, size: int, rng: np.random.Generator, backgrounds: list[np.ndarray]) -> np.ndarray:
+def render(
+    digit: np.ndarray, style: str, size: int, rng: np.random.Generator, backgrounds: list[np.ndarray]
+) -> np.ndarray:
     """One digit drawn in one style, as an RGB uint8 array."""
     m = _digit_mask(digit, size, rng)[..., None]
     ink_hue, bg_hue = rng.choice(COLOR_HUES, size=2, replace=False)

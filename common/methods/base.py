@@ -1,4 +1,5 @@
-"""What every method is asked, on the server and on a client; the defaults are those of a method that averages one set of weights.
+"""What every method is asked, on the server and on a client; the defaults are those of a method that averages one
+set of weights.
 
 A method is one class that its conf/method/<name>.yaml names (`_target_`, with the method's own
 options beside it). The server's round loop and strategy and the ClientApp call these hooks and
@@ -36,19 +37,24 @@ Combine = Callable[[list[Update]], dict[str, np.ndarray]]  # the strategy's rule
 
 
 class Method:
-    """One federated method: what it trains and sends, who trains, what a client does with a message, how the server combines."""
+    """One federated method: what it trains and sends, who trains, what a client does with a message, how the server
+    combines."""
 
     trains = True  # False: nothing trains, the run is round 0's evaluation
-    weights_name: str | None = "adapter"  # the run folder's <weights_name>_best/_final.safetensors; None: no global weights
+    weights_name: str | None = (
+        "adapter"  # the run folder's <weights_name>_best/_final.safetensors; None: no global weights
+    )
     combines_updates = True  # several clients' updates make one: strategy.aggregation's robust rules apply
     narrows_to_16_bits = True  # what travels survives 16 bits: strategy.transport_dtype may narrow it
-    averages_updates = False  # the new global weights are the mean of the clients' updates to one shared set: SecAgg+ and central DP apply
+    # the new global weights are the mean of the clients' updates to one shared set: SecAgg+ and central DP apply
+    averages_updates = False
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def refuse(self, cfg: DictConfig) -> None:
-        """Raise a ValueError, saying why and what to do, for an option this method cannot run with (before any round)."""
+        """Raise a ValueError, saying why and what to do, for an option this method cannot run with (before any
+        round)."""
 
     # On the server
     def initial_weights(self, cfg: DictConfig, feature_dim: int) -> dict[str, torch.Tensor]:
@@ -60,7 +66,8 @@ class Method:
         return nodes
 
     def records(self, client: str, arrays: ArrayRecord, held_out: bool) -> dict[str, ArrayRecord]:
-        """The weights a client's message carries, given the global ones (as they travel); `held_out`: the held-out domain's."""
+        """The weights a client's message carries, given the global ones (as they travel); `held_out`: the held-out
+        domain's."""
         return {wire.ARRAYS: arrays}
 
     def update_base(self, client: str, global_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,8 +83,11 @@ class Method:
         return combine(updates)
 
     # On a client
-    def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Train from the received weights: the trained weights and the metrics (train-loss, num-examples, images-encoded).
+    def train(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Train from the received weights: the trained weights and the metrics (train-loss, num-examples,
+        images-encoded).
 
         `state` is the client's Flower context state, kept between rounds (an optimiser's moments).
         """
@@ -90,10 +100,22 @@ class Method:
 
 def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:
     """Accuracy and loss on val, test and all of a client's images, averaged over `adapters` (None: zero-shot CLIP)."""
-    metrics: dict = {"num-all": len(local.feats.labels), "num-val": len(local.split.val), "num-test": len(local.split.test),
-                     wire.NUM_EXAMPLES: len(local.feats.labels), wire.IMAGES_ENCODED: images_encoded}
-    splits = {name: indices for name, indices in (("val", local.split.val), ("test", local.split.test), ("all", np.arange(len(local.feats.labels))))
-              if len(indices) > 0}  # a small client's split can be empty: it reports nothing for it
+    metrics: dict = {
+        "num-all": len(local.feats.labels),
+        "num-val": len(local.split.val),
+        "num-test": len(local.split.test),
+        wire.NUM_EXAMPLES: len(local.feats.labels),
+        wire.IMAGES_ENCODED: images_encoded,
+    }
+    splits = {
+        name: indices
+        for name, indices in (
+            ("val", local.split.val),
+            ("test", local.split.test),
+            ("all", np.arange(len(local.feats.labels))),
+        )
+        if len(indices) > 0
+    }  # a small client's split can be empty: it reports nothing for it
     results = [evaluate_adapter(adapter, feats, splits, local.device) for adapter in adapters]
     for name in splits:
         metrics[f"{name}-acc"] = sum(r[name][0] for r in results) / len(results)
@@ -109,15 +131,20 @@ def method_class(target: object, name: object = None) -> type[Method]:
     site, whatever app the site approved): only a Method class of this app is ever looked up, and nothing nested.
     """
     if target is None:
-        raise ValueError(f"method {name!r} names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`")
+        raise ValueError(
+            f"method {name!r} names no class: its conf/method/ file needs `_target_: common.methods.<module>.<Class>`"
+        )
     cls = get_class(target) if isinstance(target, str) and target.startswith(f"{__package__}.") else None
     if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ValueError(f"method._target_={target!r} is not a method of this app: it must name a Method class in {__package__} "
-                         f"(common.methods.<module>.<Class>)")
+        raise ValueError(
+            f"method._target_={target!r} is not a method of this app: it must name a Method class in {__package__} "
+            f"(common.methods.<module>.<Class>)"
+        )
     return cls
 
 
 def load_method(cfg: DictConfig) -> Method:
-    """The run's method, built from conf/method/<name>.yaml: its `_target_` class (method_class) with the file's other keys."""
+    """The run's method, built from conf/method/<name>.yaml: its `_target_` class (method_class) with the file's
+    other keys."""
     method_class(cfg.method.get("_target_"), cfg.method.get("name"))
     return instantiate(cfg.method, _convert_="all", _recursive_=False)

@@ -1,4 +1,5 @@
-"""The paper's CLIP FedAvg and FedProx baselines: the clients fine-tune CLIP's image encoder itself; the server averages it.
+"""The paper's CLIP FedAvg and FedProx baselines: the clients fine-tune CLIP's image encoder itself; the server
+averages it.
 
 Every round sends the whole encoder (87.8M parameters for ViT-B/32): meant for GPUs. Images stream
 from disk batch by batch, and the encoder changes, so every evaluation encodes the images again.
@@ -38,12 +39,25 @@ class FedAvg(Method):
         model, _ = load_clip(model_name_or_path(cfg), torch.device("cpu"))
         return encoder_state(model)
 
-    def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
+    def train(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         model, processor = received_encoder(local, content[wire.ARRAYS])
         train_files = file_indices(local, local.split.train)
-        loss = self.finetune(model, processor, local.images, train_files, local.feats.text, local.cfg.training, local.generator(server_round, "train"))
-        return encoder_state(model), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(train_files),
-                                      wire.IMAGES_ENCODED: len(train_files) * local.cfg.training.local_epochs}
+        loss = self.finetune(
+            model,
+            processor,
+            local.images,
+            train_files,
+            local.feats.text,
+            local.cfg.training,
+            local.generator(server_round, "train"),
+        )
+        return encoder_state(model), {
+            wire.TRAIN_LOSS: loss,
+            wire.NUM_EXAMPLES: len(train_files),
+            wire.IMAGES_ENCODED: len(train_files) * local.cfg.training.local_epochs,
+        }
 
     def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
         """The images encoded again with the received encoder (the text tower is frozen: its prompts stay)."""
@@ -51,12 +65,22 @@ class FedAvg(Method):
             return scores(local, local.feats, [None])
         model, processor = received_encoder(local, content[wire.ARRAYS])
         before = images_encoded()
-        image, labels, skipped = encode_images(model, processor, local.images, local.device, local.cfg.model.encode_batch_size)
+        image, labels, skipped = encode_images(
+            model, processor, local.images, local.device, local.cfg.model.encode_batch_size
+        )
         feats = DomainFeatures(image, labels, local.feats.text, local.feats.logit_scale, skipped)
         return scores(local, feats, [None], images_encoded() - before)
 
-    def finetune(self, model: nn.Module, processor, images: ImageSource, indices: torch.Tensor, text: torch.Tensor,
-                 training: DictConfig, generator: torch.Generator) -> float:
+    def finetune(
+        self,
+        model: nn.Module,
+        processor,
+        images: ImageSource,
+        indices: torch.Tensor,
+        text: torch.Tensor,
+        training: DictConfig,
+        generator: torch.Generator,
+    ) -> float:
         """Local epochs of full fine-tuning of the image encoder; returns the mean loss."""
         device = next(model.parameters()).device
         params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
@@ -92,8 +116,10 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     """Put received encoder weights into a CLIP; every encoder key must be there, and nothing else."""
     expected = set(encoder_state(model))
     if set(state) != expected:
-        raise ValueError(f"encoder weights do not match this CLIP: missing {sorted(expected - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - expected)[:5]}")
+        raise ValueError(
+            f"encoder weights do not match this CLIP: missing {sorted(expected - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - expected)[:5]}"
+        )
     model.load_state_dict(state, strict=False)
 
 

@@ -1,4 +1,5 @@
-"""FedCLIP: each client trains the attention adapter on its cached frozen CLIP features; the server averages the adapters."""
+"""FedCLIP: each client trains the attention adapter on its cached frozen CLIP features; the server averages the
+adapters."""
 
 from __future__ import annotations
 
@@ -37,18 +38,23 @@ class FedClip(Method):
         """The features and rows a client trains on: its own train split."""
         return local.feats, torch.as_tensor(local.split.train)
 
-    def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
+    def train(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         feats, rows = self.train_rows(local)
         adapter = received_adapter(local, content[wire.ARRAYS])
         optimizer = make_optimizer(adapter, local.cfg.training)
         if OPTIMIZER in state:
             load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
-        loss = train_adapter(adapter, optimizer, feats, rows, local.cfg.training, local.generator(server_round, "train"))
+        loss = train_adapter(
+            adapter, optimizer, feats, rows, local.cfg.training, local.generator(server_round, "train")
+        )
         state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
         return adapter.state_dict(), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
     def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
-        """Every adapter the message carries is evaluated and their accuracies averaged (the held-out node of method=local
+        """Every adapter the message carries is evaluated and their accuracies averaged (the held-out node of
+        method=local
         gets one per client); zero-shot CLIP on round 0."""
         if zero_shot:
             return scores(local, local.feats, [None])
@@ -58,8 +64,17 @@ class FedClip(Method):
             adapter = adapters[0]
             optimizer = make_optimizer(adapter, local.cfg.training)
             personal = OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs})
-            train_adapter(adapter, optimizer, local.feats, torch.as_tensor(local.split.train), personal, local.generator(server_round, "personalize"))
-            metrics["personalized-test-acc"] = evaluate_adapter(adapter, local.feats, {"test": local.split.test}, local.device)["test"][0]
+            train_adapter(
+                adapter,
+                optimizer,
+                local.feats,
+                torch.as_tensor(local.split.train),
+                personal,
+                local.generator(server_round, "personalize"),
+            )
+            metrics["personalized-test-acc"] = evaluate_adapter(
+                adapter, local.feats, {"test": local.split.test}, local.device
+            )["test"][0]
         return metrics
 
 

@@ -16,7 +16,8 @@ from common.transport import encode
 
 
 class Local(FedClip):
-    """The server keeps one adapter per client, by client name (a node that rejoins under a new id goes on with its own)."""
+    """The server keeps one adapter per client, by client name (a node that rejoins under a new id goes on with its
+    own)."""
 
     weights_name = None  # no global adapter to save, resume or export
     combines_updates = False
@@ -28,7 +29,10 @@ class Local(FedClip):
 
     def refuse(self, cfg: DictConfig) -> None:
         if cfg.resume:
-            raise ValueError("resume= is not available for method=local: its adapters live on the clients, the checkpoint holds no global one")
+            raise ValueError(
+                "resume= is not available for method=local: its adapters live on the clients, the checkpoint holds "
+                "no global one"
+            )
 
     def records(self, client: str, arrays: ArrayRecord, held_out: bool) -> dict[str, ArrayRecord]:
         """A training client continues its own adapter; the held-out clients are evaluated with every client's."""

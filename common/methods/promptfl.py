@@ -42,8 +42,10 @@ class PromptText:
         length = 1 + n_ctx + max(len(n) for n in names) + 1
         limit = model.config.text_config.max_position_embeddings
         if length > limit:
-            raise ValueError(f"method=promptfl: {n_ctx} context vectors and the longest class prompt make {length} tokens, "
-                             f"this CLIP's text encoder takes {limit}; lower method.n_ctx or shorten model.prompt")
+            raise ValueError(
+                f"method=promptfl: {n_ctx} context vectors and the longest class prompt make {length} tokens, "
+                f"this CLIP's text encoder takes {limit}; lower method.n_ctx or shorten model.prompt"
+            )
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         ids = [[bos] + [pad] * n_ctx + n + [eos] + [pad] * (length - len(n) - n_ctx - 2) for n in names]
@@ -52,7 +54,8 @@ class PromptText:
         self.eos_positions = torch.tensor([1 + n_ctx + len(n) for n in names], device=device)
 
     def initial_context(self, init: str) -> torch.Tensor:
-        """The phrase's token embeddings (init="phrase": n_ctx must be its length), or N(0, 0.02^2) vectors (CoOp's random init)."""
+        """The phrase's token embeddings (init="phrase": n_ctx must be its length), or N(0, 0.02^2) vectors (CoOp's
+        random init)."""
         embedding = self.model.text_model.embeddings.token_embedding
         if init == "phrase":
             return embedding(torch.tensor(self.prefix_ids, device=embedding.weight.device)).detach().cpu().clone()
@@ -65,7 +68,7 @@ class PromptText:
         text = self.model.text_model
         tokens = text.embeddings.token_embedding(self.ids)
         ctx = ctx.to(tokens.dtype).unsqueeze(0).expand(len(self.ids), -1, -1)
-        hidden = text.embeddings(inputs_embeds=torch.cat([tokens[:, :1], ctx, tokens[:, 1 + self.n_ctx:]], dim=1))
+        hidden = text.embeddings(inputs_embeds=torch.cat([tokens[:, :1], ctx, tokens[:, 1 + self.n_ctx :]], dim=1))
         mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
         states = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         pooled = text.final_layer_norm(states)[torch.arange(len(self.ids), device=states.device), self.eos_positions]
@@ -75,13 +78,21 @@ class PromptText:
 class PromptFL(Method):
     """CoOp-style prompt learning, federated: each client tunes the shared context on its cached image features,
     cross-entropy over the class prompts (or the reference's contrastive loss, training.loss), AdamW at `lr` with its
-    state kept between rounds; `personalize_epochs` > 0 tunes the received context locally before the personalization test."""
+    state kept between rounds; `personalize_epochs` > 0 tunes the received context locally before the
+    personalization test."""
 
     weights_name = "prompt"
     averages_updates = True
 
-    def __init__(self, name: str = "promptfl", init: str = "phrase", n_ctx: int = 16, lr: float = 1e-2, weight_decay: float = 0.0,
-                 personalize_epochs: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "promptfl",
+        init: str = "phrase",
+        n_ctx: int = 16,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        personalize_epochs: int = 0,
+    ) -> None:
         super().__init__(name)
         if init not in ("phrase", "random"):
             raise ValueError(f"method.init must be 'phrase' or 'random', got {init!r}")
@@ -89,41 +100,72 @@ class PromptFL(Method):
         self.personalize_epochs = int(personalize_epochs)
 
     def prompt_text(self, model, tokenizer, class_names: list[str], template: str) -> PromptText:
-        """The text path for these classes; with init="phrase" the context is as long as the prompt's words before the class."""
-        n_ctx = len(tokenizer(template.partition("{}")[0], add_special_tokens=False)["input_ids"]) if self.init == "phrase" else self.n_ctx
+        """The text path for these classes; with init="phrase" the context is as long as the prompt's words before
+        the class."""
+        n_ctx = (
+            len(tokenizer(template.partition("{}")[0], add_special_tokens=False)["input_ids"])
+            if self.init == "phrase"
+            else self.n_ctx
+        )
         if n_ctx == 0:
-            raise ValueError(f"method.init=phrase starts the context from the words of model.prompt before '{{}}', and {template!r} has none; "
-                             "use a prompt such as 'a photo of a {}' or method.init=random")
+            raise ValueError(
+                f"method.init=phrase starts the context from the words of model.prompt before '{{}}', "
+                f"and {template!r} has none; "
+                "use a prompt such as 'a photo of a {}' or method.init=random"
+            )
         return PromptText(model, tokenizer, class_names, template, n_ctx)
 
     def initial_weights(self, cfg: DictConfig, feature_dim: int) -> dict[str, torch.Tensor]:
         model, processor = load_clip(model_name_or_path(cfg), torch.device("cpu"))
         torch.manual_seed(cfg.seed)
         classes = ["class"]  # the context does not depend on the classes; the layout only checks the length
-        return {CONTEXT: self.prompt_text(model, processor.tokenizer, classes, cfg.model.prompt).initial_context(self.init)}
+        return {
+            CONTEXT: self.prompt_text(model, processor.tokenizer, classes, cfg.model.prompt).initial_context(self.init)
+        }
 
     def _text(self, local: LocalData) -> PromptText:
         model, processor = local.clip_model()
         return self.prompt_text(model, processor.tokenizer, local.images.classes, local.cfg.model.prompt)
 
-    def _tune(self, text: PromptText, ctx: torch.Tensor, feats: DomainFeatures, rows: torch.Tensor, training: DictConfig,
-              generator: torch.Generator, state: RecordDict | None) -> tuple[torch.Tensor, float]:
+    def _tune(
+        self,
+        text: PromptText,
+        ctx: torch.Tensor,
+        feats: DomainFeatures,
+        rows: torch.Tensor,
+        training: DictConfig,
+        generator: torch.Generator,
+        state: RecordDict | None,
+    ) -> tuple[torch.Tensor, float]:
         """Local epochs of prompt tuning on cached image features; returns the tuned context and the mean loss."""
         device = text.ids.device
         ctx = ctx.to(device).requires_grad_(True)
-        optimizer = torch.optim.AdamW([ctx], lr=self.lr, betas=tuple(training.betas), eps=training.eps, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [ctx], lr=self.lr, betas=tuple(training.betas), eps=training.eps, weight_decay=self.weight_decay
+        )
         if state is not None and OPTIMIZER in state:
             load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
         x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
-        loss = train_epochs(lambda batch: class_logits(batch, text(ctx), scale, None), optimizer, x, y, training, generator)
+        loss = train_epochs(
+            lambda batch: class_logits(batch, text(ctx), scale, None), optimizer, x, y, training, generator
+        )
         if state is not None:
             state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
         return ctx.detach().cpu(), loss
 
-    def train(self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int) -> tuple[dict[str, torch.Tensor], dict]:
+    def train(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         rows = torch.as_tensor(local.split.train)
-        ctx, loss = self._tune(self._text(local), decode(content[wire.ARRAYS])[CONTEXT], local.feats, rows, local.cfg.training,
-                               local.generator(server_round, "train"), state)
+        ctx, loss = self._tune(
+            self._text(local),
+            decode(content[wire.ARRAYS])[CONTEXT],
+            local.feats,
+            rows,
+            local.cfg.training,
+            local.generator(server_round, "train"),
+            state,
+        )
         return {CONTEXT: ctx}, {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
     def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
@@ -132,19 +174,38 @@ class PromptFL(Method):
         text = self._text(local)
         ctx = decode(content[wire.ARRAYS])[CONTEXT]
         with torch.no_grad():
-            prompted = DomainFeatures(local.feats.image, local.feats.labels, text(ctx.to(text.ids.device)).cpu(), local.feats.logit_scale, [])
+            prompted = DomainFeatures(
+                local.feats.image, local.feats.labels, text(ctx.to(text.ids.device)).cpu(), local.feats.logit_scale, []
+            )
         metrics = scores(local, prompted, [None])
         if self.personalize_epochs > 0 and not local.held_out:
             personal = OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs})
-            tuned, _ = self._tune(text, ctx, local.feats, torch.as_tensor(local.split.train), personal, local.generator(server_round, "personalize"), None)
+            tuned, _ = self._tune(
+                text,
+                ctx,
+                local.feats,
+                torch.as_tensor(local.split.train),
+                personal,
+                local.generator(server_round, "personalize"),
+                None,
+            )
             with torch.no_grad():
-                personalized = DomainFeatures(local.feats.image, local.feats.labels, text(tuned.to(text.ids.device)).cpu(), local.feats.logit_scale, [])
-            metrics["personalized-test-acc"] = evaluate_adapter(None, personalized, {"test": local.split.test}, local.device)["test"][0]
+                personalized = DomainFeatures(
+                    local.feats.image,
+                    local.feats.labels,
+                    text(tuned.to(text.ids.device)).cpu(),
+                    local.feats.logit_scale,
+                    [],
+                )
+            metrics["personalized-test-acc"] = evaluate_adapter(
+                None, personalized, {"test": local.split.test}, local.device
+            )["test"][0]
         return metrics
 
 
 def prompt_features(model, tokenizer, class_names: list[str], template: str, ctx: torch.Tensor) -> torch.Tensor:
     """Class text features of a trained context (what fedclip-predict uses for a PromptFL run)."""
     with torch.no_grad():
-        return PromptText(model, tokenizer, class_names, template, len(ctx))(ctx.to(next(model.parameters()).device)).cpu()
-
+        return PromptText(model, tokenizer, class_names, template, len(ctx))(
+            ctx.to(next(model.parameters()).device)
+        ).cpu()
