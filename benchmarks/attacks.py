@@ -82,9 +82,8 @@ def poisoned_client_app(attack: str, partitions: set[int], seed: int = 0) -> Cli
 
     app = ClientApp()
     app.query()(client_module.query)
-    app.train(mods=[secagg_mod, attack_mod, dp_clipping_mod])(
-        client_module.train
-    )  # as the real app's, the attack inside SecAgg+
+    # as the real app's, the attack inside SecAgg+
+    app.train(mods=[secagg_mod, attack_mod, dp_clipping_mod])(client_module.train)
     app.evaluate()(client_module.evaluate)
     return app
 

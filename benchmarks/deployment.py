@@ -144,11 +144,12 @@ class LocalDeployment:
     `flwr` CLI configured for them. Logs go to <work>/logs, Flower homes to <work>/flwr."""
 
     def __init__(self, work: Path, num_nodes: int, base_port: int | None = None, warm: bool = False) -> None:
+        # warm: --isolation process + a fedclip-clientapp per node
         self.work, self.num_nodes, self.warm = (
             work,
             num_nodes,
             warm,
-        )  # warm: --isolation process + a fedclip-clientapp per node
+        )
         if base_port is None:
             ports = [free_port() for _ in range(3 + num_nodes)]
         else:

@@ -143,9 +143,8 @@ def main() -> int:
     args = parser.parse_args()
 
     t_start = time.time()
-    signal.signal(
-        signal.SIGTERM, lambda *_: sys.exit(143)
-    )  # so that a stop from outside still stops the Flower processes
+    # so that a stop from outside still stops the Flower processes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, work = args.out.resolve(), args.work.resolve()
     if " " in str(work):
         raise SystemExit(
@@ -155,9 +154,8 @@ def main() -> int:
     domains = list(PACS_DOMAINS)
     deployment = LocalDeployment(work, len(domains), args.base_port)  # checks its ports are free, before any slow step
     root, model_dir = work / "data", work / f"clip-{args.preset}"
-    counts = make_dataset(
-        root, args.scale, args.image_size, args.workers
-    )  # first: its workers fork before torch is loaded
+    # first: its workers fork before torch is loaded
+    counts = make_dataset(root, args.scale, args.image_size, args.workers)
 
     import flwr
     import torch

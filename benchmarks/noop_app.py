@@ -133,9 +133,8 @@ def main(grid: Grid, context: Context) -> None:
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
     ]
     info = {r.metadata.src_node_id: r.content["info"] for r in exchange(grid, queries, poll, timeout)}
-    node_of = {
-        str(i["client"]): n for n, i in info.items()
-    }  # client name -> node id: the samples are drawn by name, as FedCLIP's
+    # client name -> node id: the samples are drawn by name, as FedCLIP's
+    node_of = {str(i["client"]): n for n, i in info.items()}
     if len(node_of) < len(info):
         raise RuntimeError(
             f"{len(info)} nodes hold only {len(node_of)} distinct clients: each node must hold its own domain/shard"
@@ -155,9 +154,8 @@ def main(grid: Grid, context: Context) -> None:
         float(rc["fraction-train"]),
         float(rc["fraction-evaluate"]),
     )
-    min_train = int(
-        rc.get("min-train-nodes", 1)
-    )  # FedCLIP's strategy.min_train_nodes (an older pyproject lacks the key)
+    # FedCLIP's strategy.min_train_nodes (an older pyproject lacks the key)
+    min_train = int(rc.get("min-train-nodes", 1))
 
     def messages(clients: list[str], message_type: str, server_round: int) -> list[Message]:
         config = ConfigRecord({"server-round": server_round})

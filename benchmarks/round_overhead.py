@@ -177,15 +177,15 @@ class Bench:
         self.model = model_name_or_path(self.cfg)  # builds the demo CLIP on first use (FEDCLIP_CACHE)
         self.adapter_dim = int(json.loads((Path(self.model) / "config.json").read_text())["projection_dim"])
         self.rows: list[dict] = []
+        # the code measured, as it started
         self.commit = (
             _git("rev-parse", "HEAD"),
             _git("rev-parse", "--abbrev-ref", "HEAD"),
-        )  # the code measured, as it started
+        )
 
     def setting(self, mode: str, clients: int, fraction: float) -> dict:
-        name = f"{mode}-{clients}" + (
-            f"-sampled{fraction:g}" if fraction < 1 else ""
-        )  # no '@': Flower's database path is a URL
+        # no '@': Flower's database path is a URL
+        name = f"{mode}-{clients}" + (f"-sampled{fraction:g}" if fraction < 1 else "")
         folder = self.work / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

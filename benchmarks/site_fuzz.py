@@ -270,9 +270,8 @@ def parse_at_site(site: Site, tally: Tally, text: str, example: object) -> None:
 
     sent, held = json.loads(text), OmegaConf.to_container(cfg)
     changed = [p for p in paths(sent) if p and isinstance(at(held, p), str) and at(held, p) != str(at(sent, p))]
-    resolved = (
-        f"{'.'.join(map(str, changed[0]))} changed from what was sent" if changed else None
-    )  # a type's conversion is no change
+    # a type's conversion is no change
+    resolved = f"{'.'.join(map(str, changed[0]))} changed from what was sent" if changed else None
     tally.note("accepted", site.leaked(json.dumps(held)), resolved, example)
 
 

@@ -333,9 +333,8 @@ def main(argv: list[str]) -> int:
             durations.append(time.time() - t0)
             run = read_run(out_dir, method, held_out, seed)
             if run.status == "done":
-                shutil.rmtree(
-                    run.dir / "flwr-home", ignore_errors=True
-                )  # Flower's own state; kept only for failed runs
+                # Flower's own state; kept only for failed runs
+                shutil.rmtree(run.dir / "flwr-home", ignore_errors=True)
                 result = f"held-out {100 * (run.generalization or 0):.2f}%"
                 if run.personalization is not None:
                     result += f", personalization {100 * run.personalization:.2f}%"

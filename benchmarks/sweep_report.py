@@ -284,9 +284,8 @@ def write_plots(out_dir: Path, runs: list[Run], methods: list[str], held_outs: l
         xs = [statistics.mean(c[k] for c in sent) for k in rounds]
         keep = [i for i, x in enumerate(xs) if x > 0]  # log axis: a method that sends nothing is a level line
         if keep:
-            line(
-                ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m]
-            )  # no band: it would mix domains
+            # no band: it would mix domains
+            line(ax, [xs[i] for i in keep], [acc[i] for i in keep], [0.0] * len(keep), m, colors[m])
         elif rounds:
             line(ax, [1], acc[-1:], [0.0], f"{m} (sends nothing)", colors[m])
     ax.set(xscale="log")

@@ -43,9 +43,8 @@ def main(argv: list[str]) -> int:
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-    run_seed(
-        0, f"{args.overrides} {OFF} method=zero_shot", out / "warm-up"
-    )  # encodes the features once, outside the pairs
+    # encodes the features once, outside the pairs
+    run_seed(0, f"{args.overrides} {OFF} method=zero_shot", out / "warm-up")
     print("| pair | off: s/round | on: s/round | off: s/run | on: s/run |\n|---|---|---|---|---|")
     for repeat in range(args.repeats):
         for name, tracking in (("off", OFF), ("on", args.on)):

@@ -39,9 +39,8 @@ def method_of(message: Message) -> Method:
     return _method(str(message.content[wire.CONFIG][wire.RUN_CONFIG]))
 
 
-@functools.lru_cache(
-    maxsize=KEPT
-)  # one method object for every node of this process in the run (a Local method keeps theirs)
+# one method object for every node of this process in the run (a Local method keeps theirs)
+@functools.lru_cache(maxsize=KEPT)
 def _method(run_config: str) -> Method:
     return load_method(config_from_message(run_config))
 
@@ -87,9 +86,8 @@ def query(message: Message, context: Context) -> Message:
     return reply
 
 
-@app.train(
-    mods=[secagg_mod, dp_clipping_mod]
-)  # Flower's SecAgg+ and client-side DP clipping, when the server asks for them
+# Flower's SecAgg+ and client-side DP clipping, when the server asks for them
+@app.train(mods=[secagg_mod, dp_clipping_mod])
 def train(message: Message, context: Context) -> Message:
     """Evaluate the received weights if asked (config `evaluate-round`), then train from them locally.
 

@@ -17,7 +17,6 @@ def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     config = msg.content.config_records.get(wire.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, ctxt)
-    adaptive = (
-        config_from_message(str(config[wire.RUN_CONFIG])).strategy.dp.clipping == "adaptive"
-    )  # the run's configuration, checked
+    # the run's configuration, checked
+    adaptive = config_from_message(str(config[wire.RUN_CONFIG])).strategy.dp.clipping == "adaptive"
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, ctxt, call_next)

@@ -134,9 +134,8 @@ def local_data(message: Message, context: Context) -> LocalData:
             while len(_LOCAL) > KEPT:
                 _LOCAL.pop(next(iter(_LOCAL)))  # the oldest
         except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
-            site = (
-                "domain" in context.node_config
-            )  # a site's log says it; simulated nodes leave it to the server's one line
+            # a site's log says it; simulated nodes leave it to the server's one line
+            site = "domain" in context.node_config
             log.log(
                 logging.WARNING if site else logging.DEBUG,
                 "this node cannot take part in run %s: %s: %s",

@@ -42,9 +42,8 @@ def as_train_message(msg: Message) -> Message:
     config = msg.content["fitins.config"]
     tensors = parameters_to_ndarrays(arrayrecord_to_parameters(msg.content["fitins.parameters"], keep_input=True))
     arrays = ArrayRecord({str(k): Array(t) for k, t in zip(config[wire.ADAPTER_KEYS], tensors, strict=True)})
-    msg.content = RecordDict(
-        {wire.ARRAYS: arrays, wire.CONFIG: config}
-    )  # one of each, as Flower's DP clipping mods require
+    # one of each, as Flower's DP clipping mods require
+    msg.content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
     return msg
 
 
@@ -57,9 +56,8 @@ def as_fitres(msg: Message, reply: Message, ctxt: Context) -> Message:
     examples = reply.content[wire.METRICS][wire.NUM_EXAMPLES]
     weight = 1 if config[wire.SECAGG_WEIGHTING] == "equal" else int(examples)
     protocol = ctxt.state.config_records[RECORD_KEY_STATE]  # what the setup stage said
-    limit = (
-        float(protocol["clipping_range"]) * float(protocol["max_weight"]) / weight
-    )  # secaggplus_mod clips weight / max_weight x update
+    # secaggplus_mod clips weight / max_weight x update
+    limit = float(protocol["clipping_range"]) * float(protocol["max_weight"]) / weight
     reply.content[wire.METRICS]["secagg-clipped"] = float(
         sum(np.sum(np.abs(u) > limit) for u in update) / sum(u.size for u in update)
     )

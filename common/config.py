@@ -43,9 +43,8 @@ def compose_config(overrides: str | list[str] = "", conf_dir: Path = CONF_DIR) -
         return compose(config_name="config", overrides=list(overrides))
 
 
-MESSAGE_CONFIG_MAX_CHARS = (
-    1 << 20
-)  # a run's configuration is about 5 KB (DomainNet's 345 classes included); a node parses no more
+# a run's configuration is about 5 KB (DomainNet's 345 classes included); a node parses no more
+MESSAGE_CONFIG_MAX_CHARS = 1 << 20
 
 
 def load_config(overrides: str | list[str] = "", complete: bool = True) -> DictConfig:

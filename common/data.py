@@ -191,9 +191,8 @@ def _list_domain(root: Path, domain: str, classes: tuple[str, ...], stamp: tuple
         folder = root / domain / name
         if not folder.is_dir():
             continue
-        files = sorted(
-            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name
-        )  # by name: fast
+        # by name: fast
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
         paths += files
         labels += [label] * len(files)
     if not paths:

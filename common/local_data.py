@@ -98,9 +98,8 @@ def client_data(cfg: DictConfig, domain: str, shard: int, device: torch.device, 
         if isinstance(images, DomainFolder)
         else set()
     )
-    stamp = {
-        folder: _mtime(folder) for folder in folders
-    }  # before the listing is used: a change during the build is seen next time
+    # before the listing is used: a change during the build is seen next time
+    stamp = {folder: _mtime(folder) for folder in folders}
     feats = domain_features(
         model_name_or_path(cfg),
         images,

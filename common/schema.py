@@ -263,9 +263,10 @@ def checked_config(data: dict, complete: bool = True) -> DictConfig:
     value
     (`???`: conf/'s mandatory dataset.held_out, say; a sweep's plan composes without it).
     """
+    # the methods import the model and data code, which import this module's users
     from common.methods.base import (
         method_class,
-    )  # the methods import the model and data code, which import this module's users
+    )
 
     if not isinstance(data, dict):
         raise ConfigError(f"the configuration is a {type(data).__name__}, not a map of keys to values")

@@ -176,9 +176,8 @@ class FedClipClassifier:
             )
         weights = None
         if which is not None:
-            saves = (
-                load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"
-            )  # a run from before methods named their class
+            # a run from before methods named their class
+            saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"
             path = run / f"{saves or 'adapter'}_{which}.safetensors"
             if saves not in ("adapter", "prompt") or not path.is_file():
                 kind = (

@@ -27,9 +27,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Discover the nodes, then one exchange per round: round r's training carries round r-1's evaluation."""
-    cfg = load_config(
-        str(context.run_config.get("overrides", ""))
-    )  # checked before the first message: a mistyped value stops here
+    # checked before the first message: a mistyped value stops here
+    cfg = load_config(str(context.run_config.get("overrides", "")))
     run_config = message_config(cfg)  # the clients get the run's checked configuration with every message
     method = load_method(cfg)
     if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:

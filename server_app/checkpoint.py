@@ -42,9 +42,8 @@ class Checkpoint:
     rows: list[dict]
     protocol: dict
     optimizer: dict[str, np.ndarray]  # the server optimizer's moments (server_app/server_optimizer.py), if it has any
-    strategy: dict[str, float] = field(
-        default_factory=dict
-    )  # the strategy's checkpoint_state() (adaptive DP's clipping norm)
+    # the strategy's checkpoint_state() (adaptive DP's clipping norm)
+    strategy: dict[str, float] = field(default_factory=dict)
 
 
 class StrategyState(Protocol):
@@ -155,9 +154,8 @@ def resume_run(
             f"resume={folder}: the checkpoint's run had domains {sorted(old_domains)}, this federation "
             f"has {sorted(report.domains)}"
         )
-    weights = ArrayRecord(
-        {k: ckpt.arrays[k] for k in arrays.keys()}
-    )  # in this run's order, not the file's (sorted): Flower's
+    # in this run's order, not the file's (sorted): Flower's
+    weights = ArrayRecord({k: ckpt.arrays[k] for k in arrays.keys()})
     # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the
     # client was sent
     report.rows = ckpt.rows

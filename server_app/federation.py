@@ -31,10 +31,11 @@ class FederationError(Exception):
     """
 
 
+# the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
 POLL_SECONDS = (
     0.002,
     0.05,
-)  # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
+)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clients: dict[int, str]) -> list[Message]:

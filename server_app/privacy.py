@@ -134,9 +134,8 @@ class ScreenedPrivacy:
         """SecAgg+ with client-side fixed clipping: Flower's noise added to the unmasked mean of the clipped updates."""
         replies = [r for r in replies if not r.has_error()]
         arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean_update)
-        self.num_sampled_clients = len(
-            replies
-        )  # the updates in the sum (the noise is added only when there are 2 or more)
+        # the updates in the sum (the noise is added only when there are 2 or more)
+        self.num_sampled_clients = len(replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined] - Flower's client-side fixed wrapper's
         metrics["dp-epsilon"] = self.spent(server_round)

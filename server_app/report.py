@@ -79,9 +79,8 @@ class RunReport:
         }
         self.source_domains = sorted(d for d in self.clients if d != self.held_out)
         self.all_clients = set(client_domains)
-        self.source_clients = {
-            c for d in self.source_domains for c in self.clients[d]
-        }  # evaluated on their val and test splits
+        # evaluated on their val and test splits
+        self.source_clients = {c for d in self.source_domains for c in self.clients[d]}
         self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
@@ -120,9 +119,8 @@ class RunReport:
             },
         )
         names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
-        self.dp = (
-            cfg.strategy.dp.side is not None
-        )  # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
+        # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
+        self.dp = cfg.strategy.dp.side is not None
         self._print(
             ["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])]
         )
@@ -198,9 +196,8 @@ class RunReport:
         An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
         and counted as a client that sent 0 bytes it would drag the per-client mean down.
         """
-        unanswered: dict[str, int] = defaultdict(
-            int
-        )  # per client: messages sent minus replies that came back without an error
+        # per client: messages sent minus replies that came back without an error
+        unanswered: dict[str, int] = defaultdict(int)
         for msg in messages:
             self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
             unanswered[node_clients[msg.metadata.dst_node_id]] += 1
@@ -243,9 +240,8 @@ class RunReport:
             "missing": sorted(self.all_clients - self.evaluated(evaluation)),
             "lost": sorted(self.lost),
             "rejected": sorted(key.rpartition("/")[0] for key in train if key.endswith(f"/{screening.REJECTED}")),
-            "bytes_down_per_client": _mean(
-                self.down[c] for c in self.train_clients if c in self.down
-            ),  # a training client's
+            # a training client's
+            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down),
             "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.up),
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,

@@ -107,9 +107,8 @@ def run_rounds(
             metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
             seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
             report.add_round(trained.round, trained.train, metrics, seconds, trained.arrays)
-            save_checkpoint(
-                report, trained.arrays, optimizer, strategy.checkpoint_state()
-            )  # the state round trained.round + 1 starts from
+            # the state round trained.round + 1 starts from
+            save_checkpoint(report, trained.arrays, optimizer, strategy.checkpoint_state())
         if final:
             break
         report.count_traffic(federation.node_clients, sent, replies)

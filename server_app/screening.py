@@ -41,9 +41,8 @@ def checked_tensors(
     state = {}
     for key, expected in template.items():
         try:
-            array = (
-                arrays[key] if isinstance(arrays[key], np.ndarray) else arrays[key].numpy()
-            )  # the decoded bytes, not the declared shape
+            # the decoded bytes, not the declared shape
+            array = arrays[key] if isinstance(arrays[key], np.ndarray) else arrays[key].numpy()
         except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
             return None, f"{key} cannot be decoded: {err}"
         if array.shape != expected.shape:
@@ -169,11 +168,12 @@ def evaluation(msg: Message) -> tuple[dict | None, str | None]:
     if wire.METRICS not in msg.content.metric_records:
         return None, f"no {wire.METRICS!r} record"
     fused = msg.metadata.message_type == MessageType.TRAIN
+    # a train reply's, under the prefix; an evaluate reply's, without
     found = {
         k.removeprefix(wire.EVALUATION_PREFIX): v
         for k, v in msg.content[wire.METRICS].items()
         if k.startswith(wire.EVALUATION_PREFIX) == fused
-    }  # a train reply's, under the prefix; an evaluate reply's, without
+    }
     if not found:
         return None, "its train reply carries no evaluation" if fused else "no evaluation metrics"
     return found, None

@@ -104,9 +104,8 @@ def secure_exchange(
     stage that brings the adapter carry the train metrics, no arrays), and the mean update by tensor name
     (None when the protocol halted: too few nodes left).
     """
-    arrays = train[0].content[
-        wire.ARRAYS
-    ]  # method=fedclip: every node trains from the same global adapter, serialized once
+    # method=fedclip: every node trains from the same global adapter, serialized once
+    arrays = train[0].content[wire.ARRAYS]
     parameters, keys = ndarrays_to_parameters([a.numpy() for a in arrays.values()]), list(arrays.keys())
     proxies, fitins = SimpleClientManager(), []
     for msg in train:

@@ -34,9 +34,8 @@ class ServerOptimizer:
             raise ValueError(f"strategy.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {kind!r}")
         self.kind, self.momentum, self.tau = kind, float(momentum), float(tau)
         self.lr = DEFAULT_LR[kind] if lr is None else float(lr)
-        self.beta_1, self.beta_2 = (
-            (0.0, 0.0) if kind == "fedadagrad" else (float(betas[0]), float(betas[1]))
-        )  # FedAdagrad: m = delta
+        # FedAdagrad: m = delta
+        self.beta_1, self.beta_2 = (0.0, 0.0) if kind == "fedadagrad" else (float(betas[0]), float(betas[1]))
         self.m: dict[str, np.ndarray] = {}  # first moment (FedAvgM: the momentum vector)
         self.v: dict[str, np.ndarray] = {}  # second moment
 

@@ -63,9 +63,8 @@ def aggregate_adapters(
     if aggregation == "median":
         combined = aggregate_median(results)
     elif aggregation == "trimmed_mean":
-        combined = aggregate_trimmed_avg(
-            results, (f + 0.5) / len(results)
-        )  # int(fraction * n) == f, whatever float rounding does
+        # int(fraction * n) == f, whatever float rounding does
+        combined = aggregate_trimmed_avg(results, (f + 0.5) / len(results))
     elif aggregation == "krum":
         combined = aggregate_krum(results, f, to_keep=0)
     elif aggregation == "multikrum":
@@ -148,9 +147,8 @@ class FedClipStrategy(FedAvg):
             configrecord_key=wire.CONFIG,
         )
         self.node_domains = node_domains
-        self.node_clients = (
-            node_clients if node_clients is not None else dict(node_domains)
-        )  # names metrics: "<client>/<metric>"
+        # names metrics: "<client>/<metric>"
+        self.node_clients = node_clients if node_clients is not None else dict(node_domains)
         self.held_out = held_out
         self.template = template
         self.weighting = weighting
@@ -192,10 +190,11 @@ class FedClipStrategy(FedAvg):
             )
         if self.num_malicious < 0:
             raise ValueError(f"strategy.num_malicious must be >= 0, got {self.num_malicious}")
+        # every round samples as many
         need, have = (
             min_clients(self.aggregation, self.num_malicious),
             len(self.train_sample(1)),
-        )  # every round samples as many
+        )
         if have < need:
             raise ValueError(
                 f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at "
@@ -398,12 +397,10 @@ class FedClipStrategy(FedAvg):
                 count,
             )
             return None, metrics
-        unmasked = {
-            k: np.empty(v.shape, np.float64) for k, v in self.template.items()
-        }  # SecAgg+ dequantizes to float64
-        mean, reason = screening.checked_tensors(
-            mean_update, unmasked, "float32"
-        )  # a float64 template takes float64 only: no transport dtype applies
+        # SecAgg+ dequantizes to float64
+        unmasked = {k: np.empty(v.shape, np.float64) for k, v in self.template.items()}
+        # a float64 template takes float64 only: no transport dtype applies
+        mean, reason = screening.checked_tensors(mean_update, unmasked, "float32")
         if mean is None:
             log.warning(
                 "round %d: the securely aggregated update is unusable (%s): the global adapter is unchanged",

@@ -40,10 +40,11 @@ ROW_COUNTS = {  # a report row's list of clients -> the name its length is logge
 }
 NAME_CHARACTERS = re.compile(r"[^\w.\- /]")  # what MLflow accepts in a metric name on every platform
 FOLDER_NAME = re.compile(r"[^\w.-]+")  # what an experiment's artifact folder name may not hold
+# an absent server: a warning
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}  # an absent server: a warning
+}
 # within seconds, not after MLflow's default minutes of retries (a user's own setting wins)
 
 
@@ -180,9 +181,8 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     keeps them beside its store, rather than ./mlruns of whatever folder the ServerApp runs in; else the server's
     choice."""
     database = sqlite_database(uri)
-    folder = (
-        FOLDER_NAME.sub("_", experiment).strip("_") or "experiment"
-    )  # one folder, also for a sweep's path-like name
+    # one folder, also for a sweep's path-like name
+    folder = FOLDER_NAME.sub("_", experiment).strip("_") or "experiment"
     return None if database is None else (database.parent / "mlartifacts" / folder).as_uri()
 
 

@@ -173,9 +173,8 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(folder, tiny_clip, tmp_p
     for arrays, config in grid.sent[2]:
         for key, value in ckpt.arrays.to_torch_state_dict().items():
             np.testing.assert_array_equal(arrays[key], value.numpy())  # round 2 trains from the checkpoint's weights
-        assert list(arrays) == list(
-            crashed_grid.sent[2][0][0]
-        )  # in the run's order, not the file's (Flower's DP mods compare it)
+        # in the run's order, not the file's (Flower's DP mods compare it)
+        assert list(arrays) == list(crashed_grid.sent[2][0][0])
         assert "evaluate-round" not in config  # round 1's weights were evaluated before the crash: not again
     assert [config["evaluate-round"] for _, config in grid.sent[3]] == [2, 2]
     rows = rows_of(resumed)
@@ -194,18 +193,16 @@ def test_adaptive_clipping_goes_on_with_the_norm_it_had_learnt(folder, tiny_clip
     )
     crashed_grid, crashed = serve(common(folder, tiny_clip, tmp_path, 3, dp), tmp_path / "crashed", crash_round=3)
     norms = {r: {config[KEY_CLIPPING_NORM] for _, config in sent} for r, sent in crashed_grid.sent.items()}
-    assert (
-        norms[1] == {0.001} and len(norms[2]) == 1 and norms[2] != {0.001}
-    )  # 0.001 clips every update: round 2's grew
+    # 0.001 clips every update: round 2's grew
+    assert norms[1] == {0.001} and len(norms[2]) == 1 and norms[2] != {0.001}
     assert load_checkpoint(crashed).strategy == {CLIPPING_NORM_STATE: norms[2].pop()}
     grid, resumed = serve(common(folder, tiny_clip, tmp_path, 3, f"{dp} resume={crashed}"), tmp_path / "resumed")
     assert {config[KEY_CLIPPING_NORM] for _, config in grid.sent[2]} == {
         load_checkpoint(crashed).strategy[CLIPPING_NORM_STATE]
     }
     round3 = {config[KEY_CLIPPING_NORM] for _, config in grid.sent[3]}
-    assert (
-        load_checkpoint(resumed).strategy[CLIPPING_NORM_STATE] not in round3
-    )  # each checkpoint keeps the norm of the round after it
+    # each checkpoint keeps the norm of the round after it
+    assert load_checkpoint(resumed).strategy[CLIPPING_NORM_STATE] not in round3
 
 
 def test_an_old_checkpoint_without_the_norm_restarts_it_and_says_so(tmp_path, caplog):

@@ -61,9 +61,8 @@ def test_later_messages_reuse_the_world(setup):
     for r in (1, 2, 3):
         reply = client_app(message(run_config, r), node)
         assert not reply.has_error(), reply.error
-        assert (
-            "evaluation/val-acc" in reply.content["metrics"] and "arrays" in reply.content
-        )  # the evaluation rode on the train message
+        # the evaluation rode on the train message
+        assert "evaluation/val-acc" in reply.content["metrics"] and "arrays" in reply.content
     client_app(message(run_config, 4, MessageType.EVALUATE), node)
     assert len(builds) == 1
 

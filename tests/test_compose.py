@@ -115,9 +115,8 @@ def node_config(service: dict) -> dict:
 def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
     gpu, _ = compose_config
     command = gpu["services"]["superlink"]["command"]
-    assert flags(command) == SUPERLINK_FLAGS - {
-        "--fleet-api-address"
-    }  # the flags docs/deployment.md's command sets (test_deployment.py)
+    # the flags docs/deployment.md's command sets (test_deployment.py)
+    assert flags(command) == SUPERLINK_FLAGS - {"--fleet-api-address"}
     assert "--insecure" not in command
     # the Control API (who may start a run) is published on this host's loopback only; SuperNodes reach the Fleet
     # API from anywhere;
@@ -127,9 +126,8 @@ def test_superlink_runs_with_tls_and_supernode_auth(compose_config):
         9093: "127.0.0.1",
     }
     build = gpu["services"]["superlink"]["build"]
-    assert (
-        build["args"]["BASE_IMAGE"] == "flwr/superlink:1.28.0"
-    )  # Flower's official image unless FLWR_REPOSITORY says otherwise
+    # Flower's official image unless FLWR_REPOSITORY says otherwise
+    assert build["args"]["BASE_IMAGE"] == "flwr/superlink:1.28.0"
     assert build["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert gpu["services"]["superlink"]["entrypoint"] == ["flower-superlink"]
 
@@ -201,9 +199,8 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         ]
         assert clientapp["entrypoint"] == ["fedclip-clientapp", f"--approved-apps={APPROVED_IN_CONTAINER}"]
         assert clientapp["command"] == [f"--clientappio-api-address={appio}"]
-        assert (
-            clientapp["init"] is True
-        )  # a Python PID 1 ignores SIGTERM: `docker compose stop` would wait 10 s, then kill
+        # a Python PID 1 ignores SIGTERM: `docker compose stop` would wait 10 s, then kill
+        assert clientapp["init"] is True
         assert set(clientapp["networks"]) == {site} and "ports" not in clientapp
         config = node_config(supernode)
         assert config == {"domain": site, "data-dir": "demo", "cache-dir": "/cache", "device": "cuda:0"}
@@ -219,9 +216,8 @@ def test_each_site_runs_its_supernode_with_a_warm_clientapp(compose_config):
         assert "deploy" not in cpu_app or not cpu_app["deploy"].get("resources")
         # the CPU variant's ClientApps run the SuperLink's image (CPU PyTorch): one image to build
         assert "build" not in cpu_app and cpu_app["image"] == cpu["services"]["superlink"]["image"]
-        assert (
-            cpu_app["entrypoint"] == clientapp["entrypoint"] and cpu_app["configs"] == clientapp["configs"]
-        )  # pinned too
+        # pinned too
+        assert cpu_app["entrypoint"] == clientapp["entrypoint"] and cpu_app["configs"] == clientapp["configs"]
         assert cpu["services"][f"supernode-{site}"]["image"] == "flwr/supernode:1.28.0"
     registered = {s["target"] for s in gpu["services"]["register"]["secrets"]}
     assert {f"/app/certificates/supernode-{s}.pub" for s in SITES} <= registered
@@ -253,9 +249,8 @@ def test_each_clientapp_runs_only_the_apps_of_the_hosts_approved_apps_file(compo
     assert compose_project("compose.yml", FEDCLIP_APPROVED_APPS=str(elsewhere))["configs"]["approved-apps"][
         "file"
     ] == str(elsewhere)
-    assert (
-        "docker/approved-apps.txt" in (REPO / ".gitignore").read_text().splitlines()
-    )  # made per checkout by `fedclip-approve`
+    # made per checkout by `fedclip-approve`
+    assert "docker/approved-apps.txt" in (REPO / ".gitignore").read_text().splitlines()
 
 
 def test_demo_sites_hold_the_demo_domains(compose_config):
@@ -306,9 +301,8 @@ def test_pacs_env_file_brings_up_nodes_whose_folders_exist_and_load(compose_proj
     assert sorted(settings["domain"] for settings, _ in nodes.values()) == sorted(pacs.domains)
     for site, (settings, source) in nodes.items():
         assert source.is_dir(), f"{site}: its data folder {source} does not exist"
-        seen = (
-            tmp_path / "containers" / site
-        )  # what the ClientApp container sees: only its domain, at data-dir/<domain>
+        # what the ClientApp container sees: only its domain, at data-dir/<domain>
+        seen = tmp_path / "containers" / site
         (seen / settings["data-dir"].lstrip("/")).mkdir(parents=True)
         (seen / settings["data-dir"].lstrip("/") / settings["domain"]).symlink_to(source)
         local = load_local_data(

@@ -432,9 +432,8 @@ def floor(demo):
         json.loads((Path(model_name_or_path(load_config())) / "config.json").read_text())["projection_dim"]
     )
     app = noop_app(demo.project / "noop-app")
-    config = noop_run_config(
-        FLOOR_ROUNDS, 1, adapter_dim, 1, 1.0, Path("/outputs/floor.json")
-    )  # a path in the SuperLink's container
+    # a path in the SuperLink's container
+    config = noop_run_config(FLOOR_ROUNDS, 1, adapter_dim, 1, 1.0, Path("/outputs/floor.json"))
     log, _ = demo.flwr_run(app, config, "floor")
     seconds = noop_seconds(demo.outputs() / "floor.json")
     assert len(seconds) == FLOOR_ROUNDS, f"the floor measured {len(seconds)} of {FLOOR_ROUNDS} rounds:\n{log[-4000:]}"
@@ -501,9 +500,8 @@ def test_secure_aggregation_in_compose(demo):
     assert "Traceback" not in log and "Secure aggregation halted" not in log, log[-4000:]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(SECAGG_ROUNDS + 1))
-    assert (
-        summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]
-    )  # masked int64 against float32
+    # masked int64 against float32
+    assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]
     per_round = ", ".join(f"{r['seconds']:.2f}" for r in rows[1:])
     print(f"SecAgg+ in compose: {SECAGG_ROUNDS} rounds in {wall:.0f} s; rounds 1..{SECAGG_ROUNDS}: {per_round} s")
 
@@ -519,9 +517,8 @@ def test_a_changed_app_is_refused_in_compose(demo, tmp_path):
     refusals = REFUSAL.findall(log)
     assert sorted(site for _, _, site, _ in refusals) == sorted(SITES), log[-6000:]
     hashes = {sha for *_, sha in refusals}
-    assert (
-        all(a == b for a, b, *_ in refusals) and len(hashes) == 1 and demo.approved not in hashes
-    )  # each site named itself
+    # each site named itself
+    assert all(a == b for a, b, *_ in refusals) and len(hashes) == 1 and demo.approved not in hashes
     assert f"{len(SITES)} of {len(SITES)} node(s) refused to run this app" in log, log[-6000:]
     for site in SITES:
         marker = demo.compose(
@@ -569,9 +566,8 @@ def test_killed_site_does_not_stop_the_run(stopped_run):
         log[-4000:]
     )
     assert all(f"{d}/train-loss" in rows[r]["train"] for r in lost for d in DOMAINS if d not in (STOPPED, "sketch"))
-    assert re.search(rf"node \d+ \({STOPPED}\) lost: .*Node Unavailable", log), log[
-        -4000:
-    ]  # the server names the lost node
+    # the server names the lost node
+    assert re.search(rf"node \d+ \({STOPPED}\) lost: .*Node Unavailable", log), log[-4000:]
     # the rows without the killed client's evaluation (carried by the next round's train message) say so, and its
     # loss does not count as a client that sent nothing
     assert rows[-1]["missing"] == [STOPPED] and summary["incomplete_rounds"] == list(

@@ -393,9 +393,8 @@ def test_documented_superlink_keeps_its_server_side_apis_local():
         "--control-api-address": "127.0.0.1",
         "--serverappio-api-address": "127.0.0.1",
     }
-    assert all(
-        address.startswith("0.0.0.0:") for address in FLOWER_BIND_DEFAULTS.values()
-    )  # why the flags must be there
+    # why the flags must be there
+    assert all(address.startswith("0.0.0.0:") for address in FLOWER_BIND_DEFAULTS.values())
 
 
 def test_superlink_without_certificates_refuses_to_start(tmp_path):
@@ -519,9 +518,8 @@ def test_secure_aggregation_over_tls(nodes):
     received = {name.split("-")[1]: nodes.log(name)[before[name] :].count("Receiving: train message") for name in live}
     assert received == {d: 0 if d == "sketch" else 4 * 2 for d in DOMAINS}, received
     summary = json.loads((folder / "summary.json").read_text())
-    assert (
-        summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]
-    )  # masked int64 against float32
+    # masked int64 against float32
+    assert summary["bytes_up_per_client_per_round"] > summary["bytes_down_per_client_per_round"]
 
 
 def test_promptfl_over_tls(nodes):
@@ -534,7 +532,6 @@ def test_promptfl_over_tls(nodes):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["method"] == "promptfl" and summary["generalization"]["sketch"] is not None
     assert summary["trained_parameters"] == 4 * 64  # "a picture of a": 4 vectors of the demo CLIP's text width
-    assert (
-        summary["bytes_up_per_client_per_round"] < 2048
-    )  # the context (1 KiB) and the .npy header, not an adapter (33 KiB)
+    # the context (1 KiB) and the .npy header, not an adapter (33 KiB)
+    assert summary["bytes_up_per_client_per_round"] < 2048
     assert (folder / "prompt_final.safetensors").exists()

@@ -27,9 +27,8 @@ def mode(path) -> int:
 
 
 def test_the_demo_clip_built_into_the_cache_is_readable_by_others(tmp_path, umask):
-    folder = _build_once(
-        tmp_path / "cache" / "demo-clip", save_tiny_clip
-    )  # save_pretrained, as the demo's pretraining saves
+    # save_pretrained, as the demo's pretraining saves
+    folder = _build_once(tmp_path / "cache" / "demo-clip", save_tiny_clip)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     assert "model.safetensors" in [p.name for p in files]
     assert {p.name: mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}  # 0o644 with the usual umask

@@ -19,9 +19,8 @@ from common.features import encode_domain
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(
-    spec
-)  # registered: its worker function is pickled
+# registered: its worker function is pickled
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
 

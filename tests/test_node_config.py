@@ -40,9 +40,8 @@ def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, sit
         f"{run_overrides(tiny_clip)} device=cuda:0",
     )
     assert local.domain == "photo" and not local.held_out
-    assert (
-        local.images.classes == ["bird", "cat", "dog"] and len(local.feats.labels) == 9
-    )  # the corrupt file is skipped
+    # the corrupt file is skipped
+    assert local.images.classes == ["bird", "cat", "dog"] and len(local.feats.labels) == 9
     assert str(local.device) == "cpu" and local.cfg.device == "cpu" and local.cfg.cache_dir == str(cache)
     assert list((cache / "features").glob("*.safetensors"))
 
@@ -51,9 +50,8 @@ def test_node_config_wins_over_the_run_for_device_and_cpu_threads(tiny_clip):
     run = f"{run_overrides(tiny_clip)} device=cpu cpu_threads=8 cache_dir=/run/cache output_dir=/run/out"
     cfg = apply_node_config(load_config(run), {"partition-id": 0, "device": "cuda:1", "cpu-threads": 2})
     assert cfg.device == "cuda:1" and cfg.cpu_threads == 2
-    cfg = apply_node_config(
-        load_config(run), {"partition-id": 0}
-    )  # Flower's simulation: the machine that started the run
+    # Flower's simulation: the machine that started the run
+    cfg = apply_node_config(load_config(run), {"partition-id": 0})
     assert (cfg.device, cfg.cpu_threads, cfg.cache_dir, cfg.dataset.root) == ("cpu", 8, "/run/cache", "/nonexistent")
 
 

@@ -33,9 +33,8 @@ def federation(clients: int) -> tuple[dict[int, str], dict[int, str], str, int]:
     domains, k, held_out = FEDERATIONS[clients]
     names = domains.split(",")
     node_domains = {100 + p: names[p // k] for p in range(clients)}
-    node_clients = {
-        100 + p: client_name(names[p // k], p % k, k) for p in range(clients)
-    }  # the app's naming (common/partition.py)
+    # the app's naming (common/partition.py)
+    node_clients = {100 + p: client_name(names[p // k], p % k, k) for p in range(clients)}
     return node_domains, node_clients, held_out, k
 
 
@@ -139,7 +138,6 @@ def test_floor_names_each_node_as_the_app_does(k):
     for p in range(len(domains) * k):  # simulation: partition p is shard p % k of domain p // k
         context = Context(1, 100 + p, {"partition-id": p, "num-partitions": len(domains) * k}, RecordDict(), run_config)
         assert noop_app.node_client(context) == client_name(domains[p // k], p % k, k)
-    deployed = (
-        {"domain": "photo", "shard": k - 1} if k > 1 else {"domain": "photo"}
-    )  # deployment: node config domain (and shard)
+    # deployment: node config domain (and shard)
+    deployed = {"domain": "photo", "shard": k - 1} if k > 1 else {"domain": "photo"}
     assert noop_app.node_client(Context(1, 7, deployed, RecordDict(), run_config)) == client_name("photo", k - 1, k)

@@ -142,9 +142,8 @@ def test_a_changed_app_is_refused_by_every_site_before_it_runs(pinned, tiny_clip
     marker = tmp_path / "changed-app-ran"
     app = changed_copy(tmp_path / "fedclip", marker, sha256)
     t0 = time.time()
-    log, folders = stream_run(
-        dep, overrides(tiny_clip), timeout=300, app=app, run_config=(signature,)
-    )  # the release's signature
+    # the release's signature
+    log, folders = stream_run(dep, overrides(tiny_clip), timeout=300, app=app, run_config=(signature,))
     seconds = time.time() - t0
     print(f"the refused run ended after {seconds:.1f} s")
     assert not marker.exists(), "the changed ClientApp was imported on a site"

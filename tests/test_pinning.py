@@ -105,9 +105,8 @@ def test_signature_by_a_trusted_key_runs_and_tampering_or_a_wrong_key_is_refused
     good = sign(release, sha, "fpk_release")
     assert policy.problem(fab, good) == (sha, None)
     assert "does not match this FAB" in policy.problem(tampered(fab), good)[1]  # one byte changed after signing
-    assert (
-        "does not match this FAB" in policy.problem(fab, sign(other, sha, "fpk_release"))[1]
-    )  # another key, claiming the trusted id
+    # another key, claiming the trusted id
+    assert "does not match this FAB" in policy.problem(fab, sign(other, sha, "fpk_release"))[1]
     assert "not among the trusted keys (fpk_release)" in policy.problem(fab, sign(other, sha))[1]
     assert "came without a fab-signature" in policy.problem(fab, "")[1]
     assert "is not `<key id>:<signed at>:<base64url signature>`" in policy.problem(fab, "garbage")[1]
@@ -186,9 +185,8 @@ def test_the_fab_holds_the_apps_packages_and_config_only_uncompressed(fab):
         ".info",
     }
     assert {e.compress_type for e in entries} == {zipfile.ZIP_STORED}
-    assert "common/demo/demo_clip.json" in {
-        e.filename for e in entries
-    }  # the demo's pretrained CLIP ships with the app
+    # the demo's pretrained CLIP ships with the app
+    assert "common/demo/demo_clip.json" in {e.filename for e in entries}
 
 
 def test_editing_docs_tests_benchmarks_docker_the_gate_or_predict_keeps_the_approved_hash(tmp_path, fab):

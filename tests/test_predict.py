@@ -74,9 +74,8 @@ def test_run_folder_records_classes_and_clip(run, tiny_clip):
 
 def test_api_accuracy_equals_the_runs_own_evaluation(run, data):
     clf = FedClipClassifier.from_run(run)
-    encoded = clf.encode(
-        domain_folder(data, "sketch", clf.classes)
-    )  # the held-out domain: all its images, at the best round
+    # the held-out domain: all its images, at the best round
+    encoded = clf.encode(domain_folder(data, "sketch", clf.classes))
     trained = (clf.logits(encoded.features).argmax(1) == encoded.labels).float().mean().item()
     zero_shot = (clf.zero_shot().logits(encoded.features).argmax(1) == encoded.labels).float().mean().item()
     assert trained == pytest.approx(summary(run)["generalization"]["sketch"], abs=1e-6)

@@ -54,9 +54,8 @@ def private_round(noise_multiplier: float, seed: int, replies=None, **strategy_o
     wrapped = with_privacy(strategy, dp_options(noise_multiplier=noise_multiplier, clipping_norm=1.0))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
     np.random.seed(seed)  # Flower draws the noise from numpy's global generator
-    replies = (
-        replies if replies is not None else [reply(1, 0.001), reply(2, 0.002), reply(3, 1.0)]
-    )  # the third is longer than the clip
+    # the third is longer than the clip
+    replies = replies if replies is not None else [reply(1, 0.001), reply(2, 0.002), reply(3, 1.0)]
     arrays, metrics = wrapped.aggregate_train(1, replies)
     return arrays["w"].numpy(), metrics
 
@@ -69,9 +68,8 @@ def test_noise_is_added_with_the_calibrated_spread_to_the_clipped_mean():
     noisy0, metrics = private_round(1.0, 0)
     noisy0_again, _ = private_round(1.0, 0)
     noisy1, _ = private_round(1.0, 1)
-    assert not np.allclose(noisy0, noisy1) and not np.allclose(
-        noisy0, exact
-    )  # two seeds differ, and differ from the clean run
+    # two seeds differ, and differ from the clean run
+    assert not np.allclose(noisy0, noisy1) and not np.allclose(noisy0, exact)
     np.testing.assert_array_equal(noisy0, noisy0_again)
     assert np.std(noisy0 - exact) == pytest.approx(1.0 * 1.0 / 3, rel=0.03)  # noise_multiplier x clip / clients
     assert metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
@@ -142,9 +140,8 @@ def test_noise_under_secagg_has_the_scale_of_the_clients_in_the_sum():
 def test_a_halted_secure_round_adds_no_noise_and_still_counts_as_spent():
     arrays, metrics = secure_private_round(1.0, 0, 0.01, [secure_reply(1)])  # one update collected: no mean
     assert arrays is None
-    assert metrics["dp-epsilon"] == pytest.approx(
-        privacy_spent(1.0, 1, 1e-5)
-    )  # an upper bound: as if it had been released
+    # an upper bound: as if it had been released
+    assert metrics["dp-epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
 
 
 # dp-accounting 0.6.0's RdpAccountant (its default orders), computed once on 2026-12-03: every client in every round
@@ -246,9 +243,8 @@ def test_16_bit_updates_are_clipped_on_the_server_after_decoding():
         for n in (1, 2, 3)
     ]
     arrays, _ = wrapped.aggregate_train(1, replies)
-    np.testing.assert_allclose(
-        arrays["w"].numpy(), 1.0 / np.sqrt(SIZE), rtol=1e-3
-    )  # each clipped to norm 1: the mean of three equal ones
+    # each clipped to norm 1: the mean of three equal ones
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0 / np.sqrt(SIZE), rtol=1e-3)
 
 
 @pytest.mark.parametrize("side,clipping", [("both", "fixed"), ("server", "median")])
@@ -322,13 +318,11 @@ def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update(
         strategy, dp_options(clipping="adaptive", noise_multiplier=0.0, clipping_norm=1.0, clip_norm_lr=0.2)
     )
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
-    arrays, _ = wrapped.aggregate_train(
-        1, [reply(n, value * n) for n in (1, 2, 3)]
-    )  # norms 0.14-0.42 (none clipped) or 141-424 (all)
+    # norms 0.14-0.42 (none clipped) or 141-424 (all)
+    arrays, _ = wrapped.aggregate_train(1, [reply(n, value * n) for n in (1, 2, 3)])
     assert arrays is not None
-    assert wrapped.clipping_norm == pytest.approx(
-        factor
-    )  # none clipped: the norm shrinks towards the median; all clipped: it grows
+    # none clipped: the norm shrinks towards the median; all clipped: it grows
+    assert wrapped.clipping_norm == pytest.approx(factor)
 
 
 def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
@@ -412,21 +406,19 @@ def test_client_side_adaptive_dp_run_adapts_the_norm_the_clients_clip_to(tiny_cl
         train = rows[r]["train"]
         bits = {k: v for k, v in train.items() if k.endswith(f"/{KEY_NORM_BIT}")}
         update_norms = {k: v for k, v in train.items() if k.endswith("/update-norm")}
-        assert (
-            len(bits) == len(update_norms) == 4
-        )  # every training client's reply carries adaptiveclipping_mod's norm bit
-        assert max(update_norms.values()) <= norms[r - 1] * (
-            1 + 1e-4
-        )  # and what reached the server was clipped to the norm sent
+        # every training client's reply carries adaptiveclipping_mod's norm bit
+        assert len(bits) == len(update_norms) == 4
+        # and what reached the server was clipped to the norm sent
+        assert max(update_norms.values()) <= norms[r - 1] * (1 + 1e-4)
         count, total, fraction = counts[r - 1]
+        # Flower counted our replies' bits (1: the mod scaled the update down)
         assert (count, total) == (
             sum(bits.values()),
             4,
-        )  # Flower counted our replies' bits (1: the mod scaled the update down)
+        )
         if r < rounds:  # the next round's norm: Andrew et al.'s geometric update on the noisy clipped fraction
             assert norms[r] == pytest.approx(norms[r - 1] * math.exp(lr * (fraction - quantile)))
-    assert (
-        counts[0][0] == 4 and norms[1] > norms[0]
-    )  # 0.001 clips every update: the norm grows towards the median update
+    # 0.001 clips every update: the norm grows towards the median update
+    assert counts[0][0] == 4 and norms[1] > norms[0]
     assert [r["dp_epsilon"] for r in rows[1:]] == [privacy_spent(0.5, r, 1e-5) for r in range(1, rounds + 1)]
     assert summary["dp"]["epsilon"] == rows[-1]["dp_epsilon"] and summary["dp"]["clipping"] == "adaptive"

@@ -63,17 +63,15 @@ def test_context_set_to_the_prompts_words_gives_zero_shot_clip(tiny_clip, templa
     zero_shot = encode_prompts(model, processor, class_prompts(list(CLASSES), template), torch.device("cpu"))
     torch.testing.assert_close(prompted, zero_shot, rtol=0, atol=1e-6)
     with torch.no_grad():
-        assert not torch.allclose(
-            text(ctx + 0.1 * torch.randn(ctx.shape)), zero_shot, atol=1e-3
-        )  # the features depend on the context
+        # the features depend on the context
+        assert not torch.allclose(text(ctx + 0.1 * torch.randn(ctx.shape)), zero_shot, atol=1e-3)
 
 
 def test_random_context_too_long_for_the_text_encoder_is_a_clear_error(tiny_clip):
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
     with pytest.raises(ValueError, match="lower method.n_ctx"):
-        PromptFL(init="random", n_ctx=16).prompt_text(
-            model, processor.tokenizer, list(CLASSES), "a picture of a {}"
-        )  # 16 positions
+        # 16 positions
+        PromptFL(init="random", n_ctx=16).prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +93,12 @@ def test_promptfl_trains_and_sends_only_the_context_and_predict_reproduces_it(ru
     width = 32  # the tiny CLIP's text width
     assert summary["method"] == "promptfl" and summary["trained_parameters"] == 4 * width
     assert 4 * 4 * width <= summary["bytes_up_per_client_per_round"] <= 4 * 4 * width + 512  # one float32 context back
-    assert (
-        summary["features_encoded"] == 3 * 3 * 8
-    )  # every readable image once, at discovery: training never encodes images
+    # every readable image once, at discovery: training never encodes images
+    assert summary["features_encoded"] == 3 * 3 * 8
     assert set(load_file(run / "prompt_best.safetensors")) == {CONTEXT}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert (
-        rows[-1]["evaluate"]["sketch/all-acc"] != rows[0]["evaluate"]["sketch/all-acc"]
-    )  # the prompt moved the held-out accuracy
+    # the prompt moved the held-out accuracy
+    assert rows[-1]["evaluate"]["sketch/all-acc"] != rows[0]["evaluate"]["sketch/all-acc"]
     clf = FedClipClassifier.from_run(run)
     encoded = clf.encode(domain_folder(data, "sketch", clf.classes))
     assert accuracy(clf, encoded) == pytest.approx(summary["generalization"]["sketch"], abs=1e-6)
@@ -212,9 +208,8 @@ def test_secagg_mean_of_the_contexts_equals_the_plain_mean(tiny_clip, data, tmp_
     plain = run_promptfl(tiny_clip, data, tmp_path / "plain", rounds=1)
     secure = run_promptfl(tiny_clip, data, tmp_path / "secure", "strategy.secagg.enabled=true", rounds=1)
     a, b = (load_file(run / "prompt_final.safetensors")[CONTEXT] for run in (plain, secure))
-    assert (
-        0 < float((a - b).abs().max()) <= 2 * QUANTIZATION_STEP
-    )  # stochastic rounding: not bit-equal, within one step
+    # stochastic rounding: not bit-equal, within one step
+    assert 0 < float((a - b).abs().max()) <= 2 * QUANTIZATION_STEP
     assert context_moved(secure, tiny_clip) > 1000 * QUANTIZATION_STEP
     rows = [json.loads(line) for line in (secure / "metrics.jsonl").read_text().splitlines()]
     assert {k: v for k, v in rows[1]["train"].items() if k.endswith("secagg-clipped")} == {
@@ -247,9 +242,8 @@ def test_a_vit_b32_sized_context_is_under_a_fiftieth_of_the_adapter_on_the_wire(
     assert (fedclip["trained_parameters"], promptfl["trained_parameters"]) == (2 * (512 * 512 + 512), 16 * 512)
     for key in ("bytes_up_per_client_per_round", "bytes_down_per_client_per_round", "bytes_per_client_per_round"):
         assert 50 * promptfl[key] <= fedclip[key], key
-    assert (
-        16 * 512 * 4 <= promptfl["bytes_up_per_client_per_round"] <= 16 * 512 * 4 + 512
-    )  # one float32 context and its header
+    # one float32 context and its header
+    assert 16 * 512 * 4 <= promptfl["bytes_up_per_client_per_round"] <= 16 * 512 * 4 + 512
 
 
 def test_resume_goes_on_with_the_context(tiny_clip, data, tmp_path):

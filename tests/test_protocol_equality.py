@@ -75,9 +75,8 @@ def adapter_method(run: dict, clip: Path) -> None:
     headers);
     the global methods keep their best adapter, local (no global one) keeps none."""
     summary = run["summary"]
-    assert (
-        summary["trained_parameters"] == ADAPTER_PARAMETERS
-    )  # (features_encoded, the images encoded once at the query, is compared above)
+    # (features_encoded, the images encoded once at the query, is compared above)
+    assert summary["trained_parameters"] == ADAPTER_PARAMETERS
     assert 4 * ADAPTER_PARAMETERS <= summary["bytes_up_per_client_per_round"] <= 4 * ADAPTER_PARAMETERS + 1024
     assert (Path(summary["run_folder"]) / "adapter_best.safetensors").exists() == (summary["method"] != "local")
 

@@ -50,15 +50,13 @@ def test_a_round_that_lost_a_client_is_compared_on_the_clients_it_kept(tmp_path,
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord(), evaluation(a=0.8, b=0.4, sketch=0.4), 0.1, weights(1))  # val mean 0.6
     with caplog.at_level(logging.WARNING):
-        report.add_round(
-            2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2)
-        )  # b lost: "mean" 0.7, but a got worse
+        # b lost: "mean" 0.7, but a got worse
+        report.add_round(2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2))
     assert report.best["round"] == 1  # on a, the only client evaluated in both rounds, round 1 is better (0.8 > 0.7)
     assert report.rows[2]["missing"] == ["b"] and report.rows[1]["missing"] == []
     assert "round 2: no evaluation from b" in caplog.text
-    report.add_round(
-        3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3)
-    )  # b still lost; a better than at round 1
+    # b still lost; a better than at round 1
+    report.add_round(3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3))
     assert report.best["round"] == 3
     assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 3  # the best round's weights were kept
     summary = report.finish(weights(3))
@@ -109,10 +107,11 @@ def test_a_client_that_never_replied_does_not_count_as_sending_nothing(tmp_path)
     report = make_report(tmp_path)
     nodes = {1: "a", 2: "b", 3: "sketch"}
     sent = [message(1, 100), message(2, 100)]
+    # b got the adapter, its reply was an error
     replies = [
         update(1, 50),
         reply_from(2, error="Error: Node Unavailable"),
-    ]  # b got the adapter, its reply was an error
+    ]
     report.count_traffic(nodes, sent, replies)
     report.add_round(1, MetricRecord(), evaluation(a=0.5, sketch=0.5), 0.1, None)
     row = report.rows[0]
@@ -172,9 +171,8 @@ def test_a_run_that_loses_a_node_names_the_incomplete_rounds_and_averages_bytes_
         if k.endswith("/train-loss") and k not in rows[2]["train"]
     ]
     adapter = 4 * summary["trained_parameters"]  # one float32 adapter back per training client that replied
-    assert all(
-        adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3]
-    )  # round 2: the lost node sent nothing
+    # round 2: the lost node sent nothing
+    assert all(adapter <= r["bytes_up_per_client"] <= adapter + 1024 for r in rows[1:3])
     # round 1's evaluation rode on round 2's training message, which the lost node never answered
     assert [r["missing"] for r in rows] == [[], [lost], [lost], [lost]]
     assert [r["lost"] for r in rows] == [
@@ -260,13 +258,11 @@ def test_rounds_with_no_training_client_in_common_are_compared_on_their_own_mean
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
     with caplog.at_level(logging.WARNING):
         report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.5, b_0=0.5), 0.1, weights(1))  # own mean 0.5
-        report.add_round(
-            2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2)
-        )  # nothing in common: 0.6 > 0.5
+        # nothing in common: 0.6 > 0.5
+        report.add_round(2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2))
     assert report.best["round"] == 2
-    assert (
-        report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text
-    )  # sampled by design: no warning
+    # sampled by design: no warning
+    assert report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text
     # b#1 in common with round 2: compared on it alone (0.45 < 0.5), although this round's own mean (0.675) is higher
     report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.9, b_1=0.45), 0.1, weights(3))
     assert report.best["round"] == 2
@@ -277,17 +273,14 @@ def test_a_round_that_only_ties_the_best_does_not_replace_it(tmp_path):
     report = sharded_report(tmp_path)
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
     report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.5), 0.1, weights(1))  # 0.5
-    report.add_round(
-        2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2)
-    )  # 0.5: a tie
+    # 0.5: a tie
+    report.add_round(2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2))
     assert report.best["round"] == 1  # the earlier round is kept: a later equal one is not better
-    report.add_round(
-        3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3)
-    )  # b#0 lost: a tie on the rest
+    # b#0 lost: a tie on the rest
+    report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3))
     assert report.best["round"] == 1
-    report.add_round(
-        4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4)
-    )  # barely better
+    # barely better
+    report.add_round(4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4))
     assert report.best["round"] == 4 and load_file(report.dir / "adapter_best.safetensors")["w"][0] == 4
     assert report.finish(weights(4))["best_round"] == 4
 
@@ -341,9 +334,8 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
 def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean")
     report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
-    assert report.dir.parent == tmp_path and re.fullmatch(
-        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name
-    )  # sorts by start time
+    # sorts by start time
+    assert report.dir.parent == tmp_path and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name)
     assert json.loads((report.dir / "run.json").read_text()) == {
         "classes": ["cat", "dog"],
         "model_fingerprint": "abc123",
@@ -401,9 +393,10 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert summary["generalization"] == {"sketch": 0.4} and summary["zero_shot"] == {"a": 0.5, "b": 0.2, "sketch": 0.3}
     assert 0 <= summary["wall_seconds"] < 600
     down, up = summary["bytes_down_per_client_per_round"], summary["bytes_up_per_client_per_round"]
+    # round 2's two messages; errors carry nothing
     assert summary["bytes_per_client_per_round"] == down + up and summary["bytes_total"] == 2 * message_bytes(
         message(2, 100)
-    )  # round 2's two messages; errors carry nothing
+    )
 
 
 def test_personalization_is_compared_with_zero_shot_on_the_clients_evaluated_in_both(tmp_path):

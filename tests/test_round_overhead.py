@@ -56,9 +56,8 @@ def run_floor(
 
 def test_floor_sends_fedclip_adapter_each_round_in_one_push(tmp_path):
     pushes, result = run_floor(tmp_path, clients=8, exchanges=1)
-    assert (
-        len(pushes) == 1 + 3 + 1 and len(result["round_seconds"]) == 3
-    )  # the query, one push per round, the last evaluation
+    # the query, one push per round, the last evaluation
+    assert len(pushes) == 1 + 3 + 1 and len(result["round_seconds"]) == 3
     adapter = {k: tuple(v.shape) for k, v in AttentionAdapter(64).state_dict().items()}
     sent_by_app = ArrayRecord(AttentionAdapter(64).state_dict())  # what the app sends: 2*(64*64+64) float32, serialized
     assert result["adapter_bytes"] == sum(len(a.data) for a in sent_by_app.values())

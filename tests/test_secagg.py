@@ -139,9 +139,8 @@ def test_resumed_run_goes_on_securely(folder, tiny_clip, tmp_path):
         )
         finals[name] = final_adapter(tmp_path / name / "resumed")
     checkpoint = final_adapter(tmp_path / "secure" / "first")
-    assert (
-        max(float(np.abs(finals["secure"][k] - checkpoint[k]).max()) for k in checkpoint) > 100 * QUANTIZATION_STEP
-    )  # round 2 trained
+    # round 2 trained
+    assert max(float(np.abs(finals["secure"][k] - checkpoint[k]).max()) for k in checkpoint) > 100 * QUANTIZATION_STEP
     assert max(float(np.abs(finals["secure"][k] - finals["plain"][k]).max()) for k in checkpoint) < 1e-4
 
 
@@ -200,9 +199,8 @@ def test_client_side_dp_clips_inside_secagg(folder, tiny_clip, tmp_path):
     within_one_step(plain, secure)
     assert 0 < moved(secure) <= 0.01 + 1e-6  # the mean of updates clipped to L2 norm 0.01
     # the noise, on the unmasked mean of the 4 clients' clipped updates: std noise_multiplier x clip / clients
-    noise = np.concatenate(
-        [(noisy[k] - secure[k]).ravel() for k in plain]
-    )  # 1,200 coordinates: the std within 2% (1 sd)
+    # 1,200 coordinates: the std within 2% (1 sd)
+    noise = np.concatenate([(noisy[k] - secure[k]).ravel() for k in plain])
     assert np.std(noise) == pytest.approx(1.0 * 0.01 / 4, rel=0.1)
     [summary] = (tmp_path / "noisy" / "out").glob("*/summary.json")
     assert json.loads(summary.read_text())["dp"]["epsilon"] == pytest.approx(privacy_spent(1.0, 1, 1e-5))
@@ -262,12 +260,10 @@ def test_weighting_by_examples_is_the_plain_weighted_mean_with_the_largest_train
     train_splits = [
         int(r.content["metrics"]["num-train"]) for r in replies if r.metadata.message_type == MessageType.QUERY
     ]
-    assert (
-        len(train_splits) == 3 * 6 and len(set(train_splits)) > 1
-    )  # the query replies of the 3 runs; the splits differ
-    assert RecordingWorkflow.max_weights == [
-        float(max(train_splits))
-    ]  # each client's weight / max_weight <= 1: no overflow
+    # the query replies of the 3 runs; the splits differ
+    assert len(train_splits) == 3 * 6 and len(set(train_splits)) > 1
+    # each client's weight / max_weight <= 1: no overflow
+    assert RecordingWorkflow.max_weights == [float(max(train_splits))]
     masked = [r for r in replies if Key.MASKED_PARAMETERS in r.content.config_records.get(RECORD_KEY_CONFIGS, {})]
     assert len(masked) == 4 and all(r.content["metrics"]["secagg-clipped"] == 0.0 for r in masked)
 
@@ -304,9 +300,8 @@ def test_a_16_bit_downlink_sends_half_the_adapter_and_the_mean_update_lands_on_t
     torch.manual_seed(0)
     initial = {k: v.numpy() for k, v in AttentionAdapter(plain["fc1.weight"].shape[1]).state_dict().items()}
     rounded_off = {k: v - torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in initial.items()}
-    assert (
-        max(float(np.abs(v).max()) for v in rounded_off.values()) > 100 * QUANTIZATION_STEP
-    )  # the comparison can tell
+    # the comparison can tell
+    assert max(float(np.abs(v).max()) for v in rounded_off.values()) > 100 * QUANTIZATION_STEP
     within_one_step({k: plain[k] + rounded_off[k] for k in plain}, secure)
     assert moved(secure) > 100 * QUANTIZATION_STEP
     down = {}

@@ -117,10 +117,11 @@ def test_fedadam_run_keeps_its_moments_across_a_resume(tiny_clip, tmp_path, monk
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     plain = run(folder, tiny_clip, tmp_path / "plain", "", 2)
+    # the optimizer changed the path
     assert not np.allclose(
         load_file(plain / "adapter_final.safetensors")["fc1.weight"],
         load_file(first / "adapter_final.safetensors")["fc1.weight"],
-    )  # the optimizer changed the path
+    )
 
 
 def test_server_optimizer_needs_global_weights(tiny_clip, tmp_path):

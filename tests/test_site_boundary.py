@@ -82,9 +82,8 @@ def test_finding_1_from_the_overrides_the_server_refuses_a_resolver_call(monkeyp
         ConfigError, match=r"^device: '\$\{\\toc.env:S,cpu\}' calls the resolver oc.env; .*give the value itself$"
     ):
         load_config("device='${\toc.env:S,cpu}'")
-    assert (
-        load_config("model=clip-vit-b32").model.name_or_path == "openai/clip-vit-base-patch32"
-    )  # ${.hub_id} still resolves
+    # ${.hub_id} still resolves
+    assert load_config("model=clip-vit-b32").model.name_or_path == "openai/clip-vit-base-patch32"
 
 
 def test_finding_3_a_mistyped_value_stops_before_any_message(tiny_clip, tmp_path):

@@ -50,9 +50,8 @@ def test_aggregate_train_weighting(weighting, expected):
     arrays, metrics = strategy(weighting).aggregate_train(1, [train_reply(1, a, 30), train_reply(2, b, 10)])
     assert set(arrays.keys()) == set(a)  # only the adapter's tensors, nothing else
     for key in a:
-        np.testing.assert_allclose(
-            arrays[key].numpy(), expected[0] * a[key] + expected[1] * b[key], rtol=1e-6
-        )  # the exact weighted mean
+        # the exact weighted mean
+        np.testing.assert_allclose(arrays[key].numpy(), expected[0] * a[key] + expected[1] * b[key], rtol=1e-6)
         assert arrays[key].numpy().dtype == np.float32
     assert metrics["art/num-examples"] == 30 and metrics["photo/train-loss"] == 0.5
 
@@ -92,9 +91,8 @@ def test_malformed_update_is_dropped_and_the_rest_aggregated(kind, reason, caplo
     for key in good1:
         np.testing.assert_allclose(arrays[key].numpy(), (good1[key] + good2[key]) / 2, rtol=1e-6)
     assert f"round 5: dropped the update of node 2 (photo): {reason}" in caplog.text
-    assert (
-        "photo/train-loss" not in metrics and "art/train-loss" in metrics
-    )  # a dropped reply's metrics are left out too
+    # a dropped reply's metrics are left out too
+    assert "photo/train-loss" not in metrics and "art/train-loss" in metrics
 
 
 @pytest.mark.parametrize(
@@ -128,10 +126,11 @@ def test_train_metrics_are_the_replies_own_without_the_evaluation_they_carry():
     fused = train_reply(1, adapter_arrays(1))
     fused.content["metrics"]["evaluation/val-acc"] = 0.5
     _, metrics = strategy().aggregate_train(1, [fused])
+    # no update-norm: no round was configured, no base
     assert dict(metrics) == {
         "art/train-loss": 0.5,
         "art/num-examples": 10,
-    }  # no update-norm: no round was configured, no base
+    }
 
 
 def test_update_norms_are_measured_from_the_weights_sent(caplog):
@@ -322,9 +321,8 @@ def test_every_round_evaluates_the_training_nodes_that_do_not_carry_it_on_their_
     )
     for r in range(1, 6):
         others = [n for n in s.evaluate_sample(r) if nodes[n] != "d0"]
-        riding = set(
-            s.train_sample(r + 1)
-        )  # round r's weights are evaluated by round r+1's training nodes on their train message
+        # round r's weights are evaluated by round r+1's training nodes on their train message
+        riding = set(s.train_sample(r + 1))
         assert len(riding) == 6 and len(others) == 15 - 6 and not set(others) & riding, r
     # the draw is pinned, as the training draw: the same run evaluates the same clients everywhere
     assert sorted(clients[n] for n in s.evaluate_sample(2) if nodes[n] != "d0") == EVALUATED_ROUND_2
@@ -334,9 +332,8 @@ def test_no_evaluate_message_to_a_training_node_when_the_riders_are_enough():
     s = FedClipStrategy(
         dict(NODES), "sketch", adapter_arrays(0), "equal", 1, fraction_train=0.5, fraction_evaluate=0.1, rounds=3
     )
-    assert len(s.train_sample(2)) == 3 - 1 and s.evaluate_sample(1) == [
-        HELD_OUT_NODE
-    ]  # 2 riders >= 10% of 3: no one else
+    # 2 riders >= 10% of 3: no one else
+    assert len(s.train_sample(2)) == 3 - 1 and s.evaluate_sample(1) == [HELD_OUT_NODE]
 
 
 def test_full_participation_evaluates_the_non_training_nodes_only():

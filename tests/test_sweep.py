@@ -151,9 +151,8 @@ def test_a_sweeps_runs_share_one_mlflow_experiment_named_by_its_folder(tmp_path)
     runs = {run_overrides(base, m, d, s) for m in ("fedclip", "promptfl") for d in ("photo", "sketch") for s in (0, 1)}
     assert all(f"tracking.mlflow_experiment='{out}'" in r for r in runs) and len(runs) == 8
     assert load_config(base).tracking.mlflow_experiment == str(out)
-    assert shared_experiment(["tracking.mlflow_experiment=mine"], out) == [
-        "tracking.mlflow_experiment=mine"
-    ]  # the user's wins
+    # the user's wins
+    assert shared_experiment(["tracking.mlflow_experiment=mine"], out) == ["tracking.mlflow_experiment=mine"]
 
 
 def test_failure_reason_is_the_server_apps_exception_not_flowers_wrapper():

@@ -104,11 +104,12 @@ def test_mlflow_run_matches_the_run_folder(demo_run, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     [run] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["run_folder"] == str(folder)
+    # to filter runs by
     assert {k: run.data.tags[k] for k in ("method", "held_out", "seed")} == {
         "method": "fedclip",
         "held_out": "sketch",
         "seed": "0",
-    }  # to filter runs by
+    }
     assert run.info.run_name == f"fedclip sketch seed0 {folder.name}"
     config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
     params = run.data.params

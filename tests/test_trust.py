@@ -41,9 +41,8 @@ def reply(node: int, s: dict[str, np.ndarray], num_examples: int = 10, dtype: st
 def make_strategy(num_train: int = 5, **options) -> FedClipStrategy:
     nodes = {n: f"c{n}" for n in range(1, num_train + 1)} | {99: "held"}
     strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, FedClip(), None, **options)
-    strategy.configure_train(
-        1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None
-    )  # the global adapter: zeros
+    # the global adapter: zeros
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
     return strategy
 
 
@@ -64,9 +63,8 @@ def test_update_above_the_absolute_bound_is_rejected_and_logged(caplog):
 
 def test_clip_scales_the_update_down_to_the_bound():
     strategy = make_strategy(2, max_update_norm=1.0, on_large_update="clip")
-    result = aggregated(
-        strategy, [reply(1, state(0.0)), reply(2, state(3.0, b=4.0))]
-    )  # norm sqrt(4*9 + 2*16) = sqrt(68)
+    # norm sqrt(4*9 + 2*16) = sqrt(68)
+    result = aggregated(strategy, [reply(1, state(0.0)), reply(2, state(3.0, b=4.0))])
     clipped = {k: v / np.sqrt(68.0) for k, v in state(3.0, b=4.0).items()}
     assert update_norm(clipped, TEMPLATE) == pytest.approx(1.0)
     for k in TEMPLATE:
@@ -93,17 +91,14 @@ def test_each_local_client_is_measured_from_its_own_adapter(caplog):
     nodes = {1: "c1", 2: "c2", 3: "c3", 99: "held"}
     strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, method, None, max_update_norm=1.0)
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
-    strategy.aggregate_train(
-        1, [reply(1, state(10.0)), reply(2, state(0.2)), reply(3, state(0.3))]
-    )  # c1 moved 20: rejected
+    # c1 moved 20: rejected
+    strategy.aggregate_train(1, [reply(1, state(10.0)), reply(2, state(0.2)), reply(3, state(0.3))])
     method.client_states["c1"] = state(10.0)  # as if c1's adapter had been kept at 10
     _, metrics = strategy.aggregate_train(2, [reply(1, state(10.1)), reply(2, state(0.2))])
-    assert (
-        metrics["c1/update-norm"] == pytest.approx(0.2, rel=1e-5) and metrics["c2/update-norm"] == 0.0
-    )  # c2 kept its round-1 adapter
-    assert method.client_states["c1"]["w"][0] == pytest.approx(
-        10.1
-    )  # accepted: 0.2 from its own adapter, not 20 from the global one
+    # c2 kept its round-1 adapter
+    assert metrics["c1/update-norm"] == pytest.approx(0.2, rel=1e-5) and metrics["c2/update-norm"] == 0.0
+    # accepted: 0.2 from its own adapter, not 20 from the global one
+    assert method.client_states["c1"]["w"][0] == pytest.approx(10.1)
 
 
 def test_clip_moves_the_update_back_towards_the_weights_it_was_trained_from():
@@ -144,9 +139,8 @@ def test_more_examples_than_reported_at_discovery_is_rejected(caplog):
 def test_the_example_count_bound_is_what_discovery_reported_exactly(caplog):
     strategy = make_strategy(3, client_num_train={"c1": 10, "c2": 10, "c3": 10})
     strategy.weighting = "examples"
-    result = aggregated(
-        strategy, [reply(1, state(1.0), 10), reply(2, state(2.0), 5), reply(3, state(9.0), 11)]
-    )  # 10 is the limit
+    # 10 is the limit
+    result = aggregated(strategy, [reply(1, state(1.0), 10), reply(2, state(2.0), 5), reply(3, state(9.0), 11)])
     np.testing.assert_allclose(result["w"], (10 * 1.0 + 5 * 2.0) / 15)
     assert "node 3 (c3): num-examples 11 exceeds the 10 training examples" in caplog.text and "(c1)" not in caplog.text
 
@@ -298,14 +292,12 @@ def test_16_bit_round_trip_halves_the_bytes_and_is_within_the_dtypes_rounding(dt
     original = {"w": rng.normal(size=(64, 64)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32)}
     wide, narrow = encode(original, "float32"), encode(original, dtype)
     size = lambda record: sum(len(a.data) for a in record.values())  # noqa: E731 - the bytes report.message_bytes counts
-    assert size(narrow) - 2 * (64 * 64 + 64) == size(wide) - 4 * (
-        64 * 64 + 64
-    )  # half the payload, the same .npy headers
+    # half the payload, the same .npy headers
+    assert size(narrow) - 2 * (64 * 64 + 64) == size(wide) - 4 * (64 * 64 + 64)
     for key, value in decode(narrow).items():
         assert value.dtype == torch.float32
-        assert np.all(
-            np.abs(value.numpy() - original[key]) <= rel * np.abs(original[key])
-        )  # round to nearest: half an ulp
+        # round to nearest: half an ulp
+        assert np.all(np.abs(value.numpy() - original[key]) <= rel * np.abs(original[key]))
         expected = torch.from_numpy(original[key]).to(getattr(torch, dtype)).float()
         assert torch.equal(value, expected)  # exactly torch's own rounding
 

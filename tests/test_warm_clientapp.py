@@ -127,9 +127,8 @@ def test_one_warm_process_builds_the_client_once_and_handles_every_message(warm_
         # the query, one message a round (held out: its evaluation), the last evaluation
         assert log.count("handled a ") == 1 + ROUNDS + 1, log[-3000:]
         assert log.count(f"[{domain}] encoding") + log.count(f"[{domain}] reusing cached features") == 1, log[-3000:]
-        assert (
-            "ANY app the SuperLink sends runs here" in log
-        )  # started without --approved-apps / --trusted-keys: it says so
+        # started without --approved-apps / --trusted-keys: it says so
+        assert "ANY app the SuperLink sends runs here" in log
 
 
 def test_warm_deployment_reports_what_the_same_run_reports_in_process(warm_run, tiny_clip, tmp_path):

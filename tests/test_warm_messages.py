@@ -145,9 +145,8 @@ def supernode(tmp_path, monkeypatch) -> FakeSuperNode:
         del sys.modules[name]
 
 
-OPEN = (
-    AppPolicy()
-)  # no --approved-apps or --trusted-keys: every app runs (tests/test_pinning.py checks the pinned cases)
+# no --approved-apps or --trusted-keys: every app runs (tests/test_pinning.py checks the pinned cases)
+OPEN = AppPolicy()
 
 
 def test_a_fab_with_a_new_hash_replaces_the_loaded_code(supernode):
@@ -157,11 +156,12 @@ def test_a_fab_with_a_new_hash_replaces_the_loaded_code(supernode):
     for token, version in (("a", v1), ("b", v2), ("c", v1)):
         supernode.add(token, 1, version)
         warm.handle(supernode, token, OPEN, seen)
+    # each message runs its own FAB's code
     assert [r.content["metrics"]["version"] for r in supernode.replies] == [
         1,
         2,
         1,
-    ]  # each message runs its own FAB's code
+    ]
 
 
 def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goes_on(supernode):
@@ -181,11 +181,12 @@ def test_an_exception_in_the_app_is_the_messages_error_reply_and_the_process_goe
     "fab_,code,reason",
     [
         (lambda: fab(4, clientapp="missing"), ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "Unable to load attribute missing"),
+        # nothing to check: refused
         (
             lambda: None,
             ErrorCode.INVALID_FAB,
             "refused the run: no FAB came with its message",
-        ),  # nothing to check: refused
+        ),
     ],
 )
 def test_an_app_that_cannot_be_loaded_is_an_error_reply(fab_, code, reason, supernode):
