@@ -48,9 +48,8 @@ NODE_CONFIG_KEYS = {
 }
 SITE_KEYS = ("device", "cpu_threads", "cache_dir", "output_dir")  # with dataset.root: a site's own, never the run's
 _LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
-KEPT = (
-    4  # clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
-)
+# clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
+KEPT = 4
 
 
 def site_defaults() -> dict[str, object]:

@@ -84,9 +84,8 @@ class RunReport:
         self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
-        self.weights_name = (
-            weights_name  # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
-        )
+        # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
+        self.weights_name = weights_name
         self.images_encoded = 0  # images that went through the CLIP image encoder in this run
         self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
         self.up: dict[str, int] = defaultdict(int)

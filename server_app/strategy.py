@@ -162,9 +162,8 @@ class FedClipStrategy(FedAvg):
             on_large_update,
         )
         self.transport_dtype = transport_dtype
-        self.secagg = (
-            secagg  # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
-        )
+        # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
+        self.secagg = secagg
         self.client_num_train = client_num_train or {}  # what each client reported at discovery
         self.global_state: dict[
             str, np.ndarray
