@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.demo_seeds import confidence_interval, run_seed
-from server_app.report import SELECTIONS
+from server_app.selection import SELECTIONS
 
 
 def setting_overrides(setting: str) -> str:

@@ -17,20 +17,30 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from omegaconf import DictConfig
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from server_app.report import RunReport, save_weights
+from common.files import set_default_mode
 from server_app.server_optimizer import STATE_PREFIX, ServerOptimizer
+
+if TYPE_CHECKING:
+    from server_app.report import RunReport
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
+    """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
+    an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
+    save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
+    set_default_mode(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 @dataclass
@@ -164,8 +174,8 @@ def resume_run(
     for row in ckpt.rows:  # the new run folder's TensorBoard and MLflow curves start at round 0 too
         report.tracking.log_round(row)
     for row in ckpt.rows[1:]:  # the best round so far, chosen as add_round chose it
-        report.choose(row)
-    if report.best is not None:
+        report.selection.choose(row)
+    if report.selection.best is not None:
         best = f"{report.weights_name}_best.safetensors"
         shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
     if optimizer is not None:

@@ -8,9 +8,9 @@ tracking.tensorboard, TensorBoard's event files, and with tracking.mlflow_uri an
 
 A client lost in a round (its node died, its reply was dropped) leaves that round's means over fewer
 clients, and a mean over other clients is not comparable. So every row records the clients with no
-evaluation (`missing`), the best round is the one that beats the best so far on the clients both
-were evaluated on, and the summary compares personalization with zero-shot on the clients evaluated
-in both rounds; summary.json lists the `incomplete_rounds`. Traffic per client is averaged over the
+evaluation (`missing`), the best round is chosen on the clients two rounds share (server_app/selection.py),
+and the summary compares personalization with zero-shot on the clients evaluated in both rounds;
+summary.json lists the `incomplete_rounds`. Traffic per client is averaged over the
 clients each way actually concerns: down over those sent to, up over those that replied.
 """
 
@@ -26,25 +26,17 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from common import wire
-from common.files import set_default_mode
 from server_app import screening
+from server_app.checkpoint import save_weights
 from server_app.plots import run_accuracy_plot
+from server_app.selection import SELECTIONS, RoundSelection, Scores, mean
 from server_app.tracking import Tracking
 
 log = logging.getLogger(__name__)
-SELECTIONS = ("val_mean", "val_pooled", "last")  # the ways to choose the best round (RunReport.beats)
 
 PLOT_FILE = "accuracy.png"
-
-
-def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
-    """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
-    an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
-    save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
-    set_default_mode(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 def message_bytes(message: Message) -> int:
@@ -74,14 +66,8 @@ class RunReport:
         self.cfg = cfg
         self.method = cfg.method.name
         self.held_out = cfg.dataset.held_out
-        self.clients = {
-            d: sorted(c for c, cd in client_domains.items() if cd == d) for d in set(client_domains.values())
-        }
-        self.source_domains = sorted(d for d in self.clients if d != self.held_out)
-        self.all_clients = set(client_domains)
-        # evaluated on their val and test splits
-        self.source_clients = {c for d in self.source_domains for c in self.clients[d]}
-        self.domains = self.source_domains + [d for d in self.clients if d == self.held_out]  # held-out last
+        self.scores = Scores(client_domains, self.held_out)
+        self.domains = self.scores.domains  # the table's columns: training domains, then the held-out one
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
         # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
@@ -97,11 +83,7 @@ class RunReport:
             json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2)
         )
         self.rows: list[dict] = []
-        self.selection = cfg.selection  # how the best round is chosen (SELECTIONS); the others are in summary.json too
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}")
-        self.chosen: dict[str, dict] = {}  # each selection rule's best round so far
-        self.best: dict | None = None  # the run's own rule's
+        self.selection = RoundSelection(self.scores, cfg.selection)  # the others are in summary.json too
         self.start = time.time()
         self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
         log.info("run folder: %s", self.dir)
@@ -126,68 +108,6 @@ class RunReport:
 
     def _print(self, cells: list[str]) -> None:
         log.info(" | ".join(f"{c:>10}" for c in cells))
-
-    def accuracy(
-        self, metrics: MetricRecord | dict, domain: str, split: str | None = None, clients: set[str] | None = None
-    ) -> float | None:
-        """A domain's accuracy over its clients' images (only `clients`, if given): all of them if held out,
-        else the test splits (after local fine-tuning, if any); or the given split."""
-        split = split or ("all" if domain == self.held_out else "test")
-        pairs = []
-        for client in self.clients[domain]:
-            if clients is not None and client not in clients:
-                continue
-            acc = metrics.get(f"{client}/personalized-test-acc") if split == "test" else None
-            acc = metrics.get(f"{client}/{split}-acc") if acc is None else acc
-            if acc is not None and metrics.get(f"{client}/num-{split}", 1) > 0:
-                pairs.append((acc, metrics.get(f"{client}/num-{split}", 1)))
-        return _pooled(pairs)
-
-    def evaluated(self, metrics: MetricRecord | dict) -> set[str]:
-        """The run's clients that a round's evaluation holds an accuracy of."""
-        return {key.rpartition("/")[0] for key in metrics if key.endswith("-acc")} & self.all_clients
-
-    def val_mean(self, metrics: MetricRecord | dict, clients: set[str] | None = None) -> float | None:
-        """Mean over the training domains of their validation accuracy (over `clients` only, if given)."""
-        return _mean(self.accuracy(metrics, d, "val", clients) for d in self.source_domains)
-
-    def val_pooled(self, metrics: MetricRecord | dict, clients: set[str] | None = None) -> float | None:
-        """Validation accuracy over the training clients' validation images pooled (over `clients` only, if given):
-        every image counts once, so a domain of many tiny clients is not scored on a few images each."""
-        pairs = [
-            (metrics[f"{c}/val-acc"], metrics.get(f"{c}/num-val", 1))
-            for c in sorted(self.source_clients)
-            if (clients is None or c in clients) and f"{c}/val-acc" in metrics and metrics.get(f"{c}/num-val", 1) > 0
-        ]
-        return _pooled(pairs)
-
-    def beats(self, row: dict, best: dict | None, rule: str | None = None) -> bool:
-        """Whether a round's weights beat the best round's so far under a selection rule (default: the run's
-        `selection`): `last` takes every new round; `val_mean` (the mean over the training domains) and `val_pooled`
-        (all validation images pooled) compare the validation accuracy over the clients evaluated in both rounds,
-        so that a round that lost a client is not compared on a different set of clients. Two rounds with no
-        training client in common (sampled evaluation) are compared on their own scores; a tie keeps the earlier."""
-        rule = rule or self.selection
-        if rule == "last":
-            return True
-        score = {"val_mean": self.val_mean, "val_pooled": self.val_pooled}[rule]
-        if score(row["evaluate"]) is None:
-            return False
-        if best is None:
-            return True
-        common = self.evaluated(row["evaluate"]) & self.evaluated(best["evaluate"])
-        mine, theirs = score(row["evaluate"], common), score(best["evaluate"], common)
-        if mine is None or theirs is None:
-            mine, theirs = score(row["evaluate"]), score(best["evaluate"])
-        return mine > theirs
-
-    def choose(self, row: dict) -> bool:
-        """Update each selection rule's best round with a new round; whether it is the run's own rule's new best."""
-        for rule in SELECTIONS:
-            if self.beats(row, self.chosen.get(rule), rule):
-                self.chosen[rule] = row
-        self.best = self.chosen.get(self.selection)
-        return self.best is row
 
     def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
         """Add one exchange's bytes each way per client, and the images its replies say were encoded.
@@ -234,14 +154,14 @@ class RunReport:
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
-            "val_acc_mean": self.val_mean(evaluation),
-            **{f"acc/{d}": self.accuracy(evaluation, d) for d in self.domains},
-            "missing": sorted(self.all_clients - self.evaluated(evaluation)),
+            "val_acc_mean": self.scores.val_mean(evaluation),
+            **{f"acc/{d}": self.scores.accuracy(evaluation, d) for d in self.domains},
+            "missing": sorted(self.scores.all_clients - self.scores.evaluated(evaluation)),
             "lost": sorted(self.lost),
             "rejected": sorted(key.rpartition("/")[0] for key in train if key.endswith(f"/{screening.REJECTED}")),
             # a training client's
-            "bytes_down_per_client": _mean(self.down[c] for c in self.train_clients if c in self.down),
-            "bytes_up_per_client": _mean(self.up[c] for c in self.train_clients if c in self.up),
+            "bytes_down_per_client": mean(self.down[c] for c in self.train_clients if c in self.down),
+            "bytes_up_per_client": mean(self.up[c] for c in self.train_clients if c in self.up),
             "bytes_round": sum(self.down.values()) + sum(self.up.values()),
             "seconds": seconds,
             "dp_epsilon": train.get("dp-epsilon") if self.dp else None,
@@ -276,7 +196,7 @@ class RunReport:
                 server_round,
                 ", ".join(row["missing"]),
             )
-        if server_round > 0 and self.choose(row):
+        if server_round > 0 and self.selection.choose(row):
             if arrays is not None and self.weights_name:
                 save_weights(
                     arrays,
@@ -287,12 +207,16 @@ class RunReport:
     def personalization(self, best: dict, zero_shot: dict) -> tuple[set[str], dict[str, float | None], float | None]:
         """Each training domain's test accuracy at a round, and zero-shot's mean, on the same clients: those evaluated
         both at that round and at round 0."""
-        compared = self.evaluated(best["evaluate"]) & self.evaluated(zero_shot["evaluate"]) & self.source_clients
-        pers = {d: self.accuracy(best["evaluate"], d, clients=compared) for d in self.source_domains}
+        compared = (
+            self.scores.evaluated(best["evaluate"])
+            & self.scores.evaluated(zero_shot["evaluate"])
+            & self.scores.source_clients
+        )
+        pers = {d: self.scores.accuracy(best["evaluate"], d, clients=compared) for d in self.scores.source_domains}
         return (
             compared,
             pers,
-            _mean(self.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.source_domains),
+            mean(self.scores.accuracy(zero_shot["evaluate"], d, clients=compared) for d in self.scores.source_domains),
         )
 
     def outcome(self, best: dict, zero_shot: dict) -> dict:
@@ -302,7 +226,7 @@ class RunReport:
             "round": best["round"],
             "held_out": best.get(f"acc/{self.held_out}"),
             "zero_shot_held_out": zero_shot.get(f"acc/{self.held_out}"),
-            "personalization_mean": _mean(pers.values()),
+            "personalization_mean": mean(pers.values()),
             "zero_shot_train_domains_mean": zero_shot_pers,
         }
 
@@ -333,37 +257,39 @@ class RunReport:
             writer.writeheader()
             writer.writerows({**row, **{k: ";".join(row.get(k, [])) for k in lists}} for row in self.rows)
         zero_shot, trained = self.rows[0], self.rows[1:]
-        best = self.best or zero_shot
+        best = self.selection.best or zero_shot
         compared, pers, zero_shot_pers = self.personalization(best, zero_shot)
-        incomplete = [r["round"] for r in self.rows if self.all_clients - self.evaluated(r["evaluate"])]
-        if compared != self.source_clients:
+        incomplete = [r["round"] for r in self.rows if self.scores.all_clients - self.scores.evaluated(r["evaluate"])]
+        if compared != self.scores.source_clients:
             log.warning(
                 "personalization and zero-shot are compared on the clients evaluated in both round %d and round 0: %s",
                 best["round"],
                 ", ".join(sorted(compared)),
             )
         down, up = (
-            _mean(r["bytes_down_per_client"] for r in trained) or 0,
-            _mean(r["bytes_up_per_client"] for r in trained) or 0,
+            mean(r["bytes_down_per_client"] for r in trained) or 0,
+            mean(r["bytes_up_per_client"] for r in trained) or 0,
         )
         summary = {
             "method": self.method,
             "seed": self.cfg.seed,
             "held_out": self.held_out,
             "zero_shot": {d: zero_shot[f"acc/{d}"] for d in self.domains},
-            "selection": self.selection,
+            "selection": self.selection.rule,
             "best_round": best["round"],
             "best_val_acc_mean": best["val_acc_mean"],
             "generalization": {self.held_out: best.get(f"acc/{self.held_out}")},
             "personalization": pers,
-            "personalization_mean": _mean(pers.values()),
+            "personalization_mean": mean(pers.values()),
             "zero_shot_train_domains_mean": zero_shot_pers,
             "personalization_clients": sorted(compared),
-            "selections": {rule: self.outcome(self.chosen.get(rule, zero_shot), zero_shot) for rule in SELECTIONS},
+            "selections": {
+                rule: self.outcome(self.selection.chosen.get(rule, zero_shot), zero_shot) for rule in SELECTIONS
+            },
             "incomplete_rounds": incomplete,
             "rounds": len(trained),
             "wall_seconds": time.time() - self.start,
-            "seconds_per_round": _mean(r["seconds"] for r in trained),
+            "seconds_per_round": mean(r["seconds"] for r in trained),
             "trained_parameters": self.trained_parameters,
             "bytes_down_per_client_per_round": round(down),
             "bytes_up_per_client_per_round": round(up),
@@ -384,7 +310,7 @@ class RunReport:
             "(zero-shot %s)",
             self.method,
             best["round"],
-            self.selection,
+            self.selection.rule,
             _pct(best["val_acc_mean"]),
             self.held_out,
             _pct(best.get(f"acc/{self.held_out}")),
@@ -410,7 +336,7 @@ class RunReport:
             self.rows,
             self.domains,
             self.held_out,
-            self.best["round"] if self.best else None,
+            self.selection.best["round"] if self.selection.best else None,
             title,
             self.dir / PLOT_FILE,
         )
@@ -433,17 +359,6 @@ class RunReport:
             log.warning("could not draw %s: %s", PLOT_FILE, err)
             files = []
         self.tracking.finish({}, files, "FAILED")
-
-
-def _pooled(pairs: list[tuple[float, float]]) -> float | None:
-    """Accuracy over all the images of (accuracy, images) pairs; None without images."""
-    total = sum(n for _, n in pairs)
-    return sum(a * n for a, n in pairs) / total if total else None
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _pct(value: float | None) -> str:

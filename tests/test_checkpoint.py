@@ -19,9 +19,9 @@ from client_app.app import app as client_app
 from common.config import load_config
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
-from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint
+from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint, save_weights
 from server_app.privacy import CLIPPING_NORM_STATE, with_privacy
-from server_app.report import RunReport, save_weights
+from server_app.report import RunReport
 from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy
 from tests.conftest import write_image_folder
@@ -70,7 +70,7 @@ def test_resume_goes_on_from_the_checkpoint(tmp_path):
     resumed, first_round = resume_run(str(old.dir), new, fresh)
     assert first_round == 4
     assert all(torch.equal(resumed.to_torch_state_dict()[k], v) for k, v in final.to_torch_state_dict().items())
-    assert new.best["round"] == 1  # the best round of the first part stays the best so far
+    assert new.selection.best["round"] == 1  # the best round of the first part stays the best so far
     assert (new.dir / "adapter_best.safetensors").read_bytes() == (old.dir / "adapter_best.safetensors").read_bytes()
     new.add_round(4, MetricRecord(), evaluation(0.6), 0.1, resumed)
     summary = new.finish(resumed)
@@ -310,7 +310,7 @@ def test_resume_after_zero_shot_only_starts_at_round_one(tmp_path):
     play(old, arrays, 0, [0.3])
     new, fresh = make_report(tmp_path / "run2")
     resumed, first_round = resume_run(str(old.dir), new, fresh)
-    assert first_round == 1 and new.best is None and not (new.dir / "adapter_best.safetensors").exists()
+    assert first_round == 1 and new.selection.best is None and not (new.dir / "adapter_best.safetensors").exists()
     assert load_checkpoint(new.dir).round == 0 and load_checkpoint(new.dir).rows == load_checkpoint(old.dir).rows
     assert all(torch.equal(resumed.to_torch_state_dict()[k], v) for k, v in arrays.to_torch_state_dict().items())
 

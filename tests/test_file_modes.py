@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.demo.build import _build_once
 from common.features import DomainFeatures, _save_cached, model_files_fingerprint
-from server_app.report import save_weights
+from server_app.checkpoint import save_weights
 from tests.conftest import save_tiny_clip
 
 

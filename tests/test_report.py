@@ -52,12 +52,14 @@ def test_a_round_that_lost_a_client_is_compared_on_the_clients_it_kept(tmp_path,
     with caplog.at_level(logging.WARNING):
         # b lost: "mean" 0.7, but a got worse
         report.add_round(2, MetricRecord(), evaluation(a=0.7, sketch=0.5), 0.1, weights(2))
-    assert report.best["round"] == 1  # on a, the only client evaluated in both rounds, round 1 is better (0.8 > 0.7)
+    assert (
+        report.selection.best["round"] == 1
+    )  # on a, the only client evaluated in both rounds, round 1 is better (0.8 > 0.7)
     assert report.rows[2]["missing"] == ["b"] and report.rows[1]["missing"] == []
     assert "round 2: no evaluation from b" in caplog.text
     # b still lost; a better than at round 1
     report.add_round(3, MetricRecord(), evaluation(a=0.9, sketch=0.5), 0.1, weights(3))
-    assert report.best["round"] == 3
+    assert report.selection.best["round"] == 3
     assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 3  # the best round's weights were kept
     summary = report.finish(weights(3))
     assert summary["best_round"] == 3 and summary["incomplete_rounds"] == [2, 3]
@@ -227,7 +229,7 @@ def test_an_unknown_selection_rule_is_refused(tmp_path):
         RunReport(load_config(f"output_dir={tmp_path} selection=best"), CLIENTS, ["a", "b"], 10)
 
 
-# --- best-round selection (RunReport.beats) -----------------------------------------------------------------
+# --- best-round selection (RoundSelection.beats) -----------------------------------------------------------------
 # selection=val_mean: the rules that compare validation accuracies share its comparison (common clients, ties).
 
 SHARDED = {"a#0": "a", "a#1": "a", "b#0": "b", "b#1": "b", "sketch": "sketch"}  # two clients per training domain
@@ -260,12 +262,12 @@ def test_rounds_with_no_training_client_in_common_are_compared_on_their_own_mean
         report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.5, b_0=0.5), 0.1, weights(1))  # own mean 0.5
         # nothing in common: 0.6 > 0.5
         report.add_round(2, MetricRecord(), sharded_evaluation(a_1=0.7, b_1=0.5), 0.1, weights(2))
-    assert report.best["round"] == 2
+    assert report.selection.best["round"] == 2
     # sampled by design: no warning
     assert report.rows[2]["missing"] == ["a#0", "b#0"] and "no evaluation from" not in caplog.text
     # b#1 in common with round 2: compared on it alone (0.45 < 0.5), although this round's own mean (0.675) is higher
     report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.9, b_1=0.45), 0.1, weights(3))
-    assert report.best["round"] == 2
+    assert report.selection.best["round"] == 2
     assert load_file(report.dir / "adapter_best.safetensors")["w"][0] == 2
 
 
@@ -275,13 +277,13 @@ def test_a_round_that_only_ties_the_best_does_not_replace_it(tmp_path):
     report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.5), 0.1, weights(1))  # 0.5
     # 0.5: a tie
     report.add_round(2, MetricRecord(), sharded_evaluation(a_0=0.4, a_1=0.6, b_0=0.5, b_1=0.5), 0.1, weights(2))
-    assert report.best["round"] == 1  # the earlier round is kept: a later equal one is not better
+    assert report.selection.best["round"] == 1  # the earlier round is kept: a later equal one is not better
     # b#0 lost: a tie on the rest
     report.add_round(3, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_1=0.5), 0.1, weights(3))
-    assert report.best["round"] == 1
+    assert report.selection.best["round"] == 1
     # barely better
     report.add_round(4, MetricRecord(), sharded_evaluation(a_0=0.6, a_1=0.4, b_0=0.5, b_1=0.50001), 0.1, weights(4))
-    assert report.best["round"] == 4 and load_file(report.dir / "adapter_best.safetensors")["w"][0] == 4
+    assert report.selection.best["round"] == 4 and load_file(report.dir / "adapter_best.safetensors")["w"][0] == 4
     assert report.finish(weights(4))["best_round"] == 4
 
 
@@ -291,11 +293,11 @@ def test_a_round_with_no_validation_accuracy_is_never_the_best(tmp_path):
     report = sharded_report(tmp_path, fraction_evaluate=0.5)
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.2, a_1=0.2, b_0=0.2, b_1=0.2), 0.0, weights(0))
     report.add_round(1, MetricRecord(), sharded_evaluation(), 0.1, weights(1))
-    assert report.rows[1]["val_acc_mean"] is None and report.best is None
+    assert report.rows[1]["val_acc_mean"] is None and report.selection.best is None
     report.add_round(2, MetricRecord(), sharded_evaluation(b_1=0.1), 0.1, weights(2))
-    assert report.best["round"] == 2
+    assert report.selection.best["round"] == 2
     report.add_round(3, MetricRecord(), sharded_evaluation(), 0.1, weights(3))
-    assert report.best["round"] == 2
+    assert report.selection.best["round"] == 2
     assert report.finish(weights(3))["best_round"] == 2
 
 
@@ -303,7 +305,7 @@ def test_zero_shot_is_never_the_best_round_even_when_no_round_beats_it(tmp_path)
     report = sharded_report(tmp_path)
     report.add_round(0, MetricRecord(), sharded_evaluation(a_0=0.9, a_1=0.9, b_0=0.9, b_1=0.9), 0.0, weights(0))
     report.add_round(1, MetricRecord(), sharded_evaluation(a_0=0.1, a_1=0.1, b_0=0.1, b_1=0.1), 0.1, weights(1))
-    assert report.best["round"] == 1  # the best trained round: round 0's weights are no adapter
+    assert report.selection.best["round"] == 1  # the best trained round: round 0's weights are no adapter
 
 
 # --- what a run folder holds, the round table, the byte counts ----------------------------------------------
@@ -504,10 +506,10 @@ def test_a_domains_test_accuracy_is_the_personalized_one_when_a_client_fine_tune
             "b/num-val": 10,
         }
     )
-    assert report.accuracy(local, "a") == 0.9  # method=local: each client's own adapter on its own test split
-    assert report.accuracy(local, "a", "val") == 0.4  # validation is never the personalized score
-    assert report.val_pooled(local) == pytest.approx((0.4 * 30 + 0.8 * 10) / 40)  # every validation image once
-    assert report.val_mean(local) == pytest.approx((0.4 + 0.8) / 2)  # each domain once
+    assert report.scores.accuracy(local, "a") == 0.9  # method=local: each client's own adapter on its own test split
+    assert report.scores.accuracy(local, "a", "val") == 0.4  # validation is never the personalized score
+    assert report.scores.val_pooled(local) == pytest.approx((0.4 * 30 + 0.8 * 10) / 40)  # every validation image once
+    assert report.scores.val_mean(local) == pytest.approx((0.4 + 0.8) / 2)  # each domain once
 
 
 def test_a_rows_rejected_clients_are_those_screening_left_out(tmp_path):
