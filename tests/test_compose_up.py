@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -241,7 +242,10 @@ def demo(tmp_path_factory):
     shutil.copytree(REPO / "docker", project / "docker", ignore=shutil.ignore_patterns("certs", "data"))
     for name in ("pyproject.toml", "README.md", ".dockerignore"):
         shutil.copy(REPO / name, project / name)
-    for package in ("common", "client_app", "server_app"):  # installed in the image: the warm ClientApp runs from it
+    # the packages the image installs (pyproject's wheel packages): the gate runs from them, predict comes with them
+    for package in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "packages"
+    ]:
         shutil.copytree(REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     repository = os.environ.get("FLWR_REPOSITORY", "fedclip-local")
     env = {
