@@ -16,7 +16,7 @@ from server_app.privacy import with_privacy
 from server_app.report import RunReport
 from server_app.rounds import run_rounds
 from server_app.server_optimizer import ServerOptimizer
-from server_app.strategy import FedClipStrategy, trust_options
+from server_app.strategy import FedClipStrategy
 
 setup_logging()
 log = logging.getLogger(__name__)
@@ -46,23 +46,12 @@ def main(grid: Grid, context: Context) -> None:
     weights = method.initial_weights(cfg, federation.feature_dim)
     arrays = ArrayRecord(weights)
     last_round = cfg.training.rounds if method.trains else 0
-    options = cfg.strategy
-    strategy = FedClipStrategy(
-        federation.node_domains,
-        cfg.dataset.held_out,
-        {k: v.numpy() for k, v in arrays.items()},
-        options.weighting,
-        options.min_train_nodes,
-        method,
-        federation.node_clients,
-        options.fraction_train,
-        options.fraction_evaluate,
-        cfg.seed,
-        last_round,
-        **trust_options(options),
-        client_num_train={c: int(m[wire.NUM_TRAIN]) for c, m in federation.info.items()},
+    template = {k: v.numpy() for k, v in arrays.items()}
+    num_train = {c: int(m[wire.NUM_TRAIN]) for c, m in federation.info.items()}
+    strategy = FedClipStrategy.from_config(
+        cfg, method, template, federation.node_domains, federation.node_clients, num_train
     )
-    strategy = with_privacy(strategy, options.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
+    strategy = with_privacy(strategy, cfg.strategy.dp)  # Flower's central-DP wrapper when strategy.dp.side is set
     strategy.summary()
     trained = sum(v.numel() for v in weights.values()) if method.trains else 0
     report = RunReport(

@@ -17,10 +17,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from omegaconf import DictConfig
 
 from common import wire
 from common.methods.base import Method, Update
-from common.methods.fedclip import FedClip
 from common.transport import check_transport_dtype, encode
 from server_app import screening
 
@@ -86,13 +86,6 @@ def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_r
     return sorted(random.Random(f"{seed}/{purpose}/{server_round}").sample(clients, n))
 
 
-def trust_options(strategy_cfg: Mapping) -> dict:
-    """FedClipStrategy's screening, robust-aggregation and transport keyword arguments, from conf/strategy
-    (docs/trust.md)."""
-    keys = ("aggregation", "num_malicious", "max_update_norm", "max_norm_ratio", "on_large_update", "transport_dtype")
-    return {**{k: strategy_cfg[k] for k in keys}, "secagg": bool(strategy_cfg.secagg.enabled)}
-
-
 class FedClipStrategy(FedAvg):
     """Sends the global weights to the training clients' nodes and combines what comes back, as the method says.
 
@@ -113,13 +106,13 @@ class FedClipStrategy(FedAvg):
         template: dict[str, np.ndarray],
         weighting: str,
         min_train_nodes: int,
-        method: Method | None = None,
+        method: Method,
+        *,
         node_clients: dict[int, str] | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         seed: int = 0,
         rounds: int = 0,
-        *,
         aggregation: str = "mean",
         num_malicious: int = 0,
         max_update_norm: float | None = None,
@@ -152,7 +145,7 @@ class FedClipStrategy(FedAvg):
         self.held_out = held_out
         self.template = template
         self.weighting = weighting
-        self.method = method if method is not None else FedClip()
+        self.method = method
         self.seed = seed
         self.rounds = rounds  # the last round: its evaluation has no next round's training to ride on
         self.aggregation, self.num_malicious = aggregation, int(num_malicious)
@@ -169,6 +162,43 @@ class FedClipStrategy(FedAvg):
             str, np.ndarray
         ] = {}  # the weights this round's updates were trained from (set in configure_train)
         self._check_options()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DictConfig,
+        method: Method,
+        template: dict[str, np.ndarray],
+        node_domains: dict[int, str],
+        node_clients: dict[int, str],
+        client_num_train: dict[str, int],
+    ) -> FedClipStrategy:
+        """The run's strategy from its configuration (conf/strategy), its method and the federation discovery found."""
+        options = cfg.strategy
+        trust = (
+            "aggregation",
+            "num_malicious",
+            "max_update_norm",
+            "max_norm_ratio",
+            "on_large_update",
+            "transport_dtype",
+        )
+        return cls(
+            node_domains,
+            cfg.dataset.held_out,
+            template,
+            options.weighting,
+            options.min_train_nodes,
+            method,
+            node_clients=node_clients,
+            fraction_train=options.fraction_train,
+            fraction_evaluate=options.fraction_evaluate,
+            seed=cfg.seed,
+            rounds=cfg.training.rounds if method.trains else 0,
+            **{key: options[key] for key in trust},
+            secagg=bool(options.secagg.enabled),
+            client_num_train=client_num_train,
+        )
 
     def _check_options(self) -> None:
         """Options that cannot work with this method or federation fail here, before the first round."""

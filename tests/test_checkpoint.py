@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from client_app.app import app as client_app
 from common.config import load_config
+from common.methods.fedclip import FedClip
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
 from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint, save_weights
@@ -206,7 +207,9 @@ def test_adaptive_clipping_goes_on_with_the_norm_it_had_learnt(folder, tiny_clip
 
 
 def test_an_old_checkpoint_without_the_norm_restarts_it_and_says_so(tmp_path, caplog):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "sketch"}, "sketch", {"w": np.zeros(2, np.float32)}, "equal", 1)
+    strategy = FedClipStrategy(
+        {1: "a", 2: "b", 3: "sketch"}, "sketch", {"w": np.zeros(2, np.float32)}, "equal", 1, FedClip()
+    )
     dp = load_config(
         "strategy.dp.side=server strategy.dp.clipping=adaptive strategy.dp.clipping_norm=0.3 "
         "strategy.dp.noise_multiplier=0"

@@ -95,11 +95,11 @@ def test_floor_trains_and_evaluates_the_clients_fedclip_samples(
         "equal",
         min_train,
         FedClip(),
-        node_clients,
-        fraction_train,
-        fraction_evaluate,
-        seed,
-        rounds,
+        node_clients=node_clients,
+        fraction_train=fraction_train,
+        fraction_evaluate=fraction_evaluate,
+        seed=seed,
+        rounds=rounds,
     )
     names = lambda nodes: sorted(node_clients[n] for n in nodes)  # noqa: E731
     per_round, last = floor_samples(clients, fraction_train, fraction_evaluate, seed, rounds, min_train)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
 from common.config import load_config
+from common.methods.fedclip import FedClip
 from common.methods.local import Local
 from common.transport import encode
 from server_app import screening
@@ -50,7 +51,9 @@ def reply(node: int, value: float | np.ndarray, shape=(SIZE,)):
 
 
 def private_round(noise_multiplier: float, seed: int, replies=None, **strategy_options):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, **strategy_options)
+    strategy = FedClipStrategy(
+        {1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip(), **strategy_options
+    )
     wrapped = with_privacy(strategy, dp_options(noise_multiplier=noise_multiplier, clipping_norm=1.0))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
     np.random.seed(seed)  # Flower draws the noise from numpy's global generator
@@ -80,7 +83,7 @@ def test_server_side_dp_screens_each_update_once(clipping, monkeypatch):
     """Screening runs ahead of Flower's wrapper; the strategy it wraps only combines what reaches it."""
     checked, real = [], screening.checked_update
     monkeypatch.setattr(screening, "checked_update", lambda content, *a: checked.append(content) or real(content, *a))
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     wrapped = with_privacy(strategy, dp_options(clipping=clipping, noise_multiplier=0.0, clipping_norm=1.0))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
     replies = [reply(1, 0.001), reply(2, 0.002), reply(3, 1.0)]
@@ -110,7 +113,9 @@ def secure_private_round(
     noise_multiplier: float, seed: int, mean: float, replies
 ) -> tuple[np.ndarray | None, MetricRecord]:
     """A SecAgg+ round of client-side fixed-clipping DP on 4 training clients: the unmasked mean plus Flower's noise."""
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "d", 5: "held"}, "held", TEMPLATE, "equal", 1, secagg=True)
+    strategy = FedClipStrategy(
+        {1: "a", 2: "b", 3: "c", 4: "d", 5: "held"}, "held", TEMPLATE, "equal", 1, FedClip(), secagg=True
+    )
     wrapped = with_privacy(strategy, dp_options(side="client", noise_multiplier=noise_multiplier, clipping_norm=1.0))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
     np.random.seed(seed)
@@ -215,7 +220,7 @@ def test_dp_with_what_it_cannot_account_for_is_an_error(option, dp, message):
         TEMPLATE,
         option.pop("weighting", "equal"),
         1,
-        option.pop("method", None),
+        option.pop("method", FedClip()),
         **option,
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -226,7 +231,7 @@ def test_16_bit_updates_are_clipped_on_the_server_after_decoding():
     """Server-side DP takes 16-bit updates (screening decodes them before Flower clips); only client-side clipping
     cannot."""
     strategy = FedClipStrategy(
-        {1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, transport_dtype="bfloat16"
+        {1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip(), transport_dtype="bfloat16"
     )
     wrapped = with_privacy(strategy, dp_options(noise_multiplier=0.0, clipping_norm=1.0))
     list(wrapped.configure_train(1, ArrayRecord({"w": Array(TEMPLATE["w"])}), ConfigRecord(), None))
@@ -249,7 +254,7 @@ def test_16_bit_updates_are_clipped_on_the_server_after_decoding():
 
 @pytest.mark.parametrize("side,clipping", [("both", "fixed"), ("server", "median")])
 def test_unknown_dp_side_or_clipping_is_an_error(side, clipping):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     with pytest.raises(
         ValueError,
         match=f"^strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
@@ -259,7 +264,7 @@ def test_unknown_dp_side_or_clipping_is_an_error(side, clipping):
 
 
 def test_dp_off_is_the_strategy_itself():
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     assert with_privacy(strategy, load_config().strategy.dp) is strategy
 
 
@@ -312,7 +317,7 @@ def test_client_side_dp_clips_on_the_clients(tiny_clip, folder, tmp_path):
 
 @pytest.mark.parametrize("value,factor", [(0.001, math.exp(-0.2 * 0.5)), (1.0, math.exp(0.2 * 0.5))])
 def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update(value, factor):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     # no noise, so that the clipped count is exact (the noisy count is Flower's, tested there)
     wrapped = with_privacy(
         strategy, dp_options(clipping="adaptive", noise_multiplier=0.0, clipping_norm=1.0, clip_norm_lr=0.2)
@@ -326,7 +331,7 @@ def test_server_side_adaptive_clipping_moves_the_norm_towards_the_median_update(
 
 
 def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     wrapped = with_privacy(
         strategy, dp_options(side="client", clipping="adaptive", noise_multiplier=0.0, clipped_count_stddev=2.0)
     )
@@ -345,7 +350,7 @@ def test_client_side_adaptive_drops_a_reply_without_the_norm_bit(caplog):
 def test_a_round_with_no_usable_update_keeps_the_adapter_and_the_norm(side, clipping, caplog):
     """Every reply lost or malformed: nothing is released, the adapter and the clipping norm stay (Flower's adaptive
     wrappers alone would divide the clipped count by zero replies and stop the run), and the round counts as spent."""
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "c", 4: "held"}, "held", TEMPLATE, "equal", 1, FedClip())
     wrapped = with_privacy(
         strategy,
         dp_options(side=side, clipping=clipping, noise_multiplier=1.0, clipping_norm=0.5, clipped_count_stddev=2.0),

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 import client_app.app as client_module
 import server_app.secagg as server_secagg
 from client_app.secagg import secagg_mod
+from common.methods.fedclip import FedClip
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
 from server_app.privacy import privacy_spent
@@ -317,7 +318,7 @@ def test_a_16_bit_downlink_sends_half_the_adapter_and_the_mean_update_lands_on_t
 
 def secure_strategy() -> FedClipStrategy:
     template = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
-    strategy = FedClipStrategy({1: "a", 2: "b", 3: "held"}, "held", template, "equal", 1, secagg=True)
+    strategy = FedClipStrategy({1: "a", 2: "b", 3: "held"}, "held", template, "equal", 1, FedClip(), secagg=True)
     strategy.configure_train(
         1,
         ArrayRecord({"w": Array(np.full(4, 0.5, np.float32)), "b": Array(np.ones(2, np.float32))}),

@@ -4,6 +4,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from common import wire
+from common.methods.fedclip import FedClip
 from common.model import AttentionAdapter
 from server_app import screening
 from server_app.strategy import FedClipStrategy
@@ -41,7 +42,7 @@ def train_reply(node: int, arrays: dict[str, np.ndarray], num_examples: int = 10
 
 
 def strategy(weighting: str = "equal", min_train_nodes: int = 1) -> FedClipStrategy:
-    return FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), weighting, min_train_nodes)
+    return FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), weighting, min_train_nodes, FedClip())
 
 
 @pytest.mark.parametrize("weighting,expected", [("equal", (0.5, 0.5)), ("examples", (0.75, 0.25))])
@@ -264,8 +265,8 @@ def test_sampling_is_seeded_and_keeps_every_held_out_node():
         adapter_arrays(0),
         "equal",
         1,
-        None,
-        clients,
+        FedClip(),
+        node_clients=clients,
         fraction_train=0.1,
         fraction_evaluate=0.2,
         seed=3,
@@ -277,8 +278,8 @@ def test_sampling_is_seeded_and_keeps_every_held_out_node():
         adapter_arrays(0),
         "equal",
         1,
-        None,
-        dict(clients),
+        FedClip(),
+        node_clients=dict(clients),
         fraction_train=0.1,
         fraction_evaluate=0.2,
         seed=3,
@@ -312,8 +313,8 @@ def test_every_round_evaluates_the_training_nodes_that_do_not_carry_it_on_their_
         adapter_arrays(0),
         "equal",
         1,
-        None,
-        clients,
+        FedClip(),
+        node_clients=clients,
         fraction_train=0.2,
         fraction_evaluate=0.5,
         seed=3,
@@ -330,14 +331,22 @@ def test_every_round_evaluates_the_training_nodes_that_do_not_carry_it_on_their_
 
 def test_no_evaluate_message_to_a_training_node_when_the_riders_are_enough():
     s = FedClipStrategy(
-        dict(NODES), "sketch", adapter_arrays(0), "equal", 1, fraction_train=0.5, fraction_evaluate=0.1, rounds=3
+        dict(NODES),
+        "sketch",
+        adapter_arrays(0),
+        "equal",
+        1,
+        FedClip(),
+        fraction_train=0.5,
+        fraction_evaluate=0.1,
+        rounds=3,
     )
     # 2 riders >= 10% of 3: no one else
     assert len(s.train_sample(2)) == 3 - 1 and s.evaluate_sample(1) == [HELD_OUT_NODE]
 
 
 def test_full_participation_evaluates_the_non_training_nodes_only():
-    s = FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, rounds=3)
+    s = FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, FedClip(), rounds=3)
     assert sorted(s.train_sample(1)) == [1, 2, 3]
     assert s.evaluate_sample(1) == [HELD_OUT_NODE]  # the others evaluate on round 2's train message
     assert sorted(s.evaluate_sample(3)) == [1, 2, 3, HELD_OUT_NODE]  # the last evaluation
@@ -346,4 +355,4 @@ def test_full_participation_evaluates_the_non_training_nodes_only():
 @pytest.mark.parametrize("fraction", [0.0, 1.5])
 def test_a_fraction_outside_0_1_is_an_error(fraction):
     with pytest.raises(ValueError, match="fraction_train"):
-        FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, fraction_train=fraction)
+        FedClipStrategy(dict(NODES), "sketch", adapter_arrays(0), "equal", 1, FedClip(), fraction_train=fraction)

@@ -40,7 +40,7 @@ def reply(node: int, s: dict[str, np.ndarray], num_examples: int = 10, dtype: st
 
 def make_strategy(num_train: int = 5, **options) -> FedClipStrategy:
     nodes = {n: f"c{n}" for n in range(1, num_train + 1)} | {99: "held"}
-    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, FedClip(), None, **options)
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, FedClip(), **options)
     # the global adapter: zeros
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
     return strategy
@@ -89,7 +89,7 @@ def test_each_local_client_is_measured_from_its_own_adapter(caplog):
     one."""
     method = Local()
     nodes = {1: "c1", 2: "c2", 3: "c3", 99: "held"}
-    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, method, None, max_update_norm=1.0)
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 1, method, max_update_norm=1.0)
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
     # c1 moved 20: rejected
     strategy.aggregate_train(1, [reply(1, state(10.0)), reply(2, state(0.2)), reply(3, state(0.3))])
@@ -250,7 +250,7 @@ def test_too_few_clients_for_a_rule_is_a_clear_error_at_start(rule):
 
 def test_a_round_with_fewer_valid_updates_than_min_train_nodes_keeps_the_adapter(caplog):
     nodes = {n: f"c{n}" for n in range(1, 6)} | {99: "held"}
-    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 3, FedClip(), None)
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 3, FedClip())
     strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()}), ConfigRecord(), None)
     assert aggregated(strategy, [reply(1, state(0.1)), reply(2, state(0.2)), reply_from(3, error="lost")]) is None
     assert "round 1: 2 valid update(s), need 3: the global adapter is unchanged" in caplog.text
@@ -353,7 +353,7 @@ def test_options_that_cannot_work_are_refused_with_what_to_change(options, messa
     weighting, method = options.pop("weighting", "equal"), options.pop("method", FedClip())
     nodes = {n: f"c{n}" for n in range(1, 13)} | {99: "held"}
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        FedClipStrategy(nodes, "held", TEMPLATE, weighting, 1, method, None, **options)
+        FedClipStrategy(nodes, "held", TEMPLATE, weighting, 1, method, **options)
 
 
 def test_unknown_rule_given_to_aggregate_adapters_is_an_error():
@@ -382,7 +382,7 @@ def test_the_robust_rules_ignore_the_weights_and_multikrum_uses_them():
 
 def test_a_round_samples_at_least_min_train_nodes_and_draws_reproducibly():
     nodes = {n: f"c{n:02d}" for n in range(1, 31)} | {99: "held"}
-    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 5, FedClip(), None, fraction_train=0.1, seed=7)
+    strategy = FedClipStrategy(nodes, "held", TEMPLATE, "equal", 5, FedClip(), fraction_train=0.1, seed=7)
     assert len(strategy.train_sample(1)) == 5  # 10% of 30 is 3, min_train_nodes is 5
     # the draw itself is pinned: a run must sample the same clients on every machine and version
     # (benchmarks/noop_app.py too)
