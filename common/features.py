@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.data import ImageSource
-from common.files import set_default_mode
+from common.files import save_tensors, set_default_mode
 from common.model import class_prompts, load_clip, model_unavailable
 
 log = logging.getLogger(__name__)
@@ -297,8 +297,9 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta))
     tmp.rename(path.with_suffix(".json"))
-    save_file({"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp)
-    set_default_mode(tmp)
+    save_tensors(
+        {"image": feats.image, "labels": feats.labels, "text": feats.text, "logit_scale": feats.logit_scale}, tmp
+    )
     tmp.rename(path)
 
 

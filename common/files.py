@@ -1,9 +1,21 @@
-"""Files the apps write into shared places (the cache, run folders) get the mode any new file gets."""
+"""Files the apps write into shared places (the cache, run folders) get the mode any new file gets; tensors go to
+safetensors files through one function."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Tensors as a safetensors file with the default mode: trained weights load with `load_state_dict(load_file(path))`
+    (an image encoder's with `strict=False`)."""
+    save_file({key: value.contiguous() for key, value in tensors.items()}, path, metadata=metadata)
+    set_default_mode(path)
 
 
 def set_default_mode(path: Path) -> None:

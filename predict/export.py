@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from common.files import set_default_mode
+from common.files import save_tensors
 
 EXPORT_FORMAT = "fedclip-adapter"  # config.json's "format": what from_pretrained accepts
 ADAPTER_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "config.json", "README.md"
@@ -43,12 +42,9 @@ def write_export(folder: str | Path, files: dict[str, dict[str, torch.Tensor]], 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensors in files.items():
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-            folder / name,
-            metadata={"format": EXPORT_FORMAT},
+        save_tensors(
+            {k: v.detach().float().cpu() for k, v in tensors.items()}, folder / name, {"format": EXPORT_FORMAT}
         )
-        set_default_mode(folder / name)
     (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2))
     (folder / CARD_FILE).write_text(model_card(info))
     return folder

@@ -23,24 +23,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from omegaconf import DictConfig
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from common.files import set_default_mode
+from common.files import save_tensors
 from server_app.server_optimizer import STATE_PREFIX, ServerOptimizer
 
 if TYPE_CHECKING:
-    from server_app.report import RunReport
+    from server_app.report import RunReport  # the report imports nothing of this module: no circle
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-def save_weights(arrays: ArrayRecord, path: Path, metadata: dict[str, str]) -> None:
-    """Trained weights as safetensors: an adapter loads with AttentionAdapter.load_state_dict(load_file(path)),
-    an image encoder with CLIPModel.load_state_dict(load_file(path), strict=False)."""
-    save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}, path, metadata=metadata)
-    set_default_mode(path)  # save_file writes 0o600; a run folder is read by whoever uses the adapter
 
 
 @dataclass
@@ -94,9 +87,8 @@ def save_checkpoint(
         "strategy": json.dumps(dict(strategy_state or {})),
     }
     moments = optimizer.state() if optimizer is not None else {}
-    save_weights(
-        ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}}), tmp, meta
-    )
+    state = ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}})
+    save_tensors(state.to_torch_state_dict(), tmp, meta)
     os.replace(tmp, path)
 
 

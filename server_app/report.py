@@ -28,8 +28,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 
 from common import wire
+from common.files import save_tensors
 from server_app import screening
-from server_app.checkpoint import save_weights
 from server_app.plots import run_accuracy_plot
 from server_app.selection import SELECTIONS, RoundSelection, Scores, mean
 from server_app.tracking import Tracking
@@ -198,8 +198,8 @@ class RunReport:
             )
         if server_round > 0 and self.selection.choose(row):
             if arrays is not None and self.weights_name:
-                save_weights(
-                    arrays,
+                save_tensors(
+                    arrays.to_torch_state_dict(),
                     self.dir / f"{self.weights_name}_best.safetensors",
                     {"round": str(server_round), "method": self.method},
                 )
@@ -233,8 +233,8 @@ class RunReport:
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
         if arrays is not None and self.weights_name and len(self.rows) > 1:
-            save_weights(
-                arrays,
+            save_tensors(
+                arrays.to_torch_state_dict(),
                 self.dir / f"{self.weights_name}_final.safetensors",
                 {"round": str(self.rows[-1]["round"]), "method": self.method},
             )

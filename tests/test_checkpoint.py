@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from client_app.app import app as client_app
 from common.config import load_config
+from common.files import save_tensors
 from common.methods.fedclip import FedClip
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
-from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint, save_weights
+from server_app.checkpoint import load_checkpoint, resume_run, save_checkpoint
 from server_app.privacy import CLIPPING_NORM_STATE, with_privacy
 from server_app.report import RunReport
 from server_app.server_optimizer import ServerOptimizer
@@ -283,7 +284,7 @@ def test_resume_refuses_another_protocol(change, message, tmp_path):
 @pytest.mark.parametrize("meta", [{"method": "fedclip"}, {"round": "1"}, {"rows": "[]"}])
 def test_a_file_without_round_and_rows_is_not_a_checkpoint(meta, tmp_path):
     report, arrays = make_report(tmp_path / "run1")
-    save_weights(arrays, report.dir / "checkpoint.safetensors", meta)  # e.g. an adapter file
+    save_tensors(arrays.to_torch_state_dict(), report.dir / "checkpoint.safetensors", meta)  # e.g. an adapter file
     with pytest.raises(ValueError, match="is not a FedCLIP checkpoint \\(no round/rows metadata\\)"):
         load_checkpoint(report.dir)
 
@@ -291,19 +292,23 @@ def test_a_file_without_round_and_rows_is_not_a_checkpoint(meta, tmp_path):
 def test_an_older_checkpoint_without_protocol_or_strategy_state_loads(tmp_path):
     report, arrays = make_report(tmp_path / "run1")
     rows = [{"round": 0}, {"round": 1}]
-    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "1", "rows": json.dumps(rows)})
+    save_tensors(
+        arrays.to_torch_state_dict(), report.dir / "checkpoint.safetensors", {"round": "1", "rows": json.dumps(rows)}
+    )
     ckpt = load_checkpoint(report.dir)
     assert (ckpt.round, ckpt.rows, ckpt.protocol, ckpt.strategy, ckpt.optimizer) == (1, rows, {}, {}, {})
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     report, arrays = make_report(tmp_path / "run1")
-    save_weights(
-        arrays, report.dir / "checkpoint.safetensors", {"round": "3", "rows": json.dumps([{"round": 0}, {"round": 1}])}
+    save_tensors(
+        arrays.to_torch_state_dict(),
+        report.dir / "checkpoint.safetensors",
+        {"round": "3", "rows": json.dumps([{"round": 0}, {"round": 1}])},
     )
     with pytest.raises(ValueError, match="is inconsistent: round 3 but 2 report rows"):
         load_checkpoint(report.dir)
-    save_weights(arrays, report.dir / "checkpoint.safetensors", {"round": "0", "rows": "[]"})
+    save_tensors(arrays.to_torch_state_dict(), report.dir / "checkpoint.safetensors", {"round": "0", "rows": "[]"})
     with pytest.raises(ValueError, match="is inconsistent: round 0 but 0 report rows"):
         load_checkpoint(report.dir)
 

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.demo.build import _build_once
 from common.features import DomainFeatures, _save_cached, model_files_fingerprint
-from server_app.checkpoint import save_weights
+from common.files import save_tensors
 from tests.conftest import save_tiny_clip
 
 
@@ -44,7 +44,6 @@ def test_feature_cache_and_file_hashes_are_readable_by_others(tmp_path, tiny_cli
 
 
 def test_run_folder_weights_are_readable_by_others(tmp_path, umask):
-    save_weights(
-        ArrayRecord({"w": Array(np.zeros(3, np.float32))}), tmp_path / "adapter_best.safetensors", {"round": "1"}
-    )
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    save_tensors(arrays.to_torch_state_dict(), tmp_path / "adapter_best.safetensors", {"round": "1"})
     assert mode(tmp_path / "adapter_best.safetensors") == 0o666 & ~umask
