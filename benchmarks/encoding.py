@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.preprocessing import best_rate, image_set, preprocessing_rates, serial_batches  # noqa: E402
 from benchmarks.synthetic import make_clip, make_dataset  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.data import DomainFolder  # noqa: E402
 from common.demo import demo_dataset_root, demo_model_path  # noqa: E402
 from common.features import encode_images, image_batches  # noqa: E402
 from common.model import AttentionAdapter, load_clip  # noqa: E402
+from common.sources import DomainFolder  # noqa: E402
 from predict import FedClipClassifier  # noqa: E402
 
 

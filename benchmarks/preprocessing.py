@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from common.data import DomainFolder
+    from common.sources import DomainFolder
 
 
 def image_set(root: Path, n: int) -> DomainFolder:
-    from common.data import DomainFolder
+    from common.sources import DomainFolder
 
     paths = sorted(p for p in root.rglob("*") if p.suffix in {".png", ".jpg"})[:n]
     return DomainFolder(root.name, ["x"], paths, [0] * len(paths))

@@ -22,7 +22,8 @@ from client_app.node import KEPT, NoClient, NodeUnusable, local_data
 from client_app.secagg import secagg_mod
 from common import wire
 from common.config import config_from_message, setup_logging
-from common.features import images_encoded, model_files_fingerprint
+from common.features import images_encoded
+from common.fingerprint import model_files_fingerprint
 from common.local_data import LocalData
 from common.methods.base import Method, load_method
 from common.model import model_name_or_path

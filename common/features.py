@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,9 +26,10 @@ import safetensors
 import torch
 from safetensors.torch import load_file
 
-from common.data import ImageSource
-from common.files import save_tensors, set_default_mode
-from common.model import class_prompts, load_clip, model_unavailable
+from common.files import save_tensors
+from common.fingerprint import model_files_fingerprint
+from common.model import class_prompts, load_clip
+from common.sources import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ _ENCODED = {"images": 0}  # images this process has run through a CLIP image enc
 def images_encoded() -> int:
     """How many images this process has encoded so far (a client reports the difference a call made)."""
     return _ENCODED["images"]
-
-
-_MODEL_DIRS: dict[str, Path] = {}
-_FILE_HASHES: dict[str, str] = {}
 
 
 class Progress:
@@ -100,61 +96,6 @@ class DomainFeatures:
     text: torch.Tensor  # [C, d] projected features of one prompt per class
     logit_scale: torch.Tensor
     skipped: list[str]  # images that could not be read
-
-
-def _file_hash(path: Path) -> str:
-    """A content hash of one file, memoised by (path, inode, size, mtime)."""
-    stat = path.stat()
-    key = f"{path}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}"
-    if key not in _FILE_HASHES:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 23):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
-    return _FILE_HASHES[key]
-
-
-def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) -> str:
-    """A hash of the contents of a CLIP's files (config, processor, tokenizer, weights).
-
-    With cache_dir the file hashes are also kept in <cache_dir>/file-hashes.json, so that a fresh
-    process (Flower starts one per message in a deployment) does not read a 600 MB model again.
-    """
-    memo = Path(cache_dir).expanduser() / "file-hashes.json" if cache_dir is not None else None
-    stored: dict[str, str] = {}
-    if memo is not None and memo.is_file():
-        try:
-            stored = json.loads(memo.read_text())
-        except (OSError, ValueError):  # a broken memo only costs the hashing
-            pass
-    _FILE_HASHES.update(stored)
-    if (
-        name_or_path not in _MODEL_DIRS and Path(name_or_path).expanduser().is_dir()
-    ):  # a saved CLIP: no need to import transformers
-        _MODEL_DIRS[name_or_path] = Path(name_or_path).expanduser()
-    if name_or_path not in _MODEL_DIRS:  # a hub id is resolved to its local snapshot once per process
-        from transformers.utils import cached_file
-
-        try:
-            _MODEL_DIRS[name_or_path] = Path(cached_file(name_or_path, "config.json")).parent
-        except OSError as err:  # no such folder, and the hub id cannot be fetched
-            raise model_unavailable(name_or_path, err) from err
-    h = hashlib.blake2b(digest_size=16)
-    for path in sorted(_MODEL_DIRS[name_or_path].iterdir()):
-        if path.resolve().is_file():
-            h.update(f"{path.name}:{_file_hash(path.resolve())}\n".encode())
-    if memo is not None and not _FILE_HASHES.keys() <= stored.keys():
-        try:  # nodes sharing a cache folder may write at once: each writes its own file, then renames it
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(_FILE_HASHES))
-            set_default_mode(Path(tmp))
-            os.replace(tmp, memo)
-        except OSError as err:  # the memo only saves time
-            log.warning("could not write %s: %s", memo, err)
-    return h.hexdigest()
 
 
 def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str], dtype: str) -> str:

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from common.data import DomainFolder, ImageSource, dataset_domains
+from common.data import dataset_domains
 from common.features import DomainFeatures, domain_features
 from common.model import load_clip, model_name_or_path
 from common.partition import DomainSplit, client_images, client_name, split_domain
+from common.sources import DomainFolder, ImageSource
 
 
 @dataclass

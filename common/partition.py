@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from common.data import ImageSource, domain_images
+from common.data import domain_images
+from common.sources import ImageSource
 
 PARTITIONS = ("shards", "dirichlet")
 DIRICHLET_TRIES = 10  # fresh draws before a Dirichlet split that leaves a client empty is an error

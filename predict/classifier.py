@@ -26,11 +26,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common.config import config_from_file, select_device
-from common.data import read_image
-from common.features import encode_images, encode_prompts, model_files_fingerprint
+from common.features import encode_images, encode_prompts
+from common.fingerprint import model_files_fingerprint
 from common.methods.base import load_method
 from common.methods.promptfl import CONTEXT, prompt_features
 from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
+from common.sources import read_image
 from predict.export import (
     ADAPTER_FILE,
     CONFIG_FILE,

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common.data import IMAGE_EXTENSIONS, DomainFolder, _is_data_dir, domain_folder
+from common.data import _is_data_dir, domain_folder
+from common.sources import IMAGE_EXTENSIONS, DomainFolder
 from predict.classifier import Encoded, FedClipClassifier, InputImages
 from predict.export import push_to_hub
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.data import HubDomain, dataset_domains, dataset_root, domain_images
+from common.data import dataset_domains, dataset_root, domain_images
 from common.features import domain_features, features_key
 from common.partition import client_images, client_name, shard_domain, split_domain
+from common.sources import HubDomain
 from tests.conftest import write_image_folder
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common.features as features
+import common.fingerprint as fingerprint
 from common.data import dataset_classes, domain_folder
 from common.features import domain_features
 from common.model import load_clip
@@ -22,7 +23,7 @@ def count_encodes(monkeypatch):
 
     monkeypatch.setattr(features, "encode_domain", counting)
     monkeypatch.setattr(features, "_MEMORY", {})
-    monkeypatch.setattr(features, "_FILE_HASHES", {})
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})
     return calls
 
 
@@ -38,7 +39,7 @@ def test_features_are_encoded_once_and_reused_from_disk(tiny_clip, image_folder,
     assert first.image.shape == (15, 24) and first.text.shape == (3, 24)  # the corrupt file is skipped
     assert len(first.skipped) == 1 and first.skipped[0].endswith("broken.jpg")
     monkeypatch.setattr(features, "_MEMORY", {})  # a new process: only the disk cache is left
-    monkeypatch.setattr(features, "_FILE_HASHES", {})
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})
     again = features_of(tiny_clip, image_folder, cache)
     assert count_encodes == ["art"]
     assert torch.equal(first.image, again.image) and again.skipped == first.skipped
@@ -95,11 +96,11 @@ def test_model_fingerprint_follows_content_not_just_size_and_mtime(tmp_path, mon
     weights = folder / "model.safetensors"
     weights.write_bytes(b"a" * (3 << 20))  # several MiB, like real weights
     stat = weights.stat()
-    before = features.model_files_fingerprint(str(folder))
+    before = fingerprint.model_files_fingerprint(str(folder))
     weights.write_bytes(b"b" * (3 << 20))  # same size, same mtime (as cp -p or rsync -a leave it)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    monkeypatch.setattr(features, "_FILE_HASHES", {})  # a new process
-    assert features.model_files_fingerprint(str(folder)) != before
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})  # a new process
+    assert fingerprint.model_files_fingerprint(str(folder)) != before
 
 
 def test_unreadable_cache_entry_is_encoded_again(tiny_clip, image_folder, tmp_path, count_encodes, monkeypatch, caplog):
@@ -114,11 +115,11 @@ def test_unreadable_cache_entry_is_encoded_again(tiny_clip, image_folder, tmp_pa
 
 
 def test_file_hashes_are_kept_on_disk_for_fresh_processes(tiny_clip, tmp_path, monkeypatch):
-    first = features.model_files_fingerprint(str(tiny_clip), tmp_path)
+    first = fingerprint.model_files_fingerprint(str(tiny_clip), tmp_path)
     assert (tmp_path / "file-hashes.json").is_file()
-    monkeypatch.setattr(features, "_FILE_HASHES", {})  # a fresh process
+    monkeypatch.setattr(fingerprint, "_FILE_HASHES", {})  # a fresh process
     monkeypatch.setattr(features.hashlib, "blake2b", _no_file_reads(features.hashlib.blake2b))
-    assert features.model_files_fingerprint(str(tiny_clip), tmp_path) == first
+    assert fingerprint.model_files_fingerprint(str(tiny_clip), tmp_path) == first
 
 
 def _no_file_reads(blake2b):

@@ -10,8 +10,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from common.demo.build import _build_once
-from common.features import DomainFeatures, _save_cached, model_files_fingerprint
+from common.features import DomainFeatures, _save_cached
 from common.files import save_tensors
+from common.fingerprint import model_files_fingerprint
 from tests.conftest import save_tiny_clip
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from common.config import load_config
-from common.data import dataset_classes, dataset_domains, domain_folder, read_image
+from common.data import dataset_classes, dataset_domains, domain_folder
 from common.features import encode_domain
+from common.sources import read_image
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)

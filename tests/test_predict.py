@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from client_app.app import app as client_app
-from common.data import DomainFolder, domain_folder
+from common.data import domain_folder
 from common.features import encode_images
 from common.model import load_clip
+from common.sources import DomainFolder
 from predict import FedClipClassifier, push_to_hub
 from predict.cli import main as predict_main
 from server_app.app import app as server_app
@@ -66,7 +67,7 @@ def summary(run: Path) -> dict:
 
 
 def test_run_folder_records_classes_and_clip(run, tiny_clip):
-    from common.features import model_files_fingerprint
+    from common.fingerprint import model_files_fingerprint
 
     info = json.loads((run / "run.json").read_text())
     assert info == {"classes": list(CLASSES), "model_fingerprint": model_files_fingerprint(str(tiny_clip))}

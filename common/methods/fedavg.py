@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from common import wire
-from common.data import ImageSource
 from common.features import DomainFeatures, encode_images, image_batches, images_encoded
 from common.local_data import LocalData
 from common.methods.base import Method, scores
 from common.model import class_logits, load_clip, model_name_or_path
+from common.sources import ImageSource
 from common.train import make_optimizer
 
 ENCODER_PREFIXES = ("vision_model.", "visual_projection.")  # the image encoder: vision tower and projection
