@@ -1,8 +1,9 @@
-"""A site classifies its own images with the federation's adapter, and exports it for others.
+"""A site classifies its own images with what the federation trained, and exports it for others.
 
-- classifier.py: `FedClipClassifier`, from a run folder or an exported adapter (`from_run`, `from_pretrained`);
-- export.py: the exported folder (config.json, adapter.safetensors or a PromptFL context and its class text features, a
-  model card) and `push_to_hub`;
+- classifier.py: `FedClipClassifier`, from a run folder or an export (`from_run`, `from_pretrained`), made from the
+  run's weights by its method's hooks;
+- export.py: the exported folder (config.json, the method's weights, the class text features, a model card) and
+  `push_to_hub`;
 - cli.py: the `fedclip-predict` command (also `python -m predict`).
 """
 

@@ -1,16 +1,16 @@
-"""Use what a run learned: a classifier from a run folder or an exported adapter.
+"""Use what a run learned: a classifier from a run folder or an export.
 
     from predict import FedClipClassifier
-    clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's adapter; which="final"
+    clf = FedClipClassifier.from_run("outputs/2026-11-28_12-00-00")   # the best round's weights; which="final"
     clf.predict(["cat.jpg", "dog.png"]).labels                         # ['cat', 'dog']
 
-A classifier is the run's frozen CLIP, one prompt per class and the adapter (a PromptFL run: the learned context
-in the class prompts instead). It encodes images with the
-code of training's one-off feature extraction (`common.features.encode_images`) and scores them with the
-logits of training and evaluation (`common.model.class_logits`), so a prediction and the run's own
-evaluation agree. `export` writes a Hugging Face-style folder (config.json, adapter.safetensors or a PromptFL
-run's context and class text features, a model card; predict/export.py) that `from_pretrained` loads,
-from a folder or the hub.
+A classifier is the run's frozen CLIP, one prompt per class and what the run's method trained, which the method's
+own hooks turn into class text features and a module on the image features (common/methods/base.py): this package
+never asks which method it has. It encodes images with the code of training's one-off feature extraction
+(`common.features.encode_images`) and scores them with the logits of training and evaluation
+(`common.model.class_logits`), so a prediction and the run's own evaluation agree. `export` writes a Hugging
+Face-style folder (config.json, the method's weights, the class text features, a model card; predict/export.py) that
+`from_pretrained` loads, from a folder or the hub.
 """
 
 from __future__ import annotations
@@ -22,26 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from common.config import config_from_file, select_device
+from common.config import CONF_DIR, config_from_file, select_device
 from common.features import encode_images, encode_prompts
 from common.fingerprint import model_files_fingerprint
-from common.methods.base import load_method
-from common.methods.promptfl import CONTEXT, prompt_features
-from common.model import AttentionAdapter, class_logits, class_prompts, load_clip, model_name_or_path
+from common.methods.base import Method, method_from_options
+from common.model import class_logits, class_prompts, load_clip, model_name_or_path
 from common.sources import read_image
 from predict.export import (
-    ADAPTER_FILE,
     CONFIG_FILE,
-    CONTEXT_FILE,
     DEMO_DATASET,
     EXPORT_FORMAT,
     TEXT_FEATURES,
     TEXT_FILE,
     exported_clip,
     hub_id,
+    weights_file,
     write_export,
 )
 
@@ -114,7 +114,10 @@ class Predictions:
 
 
 class FedClipClassifier:
-    """A frozen CLIP, one prompt per class and a FedCLIP adapter (None: zero-shot CLIP)."""
+    """A frozen CLIP and one prompt per class, with what a run's method trained for them (none: zero-shot CLIP).
+
+    The method's hooks (common/methods/base.py) turn its saved weights into the two parts a classifier scores
+    with: the class text features (`text`) and a module on the image features (`head`, None: none)."""
 
     def __init__(
         self,
@@ -122,28 +125,26 @@ class FedClipClassifier:
         processor,
         classes: list[str],
         prompt: str,
-        adapter: AttentionAdapter | None,
         device: torch.device,
         batch_size: int,
         info: dict,
+        *,
+        method: Method | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+        head: torch.nn.Module | None = None,
         text: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
+        prompts_text: torch.Tensor | None = None,
     ) -> None:
-        self.model, self.processor, self.device = model, processor, device
-        self.classes, self.prompt, self.adapter, self.batch_size, self.info = (
-            list(classes),
-            prompt,
-            adapter,
-            batch_size,
-            info,
-        )
-        self.context = context  # a PromptFL run's learned context: `text` holds the class features it gives
-        self.text = (
-            encode_prompts(model, processor, class_prompts(self.classes, prompt), device) if text is None else text
-        )
+        self.model, self.processor, self.device, self.batch_size = model, processor, device, batch_size
+        self.classes, self.prompt, self.info = list(classes), prompt, info
+        self.method, self.weights, self.head = method, weights, head
+        # CLIP's encoded class prompts, when known: zero-shot CLIP's text features, and `text` unless the method
+        # learned its own
+        self.prompts_text = prompts_text
+        if text is None:
+            text = self.prompts_text = encode_prompts(model, processor, class_prompts(self.classes, prompt), device)
+        self.text = text
         self.logit_scale = model.logit_scale.detach().float().cpu()
-        if adapter is not None:
-            adapter.eval()
 
     # ---- loading ---------------------------------------------------------------------------------------------
 
@@ -151,14 +152,14 @@ class FedClipClassifier:
     def from_run(
         cls,
         run: str | Path,
-        which: str = "best",
+        which: str | None = "best",
         clip: str | None = None,
         device: str = "auto",
         dtype: str | torch.dtype = "float32",
         batch_size: int | None = None,
     ) -> FedClipClassifier:
         """The classifier of a run folder: its CLIP (or `clip`, which must be the same files), classes, prompt and
-        adapter.
+        the weights its method trained.
 
         which: "best" (the round with the best mean validation accuracy), "final", or None for zero-shot CLIP.
         """
@@ -173,22 +174,21 @@ class FedClipClassifier:
         if not classes:
             raise ValueError(
                 f"{run} does not record its classes in label order (no run.json: a run from before it was written, "
-                "with dataset.classes=null); run it again to use its adapter"
+                "with dataset.classes=null); run it again to use what it trained"
             )
-        weights = None
+        options = _method_options(cfg)
+        method = weights = None
         if which is not None:
-            # a run from before methods named their class
-            saves = load_method(cfg).weights_name if "_target_" in cfg.method else "adapter"
-            path = run / f"{saves or 'adapter'}_{which}.safetensors"
-            if saves not in ("adapter", "prompt") or not path.is_file():
-                kind = (
-                    f"which={which!r} is 'best' or 'final'"
-                    if saves in ("adapter", "prompt")
-                    else f"method={cfg.method.name} keeps no global weights"
-                    if saves is None
-                    else f"method={cfg.method.name} trains its {saves}, not an adapter"
+            method = method_from_options(options)
+            if method.weights_name is None:
+                raise FileNotFoundError(
+                    f"method={method.name} keeps no global weights to predict with. which=None gives zero-shot CLIP"
                 )
-                raise FileNotFoundError(f"{path} does not exist: {kind}. which=None gives zero-shot CLIP")
+            path = run / f"{method.weights_name}_{which}.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} does not exist: which={which!r} is 'best' or 'final'. which=None gives zero-shot CLIP"
+                )
             weights = load_file(path)
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         run_clip = model_name_or_path(cfg)  # the hub id or folder; the built demo CLIP for model=demo
@@ -200,11 +200,13 @@ class FedClipClassifier:
             "clip_fingerprint": run_info.get("model_fingerprint"),
             "prompt": str(cfg.model.prompt),
             "classes": classes,
-            "adapter": which,
+            "method": options,
+            "weights": method.weights_name if method else None,
+            "which": which,
             "encode_batch_size": int(cfg.model.encode_batch_size),
-            "run": _run_results(cfg, summary, which),
+            "run": _run_results(cfg, summary, which, method.weights_name if method else None),
         }
-        return cls._build(clip or run_clip, info, weights, device, dtype, batch_size)
+        return cls._build(clip or run_clip, info, method, weights, device, dtype, batch_size)
 
     @classmethod
     def from_pretrained(
@@ -217,108 +219,90 @@ class FedClipClassifier:
     ) -> FedClipClassifier:
         """An export (see `export`), from a folder or a Hugging Face hub repository; `clip` overrides where its CLIP is.
 
-        A PromptFL export's class text features are used as they are (the text encoder does not run); its context is
-        kept in `context`."""
+        Its class text features are used as they are (the text encoder does not run)."""
         folder = Path(folder_or_hub_id).expanduser()
         if not folder.is_dir():
             folder = _download(str(folder_or_hub_id))
         info = json.loads((folder / CONFIG_FILE).read_text())
         if info.get("format") != EXPORT_FORMAT:
+            older = " (an export of an older version of this app: export it again from its run folder)"
             raise ValueError(
-                f"{folder / CONFIG_FILE} is not a FedCLIP adapter's config (format {info.get('format')!r}, "
-                f"expected {EXPORT_FORMAT!r})"
+                f"{folder / CONFIG_FILE} is not a FedCLIP export's config (format {info.get('format')!r}, expected "
+                f"{EXPORT_FORMAT!r}){older if info.get('format') == 'fedclip-adapter' else ''}"
             )
-        if info.get("weights") == "prompt":
-            return cls._build(
-                clip or exported_clip(info),
-                info,
-                load_file(folder / CONTEXT_FILE),
-                device,
-                dtype,
-                batch_size,
-                load_file(folder / TEXT_FILE)[TEXT_FEATURES],
-            )
-        return cls._build(
-            clip or exported_clip(info), info, load_file(folder / ADAPTER_FILE), device, dtype, batch_size
-        )
+        method = method_from_options(info["method"])
+        weights = load_file(folder / weights_file(method.weights_name))
+        text = load_file(folder / TEXT_FILE)[TEXT_FEATURES]
+        return cls._build(clip or exported_clip(info), info, method, weights, device, dtype, batch_size, text)
 
     @classmethod
     def _build(
         cls,
         clip: str,
         info: dict,
-        weights: dict | None,
+        method: Method | None,
+        weights: dict[str, torch.Tensor] | None,
         device: str,
         dtype: str | torch.dtype,
         batch_size: int | None,
         text: torch.Tensor | None = None,
     ) -> FedClipClassifier:
-        """Load the CLIP, refuse it unless it is the one the weights were trained with, and put them on it: an
-        adapter on the
-        image features, or a PromptFL context in the class prompts (`text`: the class features it gives, when known)."""
+        """Load the CLIP, refuse it unless it is the one the weights were trained with, and let the method make its
+        parts from the weights (`text`: the class text features, when an export holds them)."""
         device_ = select_device(device)
         dtype_ = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model, processor = load_clip(str(clip), device_, dtype_)
         dim = int(model.config.projection_dim)
-        context = weights.pop(CONTEXT) if weights is not None and CONTEXT in weights else None
-        adapter_state = weights or None
-        if adapter_state is not None and adapter_state["fc1.weight"].shape[1] != dim:
-            raise ValueError(
-                f"the CLIP {clip!r} gives {dim} features but the adapter was trained on "
-                f"{adapter_state['fc1.weight'].shape[1]}: it needs the CLIP its run used ({info['clip']!r})"
-            )
-        if context is not None and context.shape[1] != (width := int(model.config.text_config.hidden_size)):
-            raise ValueError(
-                f"the CLIP {clip!r} has text width {width} but the context was trained for {context.shape[1]}: "
-                f"it needs the CLIP its run used ({info['clip']!r})"
-            )
         if text is not None and tuple(text.shape) != (len(info["classes"]), dim):
             raise ValueError(
                 f"the class text features are {tuple(text.shape)}, but {len(info['classes'])} classes and the "
-                f"CLIP {clip!r}'s "
-                f"{dim} features need ({len(info['classes'])}, {dim}): it needs the CLIP its run used "
+                f"CLIP {clip!r}'s {dim} features need ({len(info['classes'])}, {dim}): it needs the CLIP its run used "
                 f"({info['clip']!r})"
             )
+        head = None
+        if method is not None:
+            try:
+                head = method.image_head(weights, dim)
+                if text is None:
+                    text = method.class_text(weights, model, processor, info["classes"], info["prompt"])
+            except ValueError as err:
+                raise ValueError(
+                    f"the CLIP {clip!r} does not fit: {err}; it needs the CLIP its run used ({info['clip']!r})"
+                ) from err
         expected, found = info.get("clip_fingerprint"), model_files_fingerprint(str(clip))
         if expected and found != expected:
             raise ValueError(
-                f"the CLIP {clip!r} is not the one the adapter was trained with: its files' fingerprint is {found}, "
+                f"the CLIP {clip!r} is not the one the weights were trained with: its files' fingerprint is {found}, "
                 f"the run's {expected}. Pass the run's CLIP ({info['clip']!r}), or a copy of exactly its files"
             )
         if not expected:
             log.warning("this run does not record its CLIP's fingerprint: only the feature size (%d) was checked", dim)
-        adapter = None
-        if adapter_state is not None:
-            adapter = AttentionAdapter(dim).to(device_)
-            adapter.load_state_dict(adapter_state)
-        info = {**info, "clip_fingerprint": found, "feature_dim": dim}
-        if text is None and context is not None:
-            text = prompt_features(model, processor.tokenizer, info["classes"], info["prompt"], context)
         return cls(
             model,
             processor,
             info["classes"],
             info["prompt"],
-            adapter,
             device_,
             batch_size or info["encode_batch_size"],
-            info,
-            text,
-            context,
+            {**info, "clip_fingerprint": found, "feature_dim": dim},
+            method=method,
+            weights=weights,
+            head=head.to(device_) if head is not None else None,
+            text=text,
         )
 
     def zero_shot(self) -> FedClipClassifier:
-        """The same CLIP and prompts without the adapter or learned context (shares the loaded CLIP)."""
+        """The same CLIP and prompts without what the method trained (shares the loaded CLIP)."""
         return FedClipClassifier(
             self.model,
             self.processor,
             self.classes,
             self.prompt,
-            None,
             self.device,
             self.batch_size,
-            {**self.info, "adapter": None},
-            self.text if self.context is None else None,
+            {**self.info, "weights": None, "which": None},
+            text=self.prompts_text,
+            prompts_text=self.prompts_text,
         )
 
     # ---- prediction ------------------------------------------------------------------------------------------
@@ -356,7 +340,7 @@ class FedClipClassifier:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits of encoded images: the same function as training and evaluation use."""
         return class_logits(
-            features.to(self.device), self.text.to(self.device), self.logit_scale.to(self.device), self.adapter
+            features.to(self.device), self.text.to(self.device), self.logit_scale.to(self.device), self.head
         ).cpu()
 
     def predict(
@@ -372,28 +356,29 @@ class FedClipClassifier:
     # ---- export ----------------------------------------------------------------------------------------------
 
     def export(self, folder: str | Path) -> Path:
-        """Write config.json, the weights and a model card README.md to `folder`; `from_pretrained` loads it.
+        """Write config.json, the method's weights (<weights>.safetensors), the class text features this classifier
+        scores with and a model card README.md to `folder`; `from_pretrained` loads it.
 
-        The weights: adapter.safetensors, or for a PromptFL run the context and the class text features this classifier
-        scores with (computed with the CLIP in the precision it was loaded in; float32 by default), so the export
-        predicts exactly what this classifier predicts."""
-        if self.context is not None:
-            info = {
-                **self.info,
-                "weights": "prompt",
-                "n_ctx": int(self.context.shape[0]),
-                "text_width": int(self.context.shape[1]),
-            }
-            return write_export(
-                folder, {CONTEXT_FILE: {CONTEXT: self.context}, TEXT_FILE: {TEXT_FEATURES: self.text}}, info
-            )
-        if self.adapter is None:
-            raise ValueError("a zero-shot classifier has no adapter or prompt context to export")
-        return write_export(folder, {ADAPTER_FILE: self.adapter.state_dict()}, {**self.info, "weights": "adapter"})
+        The text features are computed with the CLIP in the precision it was loaded in (float32 by default), so the
+        export predicts exactly what this classifier predicts."""
+        if self.method is None:
+            raise ValueError("a zero-shot classifier has no trained weights to export")
+        files = {weights_file(self.method.weights_name): self.weights, TEXT_FILE: {TEXT_FEATURES: self.text}}
+        return write_export(folder, files, {**self.info, "description": self.method.describe(self.weights)})
 
 
-def _run_results(cfg, summary: dict, which: str | None) -> dict:
-    """What a run says about how the adapter was trained and how well it did (for config.json and the model card)."""
+def _method_options(cfg: DictConfig) -> dict:
+    """The run's method options (conf/method/<name>.yaml's keys); a run from before methods named their class takes
+    its `_target_` from this app's conf/method/<name>.yaml."""
+    options = OmegaConf.to_container(cfg.method)
+    known = {path.stem: path for path in (CONF_DIR / "method").glob("*.yaml")}
+    if "_target_" not in options and options.get("name") in known:
+        options["_target_"] = yaml.safe_load(known[options["name"]].read_text())["_target_"]
+    return options
+
+
+def _run_results(cfg, summary: dict, which: str | None, weights: str | None) -> dict:
+    """What a run says about how its weights were trained and how well they did (config.json and the model card)."""
     return {
         "method": str(cfg.method.name),
         "held_out": str(cfg.dataset.held_out),
@@ -407,9 +392,9 @@ def _run_results(cfg, summary: dict, which: str | None) -> dict:
         "trained_parameters": summary.get("trained_parameters"),
         "bytes_per_client_per_round": summary.get("bytes_per_client_per_round"),
         "bytes_total": summary.get("bytes_total"),
-        "accuracies_are_of": "the best round's adapter"
+        "accuracies_are_of": f"the best round's {weights}"
         if which == "best"
-        else "the best round (this export holds the final adapter)",
+        else f"the best round (this export holds the final {weights})",
     }
 
 

@@ -1,8 +1,8 @@
-"""fedclip-predict: classify images with a run's adapter (or PromptFL context), and export it for others.
+"""fedclip-predict: classify images with what a run trained, and export it for others.
 
     fedclip-predict --run outputs/<run> IMAGES_OR_FOLDER... [--top-k 3] [--out preds.csv]
     fedclip-predict --model EXPORTED_FOLDER_OR_HUB_ID IMAGES_OR_FOLDER...
-    fedclip-predict --run outputs/<run> --export fedclip-adapter [--push-to-hub USER/REPO]
+    fedclip-predict --run outputs/<run> --export EXPORT_DIR [--push-to-hub USER/REPO]
 
 One row per image (path, its class if the folder says it, the top-k classes and probabilities) goes to
 --out or to stdout. A labelled folder, ROOT/<class>/<image> or ROOT/<domain>/<class>/<image> with the
@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run folder (outputs/<date-time>)")
-    source.add_argument("--model", help="an exported adapter: a folder or a hub repository id")
+    source.add_argument("--model", help="an export: a folder or a hub repository id")
     parser.add_argument("inputs", nargs="*", help="image files and folders")
     parser.add_argument(
         "--which",
         default="best",
         choices=["best", "final"],
-        help="with --run: the adapter of the best round or the last",
+        help="with --run: the weights of the best round or the last",
     )
-    parser.add_argument("--zero-shot", action="store_true", help="predict with CLIP alone, no adapter")
+    parser.add_argument("--zero-shot", action="store_true", help="predict with CLIP alone, without the run's weights")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--out", help="write the predictions to this CSV file instead of stdout")
     parser.add_argument("--clip", help="where the CLIP is, if not where the run had it (it must be the same files)")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--export",
         metavar="DIR",
-        help="write the adapter (a PromptFL run: its context and class text features) as a Hugging Face-style folder",
+        help="write the run's weights and the class text features as a Hugging Face-style folder",
     )
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         clf = FedClipClassifier.from_pretrained(args.model, **options)
         clf = clf.zero_shot() if args.zero_shot else clf
     if args.export or args.push_to_hub:
-        folder = clf.export(args.export or tempfile.mkdtemp(prefix="fedclip-adapter-"))
-        print(f"exported the {'prompt context' if clf.context is not None else 'adapter'} to {folder}", file=sys.stderr)
+        folder = clf.export(args.export or tempfile.mkdtemp(prefix="fedclip-export-"))
+        print(f"exported the {clf.info['weights']} to {folder}", file=sys.stderr)
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(folder, args.push_to_hub, args.private)}", file=sys.stderr)
     if args.inputs:
@@ -161,7 +161,7 @@ def classify(clf: FedClipClassifier, groups: list[InputGroup], top_k: int, out: 
     labelled = [(g.domain, e) for g, e in zip(groups, encoded) if g.domain is not None and len(e.names)]
     if labelled:
         zero_shot = clf.zero_shot()
-        which = "adapter" if clf.adapter is not None else "prompt" if clf.context is not None else "(no adapter)"
+        which = clf.info["weights"] or "(none)"
         print(f"{'domain':>16} {'images':>8} {which:>12} {'zero-shot':>10}", file=sys.stderr)
         for domain, enc in labelled + ([("all", _joined([e for _, e in labelled]))] if len(labelled) > 1 else []):
             print(

@@ -1,11 +1,11 @@
 """What a run learned, exported for others: a Hugging Face-style folder, and the hub.
 
-A FedCLIP run's folder holds config.json, adapter.safetensors and a model card; a PromptFL run's holds
-config.json, prompt_context.safetensors (the learned context) and class_text_features.safetensors (the class
-text features the context gives, computed once: with them the classifier is zero-shot CLIP's formula with no
-text encoder and no custom code), and the card. `FedClipClassifier.export` writes it (`write_export`),
-`FedClipClassifier.from_pretrained` reads it back, from a folder or a hub repository that `push_to_hub`
-uploaded it to.
+An export holds config.json (the CLIP, the classes, the prompt, the method's options and the run's results), the
+method's weights as its run saved them (<weights_name>.safetensors, the method's name for them), the class text
+features the classifier scores with (class_text_features.safetensors, computed once: a method that learns only the
+text side is then zero-shot CLIP's formula, with no text encoder and no custom code) and a model card.
+`FedClipClassifier.export` writes it (`write_export`), `FedClipClassifier.from_pretrained` reads it back, from a
+folder or a hub repository that `push_to_hub` uploaded it to.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 
 from common.files import save_tensors
 
-EXPORT_FORMAT = "fedclip-adapter"  # config.json's "format": what from_pretrained accepts
-ADAPTER_FILE, CONFIG_FILE, CARD_FILE = "adapter.safetensors", "config.json", "README.md"
-CONTEXT_FILE, TEXT_FILE = "prompt_context.safetensors", "class_text_features.safetensors"  # a PromptFL export's
+EXPORT_FORMAT = "fedclip-export"  # config.json's "format": what from_pretrained accepts
+CONFIG_FILE, CARD_FILE, TEXT_FILE = "config.json", "README.md", "class_text_features.safetensors"
 TEXT_FEATURES = "text_features"  # TEXT_FILE's tensor: [classes, projection dim], in the order of config.json's classes
 PIPELINE_TAG = "zero-shot-image-classification"  # CLIP's task on the hub: images against text prompts of the classes
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
@@ -50,8 +49,13 @@ def write_export(folder: str | Path, files: dict[str, dict[str, torch.Tensor]], 
     return folder
 
 
+def weights_file(weights_name: str) -> str:
+    """The file of an export that holds the method's weights."""
+    return f"{weights_name}.safetensors"
+
+
 def exported_clip(info: dict) -> str:
-    """The CLIP an exported adapter loads: config.json's `clip` (the run's folder or hub id) where that is here or
+    """The CLIP an export loads: config.json's `clip` (the run's folder or hub id) where that is here or
     on the hub,
     else its base model's hub id (an export made from a local copy of a hub CLIP, used on another machine)."""
     clip = str(info["clip"])
@@ -67,7 +71,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="FedCLIP adapter")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="FedCLIP export")
     except Exception as err:  # noqa: BLE001 - offline mode, no network, no token: the export on disk stays usable
         raise RuntimeError(
             f"could not push {folder} to the hub repository {repo_id!r} ({type(err).__name__}: {err}). "
@@ -78,27 +82,13 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
 
 def _title(info: dict) -> str:
-    return "PromptFL prompt" if info.get("weights") == "prompt" else "FedCLIP adapter"
-
-
-def _weights_description(info: dict) -> str:
-    """What the export holds, for the card: a FedCLIP adapter, or a PromptFL context and its class text features."""
-    if info.get("weights") == "prompt":
-        return (
-            f"A PromptFL prompt context ({info['n_ctx']} vectors, {info['n_ctx'] * info['text_width']:,} parameters, "
-            f"`{CONTEXT_FILE}`) "
-            f"and the class text features it gives (`{TEXT_FILE}`: the `{TEXT_FEATURES}` that replace the encoded "
-            f"prompts "
-            "in zero-shot CLIP's logits)"
-        )
-    return f"A FedCLIP attention adapter ({2 * (info['feature_dim'] ** 2 + info['feature_dim']):,} parameters)"
+    return f"{info['run']['method']} {info['weights']}"
 
 
 def card_metadata(info: dict):
     """The card's YAML header as the hub reads it (huggingface_hub's ModelCardData): the base CLIP by its hub id
-    (none for a
-    CLIP with no hub id), the pipeline tag, and the run's accuracies in `model-index`: per domain, with this adapter and
-    zero-shot CLIP, on the held-out domain's images and the training domains' test splits."""
+    (none for a CLIP with no hub id), the pipeline tag, and the run's accuracies in `model-index`: per domain, with
+    these weights and zero-shot CLIP, on the held-out domain's images and the training domains' test splits."""
     from huggingface_hub import EvalResult, ModelCardData
 
     run = info["run"]
@@ -135,7 +125,7 @@ def card_metadata(info: dict):
 
 
 def model_card(info: dict) -> str:
-    """The README.md of an exported adapter: what it is, how it was trained, its results, how to load it, its limits.
+    """The README.md of an export: what it is, how it was trained, its results, how to load it, its limits.
     It names the base CLIP by its hub id, or says it has none: never by a local path."""
     run = info["run"]
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
@@ -163,7 +153,7 @@ def model_card(info: dict) -> str:
     dataset = run.get("dataset") or "a local image folder"
     domains = ", ".join(f"`{d}`" for d in zero) or "-"
     best = f" ({run['best_round']})" if run.get("best_round") is not None else ""
-    which = "best round" + best if info["adapter"] == "best" else "final"
+    which = "best round" + best if info["which"] == "best" else "final"
     per_round, total = run.get("bytes_per_client_per_round") or "-", run.get("bytes_total") or "-"
     return f"""---
 {card_metadata(info).to_yaml()}
@@ -171,7 +161,8 @@ def model_card(info: dict) -> str:
 
 # {_title(info)}
 
-{_weights_description(info)} for the frozen CLIP
+{info["description"]} (`{weights_file(info["weights"])}`), with the class text features the classifier scores
+with (`{TEXT_FILE}`: `{TEXT_FEATURES}`, the features zero-shot CLIP's logits take), for the frozen CLIP
 {clip} (files' fingerprint `{info["clip_fingerprint"]}`), trained federated with
 [Flower](https://flower.ai) by the FedCLIP app. It classifies images into {len(info["classes"])} classes
 ({classes}) with the prompt `{info["prompt"]}`.
@@ -180,15 +171,15 @@ def model_card(info: dict) -> str:
 
 Method `{run["method"]}` on {dataset} (domains {domains}), {run["rounds"]} rounds, seed {run["seed"]},
 domain `{run["held_out"]}` held out (never trained on).
-This file holds the {which}
-adapter. Traffic: {per_round} bytes per training client per round, {total} bytes in all.
+This export holds the {which}
+{info["weights"]}. Traffic: {per_round} bytes per training client per round, {total} bytes in all.
 
 ## Results (accuracy %, {run["accuracies_are_of"]})
 
 Training domains: their clients' test splits; the held-out domain: all its images. The same numbers are in the
 `model-index` above.
 
-| domain | zero-shot CLIP | with this adapter |
+| domain | zero-shot CLIP | with this {info["weights"]} |
 |---|---|---|
 {chr(10).join(rows) if rows else "| - | - | - |"}
 

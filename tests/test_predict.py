@@ -1,4 +1,4 @@
-"""Using a run's adapter (predict/, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
+"""Using what a FedCLIP run trained (predict/, fedclip-predict) and the fast shared encoding path, on a tiny CLIP.
 
 One real run (ServerApp + ClientApps in this process) makes the run folder every test reads.
 """
@@ -123,7 +123,7 @@ def test_a_different_clip_is_refused(run, tmp_path, capsys):
     with pytest.raises(ValueError, match="fingerprint"):
         FedClipClassifier.from_run(run, clip=str(other))
     assert predict_main(["--run", str(run), "--clip", str(other), "--export", str(tmp_path / "x")]) == 1
-    assert "not the one the adapter was trained with" in capsys.readouterr().err
+    assert "not the one the weights were trained with" in capsys.readouterr().err
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(other)
@@ -133,14 +133,19 @@ def test_a_different_clip_is_refused(run, tmp_path, capsys):
     CLIPModel(config).save_pretrained(narrow)
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
         shutil.copy(other / name, narrow / name)
-    with pytest.raises(ValueError, match="gives 16 features but the adapter was trained on 24"):
+    with pytest.raises(ValueError, match="does not fit: the adapter was trained on 24 features, this CLIP gives 16"):
         FedClipClassifier.from_run(run, clip=str(narrow))
 
 
 def test_export_then_load_gives_identical_predictions(run, data, tmp_path):
     clf = FedClipClassifier.from_run(run)
     folder = clf.export(tmp_path / "export")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.safetensors", "config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "adapter.safetensors",
+        "class_text_features.safetensors",
+        "config.json",
+    ]
     config = json.loads((folder / "config.json").read_text())
     assert (
         config["classes"] == list(CLASSES) and config["feature_dim"] == 24 and config["prompt"] == "a picture of a {}"
@@ -264,3 +269,18 @@ def test_fast_preprocessing_matches_the_pil_clip_image_processor(tiny_clip, tmp_
         expected = model.get_image_features(pixel_values=pixels).pooler_output
     assert torch.nn.functional.cosine_similarity(fast, expected).min() > 0.9999
     assert (fast - expected).abs().max() < 0.05 * expected.abs().mean()
+
+
+def test_a_run_folder_from_before_methods_named_their_class_still_loads(run, data, tmp_path):
+    """Its config.yaml has no method._target_: the class comes from this app's conf/method/<name>.yaml."""
+    import yaml
+
+    old = shutil.copytree(run, tmp_path / "old")
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["method"]["_target_"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    images = domain_folder(data, "photo", list(CLASSES)).paths
+    assert torch.equal(
+        FedClipClassifier.from_run(old).predict(images).probabilities,
+        FedClipClassifier.from_run(run).predict(images).probabilities,
+    )

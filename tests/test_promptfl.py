@@ -16,16 +16,18 @@ from safetensors.torch import load_file
 from client_app.app import app as client_app
 from common.data import domain_folder
 from common.features import encode_prompts
-from common.methods.promptfl import CONTEXT, PromptFL, prompt_features
+from common.methods.promptfl import CONTEXT, PromptFL
 from common.model import class_prompts, load_clip
 from predict import FedClipClassifier
 from predict.cli import main as predict_main
-from predict.export import CONTEXT_FILE, TEXT_FEATURES, TEXT_FILE
+from predict.export import TEXT_FEATURES, TEXT_FILE, weights_file
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
 from tests.inprocess import run_in_process
 from tests.test_predict import CLASSES, write_coloured_folder
 from tests.test_secagg import QUANTIZATION_STEP
+
+CONTEXT_FILE = weights_file(PromptFL.weights_name)
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +131,9 @@ def test_export_holds_the_context_and_the_class_features_it_gives(run, data, tmp
     folder = clf.export(tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", TEXT_FILE, "config.json", CONTEXT_FILE]
     config = json.loads((folder / "config.json").read_text())
-    assert (config["weights"], config["n_ctx"], config["text_width"], config["classes"]) == (
+    assert (config["weights"], config["method"]["_target_"], config["classes"]) == (
         "prompt",
-        4,
-        32,
+        "common.methods.promptfl.PromptFL",
         list(CLASSES),
     )
     assert (
@@ -142,13 +143,13 @@ def test_export_holds_the_context_and_the_class_features_it_gives(run, data, tmp
     context, text = load_file(folder / CONTEXT_FILE)[CONTEXT], load_file(folder / TEXT_FILE)[TEXT_FEATURES]
     assert torch.equal(context, load_file(run / "prompt_best.safetensors")[CONTEXT])
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    assert torch.equal(text, prompt_features(model, processor.tokenizer, list(CLASSES), "a picture of a {}", context))
+    assert torch.equal(text, PromptFL().class_text({CONTEXT: context}, model, processor, CLASSES, "a picture of a {}"))
 
     loaded = FedClipClassifier.from_pretrained(folder)
     sketch = domain_folder(data, "sketch", clf.classes)
     encoded = clf.encode(sketch)
     assert torch.equal(loaded.logits(encoded.features), clf.logits(encoded.features))
-    assert torch.equal(loaded.context, context)
+    assert torch.equal(loaded.weights[CONTEXT], context)
     assert accuracy(loaded.zero_shot(), encoded) == pytest.approx(summary_of(run)["zero_shot"]["sketch"], abs=1e-6)
 
     from transformers import CLIPModel, CLIPProcessor  # what a user without this app writes
@@ -162,10 +163,14 @@ def test_export_holds_the_context_and_the_class_features_it_gives(run, data, tmp
     torch.testing.assert_close(logits, clf.logits(encoded.features), rtol=0, atol=1e-3)
 
 
-def test_export_refuses_a_clip_of_another_size(run, tmp_path):
+def test_a_clip_of_another_size_is_refused(run, tmp_path):
+    """From the run, the method's hook says why the context does not fit; an export (whose class features need no
+    text encoder) is refused by the CLIP's fingerprint."""
     folder = FedClipClassifier.from_run(run).export(tmp_path / "export")
     other = save_tiny_clip(tmp_path / "wide", text_width=48)
-    with pytest.raises(ValueError, match="text width 48 but the context was trained for 32"):
+    with pytest.raises(ValueError, match="does not fit: the context was trained for text width 32, this CLIP's is 48"):
+        FedClipClassifier.from_run(run, clip=str(other))
+    with pytest.raises(ValueError, match="is not the one the weights were trained with"):
         FedClipClassifier.from_pretrained(folder, clip=str(other))
 
 

@@ -9,12 +9,13 @@ never ask which method they have: adding a method is one module here and one fil
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
@@ -97,6 +98,24 @@ class Method:
         """Accuracy and loss of the received weights (or of zero-shot CLIP) on the client's val, test and all images."""
         return scores(local, local.feats, [None])
 
+    # For fedclip-predict and its export: a classifier is CLIP's logits between the image features, through
+    # `image_head`, and the class text features, from `class_text`, given the weights a run saved
+    def class_text(
+        self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str
+    ) -> torch.Tensor | None:
+        """The class text features [classes, d] these weights give; None: CLIP's encoded class prompts."""
+        return None
+
+    def image_head(self, weights: dict[str, torch.Tensor], feature_dim: int) -> torch.nn.Module | None:
+        """The module these weights put on the image features before the logits; None: none. A ValueError says why
+        the weights do not fit a CLIP of `feature_dim` features, or that this method gives predict no classifier."""
+        raise ValueError(f"method={self.name} trains its {self.weights_name}: fedclip-predict has no classifier for it")
+
+    def describe(self, weights: dict[str, torch.Tensor]) -> str:
+        """What the weights are, in a phrase for an export's model card."""
+        parameters = sum(t.numel() for t in weights.values())
+        return f"The {self.weights_name} that method {self.name} trained ({parameters:,} parameters)"
+
 
 def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:
     """Accuracy and loss on val, test and all of a client's images, averaged over `adapters` (None: zero-shot CLIP)."""
@@ -143,8 +162,16 @@ def method_class(target: object, name: object = None) -> type[Method]:
     return cls
 
 
+def method_from_options(options: Mapping) -> Method:
+    """A method from its options (conf/method/<name>.yaml's keys, as a run or an export keeps them): its `_target_`
+    class (method_class) called with the other keys; options the class does not take are a ValueError."""
+    method_class(options.get("_target_"), options.get("name"))
+    try:
+        return instantiate(options, _convert_="all", _recursive_=False)
+    except InstantiationException as err:
+        raise ValueError(f"method {options.get('name')!r}: its options do not fit its class: {err}") from err
+
+
 def load_method(cfg: DictConfig) -> Method:
-    """The run's method, built from conf/method/<name>.yaml: its `_target_` class (method_class) with the file's
-    other keys."""
-    method_class(cfg.method.get("_target_"), cfg.method.get("name"))
-    return instantiate(cfg.method, _convert_="all", _recursive_=False)
+    """The run's method, built from conf/method/<name>.yaml."""
+    return method_from_options(cfg.method)

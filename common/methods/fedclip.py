@@ -77,6 +77,17 @@ class FedClip(Method):
             )["test"][0]
         return metrics
 
+    def image_head(self, weights: dict[str, torch.Tensor], feature_dim: int) -> AttentionAdapter:
+        trained_on = weights["fc1.weight"].shape[1]
+        if trained_on != feature_dim:
+            raise ValueError(f"the adapter was trained on {trained_on} features, this CLIP gives {feature_dim}")
+        adapter = AttentionAdapter(feature_dim)
+        adapter.load_state_dict(weights)
+        return adapter.eval()
+
+    def describe(self, weights: dict[str, torch.Tensor]) -> str:
+        return f"A FedCLIP attention adapter ({sum(t.numel() for t in weights.values()):,} parameters)"
+
 
 def received_adapter(local: LocalData, arrays: ArrayRecord) -> AttentionAdapter:
     """An adapter with received weights, in float32 whatever strategy.transport_dtype they travelled in."""

@@ -202,10 +202,21 @@ class PromptFL(Method):
             )["test"][0]
         return metrics
 
+    def class_text(
+        self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str
+    ) -> torch.Tensor:
+        ctx = weights[CONTEXT]
+        width = int(model.config.text_config.hidden_size)
+        if ctx.shape[1] != width:
+            raise ValueError(f"the context was trained for text width {ctx.shape[1]}, this CLIP's is {width}")
+        with torch.no_grad():
+            return PromptText(model, processor.tokenizer, classes, prompt, len(ctx))(
+                ctx.to(next(model.parameters()).device)
+            ).cpu()
 
-def prompt_features(model, tokenizer, class_names: list[str], template: str, ctx: torch.Tensor) -> torch.Tensor:
-    """Class text features of a trained context (what fedclip-predict uses for a PromptFL run)."""
-    with torch.no_grad():
-        return PromptText(model, tokenizer, class_names, template, len(ctx))(
-            ctx.to(next(model.parameters()).device)
-        ).cpu()
+    def image_head(self, weights: dict[str, torch.Tensor], feature_dim: int) -> None:
+        return None
+
+    def describe(self, weights: dict[str, torch.Tensor]) -> str:
+        n_ctx, width = weights[CONTEXT].shape
+        return f"A PromptFL prompt context ({n_ctx} vectors, {n_ctx * width:,} parameters)"
