@@ -6,7 +6,7 @@ query); then each round sends an adapter-sized ArrayRecord (`2 * (d*d + d)` floa
 AttentionAdapter's tensors for feature size d) in a train message to the round's training sample, which
 replies with an adapter-sized ArrayRecord, and in an evaluate message to the evaluated nodes, which
 reply with metrics only. Samples are FedCLIP's, client for client: drawn by client name as FedCLIP's
-strategy draws them (`sample_clients` here copies server_app/strategy.py's, and the sizes are its
+strategy draws them (`sample_clients` here copies server_app/sampling.py's, and the sizes are its
 train_sample's and evaluate_sample's: max(min-train-nodes, ceil(fraction-train * training clients))
 train; at least ceil(fraction-evaluate * training clients) evaluated, those training next round on their
 train message; tests/test_noop_sampling.py checks both choose the same clients); the held-out domain's
@@ -109,7 +109,7 @@ def exchange(grid: Grid, messages: list[Message], poll: tuple[float, float], tim
 
 
 def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_round: int) -> list[str]:
-    """n of the client names, sorted, as FedCLIP draws them (a copy of server_app.strategy.sample_clients): the sorted
+    """n of the client names, sorted, as FedCLIP draws them (a copy of server_app.sampling.sample_clients): the sorted
     names sampled by a generator seeded by the run's seed, the purpose and the round; all of them when n >=
     len(clients)."""
     clients = sorted(clients)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server_app.plots import figure, line, save, style
-from server_app.report import format_bytes
+from server_app.table import format_bytes
 
 FAILURE_FILE = "failure.json"
 SAFE_NAME = re.compile(r"[^\w.-]+")  # a domain name as part of a file name

@@ -18,6 +18,20 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
     set_default_mode(path)
 
 
+def new_folder(parent: Path, name: str) -> Path:
+    """A new folder `name` in `parent`, or `name-2`, `name-3`, ... when it exists: two runs started in the same second
+    never share a run folder (a run resumed at once would copy its checkpoint onto itself)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{parent} has 999 folders named {name}(-n)")
+
+
 def set_default_mode(path: Path) -> None:
     """Give a file the mode open() gives a new file (0o666 less the umask; 0o644 with the usual 022).
 

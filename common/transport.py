@@ -17,11 +17,6 @@ TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 
 
-def check_transport_dtype(dtype: str) -> None:
-    if dtype not in TRANSPORT_DTYPES:
-        raise ValueError(f"strategy.transport_dtype must be one of {', '.join(TRANSPORT_DTYPES)}, got {dtype!r}")
-
-
 def encode_array(value: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
     """A float32 tensor as it travels: cast to float16, or bfloat16 (round to nearest even) as its uint16 bits."""
     tensor = torch.as_tensor(value).detach().cpu().float()

@@ -12,6 +12,7 @@ from common.config import load_config, message_config, setup_logging
 from common.methods.base import load_method
 from server_app.checkpoint import resume_run
 from server_app.federation import Federation
+from server_app.options import refuse_options
 from server_app.privacy import with_privacy
 from server_app.report import RunReport
 from server_app.rounds import run_rounds
@@ -31,16 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(context.run_config.get("overrides", "")))
     run_config = message_config(cfg)  # the clients get the run's checked configuration with every message
     method = load_method(cfg)
-    if cfg.dataset.domains and cfg.dataset.held_out not in cfg.dataset.domains:
-        raise ValueError(
-            f"dataset.held_out={cfg.dataset.held_out!r} is not one of dataset.domains: {', '.join(cfg.dataset.domains)}"
-        )
-    method.refuse(cfg)
+    refuse_options(cfg, method)  # every option combination that cannot work stops here (server_app/options.py)
     optimizer = ServerOptimizer.from_config(cfg.strategy)
-    if optimizer.kind != "mean" and not method.weights_name:
-        raise ValueError(
-            f"strategy.server_optimizer={optimizer.kind} steps the global weights; method={method.name} keeps none"
-        )
     federation = Federation(grid, cfg, run_config)
 
     weights = method.initial_weights(cfg, federation.feature_dim)
@@ -59,12 +52,12 @@ def main(grid: Grid, context: Context) -> None:
         federation.client_domains,
         [federation.node_clients[n] for n in strategy.train_nodes],
         trained,
+        method.weights_name,
         federation.classes,
         federation.fingerprint,
-        method.weights_name,
         context.run_id,
     )
-    report.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
+    report.traffic.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
     try:
         arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer, strategy) if cfg.resume else (arrays, 1)
         final = run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round)

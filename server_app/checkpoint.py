@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from common.files import save_tensors
 from server_app.server_optimizer import STATE_PREFIX, ServerOptimizer
+from server_app.weights import weights_path
 
 if TYPE_CHECKING:
     from server_app.report import RunReport  # the report imports nothing of this module: no circle
@@ -168,8 +169,10 @@ def resume_run(
     for row in ckpt.rows[1:]:  # the best round so far, chosen as add_round chose it
         report.selection.choose(row)
     if report.selection.best is not None:
-        best = f"{report.weights_name}_best.safetensors"
-        shutil.copyfile(Path(folder).expanduser() / best, report.dir / best)
+        shutil.copyfile(
+            weights_path(Path(folder).expanduser(), report.weights_name, "best"),
+            weights_path(report.dir, report.weights_name, "best"),
+        )
     if optimizer is not None:
         optimizer.load_state(ckpt.optimizer)
     if strategy is not None:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from common import wire
 from common.methods.base import Update
 from server_app import screening
+from server_app.options import refuse_privacy
 from server_app.strategy import FedClipStrategy
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ class ScreenedPrivacy:
         arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean_update)
         # the updates in the sum (the noise is added only when there are 2 or more)
         self.num_sampled_clients = len(replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined] - Flower's client-side fixed wrapper's
+        if arrays is not None:  # the noise of Flower's client-side fixed-clipping wrapper
+            arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined]
         metrics["dp-epsilon"] = self.spent(server_round)
         return arrays, metrics
 
@@ -205,30 +206,14 @@ def with_privacy(strategy: FedClipStrategy, dp: DictConfig) -> Strategy:
     """The strategy wrapped in Flower's central-DP wrapper that strategy.dp asks for (itself when dp.side is null)."""
     if dp.side is None:
         return strategy
-    if (dp.side, dp.clipping) not in WRAPPERS:
-        raise ValueError(
-            f"strategy.dp.side must be null, server or client and strategy.dp.clipping fixed or adaptive, "
-            f"got {dp.side!r}, {dp.clipping!r}"
-        )
-    if not strategy.method.averages_updates or strategy.aggregation != "mean" or strategy.weighting != "equal":
-        raise ValueError(
-            "strategy.dp needs a method whose new weights are the mean of the clients' updates (conf/method/ says "
-            "which: "
-            f"method={strategy.method.name}'s {'are' if strategy.method.averages_updates else 'are not'}), "
-            "strategy.aggregation=mean and strategy.weighting=equal: the noise is "
-            "calibrated to the equal-weight mean of clipped updates, whose sensitivity to one client is clip / clients"
-        )
-    if strategy.secagg and (dp.side, dp.clipping) != ("client", "fixed"):
-        raise ValueError(
-            "strategy.dp with strategy.secagg.enabled needs strategy.dp.side=client and strategy.dp.clipping=fixed: "
-            "the server "
-            "sees only the sum, so the clients clip and the server adds the noise to the unmasked mean (docs/trust.md)"
-        )
-    if dp.side == "client" and strategy.transport_dtype != "float32":
-        raise ValueError(
-            "strategy.dp.side=client clips on the clients with Flower's mods, which need "
-            "strategy.transport_dtype=float32"
-        )
+    refuse_privacy(
+        dp,
+        strategy.method,
+        aggregation=strategy.aggregation,
+        weighting=strategy.weighting,
+        transport_dtype=strategy.transport_dtype,
+        secagg=strategy.secagg,
+    )
     clients = len(strategy.train_nodes)
     if dp.clipping == "fixed":
         wrapper = WRAPPERS[dp.side, "fixed"](ScreenedReplies(strategy), dp.noise_multiplier, dp.clipping_norm, clients)

@@ -2,16 +2,16 @@
 
 outputs/<date-time>/ holds config.yaml (resolved), run.json (the classes and the CLIP's fingerprint: what
 predict needs to use the adapter), metrics.jsonl and metrics.csv (one row per round), the trained
-weights (adapter_ or encoder_ final/best .safetensors; none for local-only), summary.json (accuracies,
-and the cost: parameters trained, bytes each way, seconds, images encoded) and accuracy.png (plots.py); with
-tracking.tensorboard, TensorBoard's event files, and with tracking.mlflow_uri an MLflow run (tracking.py).
+weights (weights.py: <weights_name>_best/_final.safetensors, none for a method that keeps no global weights),
+summary.json (accuracies, and the cost: parameters trained, bytes each way (traffic.py), seconds, images encoded) and
+accuracy.png (plots.py); with tracking.tensorboard, TensorBoard's event files, and with tracking.mlflow_uri an MLflow
+run (tracking.py). Each round's row is also a line of the round table in the log (table.py).
 
 A client lost in a round (its node died, its reply was dropped) leaves that round's means over fewer
 clients, and a mean over other clients is not comparable. So every row records the clients with no
 evaluation (`missing`), the best round is chosen on the clients two rounds share (server_app/selection.py),
 and the summary compares personalization with zero-shot on the clients evaluated in both rounds;
-summary.json lists the `incomplete_rounds`. Traffic per client is averaged over the
-clients each way actually concerns: down over those sent to, up over those that replied.
+summary.json lists the `incomplete_rounds`.
 """
 
 from __future__ import annotations
@@ -20,37 +20,32 @@ import csv
 import json
 import logging
 import time
-from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig, OmegaConf
 
 from common import wire
-from common.files import save_tensors
+from common.files import new_folder
 from server_app import screening
 from server_app.plots import run_accuracy_plot
 from server_app.selection import SELECTIONS, RoundSelection, Scores, mean
+from server_app.table import RoundTable, format_bytes, percent
 from server_app.tracking import Tracking
+from server_app.traffic import Traffic
+from server_app.weights import KEPT, save_weights, weights_path
 
 log = logging.getLogger(__name__)
 
 PLOT_FILE = "accuracy.png"
 
 
-def message_bytes(message: Message) -> int:
-    """Bytes of tensors a message carries: its ArrayRecords' serialized arrays, and the bytes in its ConfigRecords
-    (SecAgg+'s masked vectors, keys and shares)."""
-    if message.has_error():
-        return 0
-    arrays = sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
-    values = [v for record in message.content.config_records.values() for v in record.values()]
-    return arrays + sum(len(b) for v in values for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
-
-
 class RunReport:
-    """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights."""
+    """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights.
+
+    `weights_name` names the weights files (server_app/weights.py); None: the method keeps no global weights.
+    """
 
     def __init__(
         self,
@@ -58,9 +53,9 @@ class RunReport:
         client_domains: dict[str, str],
         train_clients: list[str],
         trained_parameters: int,
+        weights_name: str | None,
         classes: list[str] | None = None,
         model_fingerprint: str | None = None,
-        weights_name: str | None = "adapter",
         flwr_run_id: int | None = None,
     ) -> None:
         self.cfg = cfg
@@ -70,14 +65,9 @@ class RunReport:
         self.domains = self.scores.domains  # the table's columns: training domains, then the held-out one
         self.train_clients = train_clients  # the clients that train (one for method=centralized)
         self.trained_parameters = trained_parameters
-        # <weights_name>_best/_final.safetensors; None: the method keeps no global weights
         self.weights_name = weights_name
-        self.images_encoded = 0  # images that went through the CLIP image encoder in this run
-        self.down: dict[str, int] = defaultdict(int)  # bytes sent to each client this round
-        self.up: dict[str, int] = defaultdict(int)
-        self.lost: set[str] = set()  # clients sent a message this round that got no reply, or an error
-        self.dir = Path(cfg.output_dir).expanduser().resolve() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.traffic = Traffic()
+        self.dir = new_folder(Path(cfg.output_dir).expanduser().resolve(), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         OmegaConf.save(cfg, self.dir / "config.yaml")
         (self.dir / "run.json").write_text(
             json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2)
@@ -99,40 +89,8 @@ class RunReport:
                 **({"flwr_run_id": str(flwr_run_id)} if flwr_run_id is not None else {}),
             },
         )
-        names = [f"{d}{'*' if d == self.held_out else ''}" for d in self.domains]
-        # strategy.dp: one more column, the privacy spent (server_app/privacy.py)
-        self.dp = cfg.strategy.dp.side is not None
-        self._print(
-            ["round", "train loss", *names, "val mean", "sent/client", "seconds", *(["epsilon"] if self.dp else [])]
-        )
-
-    def _print(self, cells: list[str]) -> None:
-        log.info(" | ".join(f"{c:>10}" for c in cells))
-
-    def count_traffic(self, node_clients: dict[int, str], messages: list[Message], replies: list[Message]) -> None:
-        """Add one exchange's bytes each way per client, and the images its replies say were encoded.
-
-        An error reply (for a lost node the SuperLink answers itself) is no up traffic: that client sent nothing,
-        and counted as a client that sent 0 bytes it would drag the per-client mean down.
-        """
-        # per client: messages sent minus replies that came back without an error
-        unanswered: dict[str, int] = defaultdict(int)
-        for msg in messages:
-            self.down[node_clients[msg.metadata.dst_node_id]] += message_bytes(msg)
-            unanswered[node_clients[msg.metadata.dst_node_id]] += 1
-        for msg in replies:
-            if msg.has_error():
-                continue
-            self.up[node_clients.get(msg.metadata.src_node_id, "?")] += message_bytes(msg)
-            unanswered[node_clients.get(msg.metadata.src_node_id, "?")] -= 1
-            # a train reply's evaluation may have encoded images too (fedavg/fedprox)
-            self.images_encoded += sum(
-                int(value)
-                for record in msg.content.metric_records.values()
-                for key, value in record.items()
-                if key.endswith(wire.IMAGES_ENCODED)
-            )
-        self.lost |= {client for client, count in unanswered.items() if count > 0}
+        self.dp = cfg.strategy.dp.side is not None  # the privacy spent is reported (server_app/privacy.py)
+        self.table = RoundTable(self.domains, self.held_out, self.dp)
 
     def add_round(
         self,
@@ -144,50 +102,34 @@ class RunReport:
     ) -> None:
         """Record one round (0 = zero-shot); save the weights if they beat the best round's so far (`beats`).
 
-        Per training client, bytes down are averaged over the clients sent to and bytes up over those that
-        replied (None: none did); `bytes_round` is every byte moved. `missing` lists the run's clients that
-        this round's evaluation has no accuracy of: the round's means leave them out; `lost` the clients that did not
-        answer a message of the round's exchanges (or answered with an error); `rejected` those whose update screening
-        left out. The row also goes to TensorBoard and MLflow (server_app/tracking.py).
+        The round's traffic (Traffic.end_round) is its bytes and its `lost` clients, those that did not answer a
+        message of the round's exchanges (or answered with an error). `missing` lists the run's clients that this
+        round's evaluation has no accuracy of: the round's means leave them out; `rejected` those whose update
+        screening left out. The row also goes to the round table, TensorBoard and MLflow (server_app/tracking.py).
         """
         losses = [train[f"{c}/{wire.TRAIN_LOSS}"] for c in self.train_clients if f"{c}/{wire.TRAIN_LOSS}" in train]
+        traffic = self.traffic.end_round(self.train_clients)
         row = {
             "round": server_round,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "val_acc_mean": self.scores.val_mean(evaluation),
             **{f"acc/{d}": self.scores.accuracy(evaluation, d) for d in self.domains},
             "missing": sorted(self.scores.all_clients - self.scores.evaluated(evaluation)),
-            "lost": sorted(self.lost),
+            "lost": traffic["lost"],
             "rejected": sorted(key.rpartition("/")[0] for key in train if key.endswith(f"/{screening.REJECTED}")),
-            # a training client's
-            "bytes_down_per_client": mean(self.down[c] for c in self.train_clients if c in self.down),
-            "bytes_up_per_client": mean(self.up[c] for c in self.train_clients if c in self.up),
-            "bytes_round": sum(self.down.values()) + sum(self.up.values()),
+            "bytes_down_per_client": traffic["bytes_down_per_client"],  # a training client's
+            "bytes_up_per_client": traffic["bytes_up_per_client"],
+            "bytes_round": traffic["bytes_round"],
             "seconds": seconds,
             "dp_epsilon": train.get("dp-epsilon") if self.dp else None,
             "train": dict(train),
             "evaluate": dict(evaluation),
         }
-        self.down.clear()
-        self.up.clear()
-        self.lost.clear()
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.tracking.log_round(row)
-        fmt = lambda v, pct=True: "-" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.4f}")  # noqa: E731
-        sent = (row["bytes_down_per_client"] or 0) + (row["bytes_up_per_client"] or 0)
-        self._print(
-            [
-                str(server_round),
-                fmt(row["train_loss"], False),
-                *[fmt(row[f"acc/{d}"]) for d in self.domains],
-                fmt(row["val_acc_mean"]),
-                format_bytes(sent),
-                f"{seconds:.2f}",
-                *([fmt(row["dp_epsilon"], False)] if self.dp else []),
-            ]
-        )
+        self.table.add(row)
         if (
             row["missing"] and self.cfg.strategy.fraction_evaluate >= 1
         ):  # sampled evaluation leaves clients out by design
@@ -196,13 +138,8 @@ class RunReport:
                 server_round,
                 ", ".join(row["missing"]),
             )
-        if server_round > 0 and self.selection.choose(row):
-            if arrays is not None and self.weights_name:
-                save_tensors(
-                    arrays.to_torch_state_dict(),
-                    self.dir / f"{self.weights_name}_best.safetensors",
-                    {"round": str(server_round), "method": self.method},
-                )
+        if server_round > 0 and self.selection.choose(row) and arrays is not None and self.weights_name:
+            save_weights(arrays, self.dir, self.weights_name, "best", server_round, self.method)
 
     def personalization(self, best: dict, zero_shot: dict) -> tuple[set[str], dict[str, float | None], float | None]:
         """Each training domain's test accuracy at a round, and zero-shot's mean, on the same clients: those evaluated
@@ -233,11 +170,7 @@ class RunReport:
     def finish(self, arrays: ArrayRecord | None) -> dict:
         """Write the final weights, metrics.csv and summary.json; return the summary."""
         if arrays is not None and self.weights_name and len(self.rows) > 1:
-            save_tensors(
-                arrays.to_torch_state_dict(),
-                self.dir / f"{self.weights_name}_final.safetensors",
-                {"round": str(self.rows[-1]["round"]), "method": self.method},
-            )
+            save_weights(arrays, self.dir, self.weights_name, "final", self.rows[-1]["round"], self.method)
         lists = ("missing", "lost", "rejected")  # clients, ";"-separated
         columns = [
             "round",
@@ -295,7 +228,7 @@ class RunReport:
             "bytes_up_per_client_per_round": round(up),
             "bytes_per_client_per_round": round(down + up),
             "bytes_total": sum(r["bytes_round"] for r in self.rows),
-            "features_encoded": self.images_encoded,
+            "features_encoded": self.traffic.images_encoded,
             "dp": {**OmegaConf.to_container(self.cfg.strategy.dp), "epsilon": self.rows[-1]["dp_epsilon"]}
             if self.dp
             else None,
@@ -311,19 +244,19 @@ class RunReport:
             self.method,
             best["round"],
             self.selection.rule,
-            _pct(best["val_acc_mean"]),
+            percent(best["val_acc_mean"]),
             self.held_out,
-            _pct(best.get(f"acc/{self.held_out}")),
-            _pct(zero_shot.get(f"acc/{self.held_out}")),
-            _pct(summary["personalization_mean"]),
-            _pct(summary["zero_shot_train_domains_mean"]),
+            percent(best.get(f"acc/{self.held_out}")),
+            percent(zero_shot.get(f"acc/{self.held_out}")),
+            percent(summary["personalization_mean"]),
+            percent(summary["zero_shot_train_domains_mean"]),
         )
         log.info(
             "trained %s parameters; %s down + %s up per training client per round; %d images encoded; summary: %s",
             f"{self.trained_parameters:,}",
             format_bytes(down),
             format_bytes(up),
-            self.images_encoded,
+            self.traffic.images_encoded,
             self.dir / "summary.json",
         )
         return summary
@@ -344,11 +277,7 @@ class RunReport:
     def files(self) -> list[Path]:
         """The run folder's files that MLflow keeps as artifacts: the weights, run.json, the configuration, the
         summary."""
-        weights = (
-            [self.dir / f"{self.weights_name}_{which}.safetensors" for which in ("best", "final")]
-            if self.weights_name
-            else []
-        )
+        weights = [weights_path(self.dir, self.weights_name, which) for which in KEPT] if self.weights_name else []
         return [*weights, *(self.dir / name for name in ("run.json", "config.yaml", "metrics.csv", "summary.json"))]
 
     def abort(self) -> None:
@@ -359,17 +288,3 @@ class RunReport:
             log.warning("could not draw %s: %s", PLOT_FILE, err)
             files = []
         self.tracking.finish({}, files, "FAILED")
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def format_bytes(n: float | None) -> str:
-    """A byte count as B, KiB, MiB or GiB ("—" for None), for the log and the sweep's tables."""
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"

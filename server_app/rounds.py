@@ -102,7 +102,7 @@ def run_rounds(
             sent, replies, mean_update = train + evaluate, federation.exchange(train + evaluate), None
         train_replies, eval_replies = split_replies(sent, replies)
         if final:  # the last evaluation's exchange belongs to the last round's row
-            report.count_traffic(federation.node_clients, sent, replies)
+            report.traffic.count(federation.node_clients, sent, replies)
         if trained:
             metrics = strategy.aggregate_evaluate(trained.round, eval_replies + train_replies)
             seconds = ((time.time() if final else started) - trained.started) if trained.round else 0.0
@@ -111,7 +111,7 @@ def run_rounds(
             save_checkpoint(report, trained.arrays, optimizer, strategy.checkpoint_state())
         if final:
             break
-        report.count_traffic(federation.node_clients, sent, replies)
+        report.traffic.count(federation.node_clients, sent, replies)
         if secure:
             new_arrays, train_metrics = strategy.aggregate_secure(server_round, train_replies, mean_update)
         else:

@@ -179,6 +179,27 @@ def evaluation(msg: Message) -> tuple[dict | None, str | None]:
     return found, None
 
 
+def screen_evaluations(
+    server_round: int, replies: Iterable[Message], client_of: Callable[[Message], str]
+) -> MetricRecord:
+    """The evaluation metrics of the replies, keyed `<client>/<metric>`; a reply without one is logged and left out."""
+    metrics = MetricRecord()
+    for msg in replies:
+        found, reason = evaluation(msg)
+        if found is None:
+            log.warning(
+                "round %d: evaluation of node %d (%s) left out: %s",
+                server_round,
+                msg.metadata.src_node_id,
+                client_of(msg),
+                reason,
+            )
+            continue
+        for key, value in found.items():
+            metrics[f"{client_of(msg)}/{key}"] = value
+    return metrics
+
+
 def query_answer(msg: Message) -> str | None:
     """Why a discovery answer cannot be used (None: it can); an idle node's answer is usable."""
     if msg.has_error():

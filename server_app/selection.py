@@ -63,8 +63,8 @@ class RoundSelection:
     """Each selection rule's best round so far; `best` is the run's own rule's (conf/config.yaml's `selection`)."""
 
     def __init__(self, scores: Scores, rule: str) -> None:
-        if rule not in SELECTIONS:
-            raise ValueError(f"selection={rule!r}: choose one of {', '.join(SELECTIONS)}")
+        if rule not in SELECTIONS:  # a run's is refused before its first message (server_app/options.py)
+            raise ValueError(f"unknown selection rule {rule!r}")
         self.scores, self.rule = scores, rule
         self.chosen: dict[str, dict] = {}  # each rule's best round so far
         self.best: dict | None = None

@@ -30,8 +30,8 @@ class ServerOptimizer:
         betas: tuple[float, float] = (0.9, 0.99),
         tau: float = 1e-3,
     ) -> None:
-        if kind not in SERVER_OPTIMIZERS:
-            raise ValueError(f"strategy.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {kind!r}")
+        if kind not in SERVER_OPTIMIZERS:  # a run's is refused before its first message (server_app/options.py)
+            raise ValueError(f"unknown server optimizer {kind!r}")
         self.kind, self.momentum, self.tau = kind, float(momentum), float(tau)
         self.lr = DEFAULT_LR[kind] if lr is None else float(lr)
         # FedAdagrad: m = delta

@@ -1,92 +1,33 @@
 """The server's strategy: who gets which weights each round, and how the screened replies make the next global weights.
 
-The method (common/methods) says what travels, who trains and how updates combine; screening
-(server_app/screening.py) checks every reply once; the robust rules are Flower's own
-(flwr.server.strategy.aggregate), applied to the trained tensors only.
+The method (common/methods) says what travels, who trains and how updates combine; sampling.py who takes part in a
+round; screening.py checks every reply once; aggregation.py combines the trained tensors: the mean or one of Flower's
+robust rules. The options it cannot work with are refused by options.py before the first round.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import random
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from omegaconf import DictConfig
 
 from common import wire
 from common.methods.base import Method, Update
-from common.transport import check_transport_dtype, encode
+from common.transport import encode
 from server_app import screening
+from server_app.aggregation import aggregate_adapters, min_clients
+from server_app.options import refuse_clients_a_round, refuse_strategy
+from server_app.sampling import RoundSampling
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 
-
-def min_clients(aggregation: str, num_malicious: int) -> int:
-    """The fewest updates with which a rule still tolerates `num_malicious` faulty ones (its paper's bound)."""
-    f = num_malicious
-    return {
-        "mean": 1,
-        "median": 2 * f + 1,
-        "trimmed_mean": 2 * f + 1,
-        "krum": 2 * f + 3,
-        "multikrum": 2 * f + 3,
-        "bulyan": 4 * f + 3,
-    }[aggregation]
-
-
-def aggregate_adapters(
-    states: list[dict[str, np.ndarray]], weights: list[float], aggregation: str, num_malicious: int
-) -> dict[str, np.ndarray]:
-    """Tensors combined key by key, in float32: the weighted mean, or one of Flower's robust rules.
-
-    median, trimmed_mean (cuts `num_malicious` updates from each end of every coordinate), krum and
-    bulyan ignore the weights; multikrum averages the n - num_malicious updates Krum scores best,
-    with the weights.
-    """
-    keys = list(states[0])
-    if aggregation == "mean":
-        total = float(sum(weights))
-        return {
-            k: sum(w / total * s[k].astype(np.float64) for s, w in zip(states, weights)).astype(np.float32)
-            for k in keys
-        }
-    results = [([s[k] for k in keys], w) for s, w in zip(states, weights)]
-    f = num_malicious
-    if aggregation == "median":
-        combined = aggregate_median(results)
-    elif aggregation == "trimmed_mean":
-        # int(fraction * n) == f, whatever float rounding does
-        combined = aggregate_trimmed_avg(results, (f + 0.5) / len(results))
-    elif aggregation == "krum":
-        combined = aggregate_krum(results, f, to_keep=0)
-    elif aggregation == "multikrum":
-        combined = aggregate_krum(results, f, to_keep=len(results) - f)
-    elif aggregation == "bulyan":
-        combined = aggregate_bulyan(results, f, aggregate_krum, to_keep=0)
-    else:
-        raise ValueError(f"strategy.aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-    return {k: np.asarray(v, dtype=np.float32) for k, v in zip(keys, combined)}
-
-
-def sample_clients(clients: list[str], n: int, seed: int, purpose: str, server_round: int) -> list[str]:
-    """n of the client names, sorted: the sorted names sampled by a generator seeded by the run's seed, the purpose
-    ("train", "evaluate") and the round; all of them when n >= len(clients). benchmarks/noop_app.py draws the same
-    way."""
-    clients = sorted(clients)
-    if n >= len(clients):
-        return clients
-    return sorted(random.Random(f"{seed}/{purpose}/{server_round}").sample(clients, n))
-
-
-class FedClipStrategy(FedAvg):
+class FedClipStrategy(RoundSampling, FedAvg):
     """Sends the global weights to the training clients' nodes and combines what comes back, as the method says.
 
     `node_domains` maps node id -> domain; the held-out domain's nodes are evaluated, never trained.
@@ -122,16 +63,17 @@ class FedClipStrategy(FedAvg):
         secagg: bool = False,
         client_num_train: dict[str, int] | None = None,
     ) -> None:
-        if weighting not in ("equal", "examples"):
-            raise ValueError(f"strategy.weighting must be 'equal' or 'examples', got {weighting!r}")
-        for name, fraction in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
-            if not 0 < fraction <= 1:
-                raise ValueError(f"strategy.{name} must be in (0, 1], got {fraction}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"strategy.aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-        if on_large_update not in screening.ON_LARGE_UPDATE:
-            raise ValueError(f"strategy.on_large_update must be 'clip' or 'reject', got {on_large_update!r}")
-        check_transport_dtype(transport_dtype)
+        refuse_strategy(
+            method,
+            weighting=weighting,
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            aggregation=aggregation,
+            num_malicious=num_malicious,
+            on_large_update=on_large_update,
+            transport_dtype=transport_dtype,
+            secagg=secagg,
+        )
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -147,21 +89,22 @@ class FedClipStrategy(FedAvg):
         self.weighting = weighting
         self.method = method
         self.seed = seed
-        self.rounds = rounds  # the last round: its evaluation has no next round's training to ride on
+        self.rounds = rounds
         self.aggregation, self.num_malicious = aggregation, int(num_malicious)
-        self.max_update_norm, self.max_norm_ratio, self.on_large_update = (
-            max_update_norm,
-            max_norm_ratio,
-            on_large_update,
-        )
+        self.max_update_norm, self.max_norm_ratio = max_update_norm, max_norm_ratio
+        self.on_large_update = on_large_update
         self.transport_dtype = transport_dtype
-        # SecAgg+ rounds (server_app/secagg.py): only the mean update is ever seen, see aggregate_secure
-        self.secagg = secagg
+        self.secagg = secagg  # SecAgg+ rounds (server_app/secagg.py): only the mean update is seen (aggregate_secure)
         self.client_num_train = client_num_train or {}  # what each client reported at discovery
-        self.global_state: dict[
-            str, np.ndarray
-        ] = {}  # the weights this round's updates were trained from (set in configure_train)
-        self._check_options()
+        self.global_state: dict[str, np.ndarray] = {}  # what the round's updates were trained from (configure_train)
+        refuse_clients_a_round(
+            aggregation=aggregation,
+            num_malicious=self.num_malicious,
+            secagg=secagg,
+            clients_a_round=len(self.train_sample(1)),  # every round samples as many
+            training=len(self.train_nodes),
+            fraction_train=fraction_train,
+        )
 
     @classmethod
     def from_config(
@@ -175,14 +118,6 @@ class FedClipStrategy(FedAvg):
     ) -> FedClipStrategy:
         """The run's strategy from its configuration (conf/strategy), its method and the federation discovery found."""
         options = cfg.strategy
-        trust = (
-            "aggregation",
-            "num_malicious",
-            "max_update_norm",
-            "max_norm_ratio",
-            "on_large_update",
-            "transport_dtype",
-        )
         return cls(
             node_domains,
             cfg.dataset.held_out,
@@ -195,75 +130,15 @@ class FedClipStrategy(FedAvg):
             fraction_evaluate=options.fraction_evaluate,
             seed=cfg.seed,
             rounds=cfg.training.rounds if method.trains else 0,
-            **{key: options[key] for key in trust},
+            aggregation=options.aggregation,
+            num_malicious=options.num_malicious,
+            max_update_norm=options.max_update_norm,
+            max_norm_ratio=options.max_norm_ratio,
+            on_large_update=options.on_large_update,
+            transport_dtype=options.transport_dtype,
             secagg=bool(options.secagg.enabled),
             client_num_train=client_num_train,
         )
-
-    def _check_options(self) -> None:
-        """Options that cannot work with this method or federation fail here, before the first round."""
-        method = self.method.name
-        if self.transport_dtype != "float32" and not self.method.narrows_to_16_bits:
-            raise ValueError(
-                f"strategy.transport_dtype={self.transport_dtype} narrows what travels to 16 bits; method={method} "
-                f"sends float32"
-            )
-        if self.secagg:
-            self._check_secagg()
-        if self.aggregation == "mean":
-            return
-        if not self.method.combines_updates:
-            raise ValueError(
-                f"strategy.aggregation={self.aggregation} combines several clients' updates; method={method} has "
-                f"none to combine"
-            )
-        if self.num_malicious < 0:
-            raise ValueError(f"strategy.num_malicious must be >= 0, got {self.num_malicious}")
-        # every round samples as many
-        need, have = (
-            min_clients(self.aggregation, self.num_malicious),
-            len(self.train_sample(1)),
-        )
-        if have < need:
-            raise ValueError(
-                f"strategy.aggregation={self.aggregation} with strategy.num_malicious={self.num_malicious} needs at "
-                f"least {need} "
-                f"training clients, this federation has {have} a round ({len(self.train_nodes)} training, "
-                f"strategy.fraction_train="
-                f"{self.fraction_train}); lower num_malicious, raise fraction_train or choose another rule "
-                f"(docs/trust.md)"
-            )
-
-    def _check_secagg(self) -> None:
-        """SecAgg+ hides every update: only the mean of at least two can be computed, so what needs one update fails
-        here."""
-        if not self.method.averages_updates:
-            raise ValueError(
-                f"strategy.secagg.enabled is for a method whose new weights are the mean of the clients' updates; "
-                f"method={self.method.name}'s "
-                "are not, so it cannot use it"
-            )
-        if self.aggregation != "mean":
-            raise ValueError(
-                f"strategy.secagg.enabled: the server sees only the sum of the updates, so "
-                f"strategy.aggregation={self.aggregation}, "
-                "which needs each update, cannot run; use aggregation=mean, or turn SecAgg+ off"
-            )
-        if (have := len(self.train_sample(1))) < 2:
-            raise ValueError(f"strategy.secagg.enabled needs at least 2 training clients a round, this run has {have}")
-        log.info(
-            "SecAgg+: the server sees only the mean update; per-update screening (norm bounds, num-examples) cannot "
-            "apply, "
-            "each coordinate of an update is clipped to strategy.secagg.clipping_range on its client"
-        )
-
-    @property
-    def train_nodes(self) -> list[int]:
-        """The nodes that train: of every training domain's, those the method trains (in client order)."""
-        nodes = sorted(
-            (n for n, d in self.node_domains.items() if d != self.held_out), key=lambda n: self.node_clients[n]
-        )
-        return self.method.train_nodes(nodes)
 
     def checkpoint_state(self) -> dict[str, float]:
         """What the strategy learnt during the run and the next round needs, for the checkpoint: nothing (the weights
@@ -293,32 +168,11 @@ class FedClipStrategy(FedAvg):
                 100 * self.fraction_train,
                 100 * self.fraction_evaluate,
             )
-
-    def _sample(self, nodes: list[int], n: int, purpose: str, server_round: int) -> list[int]:
-        """n of the nodes, drawn by client name (sample_clients), in client order."""
-        if n >= len(nodes):
-            return nodes
-        by_client = {self.node_clients[node]: node for node in nodes}
-        return [by_client[client] for client in sample_clients(list(by_client), n, self.seed, purpose, server_round)]
-
-    def train_sample(self, server_round: int) -> list[int]:
-        """The nodes that train in a round: strategy.fraction_train of the training nodes (at least min_train_nodes)."""
-        nodes = self.train_nodes
-        return self._sample(
-            nodes, max(self.min_train_nodes, math.ceil(self.fraction_train * len(nodes))), "train", server_round
-        )
-
-    def evaluate_sample(self, server_round: int) -> list[int]:
-        """The nodes evaluated on round `server_round`'s weights that get an evaluate message: every held-out node,
-        and training nodes that do not train in the next round (their train message carries the evaluation),
-        drawn so that at least strategy.fraction_evaluate of the training nodes are evaluated."""
-        training = [n for n, d in self.node_domains.items() if d != self.held_out]
-        riding = set(self.train_sample(server_round + 1)) if server_round < self.rounds else set()
-        rest = [n for n in training if n not in riding]
-        wanted = max(0, math.ceil(self.fraction_evaluate * len(training)) - len(riding))
-        return [n for n, d in self.node_domains.items() if d == self.held_out] + self._sample(
-            rest, wanted, "evaluate", server_round
-        )
+        if self.secagg:
+            log.info(
+                "SecAgg+: the server sees only the mean update; per-update screening (norm bounds, num-examples) "
+                "cannot apply, each coordinate of an update is clipped to strategy.secagg.clipping_range on its client"
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -441,20 +295,5 @@ class FedClipStrategy(FedAvg):
         return ArrayRecord({k: Array(v) for k, v in combined.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """Evaluation metrics keyed `<client>/<metric>`; replies without one are logged and left out
-        (screening.evaluation)."""
-        metrics = MetricRecord()
-        for msg in replies:
-            found, reason = screening.evaluation(msg)
-            if found is None:
-                log.warning(
-                    "round %d: evaluation of node %d (%s) left out: %s",
-                    server_round,
-                    msg.metadata.src_node_id,
-                    self.client(msg),
-                    reason,
-                )
-                continue
-            for key, value in found.items():
-                metrics[f"{self.client(msg)}/{key}"] = value
-        return metrics
+        """Evaluation metrics keyed `<client>/<metric>` (screening.screen_evaluations)."""
+        return screening.screen_evaluations(server_round, replies, self.client)

@@ -36,7 +36,7 @@ def make_report(tmp_path, dim: int = 8, extra: str = "") -> tuple[RunReport, Arr
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean {extra}")
     torch.manual_seed(0)
     arrays = ArrayRecord(AttentionAdapter(dim).state_dict())
-    return RunReport(cfg, {d: d for d in DOMAINS}, ["a", "b"], 2 * (dim * dim + dim)), arrays
+    return RunReport(cfg, {d: d for d in DOMAINS}, ["a", "b"], 2 * (dim * dim + dim), "adapter"), arrays
 
 
 def evaluation(acc: float) -> MetricRecord:

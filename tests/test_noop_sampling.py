@@ -16,7 +16,8 @@ from flwr.app import Context, MessageType, RecordDict
 from benchmarks import noop_app
 from common.methods.fedclip import FedClip
 from common.partition import client_name
-from server_app.strategy import FedClipStrategy, sample_clients
+from server_app.sampling import sample_clients
+from server_app.strategy import FedClipStrategy
 from tests.inprocess import InProcessGrid
 
 TEMPLATE = {"fc1.weight": np.zeros((2, 2), np.float32)}

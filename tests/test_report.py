@@ -18,8 +18,12 @@ from safetensors.torch import load_file
 
 from client_app.app import app as client_app
 from common.config import load_config
+from common.methods.base import load_method
 from server_app.app import app as server_app
-from server_app.report import RunReport, format_bytes, message_bytes
+from server_app.options import refuse_options
+from server_app.report import RunReport
+from server_app.table import format_bytes
+from server_app.traffic import message_bytes
 from tests.conftest import reply_from, write_image_folder
 from tests.inprocess import InProcessGrid
 
@@ -28,7 +32,11 @@ CLIENTS = {"a": "a", "b": "b", "sketch": "sketch"}  # one client per domain: the
 
 def make_report(tmp_path) -> RunReport:
     return RunReport(
-        load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean"), CLIENTS, ["a", "b"], 10
+        load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean"),
+        CLIENTS,
+        ["a", "b"],
+        10,
+        "adapter",
     )
 
 
@@ -114,14 +122,14 @@ def test_a_client_that_never_replied_does_not_count_as_sending_nothing(tmp_path)
         update(1, 50),
         reply_from(2, error="Error: Node Unavailable"),
     ]
-    report.count_traffic(nodes, sent, replies)
+    report.traffic.count(nodes, sent, replies)
     report.add_round(1, MetricRecord(), evaluation(a=0.5, sketch=0.5), 0.1, None)
     row = report.rows[0]
     assert row["bytes_down_per_client"] == message_bytes(sent[0])  # both were sent the adapter
     assert row["bytes_up_per_client"] == message_bytes(replies[0])  # only a sent one back: b's loss does not halve it
     assert row["bytes_round"] == 2 * message_bytes(sent[0]) + message_bytes(replies[0])  # every byte moved
     assert row["lost"] == ["b"]  # an error for a reply: lost this round
-    report.count_traffic(nodes, [message(1, 100)], [])  # a round in which no training client replied at all
+    report.traffic.count(nodes, [message(1, 100)], [])  # a round in which no training client replied at all
     report.add_round(2, MetricRecord(), evaluation(sketch=0.5), 0.1, None)
     assert report.rows[1]["bytes_up_per_client"] is None
     assert json.loads((report.dir / "metrics.jsonl").read_text().splitlines()[1])["bytes_up_per_client"] is None
@@ -211,6 +219,7 @@ def test_the_selection_rules_choose_their_own_rounds_and_the_summary_gives_each(
             CLIENTS,
             ["a", "b"],
             10,
+            "adapter",
         )
         for r, metrics in enumerate(rounds):
             report.add_round(r, MetricRecord(), metrics, 0.1, weights(r))
@@ -225,8 +234,11 @@ def test_the_selection_rules_choose_their_own_rounds_and_the_summary_gives_each(
 
 
 def test_an_unknown_selection_rule_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"selection='best': choose one of val_mean, val_pooled, last"):
-        RunReport(load_config(f"output_dir={tmp_path} selection=best"), CLIENTS, ["a", "b"], 10)
+    cfg = load_config(f"output_dir={tmp_path} selection=best")
+    with pytest.raises(ValueError, match=r"^selection='best': choose one of val_mean, val_pooled, last$"):
+        refuse_options(cfg, load_method(cfg))
+    with pytest.raises(ValueError, match="unknown selection rule 'best'"):  # a report built directly
+        RunReport(cfg, CLIENTS, ["a", "b"], 10, "adapter")
 
 
 # --- best-round selection (RoundSelection.beats) -----------------------------------------------------------------
@@ -240,7 +252,7 @@ def sharded_report(tmp_path, fraction_evaluate: float = 1.0) -> RunReport:
         f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean "
         f"strategy.fraction_evaluate={fraction_evaluate}"
     )
-    return RunReport(cfg, SHARDED, ["a#0", "a#1", "b#0", "b#1"], 10)
+    return RunReport(cfg, SHARDED, ["a#0", "a#1", "b#0", "b#1"], 10, "adapter")
 
 
 def sharded_evaluation(**accs: float) -> MetricRecord:
@@ -315,7 +327,7 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         report = make_report(tmp_path)
         report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.25, sketch=0.125), 0.0, None)
-        report.count_traffic({1: "a", 2: "b"}, [message(1, 2048), message(2, 2048)], [update(1, 1024), update(2, 1024)])
+        report.traffic.count({1: "a", 2: "b"}, [message(1, 2048), message(2, 2048)], [update(1, 1024), update(2, 1024)])
         report.add_round(
             1,
             MetricRecord({"a/train-loss": 0.5, "b/train-loss": 0.25}),
@@ -335,7 +347,7 @@ def test_the_round_table_prints_each_rounds_row(tmp_path, caplog):
 
 def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch selection=val_mean")
-    report = RunReport(cfg, CLIENTS, ["a", "b"], 10, ["cat", "dog"], "abc123", weights_name="encoder")
+    report = RunReport(cfg, CLIENTS, ["a", "b"], 10, "encoder", ["cat", "dog"], "abc123")
     # sorts by start time
     assert report.dir.parent == tmp_path and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", report.dir.name)
     assert json.loads((report.dir / "run.json").read_text()) == {
@@ -346,7 +358,7 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))
     errors = [reply_from(2, error="Error: Node Unavailable"), reply_from(3, error="Error: Node Unavailable")]
-    report.count_traffic({1: "a", 2: "b", 3: "sketch"}, [message(2, 100), message(3, 100)], errors)
+    report.traffic.count({1: "a", 2: "b", 3: "sketch"}, [message(2, 100), message(3, 100)], errors)
     report.add_round(2, MetricRecord({"a/train-loss": 0.5}), evaluation(a=0.1), 4.0, weights(2))  # b and sketch lost
     summary = report.finish(weights(2))
     assert [p.name for p in report.files()] == [
@@ -423,9 +435,7 @@ def test_rows_of_an_older_run_without_missing_are_written(tmp_path):
 
 
 def test_a_run_that_keeps_no_weights_saves_none(tmp_path):
-    report = RunReport(
-        load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10, weights_name=None
-    )
+    report = RunReport(load_config(f"output_dir={tmp_path} dataset.held_out=sketch"), CLIENTS, ["a", "b"], 10, None)
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord(), evaluation(a=0.6, b=0.4, sketch=0.4), 0.1, weights(1))
     report.finish(weights(1))
@@ -474,20 +484,19 @@ def test_traffic_and_images_encoded_are_counted_per_client(tmp_path):
     fused = update(1, 100)
     fused.content["metrics"]["evaluation/images-encoded"] = 7
     fused.content["metrics"]["images-encoded"] = 5
-    report.count_traffic(
+    report.traffic.count(
         {1: "a", 2: "b"}, [message(1, 10), message(2, 10)], [reply_from(1, error="lost"), fused, update(2, 100)]
     )
-    assert report.images_encoded == 12 and report.up["a"] == report.up["b"] == message_bytes(fused)
-    assert report.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
+    traffic = report.traffic
+    assert traffic.images_encoded == 12 and traffic.up["a"] == traffic.up["b"] == message_bytes(fused)
+    assert traffic.down == {"a": message_bytes(message(1, 10)), "b": message_bytes(message(2, 10))}
     report.add_round(1, MetricRecord(), evaluation(a=0.5, b=0.5, sketch=0.5), 0.1, None)
-    assert not report.down and not report.up  # the next round counts afresh
+    assert not traffic.down and not traffic.up  # the next round counts afresh
     assert report.rows[0]["bytes_round"] == 2 * message_bytes(message(1, 10)) + 2 * message_bytes(fused)
 
 
 def test_a_run_without_weights_gives_mlflow_no_weight_files(tmp_path):
-    report = RunReport(
-        load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, weights_name=None
-    )
+    report = RunReport(load_config(f"output_dir={tmp_path} method=zero_shot"), CLIENTS, ["a", "b"], 0, None)
     assert [p.name for p in report.files()] == ["run.json", "config.yaml", "metrics.csv", "summary.json"]
 
 

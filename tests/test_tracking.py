@@ -170,7 +170,7 @@ def test_each_run_folder_holds_its_accuracy_plot(demo_run):
 
 def report(tmp_path, overrides: str = "") -> RunReport:
     cfg = load_config(f"output_dir={tmp_path} dataset.held_out=sketch {overrides}")
-    return RunReport(cfg, {"a": "a", "b": "b", "sketch": "sketch"}, ["a", "b"], 10)
+    return RunReport(cfg, {"a": "a", "b": "b", "sketch": "sketch"}, ["a", "b"], 10, "adapter")
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,10 @@ from common.methods.fedclip import FedClip
 from common.methods.local import Local
 from common.transport import decode, encode
 from server_app import screening
+from server_app.aggregation import AGGREGATIONS, aggregate_adapters, min_clients
+from server_app.sampling import sample_clients
 from server_app.screening import update_norm
-from server_app.strategy import AGGREGATIONS, FedClipStrategy, aggregate_adapters, min_clients, sample_clients
+from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from
 
 TEMPLATE = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)}
@@ -291,7 +293,7 @@ def test_16_bit_round_trip_halves_the_bytes_and_is_within_the_dtypes_rounding(dt
     rng = np.random.default_rng(0)
     original = {"w": rng.normal(size=(64, 64)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32)}
     wide, narrow = encode(original, "float32"), encode(original, dtype)
-    size = lambda record: sum(len(a.data) for a in record.values())  # noqa: E731 - the bytes report.message_bytes counts
+    size = lambda record: sum(len(a.data) for a in record.values())  # noqa: E731 - what traffic.message_bytes counts
     # half the payload, the same .npy headers
     assert size(narrow) - 2 * (64 * 64 + 64) == size(wide) - 4 * (64 * 64 + 64)
     for key, value in decode(narrow).items():

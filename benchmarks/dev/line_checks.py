@@ -45,8 +45,8 @@ CASES = [
     (
         "robust rules: clients a round samples, not all training clients (the old bug restored)",
         "server_app/strategy.py",
-        "len(self.train_sample(1))  # every round samples as many",
-        "len(self.train_nodes)",
+        "clients_a_round=len(self.train_sample(1)),",
+        "clients_a_round=len(self.train_nodes),",
         ["tests/test_trust.py"],
     ),
     (
@@ -58,14 +58,14 @@ CASES = [
     ),
     (
         "best round: compared on the clients evaluated in both rounds (line changed to all clients)",
-        "server_app/report.py",
-        '        common = self.evaluated(row["evaluate"]) & self.evaluated(best["evaluate"])\n',
-        '        common = self.evaluated(row["evaluate"]) | self.evaluated(best["evaluate"])\n',
+        "server_app/selection.py",
+        '        common = self.scores.evaluated(row["evaluate"]) & self.scores.evaluated(best["evaluate"])\n',
+        '        common = self.scores.evaluated(row["evaluate"]) | self.scores.evaluated(best["evaluate"])\n',
         ["tests/test_report.py"],
     ),
     (
         "best round: a tie keeps the earlier round (> changed to >=)",
-        "server_app/report.py",
+        "server_app/selection.py",
         "        return mine > theirs\n",
         "        return mine >= theirs\n",
         ["tests/test_report.py"],

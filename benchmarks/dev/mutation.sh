@@ -2,8 +2,8 @@
 # Mutation testing of the trust-critical server code with mutmut (docs/mutation.md); not part of the default test run.
 #
 #   pip install -e ".[dev]"                          # mutmut, once
-#   bash benchmarks/dev/mutation.sh                      # the six modules, one after another
-#   bash benchmarks/dev/mutation.sh privacy report       # some of them: strategy privacy report selection checkpoint screening
+#   bash benchmarks/dev/mutation.sh                      # every module, one after another
+#   bash benchmarks/dev/mutation.sh privacy report       # some of them: the names of [tool.mutmut]'s only_mutate
 #   MUTMUT_CHILDREN=1 bash benchmarks/dev/mutation.sh    # fewer parallel workers (default 2)
 #   MUTATION_SAMPLE=120 bash benchmarks/dev/mutation.sh  # a seeded random sample of 120 mutants a module (docs/mutation.md's)
 #
@@ -15,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python}
 modules=("$@")
-[[ ${#modules[@]} -gt 0 ]] || modules=(strategy privacy report selection checkpoint screening)
+[[ ${#modules[@]} -gt 0 ]] || modules=(strategy sampling aggregation options privacy report traffic weights selection checkpoint
+  screening)
 for module in "${modules[@]}"; do
   [[ -f "server_app/$module.py" ]] || { echo "benchmarks/dev/mutation.sh: no server_app/$module.py" >&2; exit 2; }
 done

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--pick", type=int, help="print the sample's mutant names of the modules given, for mutmut run")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument(
-        "modules", nargs="*", help="with --pick: strategy privacy report checkpoint screening (default: all)"
+        "modules", nargs="*", help="with --pick: the modules' names, e.g. strategy privacy (default: all)"
     )
     args = parser.parse_args()
     found = results(args.mutants)
