@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client_app import kept_state
 from client_app.clipping import dp_clipping_mod
 from client_app.node import KEPT, NoClient, NodeUnusable, local_data
 from client_app.secagg import secagg_mod
@@ -107,8 +108,14 @@ def train(message: Message, context: Context) -> Message:
         evaluation = method.evaluate(
             local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False))
         )
+    server_round, key = int(config[wire.SERVER_ROUND]), config.get(wire.RUN_KEY)
+    if key is not None:  # what this client kept between rounds, from the site's files if Flower's state lacks it
+        key = kept_state.run_key(key)
+        kept_state.restore(context.state, local, key, server_round)
     t0 = time.time()
-    trained, metrics = method.train(local, message.content, context.state, int(config[wire.SERVER_ROUND]))
+    trained, metrics = method.train(local, message.content, context.state, server_round)
+    if key is not None:
+        kept_state.save(context.state, local, key, server_round)
     metrics = {
         **metrics,
         "train-seconds": time.time() - t0,

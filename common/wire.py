@@ -9,6 +9,9 @@ INFO = "info"  # which client a node holds: domain, client name, classes, the CL
 # Keys of the config record
 RUN_CONFIG = "run-config"  # the run's resolved configuration as YAML: a client never composes Hydra
 SERVER_ROUND = "server-round"
+RUN_KEY = (
+    "run-key"  # the app's run, across resumes: names what a client keeps between rounds (client_app/kept_state.py)
+)
 EVALUATE_ROUND = "evaluate-round"  # a train message also carries the evaluation of the weights it brings, of this round
 ZERO_SHOT = "zero-shot"  # round 0: evaluate CLIP with no trained weights
 ADAPTER_KEYS = "adapter-keys"  # SecAgg+: the tensor names, in the order of the FitIns parameters

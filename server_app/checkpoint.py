@@ -1,6 +1,6 @@
 """Checkpoint after every round, so a run that stops (server crash, restart) can resume.
 
-`<run folder>/checkpoint.safetensors` holds the global weights (adapter, or encoder for fedavg/fedprox) and the server
+`<run folder>/checkpoint.safetensors` holds the global weights (whatever the method trains) and the server
 optimizer's moments; its metadata holds the round, every report row so far (JSON) and what the strategy learnt on
 the way
 (adaptive DP's clipping norm), in one file replaced atomically, so the adapter, the round and that state always agree.
