@@ -41,6 +41,7 @@ NODE_CONFIG_KEYS = {
     "shard",
     "data-dir",
     "cache-dir",
+    "output-dir",
     "device",
     "cpu-threads",
     "partition-id",
@@ -76,7 +77,7 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
     if unknown:
         raise ValueError(
             f"unknown --node-config key(s) {unknown}; a FedCLIP SuperNode takes domain, shard, data-dir, cache-dir, "
-            f"device and cpu-threads, "
+            f"output-dir, device and cpu-threads, "
             "e.g. --node-config \"domain='photo' data-dir='/data' cache-dir='/cache' device='cuda:0'\""
         )
     if "domain" in node_config:
@@ -92,6 +93,8 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping) -> DictConfig:
         cfg.dataset.root = str(node_config["data-dir"])
     if "cache-dir" in node_config:
         cfg.cache_dir = cfg.demo.cache_dir = str(Path(str(node_config["cache-dir"])).expanduser())
+    if "output-dir" in node_config:
+        cfg.output_dir = str(Path(str(node_config["output-dir"])).expanduser())
     if "device" in node_config:
         cfg.device = str(node_config["device"])
     if "cpu-threads" in node_config:
@@ -104,7 +107,9 @@ def without_site_values(text: str, node_config: Mapping) -> str:
     A node of Flower's simulation runs on the machine that started the run: its text goes as it is."""
     if "domain" not in node_config:
         return text
-    values = [(str(node_config[key]), f"<{key}>") for key in ("data-dir", "cache-dir") if key in node_config]
+    values = [
+        (str(node_config[key]), f"<{key}>") for key in ("data-dir", "cache-dir", "output-dir") if key in node_config
+    ]
     values += [(os.environ[name], f"<{name}>") for _, name in MACHINE_ENV if os.environ.get(name)]
     values += [(str(Path(value).expanduser()), name) for value, name in values] + [(str(Path.home()), "~")]
     for value, name in sorted(values, key=lambda pair: -len(pair[0])):  # the longest first: a folder before its parent

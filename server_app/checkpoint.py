@@ -48,6 +48,7 @@ class Checkpoint:
     optimizer: dict[str, np.ndarray]  # the server optimizer's moments (server_app/server_optimizer.py), if it has any
     # the strategy's checkpoint_state() (adaptive DP's clipping norm)
     strategy: dict[str, float] = field(default_factory=dict)
+    run_key: str | None = None  # the app's run, which clients' kept state is saved under (None: an older checkpoint)
 
 
 class StrategyState(Protocol):
@@ -86,6 +87,7 @@ def save_checkpoint(
         "rows": json.dumps(report.rows),
         "protocol": json.dumps(protocol(report.cfg)),
         "strategy": json.dumps(dict(strategy_state or {})),
+        "run-key": report.run_key,
     }
     moments = optimizer.state() if optimizer is not None else {}
     state = ArrayRecord({**{k: v for k, v in arrays.items()}, **{k: Array(v) for k, v in moments.items()}})
@@ -118,6 +120,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         json.loads(meta.get("protocol", "{}")),
         moments,
         json.loads(meta.get("strategy", "{}")),
+        meta.get("run-key"),
     )
 
 
@@ -134,7 +137,7 @@ def resume_run(
     so the summary covers the whole run. `arrays` is this run's fresh adapter: the checkpoint must
     have the same keys and shapes (same CLIP), and the same domains must be in the federation.
     The server optimizer (if given) goes on with its moments and the strategy (if given) with its state (adaptive DP's
-    clipping norm); clients' optimiser states are not part of it: they restart from zero.
+    clipping norm); the run key goes on, so clients find what they kept between rounds (client_app/kept_state.py).
     """
     ckpt = load_checkpoint(folder)
     changed = {k: (v, ckpt.protocol.get(k)) for k, v in protocol(report.cfg).items() if ckpt.protocol.get(k) != v}
@@ -162,6 +165,13 @@ def resume_run(
     # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the
     # client was sent
     report.rows = ckpt.rows
+    if ckpt.run_key:  # the clients find what they kept between rounds under the same key
+        report.run_key = ckpt.run_key
+        report.write_run_info()
+    else:
+        log.warning(
+            "resume=%s: an older checkpoint with no run key; the clients' optimiser moments start afresh", folder
+        )
     with open(report.dir / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
     for row in ckpt.rows:  # the new run folder's TensorBoard and MLflow curves start at round 0 too

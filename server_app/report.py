@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -69,9 +70,10 @@ class RunReport:
         self.traffic = Traffic()
         self.dir = new_folder(Path(cfg.output_dir).expanduser().resolve(), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
         OmegaConf.save(cfg, self.dir / "config.yaml")
-        (self.dir / "run.json").write_text(
-            json.dumps({"classes": classes, "model_fingerprint": model_fingerprint or None}, indent=2)
-        )
+        # the app's run across resumes (a resumed run takes its checkpoint's): names what clients keep between rounds
+        self.run_key = uuid.uuid4().hex
+        self.run_info = {"classes": classes, "model_fingerprint": model_fingerprint or None}
+        self.write_run_info()
         self.rows: list[dict] = []
         self.selection = RoundSelection(self.scores, cfg.selection)  # the others are in summary.json too
         self.start = time.time()
@@ -91,6 +93,10 @@ class RunReport:
         )
         self.dp = cfg.strategy.dp.side is not None  # the privacy spent is reported (server_app/privacy.py)
         self.table = RoundTable(self.domains, self.held_out, self.dp)
+
+    def write_run_info(self) -> None:
+        """run.json: the classes and the CLIP's fingerprint (what predict needs), and the run key."""
+        (self.dir / "run.json").write_text(json.dumps({**self.run_info, "run_key": self.run_key}, indent=2))
 
     def add_round(
         self,

@@ -72,7 +72,7 @@ def run_rounds(
     resumed run).
     """
     trained = None if report.rows else Trained(first_round - 1, arrays, MetricRecord(), time.time())
-    config = {wire.RUN_CONFIG: federation.run_config}
+    config = {wire.RUN_CONFIG: federation.run_config, wire.RUN_KEY: report.run_key}
     for server_round in range(first_round, last_round + 2):
         started, final = time.time(), server_round > last_round
         federation.refresh()

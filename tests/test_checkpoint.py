@@ -138,14 +138,15 @@ class CrashingGrid(InProcessGrid):
 def serve(grid_overrides: str, out: Path, crash_round: int | None = None, nodes: int = 3) -> tuple[CrashingGrid, Path]:
     """One run of the ServerApp (crashing at `crash_round`, if given); the grid and the run folder."""
     run_config = {"overrides": f"{grid_overrides} output_dir={out}"}
+    before = set(out.glob("*/config.yaml"))
     grid = CrashingGrid(client_app, run_config, nodes, crash_round)
     if crash_round is None:
         server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
     else:
         with pytest.raises(RuntimeError, match="the server crashed"):
             server_app(grid, Context(1, 0, {}, RecordDict(), run_config))
-    [run] = out.iterdir()
-    return grid, run
+    [config] = set(out.glob("*/config.yaml")) - before  # this run's folder (beside others', and clients/)
+    return grid, config.parent
 
 
 def common(folder: Path, tiny_clip: Path, tmp_path: Path, rounds: int, extra: str = "") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,9 +38,10 @@ def test_node_reads_only_its_own_domain_with_its_cache_and_device(tiny_clip, sit
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cache = tmp_path / "node-cache"
     local = node(
-        {"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu"},
-        f"{run_overrides(tiny_clip)} device=cuda:0",
+        {"domain": "photo", "data-dir": str(site), "cache-dir": str(cache), "device": "cpu", "output-dir": "~/mine"},
+        f"{run_overrides(tiny_clip)} device=cuda:0 output_dir={tmp_path / 'the-runs'}",
     )
+    assert local.cfg.output_dir == str(Path("~/mine").expanduser())  # where it keeps its state: its own, not the run's
     assert local.domain == "photo" and not local.held_out
     # the corrupt file is skipped
     assert local.images.classes == ["bird", "cat", "dog"] and len(local.feats.labels) == 9

@@ -1,0 +1,121 @@
+"""What a client keeps between rounds (its method's state: optimiser moments), saved at the site every round.
+
+Flower keeps a ClientApp's context state for one Flower run, in the SuperNode's memory: a run resumed with `resume=`
+(a new Flower run) or a SuperNode that restarts starts without it, and training goes on from fresh moments, so the
+resumed run ends elsewhere than the same run uninterrupted. The server names the app's run with a key that survives a
+resume (`run-key` in every train message); after training round r a client writes its state to
+`<output_dir>/clients/<run key>/<client>/state-r<r>.safetensors` (a site's own output folder, never the run's), and a
+client whose Flower state does not hold this run's loads the newest file from before the round it trains. The two
+newest files are kept: a server that stopped after its clients trained round r, but before it checkpointed it, resumes
+with round r again, which must start from round r-1's state. A site keeps the state of the 16 runs it trained in last.
+A missing file is a fresh start; an unreadable one too, with a warning: it never stops the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import safetensors
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from safetensors.torch import load_file
+
+from common.files import save_tensors
+from common.local_data import LocalData
+
+log = logging.getLogger(__name__)
+
+MARK = "kept-state"  # Flower state's ConfigRecord naming the run key its arrays belong to
+KEPT_FILES = 2
+# runs whose state a site keeps: a server sending a new run key with every message cannot fill the site's disk
+KEPT_RUNS = 16
+
+
+def run_key(value: object) -> str:
+    """The server's run key, checked: a UUID in hex, which is also what names the folder (nothing else of the text)."""
+    try:
+        return uuid.UUID(hex=str(value)).hex
+    except ValueError as err:
+        raise ValueError(f"run-key {str(value)[:40]!r} is not a run key (32 hex digits)") from err
+
+
+def state_folder(local: LocalData, key: str) -> Path:
+    """This client's folder of kept state for the run `key`."""
+    if local.client in ("", ".", "..") or Path(local.client).name != local.client:
+        raise ValueError(f"client name {local.client!r} cannot name a folder")
+    return Path(str(local.cfg.output_dir)).expanduser() / "clients" / key / local.client
+
+
+def _round_of(path: Path) -> int:
+    return int(path.stem.removeprefix("state-r"))
+
+
+def _saved(folder: Path) -> list[Path]:
+    """The state files in `folder`, oldest round first."""
+    files = [p for p in folder.glob("state-r*.safetensors") if p.stem.removeprefix("state-r").isdigit()]
+    return sorted(files, key=_round_of)
+
+
+def restore(state: RecordDict, local: LocalData, key: str, server_round: int) -> None:
+    """Unless Flower's state holds this run's kept state already, replace its arrays by the newest saved before
+    `server_round` (none saved: a fresh start)."""
+    mark = state.config_records.get(MARK)
+    if mark is not None and mark.get("run-key") == key:
+        return
+    for name in list(state.array_records):
+        del state[name]
+    state[MARK] = ConfigRecord({"run-key": key})
+    earlier = [p for p in _saved(state_folder(local, key)) if _round_of(p) < server_round]
+    if not earlier:
+        return
+    path = earlier[-1]
+    try:
+        tensors = load_file(path)
+        records: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            record, _, array = name.partition("/")
+            if not record or not array or not torch.isfinite(tensor).all():
+                raise ValueError(f"tensor {name!r} is not a kept state's")
+            records.setdefault(record, {})[array] = tensor
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        log.warning(
+            "client %s: could not read its kept state %s (%s); it goes on from a fresh one", local.client, path, err
+        )
+        return
+    for record, tensors in records.items():
+        state[record] = ArrayRecord(tensors)
+    log.info("client %s: restored what it kept after round %d (%s)", local.client, _round_of(path), path)
+
+
+def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> None:
+    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files."""
+    tensors = {
+        f"{name}/{array}": tensor
+        for name, record in state.array_records.items()
+        for array, tensor in record.to_torch_state_dict().items()
+    }
+    if not tensors:
+        return
+    folder = state_folder(local, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"state-r{server_round}.safetensors"
+    partial = path.with_suffix(".tmp")
+    save_tensors(tensors, partial, {"run-key": key, "client": local.client, "round": str(server_round)})
+    os.replace(partial, path)
+    os.utime(folder.parent)  # the run's folder: when this site last trained in it
+    for old in _saved(folder)[:-KEPT_FILES]:
+        old.unlink(missing_ok=True)
+    runs = [p for p in folder.parent.parent.iterdir() if p.is_dir() and _is_run_key(p.name)]
+    for old in sorted(runs, key=lambda p: p.stat().st_mtime_ns)[:-KEPT_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_run_key(name: str) -> bool:
+    try:
+        return run_key(name) == name
+    except ValueError:
+        return False

@@ -1,0 +1,144 @@
+"""What a client keeps between rounds survives a resumed run and a restarted site (client_app/kept_state.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from omegaconf import OmegaConf
+
+from client_app import kept_state
+from client_app.app import app as client_app
+from common.local_data import LocalData
+from server_app.app import app as server_app
+from server_app.checkpoint import load_checkpoint
+from tests.conftest import write_image_folder
+from tests.inprocess import InProcessGrid
+from tests.test_checkpoint import common, serve
+
+KEY = uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data"), per_class=6)
+
+
+def client(tmp_path: Path, name: str = "photo") -> LocalData:
+    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+    return LocalData(cfg, "photo", name, None, None, None, torch.device("cpu"))
+
+
+def moments(value: float) -> RecordDict:
+    state = RecordDict()
+    state["optimizer"] = ArrayRecord({"0.exp_avg": torch.full((3,), value), "0.step": torch.tensor(float(value))})
+    return state
+
+
+def test_a_fresh_state_loads_the_newest_file_from_before_the_round(tmp_path):
+    local = client(tmp_path)
+    for r in (1, 2, 3):
+        kept_state.save(moments(r), local, KEY, r)
+    folder = kept_state.state_folder(local, KEY)
+    assert sorted(p.name for p in folder.iterdir()) == ["state-r2.safetensors", "state-r3.safetensors"]
+    state = RecordDict()  # a resumed run, or a restarted SuperNode: Flower's state is empty
+    kept_state.restore(state, local, KEY, 3)  # round 3 again (the server had not checkpointed it): round 2's state
+    assert torch.equal(state["optimizer"].to_torch_state_dict()["0.exp_avg"], torch.full((3,), 2.0))
+    state["optimizer"] = ArrayRecord({"0.exp_avg": torch.zeros(3)})
+    kept_state.restore(state, local, KEY, 4)  # Flower's state holds this run's already: left as it is
+    assert torch.equal(state["optimizer"].to_torch_state_dict()["0.exp_avg"], torch.zeros(3))
+    other = moments(9)
+    kept_state.restore(other, local, uuid.uuid4().hex, 4)  # another run's key: nothing of this one, nor stale arrays
+    assert not other.array_records
+
+
+@pytest.mark.parametrize("damage", [b"not a safetensors file", None])
+def test_a_corrupt_file_is_a_fresh_start_with_a_warning(damage, tmp_path, caplog):
+    local = client(tmp_path)
+    kept_state.save(moments(1), local, KEY, 1)
+    path = kept_state.state_folder(local, KEY) / "state-r1.safetensors"
+    if damage is None:  # a NaN in the moments
+        kept_state.save(moments(float("nan")), local, KEY, 1)
+    else:
+        path.write_bytes(damage)
+    state = RecordDict()
+    with caplog.at_level(logging.WARNING):
+        kept_state.restore(state, local, KEY, 2)
+    assert not state.array_records and "goes on from a fresh one" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["../../etc", "", "0" * 31, f"{KEY}/.."])
+def test_a_run_key_is_a_uuid_or_refused(key):
+    with pytest.raises(ValueError, match="is not a run key"):
+        kept_state.run_key(key)
+
+
+def test_a_client_name_that_is_not_a_file_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        kept_state.state_folder(client(tmp_path, "../photo"), KEY)
+
+
+def evaluations(run: Path) -> list[dict]:
+    return [json.loads(line)["evaluate"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_ends_exactly_where_the_run_uninterrupted_does(folder, tiny_clip, tmp_path):
+    """The server stops while pushing round 4 (its clients trained round 3, it checkpointed round 2); the resumed run
+    trains round 3 again from round 2's moments and ends with the uninterrupted run's weights and accuracies, to the
+    bit."""
+    _, whole = serve(common(folder, tiny_clip, tmp_path, 4), tmp_path / "whole")
+    _, crashed = serve(common(folder, tiny_clip, tmp_path, 4), tmp_path / "again", crash_round=4)
+    _, resumed = serve(common(folder, tiny_clip, tmp_path, 4, f"resume={crashed}"), tmp_path / "again")
+    assert load_checkpoint(crashed).round == 2
+    for key, value in load_checkpoint(whole).arrays.to_torch_state_dict().items():
+        np.testing.assert_array_equal(load_checkpoint(resumed).arrays.to_torch_state_dict()[key].numpy(), value)
+    assert evaluations(resumed) == evaluations(whole)
+    assert sorted(p.name for p in (tmp_path / "again" / "clients").iterdir()) == [json_key(crashed)]
+
+
+def json_key(run: Path) -> str:
+    return json.loads((run / "run.json").read_text())["run_key"]
+
+
+class RestartingGrid(InProcessGrid):
+    """The in-process grid whose SuperNodes all restart before round `restart_round` trains: Flower's context state
+    (the clients' optimiser moments) is lost, as when a site's SuperNode process is started again mid-run."""
+
+    def __init__(self, client_app, run_config: dict, num_nodes: int, restart_round: int) -> None:
+        super().__init__(client_app, run_config, num_nodes)
+        self.restart_round = restart_round
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        rounds = {m.content["config"]["server-round"] for m in messages if m.metadata.message_type == MessageType.TRAIN}
+        if self.restart_round in rounds:
+            for context in self.contexts.values():
+                context.state = RecordDict()
+            self.restart_round = None
+        return super().push_messages(messages)
+
+
+def test_a_site_restarted_mid_run_goes_on_with_what_it_kept(folder, tiny_clip, tmp_path):
+    _, whole = serve(common(folder, tiny_clip, tmp_path, 4), tmp_path / "whole")
+    run_config = {"overrides": f"{common(folder, tiny_clip, tmp_path, 4)} output_dir={tmp_path / 'restarted'}"}
+    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
+    [restarted] = (p.parent for p in (tmp_path / "restarted").glob("*/config.yaml"))
+    assert evaluations(restarted) == evaluations(whole)
+
+
+def test_a_site_keeps_the_state_of_its_16_latest_runs_only(tmp_path):
+    """A server that sends a new run key with every message cannot fill the site's disk."""
+    local = client(tmp_path)
+    keys = [uuid.uuid4().hex for _ in range(kept_state.KEPT_RUNS + 3)]
+    for key in keys:
+        kept_state.save(moments(1), local, key, 1)
+    (tmp_path / "clients" / "not-a-run").mkdir()  # nothing the app did not write is removed
+    kept_state.save(moments(1), local, keys[-1], 2)
+    left = {p.name for p in (tmp_path / "clients").iterdir()}
+    assert left == set(keys[3:]) | {"not-a-run"}
