@@ -103,15 +103,17 @@ def train(message: Message, context: Context) -> Message:
     if local.held_out:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
     method, config = method_of(message), message.content[wire.CONFIG]
+    server_round = int(config[wire.SERVER_ROUND])
+    key = kept_state.restored(config, context.state, local, server_round)
     evaluation = {}
     if wire.EVALUATE_ROUND in config:
         evaluation = method.evaluate(
-            local, message.content, int(config[wire.EVALUATE_ROUND]), bool(config.get(wire.ZERO_SHOT, False))
+            local,
+            message.content,
+            context.state,
+            int(config[wire.EVALUATE_ROUND]),
+            bool(config.get(wire.ZERO_SHOT, False)),
         )
-    server_round, key = int(config[wire.SERVER_ROUND]), config.get(wire.RUN_KEY)
-    if key is not None:  # what this client kept between rounds, from the site's files if Flower's state lacks it
-        key = kept_state.run_key(key)
-        kept_state.restore(context.state, local, key, server_round)
     t0 = time.time()
     trained, metrics = method.train(local, message.content, context.state, server_round)
     if key is not None:
@@ -119,7 +121,7 @@ def train(message: Message, context: Context) -> Message:
     metrics = {
         **metrics,
         "train-seconds": time.time() - t0,
-        **{wire.EVALUATION_PREFIX + key: value for key, value in evaluation.items()},
+        **{wire.EVALUATION_PREFIX + name: value for name, value in evaluation.items()},
     }
     arrays = encode(trained, local.cfg.strategy.transport_dtype)
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics), wire.ARRAYS: arrays})
@@ -127,13 +129,19 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation."""
+    """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation,
+    after which a client with weights of its own writes them to the site's folder."""
     try:
         local = local_data(message, context)
     except NodeUnusable as err:
         return _unusable(message, err)
-    config = message.content[wire.CONFIG]
-    metrics = method_of(message).evaluate(
-        local, message.content, int(config.get(wire.SERVER_ROUND, 0)), bool(config.get(wire.ZERO_SHOT, False))
+    method, config = method_of(message), message.content[wire.CONFIG]
+    server_round = int(config.get(wire.SERVER_ROUND, 0))
+    key = kept_state.restored(config, context.state, local, server_round + 1)  # what it kept after this round
+    metrics = method.evaluate(
+        local, message.content, context.state, server_round, bool(config.get(wire.ZERO_SHOT, False))
     )
+    last = server_round == int(local.cfg.training.rounds) and not local.held_out
+    if key is not None and last and (weights := method.site_weights(message.content, context.state)) is not None:
+        kept_state.save_site_weights(local, key, method.weights_name, weights)
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

@@ -13,6 +13,7 @@ A missing file is a fresh start; an unreadable one too, with a warning: it never
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,10 +23,14 @@ from pathlib import Path
 import safetensors
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from common import wire
 from common.files import save_tensors
+from common.fingerprint import model_files_fingerprint
 from common.local_data import LocalData
+from common.model import model_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,16 @@ def run_key(value: object) -> str:
         return uuid.UUID(hex=str(value)).hex
     except ValueError as err:
         raise ValueError(f"run-key {str(value)[:40]!r} is not a run key (32 hex digits)") from err
+
+
+def restored(config: ConfigRecord, state: RecordDict, local: LocalData, before_round: int) -> str | None:
+    """The message's run key (None: a server that sends none), with Flower's state restored from the site's files
+    saved before `before_round` if it does not hold this run's."""
+    if wire.RUN_KEY not in config:
+        return None
+    key = run_key(config[wire.RUN_KEY])
+    restore(state, local, key, before_round)
+    return key
 
 
 def state_folder(local: LocalData, key: str) -> Path:
@@ -92,7 +107,8 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
 
 
 def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> None:
-    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files."""
+    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files. A folder the site
+    cannot write to is a warning, never a failed round: the run goes on, without what a restart would need."""
     tensors = {
         f"{name}/{array}": tensor
         for name, record in state.array_records.items()
@@ -101,17 +117,26 @@ def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> No
     if not tensors:
         return
     folder = state_folder(local, key)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"state-r{server_round}.safetensors"
-    partial = path.with_suffix(".tmp")
-    save_tensors(tensors, partial, {"run-key": key, "client": local.client, "round": str(server_round)})
-    os.replace(partial, path)
-    os.utime(folder.parent)  # the run's folder: when this site last trained in it
-    for old in _saved(folder)[:-KEPT_FILES]:
-        old.unlink(missing_ok=True)
-    runs = [p for p in folder.parent.parent.iterdir() if p.is_dir() and _is_run_key(p.name)]
-    for old in sorted(runs, key=lambda p: p.stat().st_mtime_ns)[:-KEPT_RUNS]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"state-r{server_round}.safetensors"
+        partial = path.with_suffix(".tmp")
+        save_tensors(tensors, partial, {"run-key": key, "client": local.client, "round": str(server_round)})
+        os.replace(partial, path)
+        os.utime(folder.parent)  # the run's folder: when this site last trained in it
+        for old in _saved(folder)[:-KEPT_FILES]:
+            old.unlink(missing_ok=True)
+        runs = [p for p in folder.parent.parent.iterdir() if p.is_dir() and _is_run_key(p.name)]
+        for old in sorted(runs, key=lambda p: p.stat().st_mtime_ns)[:-KEPT_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        log.warning(
+            "client %s: could not save what it keeps between rounds in %s (%s); a restart would start it afresh. "
+            "Give the node a writable output-dir",
+            local.client,
+            folder,
+            err,
+        )
 
 
 def _is_run_key(name: str) -> bool:
@@ -119,3 +144,25 @@ def _is_run_key(name: str) -> bool:
         return run_key(name) == name
     except ValueError:
         return False
+
+
+def save_site_weights(local: LocalData, key: str, weights_name: str, weights: dict[str, torch.Tensor]) -> Path | None:
+    """The weights this client predicts with after the run, in a run folder of its own in the client's state folder,
+    which `fedclip-predict --run FOLDER --which final` reads: config.yaml (the configuration as this site ran it),
+    run.json (the classes, the CLIP's files' fingerprint, the run key) and <weights_name>_final.safetensors. A folder
+    the site cannot write to is a warning (None), not a failed evaluation."""
+    folder = state_folder(local, key)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(local.cfg, folder / "config.yaml")
+        fingerprint = model_files_fingerprint(model_name_or_path(local.cfg), local.cfg.cache_dir)
+        info = {"classes": local.images.classes, "model_fingerprint": fingerprint, "run_key": key}
+        (folder / "run.json").write_text(json.dumps(info, indent=2))
+        path = folder / f"{weights_name}_final.safetensors"
+        save_tensors({name: t.detach().float().cpu() for name, t in weights.items()}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError as err:
+        log.warning("client %s: could not write its own weights to %s (%s)", local.client, folder, err)
+        return None
+    log.info("client %s: its own weights for fedclip-predict are in %s", local.client, folder)
+    return folder

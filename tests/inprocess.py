@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -70,3 +71,9 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, overrides: str,
     """One whole run of the app, as `flwr run` would do it with `--run-config overrides=...`."""
     run_config = {"overrides": overrides}
     server_app(InProcessGrid(client_app, run_config, num_nodes), Context(1, 0, {}, RecordDict(), run_config))
+
+
+def run_folder(output_dir: Path) -> Path:
+    """The one run folder in `output_dir` (beside it, `clients/` holds what the clients keep between rounds)."""
+    [config] = output_dir.glob("*/config.yaml")
+    return config.parent

@@ -341,7 +341,7 @@ def stream_run(
     """`flwr run --stream` of an app against the deployment's SuperLink (more run-config in `run_config`); returns
     the streamed log
     and the new run folders."""
-    before = set((dep.tmp / "outputs").glob("*")) if (dep.tmp / "outputs").exists() else set()
+    before = set((dep.tmp / "outputs").glob("*/config.yaml"))  # run folders (beside them, the sites' clients/)
     more = [arg for value in run_config for arg in ("--run-config", value)]
     proc = subprocess.Popen(
         [str(BIN / "flwr"), "run", str(app), "fedclip", "--stream", "--run-config", f'overrides="{overrides}"', *more],
@@ -365,7 +365,7 @@ def stream_run(
         proc.wait()
     log = "".join(lines)
     (dep.tmp / f"flwr-run-{len(list(dep.tmp.glob('flwr-run-*.log')))}.log").write_text(log)
-    return log, sorted(set((dep.tmp / "outputs").glob("*")) - before)
+    return log, sorted(p.parent for p in set((dep.tmp / "outputs").glob("*/config.yaml")) - before)
 
 
 def flwr_run(dep: Deployment, overrides: str, on_line=None, timeout: float = 900) -> tuple[str, Path]:

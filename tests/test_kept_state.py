@@ -142,3 +142,12 @@ def test_a_site_keeps_the_state_of_its_16_latest_runs_only(tmp_path):
     kept_state.save(moments(1), local, keys[-1], 2)
     left = {p.name for p in (tmp_path / "clients").iterdir()}
     assert left == set(keys[3:]) | {"not-a-run"}
+
+
+def test_a_site_that_cannot_write_its_folder_goes_on_with_a_warning(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")
+    local = client(tmp_path / "a-file")  # output_dir is a file: nothing can be made under it
+    with caplog.at_level(logging.WARNING):
+        kept_state.save(moments(1), local, KEY, 1)
+        assert kept_state.save_site_weights(local, KEY, "prompt", {"ctx": torch.zeros(2)}) is None
+    assert "could not save what it keeps" in caplog.text and "could not write its own weights" in caplog.text

@@ -23,7 +23,7 @@ from predict import FedClipClassifier
 from predict.cli import accuracy
 from predict.cli import main as predict_main
 from server_app.app import app as server_app
-from tests.inprocess import run_in_process
+from tests.inprocess import run_folder, run_in_process
 from tests.test_predict import write_coloured_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ class TextShift(Method):
             wire.TRAIN_LOSS: loss.item(), wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0
         }
 
-    def evaluate(self, local, content, server_round, zero_shot):
+    def evaluate(self, local, content, state, server_round, zero_shot):
         feats = local.feats
         if not zero_shot:
             shift = decode(content[wire.ARRAYS])["shift"]
@@ -101,7 +101,7 @@ def toy_run(tiny_clip, tmp_path_factory) -> Path:
             f"cache_dir={tmp / 'cache'} output_dir={tmp / 'out'}"
         )
         run_in_process(server_app, client_app, overrides, 3)
-        [folder] = (tmp / "out").iterdir()
+        folder = run_folder(tmp / "out")
         yield folder, data
     sys.modules.pop("common.methods.text_shift", None)
 

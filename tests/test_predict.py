@@ -24,7 +24,7 @@ from predict import FedClipClassifier, push_to_hub
 from predict.cli import main as predict_main
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
-from tests.inprocess import run_in_process
+from tests.inprocess import run_folder, run_in_process
 
 CLASSES = ("bird", "cat", "dog")  # words the tiny CLIP's tokenizer knows
 COLOURS = {"bird": (200, 60, 60), "cat": (60, 200, 60), "dog": (60, 60, 200)}
@@ -58,7 +58,7 @@ def run(tiny_clip, data, tmp_path_factory) -> Path:
         f"training.lr=0.01 training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'}"
     )
     run_in_process(server_app, client_app, overrides, 3)
-    [folder] = (tmp / "out").iterdir()
+    folder = run_folder(tmp / "out")
     return folder
 
 
@@ -70,7 +70,10 @@ def test_run_folder_records_classes_and_clip(run, tiny_clip):
     from common.fingerprint import model_files_fingerprint
 
     info = json.loads((run / "run.json").read_text())
-    assert info == {"classes": list(CLASSES), "model_fingerprint": model_files_fingerprint(str(tiny_clip))}
+    assert info.pop("run_key") and info == {
+        "classes": list(CLASSES),
+        "model_fingerprint": model_files_fingerprint(str(tiny_clip)),
+    }
 
 
 def test_api_accuracy_equals_the_runs_own_evaluation(run, data):
@@ -209,7 +212,7 @@ def hub_run(tiny_clip, data, tmp_path_factory) -> Path:
         f"output_dir={tmp / 'out'}"
     )
     run_in_process(server_app, client_app, overrides, 3)
-    [folder] = (tmp / "out").iterdir()
+    folder = run_folder(tmp / "out")
     return folder
 
 

@@ -23,7 +23,7 @@ from predict.cli import main as predict_main
 from predict.export import TEXT_FEATURES, TEXT_FILE, weights_file
 from server_app.app import app as server_app
 from tests.conftest import save_tiny_clip
-from tests.inprocess import run_in_process
+from tests.inprocess import run_folder, run_in_process
 from tests.test_predict import CLASSES, write_coloured_folder
 from tests.test_secagg import QUANTIZATION_STEP
 
@@ -50,7 +50,7 @@ def run_promptfl(
         f"training.rounds={rounds} training.batch_size=8 cache_dir={tmp / 'cache'} output_dir={tmp / 'out'} {extra}"
     )
     run_in_process(server_app, client_app, overrides, 3)
-    [folder] = (tmp / "out").iterdir()
+    folder = run_folder(tmp / "out")
     return folder
 
 

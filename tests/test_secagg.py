@@ -28,7 +28,7 @@ from server_app.privacy import privacy_spent
 from server_app.secagg import share_count
 from server_app.strategy import FedClipStrategy
 from tests.conftest import reply_from, write_image_folder
-from tests.inprocess import InProcessGrid, run_in_process
+from tests.inprocess import InProcessGrid, run_folder, run_in_process
 
 QUANTIZATION_STEP = 2 * 1.0 / 4194304  # the default clipping_range over the default quantization_range
 
@@ -131,7 +131,7 @@ def test_resumed_run_goes_on_securely(folder, tiny_clip, tmp_path):
         run_in_process(
             server_app, client_module.app, overrides(folder, tiny_clip, first, f"training.rounds=1 {extra}"), 3
         )
-        [run] = (first / "out").glob("*")
+        run = run_folder(first / "out")
         run_in_process(
             server_app,
             client_module.app,

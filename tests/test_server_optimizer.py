@@ -96,7 +96,7 @@ def run(folder: Path, tiny_clip: Path, out: Path, extra: str, rounds: int) -> Pa
         f"training.batch_size=8 cache_dir={out.parent / 'cache'} output_dir={out} {extra}"
     )
     run_in_process(server_app, client_app, overrides, 3)
-    return sorted(out.iterdir())[-1]
+    return sorted(p.parent for p in out.glob("*/config.yaml"))[-1]  # the newest run folder, not clients/
 
 
 def test_fedadam_run_keeps_its_moments_across_a_resume(tiny_clip, tmp_path, monkeypatch):

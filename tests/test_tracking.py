@@ -23,7 +23,7 @@ from predict import FedClipClassifier
 from server_app.app import app as server_app
 from server_app.report import RunReport
 from server_app.tracking import artifact_root
-from tests.inprocess import run_in_process
+from tests.inprocess import run_folder, run_in_process
 
 MLFLOW = importlib.util.find_spec("mlflow") is not None
 NO_MLFLOW = 'mlflow is not installed: pip install -e ".[mlflow]" (.ci/run installs it)'
@@ -42,7 +42,7 @@ def demo_run(tmp_path_factory, demo_cache) -> tuple[Path, Path]:
         + (f" tracking.mlflow_uri=sqlite:///{database} tracking.mlflow_experiment={EXPERIMENT}" if MLFLOW else "")
     )
     run_in_process(server_app, client_app, overrides, len(DOMAINS))
-    [folder] = (tmp / "out").iterdir()
+    folder = run_folder(tmp / "out")
     return folder, database
 
 

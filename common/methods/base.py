@@ -94,9 +94,17 @@ class Method:
         """
         raise NotImplementedError
 
-    def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
-        """Accuracy and loss of the received weights (or of zero-shot CLIP) on the client's val, test and all images."""
+    def evaluate(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
+    ) -> dict:
+        """Accuracy and loss of the received weights (or of zero-shot CLIP) on the client's val, test and all images;
+        `state` is what the client kept (train's), for a method whose client has a part of its own."""
         return scores(local, local.feats, [None])
+
+    def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
+        """The weights this client predicts with after the run, from the last global ones it received and what it kept;
+        None: the global ones (the server's run folder has them). The ClientApp writes them to the site's own folder."""
+        return None
 
     # For fedclip-predict and its export: a classifier is CLIP's logits between the image features, through
     # `image_head`, and the class text features, from `class_text`, given the weights a run saved

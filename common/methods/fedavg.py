@@ -59,7 +59,9 @@ class FedAvg(Method):
             wire.IMAGES_ENCODED: len(train_files) * local.cfg.training.local_epochs,
         }
 
-    def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
+    def evaluate(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
+    ) -> dict:
         """The images encoded again with the received encoder (the text tower is frozen: its prompts stay)."""
         if zero_shot:
             return scores(local, local.feats, [None])

@@ -52,7 +52,9 @@ class FedClip(Method):
         state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
         return adapter.state_dict(), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
-    def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
+    def evaluate(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
+    ) -> dict:
         """Every adapter the message carries is evaluated and their accuracies averaged (the held-out node of
         method=local
         gets one per client); zero-shot CLIP on round 0."""

@@ -168,7 +168,9 @@ class PromptFL(Method):
         )
         return {CONTEXT: ctx}, {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
-    def evaluate(self, local: LocalData, content: RecordDict, server_round: int, zero_shot: bool) -> dict:
+    def evaluate(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
+    ) -> dict:
         if zero_shot:
             return scores(local, local.feats, [None])
         text = self._text(local)

@@ -1,0 +1,163 @@
+"""Personalized prompts: PromptFL's shared context, averaged, plus a part of each site's own that never travels.
+
+Each round a client first tunes its personal part against the context it received (held fixed): a low-rank offset
+of the context vectors (FedPGP's p_i = p_G + U_i V_i, Cui et al. 2024) and a residual on each class's text feature.
+Then it tunes the received context exactly as PromptFL does, and sends only that: the global context, and so the
+held-out accuracy, are PromptFL's. The personal part and its optimiser's moments live in the client's state, saved at
+the site after every round it trains (client_app/kept_state.py); the personalization test scores the global context
+with the personal part, and after the run the site's own folder holds both for fedclip-predict (`site_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from common import wire
+from common.features import DomainFeatures
+from common.local_data import LocalData
+from common.methods.promptfl import CONTEXT, PromptFL, PromptText
+from common.model import class_logits
+from common.train import evaluate_adapter, load_optimizer_state, optimizer_state, train_epochs
+from common.transport import decode
+
+log = logging.getLogger(__name__)
+
+PERSONAL = "personal"  # the client's state: its personal part, "u" [n_ctx, rank], "v" [rank, width], "classes" [C, d]
+PERSONAL_OPTIMIZER = "personal-optimizer"
+SITE_PREFIX = "personal/"  # the personal part's tensors in a site's weights file, beside the context
+
+
+class PersonalPrompt(PromptFL):
+    """PromptFL's context, shared, and per site a context offset of rank `rank` (0: none) and, with `class_residual`,
+    a residual on each class's text feature, tuned at `personal_lr`."""
+
+    def __init__(
+        self,
+        name: str = "personal_prompt",
+        init: str = "phrase",
+        n_ctx: int = 16,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        rank: int = 2,
+        class_residual: bool = True,
+        personal_lr: float = 1e-2,
+    ) -> None:
+        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs=0)
+        if rank < 0:
+            raise ValueError(f"method.rank must be >= 0, got {rank}")
+        self.rank, self.class_residual, self.personal_lr = int(rank), bool(class_residual), float(personal_lr)
+
+    def initial_personal(self, ctx: torch.Tensor, classes: int, dim: int, generator: torch.Generator) -> dict:
+        """A personal part that changes nothing (u = 0, residual 0): untrained, the site's prompt is the global one."""
+        personal = {}
+        if self.rank:
+            personal["u"] = torch.zeros(ctx.shape[0], self.rank)
+            personal["v"] = torch.randn(self.rank, ctx.shape[1], generator=generator) * 0.02
+        if self.class_residual:
+            personal["classes"] = torch.zeros(classes, dim)
+        return personal
+
+    def personal_text(self, text: PromptText, ctx: torch.Tensor, personal: dict) -> torch.Tensor:
+        """Class text features [C, d] of the global context with a personal part (differentiable in it)."""
+        if "u" in personal:
+            ctx = ctx + personal["u"] @ personal["v"]
+        features = text(ctx)
+        return features + personal["classes"] if "classes" in personal else features
+
+    def kept_personal(self, local: LocalData, state: RecordDict, ctx: torch.Tensor) -> dict | None:
+        """The personal part the client keeps; None if it has none yet. One of another shape (a changed CLIP or class
+        list, a damaged file) is dropped with a warning: the site starts again from the global context."""
+        if PERSONAL not in state.array_records:
+            return None
+        personal = state[PERSONAL].to_torch_state_dict()
+        fresh = self.initial_personal(ctx, len(local.images.classes), local.feats.text.shape[1], torch.Generator())
+        if {k: tuple(v.shape) for k, v in personal.items()} != {k: tuple(v.shape) for k, v in fresh.items()}:
+            log.warning(
+                "client %s: its personal part does not fit this run's; it starts from the global one", local.client
+            )
+            for name in (PERSONAL, PERSONAL_OPTIMIZER):
+                if name in state.array_records:
+                    del state[name]
+            return None
+        return personal
+
+    def train(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        text, ctx = self._text(local), decode(content[wire.ARRAYS])[CONTEXT]
+        rows = torch.as_tensor(local.split.train)
+        personal = self.kept_personal(local, state, ctx)
+        if personal is None:
+            personal = self.initial_personal(
+                ctx, len(local.images.classes), local.feats.text.shape[1], local.generator(0, "personal-init")
+            )
+        device = text.ids.device
+        params = {k: v.to(device).requires_grad_(True) for k, v in sorted(personal.items())}
+        optimizer = torch.optim.AdamW(
+            params.values(), lr=self.personal_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
+        )
+        if PERSONAL_OPTIMIZER in state.array_records:
+            load_optimizer_state(optimizer, state[PERSONAL_OPTIMIZER].to_torch_state_dict())
+        feats, fixed = local.feats, ctx.to(device)
+        x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
+        train_epochs(
+            lambda batch: class_logits(batch, self.personal_text(text, fixed, params), scale, None),
+            optimizer,
+            x,
+            y,
+            local.cfg.training,
+            local.generator(server_round, "personal"),
+        )
+        state[PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
+        state[PERSONAL_OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
+        return super().train(local, content, state, server_round)  # the shared context, as PromptFL tunes it
+
+    def evaluate(
+        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
+    ) -> dict:
+        metrics = super().evaluate(local, content, state, server_round, zero_shot)
+        if zero_shot or local.held_out:
+            return metrics
+        ctx = decode(content[wire.ARRAYS])[CONTEXT]
+        personal = self.kept_personal(local, state, ctx)
+        if personal is None:
+            return metrics
+        text = self._text(local)
+        device = text.ids.device
+        with torch.no_grad():
+            features = self.personal_text(text, ctx.to(device), {k: v.to(device) for k, v in personal.items()})
+        feats = DomainFeatures(local.feats.image, local.feats.labels, features.cpu(), local.feats.logit_scale, [])
+        metrics["personalized-test-acc"] = evaluate_adapter(None, feats, {"test": local.split.test}, local.device)[
+            "test"
+        ][0]
+        return metrics
+
+    def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
+        if PERSONAL not in state.array_records:
+            return None
+        personal = state[PERSONAL].to_torch_state_dict()
+        ctx = decode(content[wire.ARRAYS])[CONTEXT]
+        return {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
+
+    def class_text(
+        self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str
+    ) -> torch.Tensor:
+        """The global context's class features (the server's run folder), or with a site's personal part (its own)."""
+        personal = {k.removeprefix(SITE_PREFIX): v for k, v in weights.items() if k.startswith(SITE_PREFIX)}
+        if not personal:
+            return super().class_text(weights, model, processor, classes, prompt)
+        ctx, dim = weights[CONTEXT], int(model.config.projection_dim)
+        if "classes" in personal and tuple(personal["classes"].shape) != (len(classes), dim):
+            raise ValueError(f"the class residual is {tuple(personal['classes'].shape)}, not ({len(classes)}, {dim})")
+        device = next(model.parameters()).device
+        text = PromptText(model, processor.tokenizer, classes, prompt, len(ctx))
+        with torch.no_grad():
+            return self.personal_text(text, ctx.to(device), {k: v.to(device) for k, v in personal.items()}).cpu()
+
+    def describe(self, weights: dict[str, torch.Tensor]) -> str:
+        personal = sum(v.numel() for k, v in weights.items() if k.startswith(SITE_PREFIX))
+        shared = super().describe({CONTEXT: weights[CONTEXT]})
+        return shared + (f" and a site's personal part ({personal:,} parameters)" if personal else "")

@@ -1,0 +1,122 @@
+"""method=personal_prompt: PromptFL's shared context plus a personal part that stays at each site."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+from safetensors.torch import load_file
+
+from client_app.app import app as client_app
+from common.config import config_from_file
+from common.features import encode_prompts
+from common.local_data import client_data
+from common.methods.personal_prompt import PERSONAL, PERSONAL_OPTIMIZER, SITE_PREFIX, PersonalPrompt
+from common.methods.promptfl import CONTEXT
+from common.model import class_prompts, load_clip
+from predict import FedClipClassifier
+from server_app.app import app as server_app
+from tests.test_kept_state import RestartingGrid
+from tests.test_predict import CLASSES, write_coloured_folder
+from tests.test_promptfl import run_promptfl
+
+PERSONAL_METHOD = "method=personal_prompt method.lr=0.05 method.personal_lr=0.05"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_coloured_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
+    """The same 3-round run with method=promptfl and with method=personal_prompt (same seed, same shared options)."""
+    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
+    personal = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("personal"), method=PERSONAL_METHOD)
+    return promptfl, personal
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_untrained_personal_part_gives_zero_shot_clip_exactly(tiny_clip):
+    model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
+    method = PersonalPrompt()
+    text = method.prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")
+    ctx = text.initial_context("phrase")
+    personal = method.initial_personal(ctx, len(CLASSES), model.config.projection_dim, torch.Generator().manual_seed(0))
+    assert set(personal) == {"u", "v", "classes"}
+    weights = {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
+    features = method.class_text(weights, model, processor, list(CLASSES), "a picture of a {}")
+    zero_shot = encode_prompts(model, processor, class_prompts(list(CLASSES), "a picture of a {}"), torch.device("cpu"))
+    torch.testing.assert_close(features, zero_shot, rtol=0, atol=1e-6)
+
+
+def test_the_shared_context_is_promptfls_and_only_it_travels(runs):
+    """The personal part changes neither the global context nor what is sent: the held-out accuracy is PromptFL's to
+    the bit; the personalization test (global + personal) is the one that moves."""
+    promptfl, personal = runs
+    assert torch.equal(
+        load_file(personal / "prompt_final.safetensors")[CONTEXT],
+        load_file(promptfl / "prompt_final.safetensors")[CONTEXT],
+    )
+    assert set(load_file(personal / "prompt_final.safetensors")) == {CONTEXT}  # the server's folder: global only
+    a, b = (json.loads((run / "summary.json").read_text()) for run in runs)
+    assert a["generalization"] == b["generalization"] and a["bytes_total"] == b["bytes_total"]
+    last = rows_of(personal)[-1]["evaluate"]
+    assert "art/personalized-test-acc" in last and "photo/personalized-test-acc" in last
+    assert "sketch/personalized-test-acc" not in last  # the held-out domain has no part of its own
+    assert b["personalization"] != a["personalization"]
+
+
+def test_the_site_keeps_global_and_personal_and_predict_reproduces_its_personal_accuracy(runs, tiny_clip):
+    """After the run each training client's folder holds the final context and its personal part;
+    `fedclip-predict --run <that folder> --which final` scores its test split as its own evaluation did."""
+    _, personal = runs
+    key = json.loads((personal / "run.json").read_text())["run_key"]
+    last = rows_of(personal)[-1]["evaluate"]
+    for client in ("art", "photo"):
+        site = personal.parent / "clients" / key / client
+        weights = load_file(site / "prompt_final.safetensors")
+        assert set(weights) == {CONTEXT, *(SITE_PREFIX + k for k in ("u", "v", "classes"))}
+        assert torch.equal(weights[CONTEXT], load_file(personal / "prompt_final.safetensors")[CONTEXT])
+        clf = FedClipClassifier.from_run(site, which="final")
+        local = client_data(config_from_file(site / "config.yaml"), client, 0, torch.device("cpu"))
+        test = torch.as_tensor(local.split.test)
+        accuracy = (clf.logits(local.feats.image[test]).argmax(1) == local.feats.labels[test]).float().mean().item()
+        assert accuracy == pytest.approx(last[f"{client}/personalized-test-acc"], abs=1e-6)
+    assert not (personal.parent / "clients" / key / "sketch" / "prompt_final.safetensors").exists()
+
+
+def test_a_site_restarted_mid_run_ends_as_the_run_uninterrupted(runs, tiny_clip, data, tmp_path):
+    """The personal part and both optimisers' moments come back from the site's files after every SuperNode restarts
+    before round 3."""
+    _, personal = runs
+    overrides = (
+        f"{PERSONAL_METHOD} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds=3 training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
+    )
+    run_config = {"overrides": overrides}
+    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
+    [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
+    assert [r["evaluate"] for r in rows_of(restarted)] == [r["evaluate"] for r in rows_of(personal)]
+
+
+def test_a_personal_part_of_another_shape_is_dropped_with_a_warning(runs, caplog):
+    """A damaged or stale personal part (here: one class too many) never crashes the round: the site starts again
+    from the global context."""
+    _, personal = runs
+    site_cfg = next((personal.parent / "clients").glob("*/art/config.yaml"))
+    local = client_data(config_from_file(site_cfg), "art", 0, torch.device("cpu"))
+    method, ctx = PersonalPrompt(), torch.zeros(4, 32)
+    state = RecordDict()
+    state[PERSONAL] = ArrayRecord({"u": torch.zeros(4, 2), "v": torch.zeros(2, 32), "classes": torch.zeros(4, 24)})
+    state[PERSONAL_OPTIMIZER] = ArrayRecord({"0.step": torch.tensor(3.0)})
+    with caplog.at_level(logging.WARNING):
+        assert method.kept_personal(local, state, ctx) is None
+    assert "starts from the global one" in caplog.text and not state.array_records
