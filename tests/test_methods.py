@@ -67,3 +67,18 @@ def test_a_method_file_without_a_class_is_a_clear_error():
         r"common.methods.<module>.<Class>`",
     ):
         load_method(cfg)
+
+
+@pytest.mark.parametrize("method", ["local_prompt", "local_personal_prompt", "centralized_prompt"])
+def test_the_prompt_references_run_with_the_prompt_methods_module(method, tiny_clip, folder, tmp_path):
+    """Local-only and centralized prompts (the references a prompt method is compared with) train the same context as
+    promptfl: local-only keeps one per client and saves no global one; centralized trains one on the pooled data on
+    one node; the local personal one reports each site's personalized accuracy."""
+    summary = run_method(f"{method} method.lr=0.05", tiny_clip, folder, tmp_path, rounds=2)
+    run = next((tmp_path / "out").glob("*/summary.json")).parent
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["trained_parameters"] == 4 * 32 and summary["generalization"]["sketch"] is not None
+    assert (run / "prompt_final.safetensors").is_file() == (method == "centralized_prompt")
+    trained = {key.partition("/")[0] for key in rows[1]["train"] if key.endswith("/train-loss")}
+    assert trained == ({"art"} if method == "centralized_prompt" else {"art", "photo"})
+    assert ("art/personalized-test-acc" in rows[-1]["evaluate"]) == (method == "local_personal_prompt")

@@ -24,7 +24,7 @@ from tests.test_kept_state import RestartingGrid
 from tests.test_predict import CLASSES, write_coloured_folder
 from tests.test_promptfl import run_promptfl
 
-PERSONAL_METHOD = "method=personal_prompt method.lr=0.05 method.personal_lr=0.05"
+PERSONAL_METHOD = "method=personal_prompt method.lr=0.05 method.personal_lr=0.05 method.class_residual=true"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def rows_of(run: Path) -> list[dict]:
 
 def test_an_untrained_personal_part_gives_zero_shot_clip_exactly(tiny_clip):
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    method = PersonalPrompt()
+    method = PersonalPrompt(class_residual=True)
     text = method.prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")
     ctx = text.initial_context("phrase")
     personal = method.initial_personal(ctx, len(CLASSES), model.config.projection_dim, torch.Generator().manual_seed(0))
@@ -113,7 +113,7 @@ def test_a_personal_part_of_another_shape_is_dropped_with_a_warning(runs, caplog
     _, personal = runs
     site_cfg = next((personal.parent / "clients").glob("*/art/config.yaml"))
     local = client_data(config_from_file(site_cfg), "art", 0, torch.device("cpu"))
-    method, ctx = PersonalPrompt(), torch.zeros(4, 32)
+    method, ctx = PersonalPrompt(class_residual=True), torch.zeros(4, 32)
     state = RecordDict()
     state[PERSONAL] = ArrayRecord({"u": torch.zeros(4, 2), "v": torch.zeros(2, 32), "classes": torch.zeros(4, 24)})
     state[PERSONAL_OPTIMIZER] = ArrayRecord({"0.step": torch.tensor(3.0)})

@@ -1,6 +1,9 @@
-"""Local-only adapters: each training client trains its own adapter, never averaged (a baseline).
+"""Local-only training (a baseline): each training client trains its own copy of what the method trains, never
+averaged; the server keeps each client's and sends it back to it.
 
-Generalization is the mean accuracy of the clients' adapters on the held-out domain.
+Generalization is the mean accuracy of the clients' weights on the held-out domain. `LocalOnly` makes any method
+local-only; `Local` is FedCLIP's adapter so trained, `LocalPrompt` PromptFL's context, `LocalPersonalPrompt` the
+personalized prompt (a site with its shared and its personal part, alone).
 """
 
 from __future__ import annotations
@@ -10,32 +13,34 @@ from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
 from common import wire
-from common.methods.base import Combine, Update
+from common.methods.base import Combine, Method, Update
 from common.methods.fedclip import FedClip
+from common.methods.personal_prompt import PersonalPrompt
+from common.methods.promptfl import PromptFL
 from common.transport import encode
 
 
-class Local(FedClip):
-    """The server keeps one adapter per client, by client name (a node that rejoins under a new id goes on with its
-    own)."""
+class LocalOnly(Method):
+    """Put before a method's class: the server keeps one set of weights per client, by client name (a node that rejoins
+    under a new id goes on with its own)."""
 
-    weights_name = None  # no global adapter to save, resume or export
+    weights_name = None  # no global weights to save, resume or export
     combines_updates = False
     averages_updates = False
 
-    def __init__(self, name: str = "local", personalize_epochs: int = 0) -> None:
-        super().__init__(name, personalize_epochs)
-        self.client_states: dict[str, dict[str, np.ndarray]] = {}
+    @property
+    def client_states(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.__dict__.setdefault("_client_states", {})
 
     def refuse(self, cfg: DictConfig) -> None:
         if cfg.resume:
             raise ValueError(
-                "resume= is not available for method=local: its adapters live on the clients, the checkpoint holds "
-                "no global one"
+                f"resume= is not available for method={self.name}: its weights live on the clients, the checkpoint "
+                "holds no global ones"
             )
 
     def records(self, client: str, arrays: ArrayRecord, held_out: bool) -> dict[str, ArrayRecord]:
-        """A training client continues its own adapter; the held-out clients are evaluated with every client's."""
+        """A training client continues its own weights; the held-out clients are evaluated with every client's."""
         if held_out and self.client_states:
             return {f"{wire.ARRAYS}/{other}": encode(state, "float32") for other, state in self.client_states.items()}
         return {wire.ARRAYS: encode(self.client_states[client], "float32") if client in self.client_states else arrays}
@@ -47,3 +52,36 @@ class Local(FedClip):
         for update in updates:
             self.client_states[update.client] = update.state
         return None
+
+
+class Local(LocalOnly, FedClip):
+    def __init__(self, name: str = "local", personalize_epochs: int = 0) -> None:
+        super().__init__(name, personalize_epochs)
+
+
+class LocalPrompt(LocalOnly, PromptFL):
+    def __init__(
+        self,
+        name: str = "local_prompt",
+        init: str = "phrase",
+        n_ctx: int = 16,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        personalize_epochs: int = 0,
+    ) -> None:
+        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs)
+
+
+class LocalPersonalPrompt(LocalOnly, PersonalPrompt):
+    def __init__(
+        self,
+        name: str = "local_personal_prompt",
+        init: str = "phrase",
+        n_ctx: int = 16,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        rank: int = 2,
+        class_residual: bool = False,
+        personal_lr: float = 5e-2,
+    ) -> None:
+        super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr)

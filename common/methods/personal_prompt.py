@@ -42,8 +42,8 @@ class PersonalPrompt(PromptFL):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         rank: int = 2,
-        class_residual: bool = True,
-        personal_lr: float = 1e-2,
+        class_residual: bool = False,
+        personal_lr: float = 5e-2,
     ) -> None:
         super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs=0)
         if rank < 0:

@@ -174,12 +174,24 @@ class PromptFL(Method):
         if zero_shot:
             return scores(local, local.feats, [None])
         text = self._text(local)
-        ctx = decode(content[wire.ARRAYS])[CONTEXT]
-        with torch.no_grad():
-            prompted = DomainFeatures(
-                local.feats.image, local.feats.labels, text(ctx.to(text.ids.device)).cpu(), local.feats.logit_scale, []
+        # one context, or (the held-out node of a local-only run) every client's: their accuracies are averaged
+        contexts = [decode(record)[CONTEXT] for record in content.array_records.values()]
+        each = []
+        for ctx in contexts:
+            with torch.no_grad():
+                features = text(ctx.to(text.ids.device)).cpu()
+            each.append(
+                scores(
+                    local,
+                    DomainFeatures(local.feats.image, local.feats.labels, features, local.feats.logit_scale, []),
+                    [None],
+                )
             )
-        metrics = scores(local, prompted, [None])
+        metrics = {
+            key: sum(m[key] for m in each) / len(each) if key.endswith(("-acc", "-loss")) else value
+            for key, value in each[0].items()
+        }
+        ctx = contexts[0]
         if self.personalize_epochs > 0 and not local.held_out:
             personal = OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs})
             tuned, _ = self._tune(
