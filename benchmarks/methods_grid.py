@@ -4,7 +4,7 @@ over the same seeds, with 95% intervals on the gains over zero-shot CLIP, and wh
     python -m benchmarks.methods_grid --seeds 0 1 2 3 4 \\
         --configs "FedCLIP=method=fedclip" "PromptFL=method=promptfl" \\
                   "PromptFL + fedavgm=method=promptfl strategy.server_optimizer=fedavgm" \\
-        --settings 1 5 5d 25 25d --overrides "cpu_threads=1"
+        --settings 1 5 5d 25 25d --overrides "cpu_threads=1" --compare "PromptFL:FedCLIP"
 
 A setting is the clients per domain, with `d` for a Dirichlet partition over labels (dataset.partition=dirichlet,
 alpha 0.5) instead of equal random shards. Every run is benchmarks/demo_seeds.py's in-process run (finished runs are
@@ -54,6 +54,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overrides", default="", help="Hydra overrides for every run")
     parser.add_argument("--selection", default="val_mean", choices=SELECTIONS, help="the rule of the first table")
     parser.add_argument("--out", type=Path, default=Path("outputs/methods-grid"))
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        metavar="A:B",
+        help='"label A:label B": the paired differences A - B over the seeds (e.g. a method against its local-only)',
+    )
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("a confidence interval needs at least 2 seeds")
@@ -104,6 +111,18 @@ def main(argv: list[str]) -> int:
             rounds = sum(r["selections"][rule]["round"] for r in runs) / len(runs)
             cells.append(f"{cell(held)} / {cell(pers)}; round {rounds:.0f}")
         print(f"| {setting} | {label} | " + " | ".join(cells) + " |")
+    if args.compare:
+        print(f"\nPaired differences (points, mean [95% CI] over the seeds; `selection={args.selection}`):\n")
+        print("| clients a domain | A - B | held-out | personalization (each site's own test split) |")
+        print("|---|---|---|---|")
+        for pair in args.compare:
+            a, _, b = pair.partition(":")
+            for setting in args.settings:
+                if (setting, a) in results and (setting, b) in results:
+                    (held_a, pers_a), (held_b, pers_b) = (gains(results[(setting, x)], args.selection) for x in (a, b))
+                    held = [x - y for x, y in zip(held_a, held_b)]
+                    pers = [x - y for x, y in zip(pers_a, pers_b)]
+                    print(f"| {setting} | {a} - {b} | {cell(held)} | {cell(pers)} |")
     (args.out / "grid.json").write_text(
         json.dumps({f"{s}|{lab}": runs for (s, lab), runs in results.items()}, indent=1)
     )
