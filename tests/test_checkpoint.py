@@ -249,7 +249,7 @@ def test_encoder_baselines_resume_with_their_best_encoder(method, folder, tiny_c
 
 def test_local_refuses_to_resume(folder, tiny_clip, tmp_path):
     _, first = serve(common(folder, tiny_clip, tmp_path, 1, "method=local"), tmp_path / "first")
-    with pytest.raises(ValueError, match="resume= is not available for method=local: its adapters live on the clients"):
+    with pytest.raises(ValueError, match="resume= is not available for method=local: its weights live on the clients"):
         run_in_process(
             server_app,
             client_app,

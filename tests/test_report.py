@@ -353,7 +353,9 @@ def test_the_run_folder_holds_the_config_the_model_and_the_tables(tmp_path):
     assert json.loads((report.dir / "run.json").read_text()) == {
         "classes": ["cat", "dog"],
         "model_fingerprint": "abc123",
+        "run_key": report.run_key,  # a new run's own: what its clients keep between rounds is saved under it
     }
+    assert uuid.UUID(hex=report.run_key).hex == report.run_key
     assert OmegaConf.load(report.dir / "config.yaml") == cfg
     report.add_round(0, MetricRecord(), evaluation(a=0.5, b=0.2, sketch=0.3), 0.0, weights(0))
     report.add_round(1, MetricRecord({"a/train-loss": 1.0}), evaluation(a=0.6, b=0.4, sketch=0.4), 2.0, weights(1))

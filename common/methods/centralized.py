@@ -35,13 +35,5 @@ class Centralized(Pooled, FedClip):
 
 
 class CentralizedPrompt(Pooled, PromptFL):
-    def __init__(
-        self,
-        name: str = "centralized_prompt",
-        init: str = "phrase",
-        n_ctx: int = 16,
-        lr: float = 1e-2,
-        weight_decay: float = 0.0,
-        personalize_epochs: int = 0,
-    ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs)
+    """PromptFL's context on the pooled data (its options are PromptFL's; conf/method/centralized_prompt.yaml names
+    it)."""

@@ -60,28 +60,8 @@ class Local(LocalOnly, FedClip):
 
 
 class LocalPrompt(LocalOnly, PromptFL):
-    def __init__(
-        self,
-        name: str = "local_prompt",
-        init: str = "phrase",
-        n_ctx: int = 16,
-        lr: float = 1e-2,
-        weight_decay: float = 0.0,
-        personalize_epochs: int = 0,
-    ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs)
+    """PromptFL's context, each client's own (its options are PromptFL's; conf/method/local_prompt.yaml names it)."""
 
 
 class LocalPersonalPrompt(LocalOnly, PersonalPrompt):
-    def __init__(
-        self,
-        name: str = "local_personal_prompt",
-        init: str = "phrase",
-        n_ctx: int = 16,
-        lr: float = 1e-2,
-        weight_decay: float = 0.0,
-        rank: int = 2,
-        class_residual: bool = False,
-        personal_lr: float = 5e-2,
-    ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr)
+    """The personalized prompt, each client alone (its options are PersonalPrompt's)."""
