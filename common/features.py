@@ -180,10 +180,12 @@ def encode_images(
     device: torch.device,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    image_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features, labels, skipped) of a client's images through CLIP's image encoder, decoded batch by batch.
 
-    `progress` is called with the number of images (read or skipped) each batch got through.
+    `progress` is called with the number of images (read or skipped) each batch got through; `image_features` is a
+    method's own image path from pixel values (Method.image_features), instead of the frozen encoder's.
     """
     dtype = next(model.parameters()).dtype
     feats, labels, skipped = [], [], []
@@ -191,7 +193,12 @@ def encode_images(
     for pixels, batch_labels in image_batches(
         processor, images, range(len(images)), batch_size, device, dtype, skipped
     ):
-        feats.append(model.get_image_features(pixel_values=pixels).pooler_output.float().cpu())
+        encoded = (
+            image_features(pixels)
+            if image_features is not None
+            else model.get_image_features(pixel_values=pixels).pooler_output
+        )
+        feats.append(encoded.float().cpu())
         labels.append(batch_labels.cpu())
         _ENCODED["images"] += len(batch_labels)
         now = sum(len(b) for b in labels) + len(skipped)

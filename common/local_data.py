@@ -33,6 +33,7 @@ class LocalData:
     folders: dict[Path, int] = field(default_factory=dict)  # the image folders and their mtimes when built
     pooled: tuple[DomainFeatures, torch.Tensor] | None = None  # method=centralized: every training client's train split
     clip: tuple | None = None  # this node's CLIP (model, processor) for the methods that run it (clip_model)
+    computed: dict = field(default_factory=dict)  # what a method computes once from these images (its own keys)
 
     @property
     def held_out(self) -> bool:

@@ -138,6 +138,8 @@ class FedClipClassifier:
         self.model, self.processor, self.device, self.batch_size = model, processor, device, batch_size
         self.classes, self.prompt, self.info = list(classes), prompt, info
         self.method, self.weights, self.head = method, weights, head
+        # the method's own image path (prompts in the image encoder), or the frozen encoder's
+        self.image_features = method.image_features(weights, model) if method is not None and weights else None
         # CLIP's encoded class prompts, when known: zero-shot CLIP's text features, and `text` unless the method
         # learned its own
         self.prompts_text = prompts_text
@@ -322,7 +324,7 @@ class FedClipClassifier:
         )
         try:
             features, found, skipped = encode_images(
-                self.model, self.processor, source, self.device, self.batch_size, progress
+                self.model, self.processor, source, self.device, self.batch_size, progress, self.image_features
             )
         except RuntimeError as err:  # none could be read
             log.warning("%s", err)

@@ -20,7 +20,12 @@ from PIL import Image  # noqa: E402
 
 
 def save_tiny_clip(
-    folder: Path, seed: int = 0, projection_dim: int = 24, text_width: int = 32, text_positions: int = 16
+    folder: Path,
+    seed: int = 0,
+    projection_dim: int = 24,
+    text_width: int = 32,
+    text_positions: int = 16,
+    vision_layers: int = 1,
 ) -> Path:
     """A 1-layer, 32-wide CLIP with the demo's tokenizer, saved like any Hugging Face CLIP (projection_dim=512:
     ViT-B/32's
@@ -48,7 +53,7 @@ def save_tiny_clip(
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=1,
+            num_hidden_layers=vision_layers,
             num_attention_heads=2,
             image_size=16,
             patch_size=8,

@@ -119,6 +119,11 @@ class Method:
         the weights do not fit a CLIP of `feature_dim` features, or that this method gives predict no classifier."""
         raise ValueError(f"method={self.name} trains its {self.weights_name}: fedclip-predict has no classifier for it")
 
+    def image_features(self, weights: dict[str, torch.Tensor], model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """CLIP's image features [B, d] of pixel values with these weights in the image encoder; None: the frozen
+        encoder's (`get_image_features`)."""
+        return None
+
     def describe(self, weights: dict[str, torch.Tensor]) -> str:
         """What the weights are, in a phrase for an export's model card."""
         parameters = sum(t.numel() for t in weights.values())

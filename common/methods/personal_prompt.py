@@ -84,10 +84,15 @@ class PersonalPrompt(PromptFL):
             return None
         return personal
 
+    def site_context(self, received: dict[str, torch.Tensor], state: RecordDict) -> torch.Tensor:
+        """The context the personal part is tuned against and added to: here the received global one."""
+        return received[CONTEXT]
+
     def train(
         self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
-        text, ctx = self._text(local), decode(content[wire.ARRAYS])[CONTEXT]
+        received = decode(content[wire.ARRAYS])
+        text, ctx = self._text(local), received[CONTEXT]
         rows = torch.as_tensor(local.split.train)
         personal = self.kept_personal(local, state, ctx)
         if personal is None:
@@ -96,23 +101,24 @@ class PersonalPrompt(PromptFL):
             )
         device = text.ids.device
         params = {k: v.to(device).requires_grad_(True) for k, v in sorted(personal.items())}
-        optimizer = torch.optim.AdamW(
-            params.values(), lr=self.personal_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
-        )
-        if PERSONAL_OPTIMIZER in state.array_records:
-            load_optimizer_state(optimizer, state[PERSONAL_OPTIMIZER].to_torch_state_dict())
-        feats, fixed = local.feats, ctx.to(device)
-        x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
-        train_epochs(
-            lambda batch: class_logits(batch, self.personal_text(text, fixed, params), scale, None),
-            optimizer,
-            x,
-            y,
-            local.cfg.training,
-            local.generator(server_round, "personal"),
-        )
+        if params:
+            optimizer = torch.optim.AdamW(
+                params.values(), lr=self.personal_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
+            )
+            if PERSONAL_OPTIMIZER in state.array_records:
+                load_optimizer_state(optimizer, state[PERSONAL_OPTIMIZER].to_torch_state_dict())
+            fixed, feats = self.site_context(received, state).to(device), local.feats
+            scale = feats.logit_scale.to(device)
+            train_epochs(
+                lambda batch: class_logits(batch, self.personal_text(text, fixed, params), scale, None),
+                optimizer,
+                feats.image[rows].to(device),
+                feats.labels[rows].to(device),
+                local.cfg.training,
+                local.generator(server_round, "personal"),
+            )
+            state[PERSONAL_OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
         state[PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
-        state[PERSONAL_OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
         return super().train(local, content, state, server_round)  # the shared context, as PromptFL tunes it
 
     def evaluate(
@@ -121,14 +127,15 @@ class PersonalPrompt(PromptFL):
         metrics = super().evaluate(local, content, state, server_round, zero_shot)
         if zero_shot or local.held_out:
             return metrics
-        ctx = decode(content[wire.ARRAYS])[CONTEXT]
-        personal = self.kept_personal(local, state, ctx)
+        received = decode(content[wire.ARRAYS])
+        personal = self.kept_personal(local, state, received[CONTEXT])
         if personal is None:
             return metrics
         text = self._text(local)
         device = text.ids.device
         with torch.no_grad():
-            features = self.personal_text(text, ctx.to(device), {k: v.to(device) for k, v in personal.items()})
+            ctx = self.site_context(received, state).to(device)
+            features = self.personal_text(text, ctx, {k: v.to(device) for k, v in personal.items()})
         feats = DomainFeatures(local.feats.image, local.feats.labels, features.cpu(), local.feats.logit_scale, [])
         metrics["personalized-test-acc"] = evaluate_adapter(None, feats, {"test": local.split.test}, local.device)[
             "test"
@@ -139,7 +146,7 @@ class PersonalPrompt(PromptFL):
         if PERSONAL not in state.array_records:
             return None
         personal = state[PERSONAL].to_torch_state_dict()
-        ctx = decode(content[wire.ARRAYS])[CONTEXT]
+        ctx = self.site_context(decode(content[wire.ARRAYS]), state)
         return {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
 
     def class_text(

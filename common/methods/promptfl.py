@@ -175,23 +175,13 @@ class PromptFL(Method):
             return scores(local, local.feats, [None])
         text = self._text(local)
         # one context, or (the held-out node of a local-only run) every client's: their accuracies are averaged
-        contexts = [decode(record)[CONTEXT] for record in content.array_records.values()]
-        each = []
-        for ctx in contexts:
-            with torch.no_grad():
-                features = text(ctx.to(text.ids.device)).cpu()
-            each.append(
-                scores(
-                    local,
-                    DomainFeatures(local.feats.image, local.feats.labels, features, local.feats.logit_scale, []),
-                    [None],
-                )
-            )
+        received = [decode(record) for record in content.array_records.values()]
+        each = [scores(local, self.received_features(local, text, weights), [None]) for weights in received]
         metrics = {
             key: sum(m[key] for m in each) / len(each) if key.endswith(("-acc", "-loss")) else value
             for key, value in each[0].items()
         }
-        ctx = contexts[0]
+        ctx = received[0][CONTEXT]
         if self.personalize_epochs > 0 and not local.held_out:
             personal = OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs})
             tuned, _ = self._tune(
@@ -215,6 +205,12 @@ class PromptFL(Method):
                 None, personalized, {"test": local.split.test}, local.device
             )["test"][0]
         return metrics
+
+    def received_features(self, local: LocalData, text: PromptText, weights: dict[str, torch.Tensor]) -> DomainFeatures:
+        """The client's features with the class text features of received weights (its cached image features)."""
+        with torch.no_grad():
+            features = text(weights[CONTEXT].to(text.ids.device)).cpu()
+        return DomainFeatures(local.feats.image, local.feats.labels, features, local.feats.logit_scale, [])
 
     def class_text(
         self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str

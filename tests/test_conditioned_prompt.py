@@ -1,0 +1,105 @@
+"""method=conditioned_prompt: PromptFL's context plus a shared generator from a site's image signature to a context
+offset; the signature never leaves the site."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
+
+from client_app.app import app as client_app
+from common.config import config_from_file
+from common.features import encode_prompts
+from common.local_data import client_data
+from common.methods.conditioned_prompt import GENERATOR, ConditionedPrompt
+from common.methods.promptfl import CONTEXT
+from common.model import class_prompts, load_clip
+from predict import FedClipClassifier
+from server_app.app import app as server_app
+from tests.test_kept_state import RestartingGrid
+from tests.test_predict import CLASSES, write_coloured_folder
+from tests.test_promptfl import run_promptfl
+
+CONDITIONED = "method=conditioned_prompt method.lr=0.05 method.generator_lr=0.2 method.rank=2"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_coloured_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
+    """The same 3-round run with method=promptfl and with method=conditioned_prompt (same seed and shared options)."""
+    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
+    conditioned = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("conditioned"), method=CONDITIONED)
+    return promptfl, conditioned
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_untrained_generator_gives_zero_shot_clip_exactly(tiny_clip):
+    """A starts at zero: whatever a site's signature, its prompt is the phrase's, CLIP's zero-shot features."""
+    model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
+    method = ConditionedPrompt()
+    text = method.prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")
+    ctx = text.initial_context("phrase")
+    generator = {GENERATOR[0]: torch.zeros(4 * 2, 24), GENERATOR[1]: torch.randn(2, 32)}
+    offset = method.offset(generator, torch.nn.functional.normalize(torch.randn(24), dim=0), len(ctx))
+    assert torch.equal(offset, torch.zeros_like(ctx))
+    with torch.no_grad():
+        features = text(ctx + offset)
+    zero_shot = encode_prompts(model, processor, class_prompts(list(CLASSES), "a picture of a {}"), torch.device("cpu"))
+    torch.testing.assert_close(features, zero_shot, rtol=0, atol=1e-6)
+
+
+def test_the_context_is_promptfls_and_the_generator_travels(runs):
+    """The context trains as PromptFL's (held-out accuracy equal to the bit); the generator is averaged and moves;
+    the personalization test (context + the site's generated offset + its own part) differs."""
+    promptfl, conditioned = runs
+    final = load_file(conditioned / "prompt_final.safetensors")
+    assert torch.equal(final[CONTEXT], load_file(promptfl / "prompt_final.safetensors")[CONTEXT])
+    assert set(final) == {CONTEXT, *GENERATOR} and final[GENERATOR[0]].abs().sum() > 0
+    a, b = (json.loads((run / "summary.json").read_text()) for run in runs)
+    assert a["generalization"] == b["generalization"]
+    assert b["bytes_total"] > a["bytes_total"]  # the generator travels
+    last = rows_of(conditioned)[-1]["evaluate"]
+    assert "art/personalized-test-acc" in last and "sketch/personalized-test-acc" not in last
+    assert b["personalization"] != a["personalization"]
+
+
+def test_a_site_predicts_with_its_own_prompt_and_the_signature_stays(runs):
+    """The site's folder holds its prompt (context + generated offset) and personal part, never the signature or the
+    generator; fedclip-predict on it reproduces the site's personalized accuracy."""
+    _, conditioned = runs
+    key = json.loads((conditioned / "run.json").read_text())["run_key"]
+    last = rows_of(conditioned)[-1]["evaluate"]
+    for client in ("art", "photo"):
+        site = conditioned.parent / "clients" / key / client
+        weights = load_file(site / "prompt_final.safetensors")
+        assert set(weights) == {CONTEXT, "personal/u", "personal/v"}
+        assert not torch.equal(weights[CONTEXT], load_file(conditioned / "prompt_final.safetensors")[CONTEXT])
+        clf = FedClipClassifier.from_run(site, which="final")
+        local = client_data(config_from_file(site / "config.yaml"), client, 0, torch.device("cpu"))
+        test = torch.as_tensor(local.split.test)
+        accuracy = (clf.logits(local.feats.image[test]).argmax(1) == local.feats.labels[test]).float().mean().item()
+        assert accuracy == pytest.approx(last[f"{client}/personalized-test-acc"], abs=1e-6)
+
+
+def test_a_site_restarted_mid_run_ends_as_the_run_uninterrupted(runs, tiny_clip, data, tmp_path):
+    """The signature, the personal part and the optimisers' moments come back from the site's files."""
+    _, conditioned = runs
+    overrides = (
+        f"{CONDITIONED} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds=3 training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
+    )
+    run_config = {"overrides": overrides}
+    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
+    [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
+    assert [r["evaluate"] for r in rows_of(restarted)] == [r["evaluate"] for r in rows_of(conditioned)]
