@@ -104,13 +104,16 @@ def screen_updates(
     max_norm_ratio: float | None,
     on_large_update: str,
 ) -> tuple[list[tuple[Message, Update]], MetricRecord]:
-    """The replies fit to aggregate, each with its decoded (maybe clipped) update, and their train metrics.
+    """The replies fit to aggregate, in client order, each with its decoded (maybe clipped) update, and their train
+    metrics.
 
     Each update is measured against `base(client)`, the weights it was trained from (base None: not
     known, no round was configured); the round's median norm needs 3 updates or more to be a reference.
     """
     accepted, metrics = [], MetricRecord()
-    for msg in replies:
+    # by client, not in the order replies arrived: the same updates always sum in the same order, so a seed gives the
+    # same global weights to the last bit however the network or Ray scheduled the clients
+    for msg in sorted(replies, key=lambda msg: (client_of(msg), msg.metadata.src_node_id)):
         node, client = msg.metadata.src_node_id, client_of(msg)
         state, reason = (
             (None, msg.error.reason) if msg.has_error() else checked_update(msg.content, template, transport_dtype)

@@ -57,6 +57,21 @@ def test_aggregate_train_weighting(weighting, expected):
     assert metrics["art/num-examples"] == 30 and metrics["photo/train-loss"] == 0.5
 
 
+def test_the_mean_is_the_same_to_the_bit_whatever_order_the_replies_arrive_in():
+    """Updates are summed in client order, so arrival order (the network's, Ray's) never moves the last bits (summed in
+    arrival order, these three differ in the last bits: the test fails without the sort)."""
+    rng = np.random.default_rng(0)
+    updates = {
+        node: {k: v + rng.normal(0, 10.0, v.shape).astype(np.float32) for k, v in adapter_arrays(node).items()}
+        for node in (1, 2, 3)
+    }
+    results = []
+    for order in ([1, 2, 3], [3, 1, 2], [2, 3, 1]):
+        arrays, _ = strategy("examples").aggregate_train(1, [train_reply(n, updates[n], 7 * n) for n in order])
+        results.append({k: v.numpy().tobytes() for k, v in arrays.items()})
+    assert results[0] == results[1] == results[2]
+
+
 def corrupt(kind: str) -> dict[str, np.ndarray]:
     bad = adapter_arrays(3)
     if kind == "missing key":
