@@ -12,12 +12,14 @@ from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
+from common import wire
 from common.config import config_from_file
 from common.features import encode_prompts
 from common.local_data import client_data
 from common.methods.conditioned_prompt import GENERATOR, ConditionedPrompt
 from common.methods.promptfl import CONTEXT
 from common.model import class_prompts, load_clip
+from common.transport import encode
 from predict import FedClipClassifier
 from server_app.app import app as server_app
 from tests.test_kept_state import RestartingGrid
@@ -103,3 +105,20 @@ def test_a_site_restarted_mid_run_ends_as_the_run_uninterrupted(runs, tiny_clip,
     server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
     [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
     assert [r["evaluate"] for r in rows_of(restarted)] == [r["evaluate"] for r in rows_of(conditioned)]
+
+
+def test_a_sites_generator_update_gives_the_server_its_image_signature(runs):
+    """What docs/security.md says the shared part reveals: the generator's gradient is an outer product with the site's
+    signature, so the leading right singular vector of one site's update of A is close to its signature (up to sign).
+    SecAgg+ leaves the server the mean over sites only."""
+    _, conditioned = runs
+    site_cfg = next((conditioned.parent / "clients").glob("*/art/config.yaml"))
+    local = client_data(config_from_file(site_cfg), "art", 0, torch.device("cpu"))
+    method = ConditionedPrompt(generator_lr=0.2)
+    sent = method.initial_weights(local.cfg, local.feats.image.shape[1])
+    content = RecordDict({wire.ARRAYS: encode(sent, "float32")})
+    trained, _ = method.train(local, content, RecordDict(), 1)
+    delta = trained[GENERATOR[0]] - sent[GENERATOR[0]]
+    leading = torch.linalg.svd(delta).Vh[0]
+    mean = torch.nn.functional.normalize(local.feats.image[local.split.train], dim=-1).mean(0)
+    assert abs(float(leading @ torch.nn.functional.normalize(mean, dim=0))) > 0.8  # 0.83 here; AdamW blurs it a little

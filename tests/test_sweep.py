@@ -245,3 +245,24 @@ def test_sweep_runs_promptfl_through_flwr_run(tmp_path, demo_cache, monkeypatch,
     assert (path.parent / "prompt_final.safetensors").is_file() and (path.parent / "prompt_best.safetensors").is_file()
     md = (out / "table.md").read_text()
     assert "| held out | promptfl |" in md and "| promptfl | 256 |" in md
+
+
+def test_sweep_runs_the_personal_and_two_tower_prompt_methods_through_flwr_run(tmp_path, demo_cache, monkeypatch):
+    """The prompt methods added after PromptFL in one sweep of real `flwr run` simulations (Ray): each run completes,
+    evaluates the held-out domain and reports each training domain's personalization."""
+    monkeypatch.setenv("FEDCLIP_CACHE", demo_cache)
+    out, methods = tmp_path / "sweep", ["personal_prompt", "conditioned_prompt", "two_tower_prompt"]
+    assert (
+        sweep_main(
+            [
+                f"dataset.domains=[photo,sketch,cartoon] training.rounds=1 sweep.methods=[{','.join(methods)}] "
+                f"sweep.held_out=[sketch] sweep.out_dir={out}"
+            ]
+        )
+        == 0
+    )
+    for method in methods:
+        [path] = run_dir(out, method, "sketch", 0).glob("*/summary.json")
+        summary = json.loads(path.read_text())
+        assert summary["method"] == method and summary["generalization"]["sketch"] is not None
+        assert all(summary["personalization"][d] is not None for d in ("photo", "cartoon"))
