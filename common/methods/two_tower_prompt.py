@@ -87,7 +87,7 @@ class TwoTowerPrompt(PromptFL):
         n_vision: int = 4,
         vision_first: int = 0,
         vision_depth: int = 1,
-        vision_lr: float = 1e-2,
+        vision_lr: float = 1e-3,
     ) -> None:
         super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs=0)
         if n_vision < 1:
