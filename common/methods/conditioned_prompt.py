@@ -44,7 +44,7 @@ class ConditionedPrompt(PersonalPrompt):
         class_residual: bool = False,
         personal_lr: float = 5e-2,
         generator_rank: int = 2,
-        generator_lr: float = 1e-2,
+        generator_lr: float = 2e-1,
     ) -> None:
         super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr)
         if generator_rank < 1:
