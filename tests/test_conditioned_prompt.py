@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 from safetensors.torch import load_file
 
-from client_app.app import app as client_app
 from common import wire
 from common.config import config_from_file
 from common.features import encode_prompts
@@ -20,9 +19,7 @@ from common.methods.conditioned_prompt import GENERATOR, ConditionedPrompt
 from common.methods.promptfl import CONTEXT
 from common.model import class_prompts, load_clip
 from common.transport import encode
-from predict import FedClipClassifier
-from server_app.app import app as server_app
-from tests.test_kept_state import RestartingGrid
+from tests.test_personal_prompt import restarted_rows, rows_of, site_weights
 from tests.test_predict import CLASSES, write_coloured_folder
 from tests.test_promptfl import run_promptfl
 
@@ -40,10 +37,6 @@ def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
     promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
     conditioned = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("conditioned"), method=CONDITIONED)
     return promptfl, conditioned
-
-
-def rows_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_an_untrained_generator_gives_zero_shot_clip_exactly(tiny_clip):
@@ -80,31 +73,15 @@ def test_a_site_predicts_with_its_own_prompt_and_the_signature_stays(runs):
     """The site's folder holds its prompt (context + generated offset) and personal part, never the signature or the
     generator; fedclip-predict on it reproduces the site's personalized accuracy."""
     _, conditioned = runs
-    key = json.loads((conditioned / "run.json").read_text())["run_key"]
-    last = rows_of(conditioned)[-1]["evaluate"]
-    for client in ("art", "photo"):
-        site = conditioned.parent / "clients" / key / client
-        weights = load_file(site / "prompt_final.safetensors")
+    for weights in site_weights(conditioned).values():
         assert set(weights) == {CONTEXT, "personal/u", "personal/v"}
         assert not torch.equal(weights[CONTEXT], load_file(conditioned / "prompt_final.safetensors")[CONTEXT])
-        clf = FedClipClassifier.from_run(site, which="final")
-        local = client_data(config_from_file(site / "config.yaml"), client, 0, torch.device("cpu"))
-        test = torch.as_tensor(local.split.test)
-        accuracy = (clf.logits(local.feats.image[test]).argmax(1) == local.feats.labels[test]).float().mean().item()
-        assert accuracy == pytest.approx(last[f"{client}/personalized-test-acc"], abs=1e-6)
 
 
 def test_a_site_restarted_mid_run_ends_as_the_run_uninterrupted(runs, tiny_clip, data, tmp_path):
     """The signature, the personal part and the optimisers' moments come back from the site's files."""
     _, conditioned = runs
-    overrides = (
-        f"{CONDITIONED} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
-        f"training.rounds=3 training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
-    )
-    run_config = {"overrides": overrides}
-    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
-    [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
-    assert [r["evaluate"] for r in rows_of(restarted)] == [r["evaluate"] for r in rows_of(conditioned)]
+    assert restarted_rows(CONDITIONED, tiny_clip, data, tmp_path) == [r["evaluate"] for r in rows_of(conditioned)]
 
 
 def test_a_sites_generator_update_gives_the_server_its_image_signature(runs):

@@ -74,37 +74,49 @@ def test_the_shared_context_is_promptfls_and_only_it_travels(runs):
     assert b["personalization"] != a["personalization"]
 
 
-def test_the_site_keeps_global_and_personal_and_predict_reproduces_its_personal_accuracy(runs, tiny_clip):
-    """After the run each training client's folder holds the final context and its personal part;
-    `fedclip-predict --run <that folder> --which final` scores its test split as its own evaluation did."""
-    _, personal = runs
-    key = json.loads((personal / "run.json").read_text())["run_key"]
-    last = rows_of(personal)[-1]["evaluate"]
+def site_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each training site's own weights after the run, checked: `fedclip-predict --run <its folder> --which final`
+    scores its test split as its own last evaluation did; the held-out site has none."""
+    key = json.loads((run / "run.json").read_text())["run_key"]
+    last, found = rows_of(run)[-1]["evaluate"], {}
     for client in ("art", "photo"):
-        site = personal.parent / "clients" / key / client
-        weights = load_file(site / "prompt_final.safetensors")
-        assert set(weights) == {CONTEXT, *(SITE_PREFIX + k for k in ("u", "v", "classes"))}
-        assert torch.equal(weights[CONTEXT], load_file(personal / "prompt_final.safetensors")[CONTEXT])
+        site = run.parent / "clients" / key / client
+        found[client] = load_file(site / "prompt_final.safetensors")
         clf = FedClipClassifier.from_run(site, which="final")
         local = client_data(config_from_file(site / "config.yaml"), client, 0, torch.device("cpu"))
         test = torch.as_tensor(local.split.test)
         accuracy = (clf.logits(local.feats.image[test]).argmax(1) == local.feats.labels[test]).float().mean().item()
         assert accuracy == pytest.approx(last[f"{client}/personalized-test-acc"], abs=1e-6)
-    assert not (personal.parent / "clients" / key / "sketch" / "prompt_final.safetensors").exists()
+    assert not (run.parent / "clients" / key / "sketch" / "prompt_final.safetensors").exists()
+    return found
+
+
+def test_the_site_keeps_global_and_personal_and_predict_reproduces_its_personal_accuracy(runs):
+    """After the run each training client's folder holds the final context and its personal part, which predict
+    reproduces."""
+    _, personal = runs
+    for weights in site_weights(personal).values():
+        assert set(weights) == {CONTEXT, *(SITE_PREFIX + k for k in ("u", "v", "classes"))}
+        assert torch.equal(weights[CONTEXT], load_file(personal / "prompt_final.safetensors")[CONTEXT])
+
+
+def restarted_rows(method: str, tiny_clip: Path, data: Path, tmp_path: Path) -> list[dict]:
+    """The evaluation rows of a 3-round run of `method` in which every SuperNode restarts before round 3."""
+    overrides = (
+        f"{method} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds=3 training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
+    )
+    run_config = {"overrides": overrides}
+    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
+    [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
+    return [r["evaluate"] for r in rows_of(restarted)]
 
 
 def test_a_site_restarted_mid_run_ends_as_the_run_uninterrupted(runs, tiny_clip, data, tmp_path):
     """The personal part and both optimisers' moments come back from the site's files after every SuperNode restarts
     before round 3."""
     _, personal = runs
-    overrides = (
-        f"{PERSONAL_METHOD} dataset=folder dataset.root={data} dataset.held_out=sketch model.name_or_path={tiny_clip} "
-        f"training.rounds=3 training.batch_size=8 cache_dir={tmp_path / 'cache'} output_dir={tmp_path / 'out'}"
-    )
-    run_config = {"overrides": overrides}
-    server_app(RestartingGrid(client_app, run_config, 3, restart_round=3), Context(1, 0, {}, RecordDict(), run_config))
-    [restarted] = (p.parent for p in (tmp_path / "out").glob("*/config.yaml"))
-    assert [r["evaluate"] for r in rows_of(restarted)] == [r["evaluate"] for r in rows_of(personal)]
+    assert restarted_rows(PERSONAL_METHOD, tiny_clip, data, tmp_path) == [r["evaluate"] for r in rows_of(personal)]
 
 
 def test_a_personal_part_of_another_shape_is_dropped_with_a_warning(runs, caplog):
