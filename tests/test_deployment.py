@@ -552,3 +552,37 @@ def test_the_other_prompt_methods_over_tls(nodes, method, sites_keep):
     key = json.loads((folder / "run.json").read_text())["run_key"]
     sites = {p.parent.name for p in (nodes.tmp / "outputs" / "clients" / key).glob("*/prompt_final.safetensors")}
     assert sites == ({d for d in DOMAINS if d != "sketch"} if sites_keep else set())
+
+
+RESTARTED = "photo"  # a training domain whose SuperNode restarts between a stop and the resume
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    """Each round's metrics as a run folder has them, without wall-clock times."""
+    rows = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        row = {k: v for k, v in json.loads(line).items() if k in ("round", "evaluate", "train")}
+        row["train"] = {k: v for k, v in row["train"].items() if not k.endswith("seconds")}
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("method", ["fedclip", "personal_prompt"])
+def test_a_run_resumed_after_a_site_restarted_ends_as_the_run_uninterrupted(nodes, method):
+    """2 rounds, then the photo SuperNode is killed and started again (a new process: Flower's state is gone, and the
+    resumed run is a new Flower run for every site), then `resume=` to round 3: every site restores what its client
+    kept (optimiser moments, the personal part) from its own folder, so every row equals the uninterrupted run's."""
+    _, uninterrupted = flwr_run(nodes, f"training.rounds=3 method={method}")
+    _, stopped = flwr_run(nodes, f"training.rounds=2 method={method}")
+    [old] = [n for n, proc in nodes.procs.items() if n.startswith(f"supernode-{RESTARTED}-") and proc.poll() is None]
+    nodes.kill(old)
+    # the SuperLink takes a node for offline 2 heartbeats (60 s) after its last; one started before is refused
+    nodes.wait_for(lambda: nodes.online_nodes() == len(DOMAINS) - 1, 180, f"the old {RESTARTED} SuperNode offline")
+    index = len(nodes.procs) + 1
+    nodes.start_supernode(index, RESTARTED)
+    new = f"supernode-{RESTARTED}-{index}"
+    nodes.wait_for(lambda: "SuperNode ID" in nodes.log(new), 120, f"the restarted {RESTARTED} SuperNode")
+    log, resumed = flwr_run(nodes, f"training.rounds=3 method={method} resume={stopped}")
+    assert f"resumed from {stopped} after round 2" in log
+    assert "Receiving: train message" in nodes.log(new)  # the new process trained round 3
+    assert metric_rows(resumed) == metric_rows(uninterrupted)
