@@ -76,7 +76,8 @@ class ConditionedPrompt(PersonalPrompt):
         received = decode(content[wire.ARRAYS])
         rows = torch.as_tensor(local.split.train)
         feats = local.feats
-        state[SIGNATURE] = ArrayRecord({"mean": F.normalize(F.normalize(feats.image[rows], dim=-1).mean(0), dim=0)})
+        mean = F.normalize(feats.image[rows], dim=-1).mean(0) if len(rows) else torch.zeros(feats.image.shape[1])
+        state[SIGNATURE] = ArrayRecord({"mean": F.normalize(mean, dim=0)})  # no training image: no offset
         text = self._text(local)
         device = text.ids.device
         ctx, signature = received[CONTEXT].to(device), state[SIGNATURE].to_torch_state_dict()["mean"].to(device)
