@@ -77,10 +77,11 @@ class ConditionedPrompt(PersonalPrompt):
         rows = torch.as_tensor(local.split.train)
         feats = local.feats
         mean = F.normalize(feats.image[rows], dim=-1).mean(0) if len(rows) else torch.zeros(feats.image.shape[1])
-        state[SIGNATURE] = ArrayRecord({"mean": F.normalize(mean, dim=0)})  # no training image: no offset
+        signature = F.normalize(mean, dim=0)  # no training image: zeros, no offset
+        state[SIGNATURE] = ArrayRecord({"mean": signature})
         text = self._text(local)
         device = text.ids.device
-        ctx, signature = received[CONTEXT].to(device), state[SIGNATURE].to_torch_state_dict()["mean"].to(device)
+        ctx, signature = received[CONTEXT].to(device), signature.to(device)
         generator = {k: received[k].to(device).requires_grad_(True) for k in GENERATOR}
         optimizer = torch.optim.AdamW(
             generator.values(), lr=self.generator_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
