@@ -27,10 +27,12 @@ import json, sys, time
 t0, c0 = time.time(), time.process_time()
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from client_app.app import app
+from common.fingerprint import app_code_fingerprint
 from common.model import AttentionAdapter
 t1, c1 = time.time(), time.process_time()
 domain, kind, run_config = sys.argv[1], sys.argv[2], sys.stdin.read()
-config = ConfigRecord({"run-config": run_config, "server-round": 2, "evaluate-round": 1, "zero-shot": False})
+config = {"run-config": run_config, "app-code": app_code_fingerprint(), "server-round": 2, "evaluate-round": 1}
+config = ConfigRecord({**config, "zero-shot": False})
 message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
 arrays = ArrayRecord(AttentionAdapter(64).state_dict())
 message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=message_type)

@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 
 from common import wire
 from common.config import ConfigError, config_from_message, load_config, message_config
+from common.fingerprint import app_code_fingerprint
 from common.transport import encode
 
 SECRET_ENV = "FEDCLIP_FUZZ_SECRET"
@@ -186,7 +187,9 @@ class Site:
 
     def query(self, run_config: object) -> Message:
         return Message(
-            RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}),
+            RecordDict(
+                {wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config, wire.APP_CODE: app_code_fingerprint()})}
+            ),
             dst_node_id=7,
             message_type=MessageType.QUERY,
         )
@@ -194,7 +197,9 @@ class Site:
     def train(self, arrays: ArrayRecord | None = None, config: dict | None = None) -> Message:
         records = {
             wire.CONFIG: ConfigRecord(
-                config if config is not None else {wire.RUN_CONFIG: self.run_config, wire.SERVER_ROUND: 1}
+                config
+                if config is not None
+                else {wire.RUN_CONFIG: self.run_config, wire.APP_CODE: app_code_fingerprint(), wire.SERVER_ROUND: 1}
             )
         }
         records[wire.ARRAYS] = arrays if arrays is not None else encode(self.adapter, "float32")
@@ -403,7 +408,11 @@ def hostile_messages(draw, site: Site) -> tuple[str, Message]:
     config_kind = draw(
         st.sampled_from(["good", "round", "unknown-key", "missing-run-config", "huge-string", "not-json", "wrong-type"])
     )
-    config: dict = {wire.RUN_CONFIG: site.run_config, wire.SERVER_ROUND: draw(st.integers(-3, 10**6))}
+    config: dict = {
+        wire.RUN_CONFIG: site.run_config,
+        wire.APP_CODE: app_code_fingerprint(),
+        wire.SERVER_ROUND: draw(st.integers(-3, 10**6)),
+    }
     if config_kind == "round":
         config[wire.SERVER_ROUND] = draw(st.one_of(st.text(max_size=5), st.floats(allow_nan=True), st.booleans()))
     elif config_kind == "unknown-key":

@@ -52,6 +52,15 @@ def _unusable(message: Message, err: NodeUnusable) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=message)
 
 
+def _local(message: Message, context: Context) -> tuple[LocalData, int]:
+    """The node's local data, and the images that building it encoded now (0 when kept or cached): counted in the reply
+    to whichever message found them missing (under Ray, a client's query and its training may run in different
+    processes, on different machines)."""
+    before = images_encoded()
+    local = local_data(message, context)
+    return local, images_encoded() - before
+
+
 def _reply(message: Message, local: LocalData, records: dict) -> Message:
     info = ConfigRecord({"domain": local.domain, "client": local.client, "classes": local.images.classes})
     return Message(content=RecordDict({**records, wire.INFO: info}), reply_to=message)
@@ -63,9 +72,8 @@ def query(message: Message, context: Context) -> Message:
 
     A node with no client in this run says so (`idle`), and the server leaves it alone.
     """
-    before = images_encoded()
     try:
-        local = local_data(message, context)
+        local, encoded = _local(message, context)
     except NoClient as idle:
         return Message(
             content=RecordDict({wire.INFO: ConfigRecord({"idle": f"no data in this run: {idle}"})}), reply_to=message
@@ -79,7 +87,7 @@ def query(message: Message, context: Context) -> Message:
         wire.NUM_TRAIN: len(local.split.train),
         "num-val": len(local.split.val),
         "num-test": len(local.split.test),
-        wire.IMAGES_ENCODED: images_encoded() - before,  # 0 when the features came from the cache
+        wire.IMAGES_ENCODED: encoded,
     }
     reply = _reply(message, local, {wire.METRICS: MetricRecord(metrics)})
     reply.content[wire.INFO]["model-fingerprint"] = model_files_fingerprint(
@@ -97,7 +105,7 @@ def train(message: Message, context: Context) -> Message:
     along: one exchange per round.
     """
     try:
-        local = local_data(message, context)
+        local, encoded = _local(message, context)
     except NodeUnusable as err:
         return _unusable(message, err)
     if local.held_out:
@@ -121,6 +129,7 @@ def train(message: Message, context: Context) -> Message:
     metrics = {
         **metrics,
         "train-seconds": time.time() - t0,
+        wire.IMAGES_ENCODED: int(metrics.get(wire.IMAGES_ENCODED, 0)) + encoded,
         **{wire.EVALUATION_PREFIX + name: value for name, value in evaluation.items()},
     }
     arrays = encode(trained, local.cfg.strategy.transport_dtype)
@@ -132,7 +141,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluation only: the held-out nodes, clients that do not train this round, and the run's last evaluation,
     after which a client with weights of its own writes them to the site's folder."""
     try:
-        local = local_data(message, context)
+        local, encoded = _local(message, context)
     except NodeUnusable as err:
         return _unusable(message, err)
     method, config = method_of(message), message.content[wire.CONFIG]
@@ -141,6 +150,7 @@ def evaluate(message: Message, context: Context) -> Message:
     metrics = method.evaluate(
         local, message.content, context.state, server_round, bool(config.get(wire.ZERO_SHOT, False))
     )
+    metrics[wire.IMAGES_ENCODED] = int(metrics.get(wire.IMAGES_ENCODED, 0)) + encoded
     last = server_round == int(local.cfg.training.rounds) and not local.held_out
     if key is not None and last and (weights := method.site_weights(message.content, context.state)) is not None:
         kept_state.save_site_weights(local, key, method.weights_name, weights)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import wire
 from common.config import CONF_DIR, MACHINE_ENV, config_from_message, select_device
 from common.data import dataset_domains
+from common.fingerprint import APP_ROOT, app_code_fingerprint
 from common.local_data import LocalData, client_data
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,18 @@ def without_site_values(text: str, node_config: Mapping) -> str:
     return text
 
 
+def refuse_other_code(run_code: object) -> None:
+    """NodeUnusable unless the run's code (the server's hash of it) is this node's: a Ray worker imports the app
+    installed on its machine, not the run's FAB, and a different version would train something else silently."""
+    own = app_code_fingerprint()
+    if run_code != own:
+        raise NodeUnusable(
+            f"this node's app code ({own[:12]}, {APP_ROOT}) is not the run's ({str(run_code)[:12]}): install the "
+            "run's version of the app on this node (on a Ray cluster, on every node the same as where `flwr run` "
+            "starts, docs/scale.md)"
+        )
+
+
 def local_data(message: Message, context: Context) -> LocalData:
     """This node's client for the message's run: built on the first message, then reused.
 
@@ -129,6 +142,7 @@ def local_data(message: Message, context: Context) -> LocalData:
             "the message carries no 'run-config': the ServerApp of this run is not FedCLIP's, or older than this "
             "ClientApp"
         )
+    refuse_other_code(message.content[wire.CONFIG].get(wire.APP_CODE))
     run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
     key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
     local = _LOCAL.get(key)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from common.files import save_tensors
 from common.fingerprint import model_files_fingerprint
-from common.model import class_prompts, load_clip
+from common.model import class_prompts, shared_clip
 from common.sources import ImageSource
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ def domain_features(
 ) -> DomainFeatures:
     """A client's frozen features from memory, else from the disk cache, else encoded (and cached)."""
     prompts = class_prompts(images.classes, prompt)
-    key = features_key(model_files_fingerprint(name_or_path, cache_dir), images, prompts, dtype)
+    fingerprint = model_files_fingerprint(name_or_path, cache_dir)
+    key = features_key(fingerprint, images, prompts, dtype)
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
@@ -271,9 +272,8 @@ def domain_features(
         log.debug("[%s] reusing cached features of %d images (%s)", images.domain, len(feats.labels), path)
     else:
         log.info("[%s] encoding %d images once with the frozen CLIP on %s", images.domain, len(images), device)
-        model, processor = load_clip(name_or_path, device, getattr(torch, dtype))
+        model, processor = shared_clip(name_or_path, fingerprint, device, getattr(torch, dtype))
         feats = encode_domain(model, processor, images, prompts, device, batch_size)
-        del model
         _save_cached(
             path, feats, {"domain": images.domain, "model": name_or_path, "prompts": prompts, "skipped": feats.skipped}
         )

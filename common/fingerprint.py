@@ -1,11 +1,14 @@
-"""Which CLIP a node holds: a hash of its files' contents, the same on every machine that has the same files.
+"""Which CLIP a node holds, and which version of the app's code it runs: hashes of file contents, the same on every
+machine that has the same files.
 
-The server compares the nodes' fingerprints at discovery, predict refuses a CLIP other than its run's, and the feature
-cache is keyed by it. File hashes are memoised in the process and, with a cache folder, on disk.
+The server compares the nodes' CLIP fingerprints at discovery, predict refuses a CLIP other than its run's, and the
+feature cache is keyed by it. File hashes are memoised in the process and, with a cache folder, on disk. A client
+refuses a run whose code differs from its own (app_code_fingerprint): a Ray worker imports whatever is installed on it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +21,8 @@ from common.model import model_unavailable
 
 log = logging.getLogger(__name__)
 
+APP_ROOT = Path(__file__).resolve().parent.parent
+CLIENT_CODE = ("client_app", "common", "conf")  # what a ClientApp runs: the FAB's packages less the server's
 _MODEL_DIRS: dict[str, Path] = {}
 _FILE_HASHES: dict[str, str] = {}
 
@@ -74,4 +79,20 @@ def model_files_fingerprint(name_or_path: str, cache_dir: Path | None = None) ->
             os.replace(tmp, memo)
         except OSError as err:  # the memo only saves time
             log.warning("could not write %s: %s", memo, err)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def app_code_fingerprint() -> str:
+    """A hash of the code a ClientApp runs: the .py and .yaml files of CLIENT_CODE by their path in the app, as the FAB
+    holds them. The server sends its own with every message; a node whose code differs runs another version."""
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(
+        path
+        for folder in CLIENT_CODE
+        for path in (APP_ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts and path.is_file()
+    )
+    for path in files:
+        h.update(path.relative_to(APP_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from common.data import dataset_domains
 from common.features import DomainFeatures, domain_features
-from common.model import load_clip, model_name_or_path
+from common.fingerprint import model_files_fingerprint
+from common.model import model_name_or_path, shared_clip
 from common.partition import DomainSplit, client_images, client_name, split_domain
 from common.sources import DomainFolder, ImageSource
 
@@ -32,7 +33,6 @@ class LocalData:
     device: torch.device
     folders: dict[Path, int] = field(default_factory=dict)  # the image folders and their mtimes when built
     pooled: tuple[DomainFeatures, torch.Tensor] | None = None  # method=centralized: every training client's train split
-    clip: tuple | None = None  # this node's CLIP (model, processor) for the methods that run it (clip_model)
     computed: dict = field(default_factory=dict)  # what a method computes once from these images (its own keys)
 
     @property
@@ -44,11 +44,10 @@ class LocalData:
         return any(_mtime(folder) != mtime for folder, mtime in self.folders.items())
 
     def clip_model(self) -> tuple:
-        """This node's CLIP (model, processor), loaded once, for methods that run it: fedavg's image encoder,
-        promptfl's text tower."""
-        if self.clip is None:
-            self.clip = load_clip(model_name_or_path(self.cfg), self.device)
-        return self.clip
+        """The process's frozen CLIP (model, processor), for methods that run it (promptfl's text tower, two_tower's
+        image layers): one for every client the process serves (common/model.shared_clip)."""
+        name = model_name_or_path(self.cfg)
+        return shared_clip(name, model_files_fingerprint(name, self.cfg.cache_dir), self.device)
 
     def generator(self, server_round: int, purpose: str) -> torch.Generator:
         """A seeded generator per client, round and purpose, so runs repeat exactly."""

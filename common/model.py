@@ -80,6 +80,22 @@ def model_name_or_path(cfg: DictConfig) -> str:
     return str(cfg.model.name_or_path)
 
 
+_SHARED: dict[tuple[str, str, str, str], tuple] = {}
+SHARED_KEPT = 2  # CLIPs a process keeps: the run's, in the dtype it encodes in and the one its methods run
+
+
+def shared_clip(name_or_path: str, fingerprint: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The process's frozen CLIP (model, processor), loaded once however many clients the process serves (a Ray actor
+    serves many): keyed by the files' fingerprint, so changed files load again. Never change its weights: a method that
+    trains CLIP's own (fedavg) loads a CLIP of its own."""
+    key = (name_or_path, fingerprint, str(device), str(dtype))
+    if key not in _SHARED:
+        while len(_SHARED) >= SHARED_KEPT:
+            _SHARED.pop(next(iter(_SHARED)))  # the oldest
+        _SHARED[key] = load_clip(name_or_path, device, dtype)
+    return _SHARED[key]
+
+
 def load_clip(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """A frozen CLIPModel and its CLIPProcessor, from a hub id or a local folder.
 

@@ -95,6 +95,7 @@ class Strategy:
     server_betas: list[float] = MISSING
     server_tau: float = MISSING
     min_train_nodes: int = MISSING
+    min_train_fraction: float = MISSING
     min_available_nodes: int = MISSING
     round_timeout: float = MISSING
     fraction_train: float = MISSING

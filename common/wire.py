@@ -9,6 +9,9 @@ INFO = "info"  # which client a node holds: domain, client name, classes, the CL
 # Keys of the config record
 RUN_CONFIG = "run-config"  # the run's resolved configuration as YAML: a client never composes Hydra
 SERVER_ROUND = "server-round"
+APP_CODE = (
+    "app-code"  # the hash of the code a client runs (common/fingerprint.app_code_fingerprint), as the server has it
+)
 RUN_KEY = (
     "run-key"  # the app's run, across resumes: names what a client keeps between rounds (client_app/kept_state.py)
 )

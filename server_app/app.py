@@ -11,10 +11,10 @@ from common import wire
 from common.config import load_config, message_config, setup_logging
 from common.methods.base import load_method
 from server_app.checkpoint import resume_run
-from server_app.federation import Federation
+from server_app.federation import Federation, FederationError
 from server_app.options import refuse_options
 from server_app.privacy import with_privacy
-from server_app.report import RunReport
+from server_app.report import RunReport, write_failed_run
 from server_app.rounds import run_rounds
 from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy
@@ -34,7 +34,11 @@ def main(grid: Grid, context: Context) -> None:
     method = load_method(cfg)
     refuse_options(cfg, method)  # every option combination that cannot work stops here (server_app/options.py)
     optimizer = ServerOptimizer.from_config(cfg.strategy)
-    federation = Federation(grid, cfg, run_config)
+    try:
+        federation = Federation(grid, cfg, run_config)
+    except FederationError as err:  # the user still gets a run folder that says why
+        write_failed_run(cfg, err, {"discovery": err.failed} if err.failed else {})
+        raise
 
     weights = method.initial_weights(cfg, federation.feature_dim)
     arrays = ArrayRecord(weights)
@@ -61,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         arrays, first_round = resume_run(cfg.resume, report, arrays, optimizer, strategy) if cfg.resume else (arrays, 1)
         final = run_rounds(grid, context, cfg, federation, strategy, report, optimizer, arrays, first_round, last_round)
-    except BaseException:  # the plot of the rounds so far; the MLflow run is marked FAILED rather than left running
-        report.abort()
+    except BaseException as err:  # summary.json says why; the MLflow run is marked FAILED rather than left running
+        report.abort(err)
         raise
     report.finish(final)

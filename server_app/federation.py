@@ -17,7 +17,9 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from common import wire
+from common.fingerprint import app_code_fingerprint
 from server_app import screening
+from server_app.report import last_line
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,12 @@ class FederationError(Exception):
 
     Not a RuntimeError: Flower 1.28's `flwr-serverapp` reports a RuntimeError from the ServerApp only as
     "Failed to start run" (exit code 203) and drops its message; any other exception is logged with it.
+    `failed`: the nodes whose discovery answer failed, and why (summary.json records them).
     """
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed or {}
 
 
 # the server asks the SuperLink for replies after 2 ms, then twice as long each time, at most every 50 ms
@@ -77,7 +84,13 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, node_clien
 
 
 def query_nodes(
-    grid: Grid, cfg: DictConfig, node_ids: list[int], run_config: str, idle: set[int], refused: dict[int, str]
+    grid: Grid,
+    cfg: DictConfig,
+    node_ids: list[int],
+    run_config: str,
+    idle: set[int],
+    refused: dict[int, str],
+    failed: dict[str, str] | None = None,
 ) -> list[tuple[int, str, str, list[str], MetricRecord, str]]:
     """Ask nodes which client (domain, or share of one), classes and CLIP (its files' fingerprint) they hold;
     malformed answers and
@@ -86,18 +99,25 @@ def query_nodes(
     A node that holds no client of the run (more SuperNodes than clients) is logged once and added to `idle`; one
     whose site
     refused to run this app (its warm ClientApp checks the app's hash, gate/pinning.py) is logged with its reason and
-    added to `refused`: it is not asked again during the run.
+    added to `refused`: it is not asked again during the run. A node that failed to answer (an error, a malformed
+    answer, no answer) is added to `failed` ("node <id>" -> why).
     """
     queries = [
         Message(
-            RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}),
+            RecordDict(
+                {wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config, wire.APP_CODE: app_code_fingerprint()})}
+            ),
             dst_node_id=n,
             message_type=MessageType.QUERY,
         )
         for n in node_ids
     ]
     answers, left_out = [], {}
-    for reply in exchange(grid, queries, cfg.strategy.round_timeout, {}):
+    replies = exchange(grid, queries, cfg.strategy.round_timeout, {})
+    if failed is not None:  # exchange logged them
+        for node in sorted(set(node_ids) - {r.metadata.src_node_id for r in replies}):
+            failed[f"node {node}"] = "no answer: the node was lost or did not answer in time"
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB:
             refused[node] = reply.error.reason
@@ -126,6 +146,8 @@ def query_nodes(
         reason,
         nodes,
     ) in left_out.items():  # nodes that failed alike (a wrong data folder, say) make one line, not one each
+        if failed is not None:
+            failed.update({f"node {node}": reason for node in sorted(nodes)})
         log.error(
             "%s left out: %s",
             f"node {nodes[0]}" if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(map(str, sorted(nodes)))})",
@@ -170,8 +192,10 @@ def discover_nodes(
         log.info("waiting for nodes: %d connected, %d expected", len(node_ids), expected)
         time.sleep(2)
     log.info("asking %d node(s) for their data; each encodes its images once with the frozen CLIP", len(node_ids))
-    node_domains, node_clients, info, federation_classes, fingerprints = {}, {}, {}, None, {}
-    for node, domain, client, classes, m, fingerprint in query_nodes(grid, cfg, node_ids, run_config, idle, refused):
+    node_domains, node_clients, info, federation_classes, fingerprints, failed = {}, {}, {}, None, {}, {}
+    for node, domain, client, classes, m, fingerprint in query_nodes(
+        grid, cfg, node_ids, run_config, idle, refused, failed
+    ):
         if not _accept(node, client, classes, node_clients, federation_classes):
             continue
         node_domains[node], node_clients[node], info[client], federation_classes, fingerprints[client] = (
@@ -202,7 +226,17 @@ def discover_nodes(
             )
         raise FederationError(
             f"no node holds a training domain (nodes answered with {sorted(info)}); nothing can train. Why each node "
-            "was left out is logged above, once for the nodes that failed alike"
+            "was left out is logged above, once for the nodes that failed alike",
+            failed,
+        )
+    fraction = float(cfg.strategy.min_train_fraction)
+    if len(node_ids) - len(failed) < fraction * len(node_ids):
+        first = next(iter(failed))
+        raise FederationError(
+            f"{len(failed)} of {len(node_ids)} node(s) failed to answer discovery "
+            f"({first}: {last_line(failed[first])}), fewer than strategy.min_train_fraction={fraction:g} of them "
+            "answered: the run stops. Every failure is logged above",
+            failed,
         )
     if cfg.dataset.held_out not in node_domains.values():
         log.warning("no node holds the held-out domain %r: generalization is not measured", cfg.dataset.held_out)

@@ -53,6 +53,8 @@ def refuse_options(cfg: DictConfig, method: Method) -> None:
         transport_dtype=options.transport_dtype,
         secagg=secagg,
     )
+    if not 0 <= options.min_train_fraction <= 1:
+        raise ValueError(f"strategy.min_train_fraction must be in [0, 1], got {options.min_train_fraction}")
     if cfg.selection not in SELECTIONS:
         raise ValueError(f"selection={cfg.selection!r}: choose one of {', '.join(SELECTIONS)}")
 

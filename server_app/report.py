@@ -42,6 +42,33 @@ log = logging.getLogger(__name__)
 PLOT_FILE = "accuracy.png"
 
 
+def last_line(reason: str) -> str:
+    """An error's last line (a traceback's: the exception and its message), for a log line."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else reason
+
+
+def write_failed_summary(folder: Path, error: BaseException, failed: dict[str, dict[str, str]], rounds: int) -> None:
+    """summary.json of a run that stopped on an error: the error, the clients that failed by round, the rounds done."""
+    summary = {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "failed_clients": failed,
+        "rounds": rounds,
+        "run_folder": str(folder),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_failed_run(cfg: DictConfig, error: BaseException, failed: dict[str, dict[str, str]]) -> Path:
+    """A run folder for a run that stopped before its first round (discovery): its configuration and summary.json."""
+    folder = new_folder(Path(cfg.output_dir).expanduser().resolve(), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    OmegaConf.save(cfg, folder / "config.yaml")
+    write_failed_summary(folder, error, failed, 0)
+    log.error("the run stopped before its first round; summary: %s", folder / "summary.json")
+    return folder
+
+
 class RunReport:
     """Collects each round's metrics and traffic, prints the table row, and keeps the best round's weights.
 
@@ -75,6 +102,7 @@ class RunReport:
         self.run_info = {"classes": classes, "model_fingerprint": model_fingerprint or None}
         self.write_run_info()
         self.rows: list[dict] = []
+        self.failed: dict[str, dict[str, str]] = {}  # exchange ("3", "last evaluation") -> client -> why it failed
         self.selection = RoundSelection(self.scores, cfg.selection)  # the others are in summary.json too
         self.start = time.time()
         self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
@@ -147,6 +175,18 @@ class RunReport:
         if server_round > 0 and self.selection.choose(row) and arrays is not None and self.weights_name:
             save_weights(arrays, self.dir, self.weights_name, "best", server_round, self.method)
 
+    def add_failures(self, exchange: str, failed: dict[str, str]) -> None:
+        """Log the clients that failed in a round's exchange, one line for those that failed alike, and keep them
+        for summary.json."""
+        if not failed:
+            return
+        self.failed[exchange] = failed
+        alike: dict[str, list[str]] = {}
+        for client, reason in sorted(failed.items()):
+            alike.setdefault(last_line(reason), []).append(client)
+        for reason, clients in alike.items():
+            log.error("round %s: %s failed: %s", exchange, ", ".join(clients), reason)
+
     def personalization(self, best: dict, zero_shot: dict) -> tuple[set[str], dict[str, float | None], float | None]:
         """Each training domain's test accuracy at a round, and zero-shot's mean, on the same clients: those evaluated
         both at that round and at round 0."""
@@ -210,6 +250,7 @@ class RunReport:
             mean(r["bytes_up_per_client"] for r in trained) or 0,
         )
         summary = {
+            "status": "completed",
             "method": self.method,
             "seed": self.cfg.seed,
             "held_out": self.held_out,
@@ -226,6 +267,7 @@ class RunReport:
                 rule: self.outcome(self.selection.chosen.get(rule, zero_shot), zero_shot) for rule in SELECTIONS
             },
             "incomplete_rounds": incomplete,
+            "failed_clients": self.failed,
             "rounds": len(trained),
             "wall_seconds": time.time() - self.start,
             "seconds_per_round": mean(r["seconds"] for r in trained),
@@ -286,11 +328,13 @@ class RunReport:
         weights = [weights_path(self.dir, self.weights_name, which) for which in KEPT] if self.weights_name else []
         return [*weights, *(self.dir / name for name in ("run.json", "config.yaml", "metrics.csv", "summary.json"))]
 
-    def abort(self) -> None:
-        """A run that stopped on an error: the plot of its rounds so far, and its MLflow run marked FAILED."""
+    def abort(self, error: BaseException) -> None:
+        """A run that stopped on an error: summary.json says so and why, the plot of its rounds so far, and its MLflow
+        run marked FAILED."""
+        write_failed_summary(self.dir, error, self.failed, max(len(self.rows) - 1, 0))
         try:
             files = [self.plot()] if self.rows else []
         except Exception as err:  # noqa: BLE001 - the error that stopped the run is the one to see
             log.warning("could not draw %s: %s", PLOT_FILE, err)
             files = []
-        self.tracking.finish({}, files, "FAILED")
+        self.tracking.finish({}, [*files, self.dir / "summary.json"], "FAILED")

@@ -19,9 +19,10 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from common import wire
+from common.fingerprint import app_code_fingerprint
 from server_app.checkpoint import save_checkpoint
-from server_app.federation import Federation
-from server_app.report import RunReport
+from server_app.federation import Federation, FederationError
+from server_app.report import RunReport, last_line
 from server_app.secagg import secure_exchange
 from server_app.server_optimizer import ServerOptimizer
 from server_app.strategy import FedClipStrategy
@@ -53,6 +54,37 @@ def split_replies(sent: list[Message], replies: list[Message]) -> tuple[list[Mes
     )
 
 
+def failed_clients(sent: list[Message], replies: list[Message], node_clients: dict[int, str]) -> dict[str, str]:
+    """The clients of an exchange that failed, and why: an error reply's reason (an exception, an import error in the
+    ClientApp), or no reply (its node was lost, or did not answer in time)."""
+    answered = {r.metadata.reply_to_message_id: r for r in replies}
+    failed = {}
+    for msg in sent:
+        node = msg.metadata.dst_node_id
+        reply = answered.get(msg.metadata.message_id)
+        if reply is None:
+            failed[node_clients.get(node, f"node {node}")] = "no reply: its node was lost or did not answer in time"
+        elif reply.has_error():
+            failed[node_clients.get(node, f"node {node}")] = reply.error.reason
+    return failed
+
+
+def stop_if_too_few_trained(
+    server_round: int, train: list[Message], failed: dict[str, str], cfg: DictConfig, node_clients: dict[int, str]
+) -> None:
+    """Stop the run (FederationError) when fewer than strategy.min_train_fraction of a round's training clients
+    replied without an error: a run that trains on what is left would report numbers of a federation it is not."""
+    training = {node_clients.get(m.metadata.dst_node_id) for m in train}
+    lost = sorted(c for c in failed if c in training)
+    fraction = float(cfg.strategy.min_train_fraction)
+    if len(training) - len(lost) < fraction * len(training):
+        raise FederationError(
+            f"round {server_round}: {len(lost)} of {len(training)} training clients failed ({', '.join(lost)}; "
+            f"{lost[0]}: {last_line(failed[lost[0]])}), fewer than strategy.min_train_fraction={fraction:g} of them "
+            "trained: the run stops. Every failure is in the log above and in summary.json's failed_clients"
+        )
+
+
 def run_rounds(
     grid: Grid,
     context: Context,
@@ -72,7 +104,11 @@ def run_rounds(
     resumed run).
     """
     trained = None if report.rows else Trained(first_round - 1, arrays, MetricRecord(), time.time())
-    config = {wire.RUN_CONFIG: federation.run_config, wire.RUN_KEY: report.run_key}
+    config = {
+        wire.RUN_CONFIG: federation.run_config,
+        wire.RUN_KEY: report.run_key,
+        wire.APP_CODE: app_code_fingerprint(),
+    }
     for server_round in range(first_round, last_round + 2):
         started, final = time.time(), server_round > last_round
         federation.refresh()
@@ -101,6 +137,8 @@ def run_rounds(
         else:
             sent, replies, mean_update = train + evaluate, federation.exchange(train + evaluate), None
         train_replies, eval_replies = split_replies(sent, replies)
+        failed = failed_clients(sent, replies, federation.node_clients)
+        report.add_failures("last evaluation" if final else str(server_round), failed)
         if final:  # the last evaluation's exchange belongs to the last round's row
             report.traffic.count(federation.node_clients, sent, replies)
         if trained:
@@ -111,6 +149,7 @@ def run_rounds(
             save_checkpoint(report, trained.arrays, optimizer, strategy.checkpoint_state())
         if final:
             break
+        stop_if_too_few_trained(server_round, train, failed, cfg, federation.node_clients)
         report.traffic.count(federation.node_clients, sent, replies)
         if secure:
             new_arrays, train_metrics = strategy.aggregate_secure(server_round, train_replies, mean_update)

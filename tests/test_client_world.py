@@ -11,6 +11,7 @@ from PIL import Image
 import client_app.node as client
 from client_app.app import app as client_app
 from common.config import load_config, message_config
+from common.fingerprint import app_code_fingerprint
 from common.model import AttentionAdapter
 from server_app.app import app as server_app
 from tests.conftest import write_image_folder
@@ -34,7 +35,13 @@ def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
 
 def message(run_config: str, server_round: int = 1, message_type: str = MessageType.TRAIN) -> Message:
     config = ConfigRecord(
-        {"run-config": run_config, "server-round": server_round, "evaluate-round": server_round - 1, "zero-shot": False}
+        {
+            "run-config": run_config,
+            "app-code": app_code_fingerprint(),
+            "server-round": server_round,
+            "evaluate-round": server_round - 1,
+            "zero-shot": False,
+        }
     )
     msg = Message(
         RecordDict({"arrays": ArrayRecord(AttentionAdapter(24).state_dict()), "config": config}),
@@ -99,3 +106,86 @@ def test_more_supernodes_than_clients_is_a_clean_run(tiny_clip, tmp_path, caplog
     assert json.loads(summary.read_text())["rounds"] == 2
     assert caplog.text.count("is idle: no data in this run") == 2  # nodes 103 and 104, once each
     assert "Traceback" not in caplog.text and "query failed" not in caplog.text
+
+
+def test_the_images_a_message_encodes_are_counted_in_its_own_reply(setup, tmp_path, monkeypatch):
+    """Under Ray a client's query and its training may run in different processes, each encoding the client's images:
+    each reply counts what its own process encoded (a train reply used to say 0, and the run's total was half the
+    truth)."""
+    from common import features
+
+    run_config, _ = setup
+    query = message(run_config, 0, MessageType.QUERY)
+    encoded = client_app(query, context()).content["metrics"]["images-encoded"]
+    assert encoded == 3 * 5  # photo: 3 classes x 5 images
+    assert client_app(message(run_config, 1), context()).content["metrics"]["images-encoded"] == 0  # kept in memory
+    monkeypatch.setattr(client, "_LOCAL", {})  # another process, on another machine: nothing kept, no disk cache
+    monkeypatch.setattr(features, "_MEMORY", {})
+    for entry in (tmp_path / "cache").rglob("*"):
+        if entry.is_file() and entry.suffix != ".json":
+            entry.unlink()
+    reply = client_app(message(run_config, 2), context())
+    assert reply.content["metrics"]["images-encoded"] == encoded
+    evaluation = client_app(message(run_config, 3, MessageType.EVALUATE), context(run_id=2))
+    assert evaluation.content["metrics"]["images-encoded"] == 0  # the features on disk again
+
+
+@pytest.mark.parametrize("code", ["0" * 32, None])
+def test_a_node_whose_app_code_is_not_the_runs_refuses_it(setup, code):
+    """A Ray worker imports the app installed on its machine, not the run's: another version (or a server that does not
+    say its version) is refused with both hashes and what to do, never run."""
+    run_config, builds = setup
+    msg = message(run_config)
+    if code is None:
+        del msg.content["config"]["app-code"]
+    else:
+        msg.content["config"]["app-code"] = code
+    reply = client_app(msg, context())
+    assert reply.has_error() and not builds
+    assert f"this node's app code ({app_code_fingerprint()[:12]}" in reply.error.reason
+    assert f"is not the run's ({str(code)[:12]}): install the run's version" in reply.error.reason
+
+
+def test_the_app_code_fingerprint_follows_every_client_file_and_nothing_else(tmp_path, monkeypatch):
+    from common import fingerprint
+
+    for folder in ("client_app", "common", "conf", "server_app", "docs"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_text("x = 1\n")
+    (tmp_path / "conf" / "b.yaml").write_text("x: 1\n")
+    monkeypatch.setattr(fingerprint, "APP_ROOT", tmp_path)
+
+    def code() -> str:
+        fingerprint.app_code_fingerprint.cache_clear()
+        return fingerprint.app_code_fingerprint()
+
+    try:
+        first = code()
+        (tmp_path / "server_app" / "a.py").write_text("x = 2\n")  # the server's code: not what a client runs
+        (tmp_path / "docs" / "a.py").write_text("x = 2\n")
+        assert code() == first
+        for changed in ("client_app/a.py", "common/a.py", "conf/b.yaml"):
+            (tmp_path / changed).write_text((tmp_path / changed).read_text() + "# edited\n")
+            assert code() != first, changed
+            first = code()
+    finally:
+        fingerprint.app_code_fingerprint.cache_clear()
+
+
+def test_a_process_serving_many_clients_loads_clip_once(tiny_clip, tmp_path, monkeypatch):
+    """A Ray actor serves many clients one after another: it encodes each one's images and runs PromptFL's text tower
+    for each with one CLIP, not one per client (6 clients here, in one process, as in one actor)."""
+    from common import model
+
+    loads = []
+    real = model.load_clip
+    monkeypatch.setattr(model, "load_clip", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(model, "_SHARED", {})
+    folder = write_image_folder(tmp_path / "data")
+    overrides = (
+        f"method=promptfl dataset=folder dataset.root={folder} dataset.held_out=sketch model.name_or_path={tiny_clip} "
+        f"training.rounds=1 training.batch_size=8 dataset.clients_per_domain=2 cache_dir={tmp_path / 'cache'} "
+        f"output_dir={tmp_path / 'out'}"
+    )
+    run_in_process(server_app, client_app, overrides, 6)
+    assert loads == [str(tiny_clip)] * 2  # the server's (the initial context) and one for the process's 6 clients

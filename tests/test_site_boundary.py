@@ -16,6 +16,7 @@ from benchmarks import site_fuzz
 from client_app.app import app as client_app
 from common import wire
 from common.config import ConfigError, load_config, message_config
+from common.fingerprint import app_code_fingerprint
 from server_app.app import app as server_app
 from server_app.federation import FederationError
 from tests.conftest import write_image_folder
@@ -35,7 +36,7 @@ def site(tiny_clip, tmp_path, monkeypatch):
 
 def query(run_config: str) -> Message:
     message = Message(
-        RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config})}),
+        RecordDict({wire.CONFIG: ConfigRecord({wire.RUN_CONFIG: run_config, wire.APP_CODE: app_code_fingerprint()})}),
         dst_node_id=7,
         message_type=MessageType.QUERY,
     )

@@ -220,12 +220,19 @@ def test_a_run_that_stops_on_an_error_keeps_its_plot_and_is_marked_failed_in_mlf
         "sketch/num-all": 10,
     }
     made.add_round(0, MetricRecord(), MetricRecord(accuracies), 0.0, None)
-    made.abort()
-    assert (made.dir / "accuracy.png").is_file() and not (made.dir / "summary.json").exists()
+    made.abort(RuntimeError("stopped"))
+    summary = json.loads((made.dir / "summary.json").read_text())  # says why, not the numbers of a finished run
+    assert (made.dir / "accuracy.png").is_file() and summary == {
+        "status": "failed",
+        "error": "RuntimeError: stopped",
+        "failed_clients": {},
+        "rounds": 0,
+        "run_folder": str(made.dir),
+    }
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     [run] = client.search_runs([client.get_experiment_by_name("fedclip").experiment_id])
     assert run.info.status == "FAILED" and run.data.metrics["accuracy/sketch_held_out"] == 0.4
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["accuracy.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["accuracy.png", "summary.json"]
 
 
 @pytest.mark.skipif(not MLFLOW, reason=NO_MLFLOW)

@@ -126,8 +126,11 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def received_encoder(local: LocalData, arrays: ArrayRecord):
-    """This node's CLIP (loaded once) with the received image-encoder weights."""
-    model, processor = local.clip_model()
+    """The client's own CLIP (loaded once; it trains the encoder, so never the process's shared one) with the received
+    image-encoder weights."""
+    if "fedavg-clip" not in local.computed:
+        local.computed["fedavg-clip"] = load_clip(model_name_or_path(local.cfg), local.device)
+    model, processor = local.computed["fedavg-clip"]
     load_encoder_state(model, arrays.to_torch_state_dict())
     return model, processor
 
