@@ -49,8 +49,10 @@ NODE_CONFIG_KEYS = {
     "num-partitions",
 }
 SITE_KEYS = ("device", "cpu_threads", "cache_dir", "output_dir")  # with dataset.root: a site's own, never the run's
-_LOCAL: dict[tuple, LocalData] = {}  # this process's clients, by run, configuration and node
-# clients kept at most: a server that sends a new configuration with every message cannot fill the site's memory
+# this process's clients: by run and configuration, then by node config (a Ray actor serves many clients of a run)
+_LOCAL: dict[tuple, dict[tuple, LocalData]] = {}
+# runs (configurations) kept at most: a server that sends a new configuration with every message cannot fill the site's
+# memory. A run's clients are all kept: as many as the nodes this process serves, which the site's side decides
 KEPT = 4
 
 
@@ -144,13 +146,14 @@ def local_data(message: Message, context: Context) -> LocalData:
         )
     refuse_other_code(message.content[wire.CONFIG].get(wire.APP_CODE))
     run_config = str(message.content[wire.CONFIG][wire.RUN_CONFIG])
-    key = (context.run_id, run_config, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
-    local = _LOCAL.get(key)
+    run, node = (context.run_id, run_config), tuple(sorted((k, str(v)) for k, v in context.node_config.items()))
+    local = _LOCAL.get(run, {}).get(node)
     if local is None or local.changed():
         try:
-            local = _LOCAL[key] = load_local_data(config_from_message(run_config), context.node_config)
+            local = load_local_data(config_from_message(run_config), context.node_config)
+            _LOCAL.setdefault(run, {})[node] = local
             while len(_LOCAL) > KEPT:
-                _LOCAL.pop(next(iter(_LOCAL)))  # the oldest
+                _LOCAL.pop(next(iter(_LOCAL)))  # the oldest run
         except (ValueError, OSError, RuntimeError) as err:  # ConfigError is a ValueError; a missing folder an OSError
             # a site's log says it; simulated nodes leave it to the server's one line
             site = "domain" in context.node_config
