@@ -19,7 +19,9 @@ The data is a synthetic folder built here (outside the repo, under --work): 4 do
 --images-per-client 32 px PNGs per client; the CLIP is the demo's (built on first use in the
 FedCLIP cache), so the adapter, and the floor's ArrayRecord, is 2*(64*64+64) float32 (33 KiB).
 Writes round_overhead.json and round_overhead.csv to --out and prints the table with the load
-average (the machine may be shared: compare ratios, which are measured back to back).
+average (the machine may be shared: compare ratios, which are measured back to back). With every run it
+samples the peak memory (VmHWM, once a second) of the server's process (flwr-simulation, where the
+ServerApp runs) and of each Ray client actor, and FedCLIP's discovery seconds (its summary.json).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +172,54 @@ def fedclip_seconds(outputs: Path, rounds: int) -> tuple[list[float], Path | Non
     return [float(r["seconds"]) for r in rows if 1 <= r["round"] <= rounds], runs[-1].parent
 
 
+class PeakMemory:
+    """Peak resident memory (VmHWM) of a run's processes, sampled once a second from /proc while it runs: the server
+    (`flwr-simulation`, whose process runs the ServerApp) and each Ray client actor (`ray::ClientAppActor`)."""
+
+    ROLES = {"server": "flwr-simulation", "actor": "ray::ClientAppActor"}
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every, self.peaks = every, {}  # pid -> (role, MiB)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.every):
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    role = next((r for r, name in self.ROLES.items() if name in command), None)
+                    if role is None:
+                        continue
+                    status = (proc / "status").read_text()
+                except OSError:  # it ended meanwhile
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        mib = int(line.split()[1]) / 1024
+                        self.peaks[proc.name] = (role, max(mib, self.peaks.get(proc.name, (role, 0))[1]))
+
+    def figures(self, key: str) -> dict:
+        """The run's peaks: the server's, the largest actor's, and how many actors ran."""
+        actors = [mib for role, mib in self.peaks.values() if role == "actor"]
+        server = [mib for role, mib in self.peaks.values() if role == "server"]
+        return {
+            f"{key}_server_peak_mib": round(max(server), 1) if server else None,
+            f"{key}_actor_peak_mib": round(max(actors), 1) if actors else None,
+            f"{key}_actors": len(actors),
+        }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -214,13 +265,16 @@ class Bench:
         runs.append(("fedclip", lambda f: self.fedclip(mode, clients, overrides, rounds, f)))
         for key, run in runs:
             t_run = time.time()
-            seconds, code, detail = run(folder / key)
+            with PeakMemory() as memory:
+                seconds, code, detail = run(folder / key)
             if (
                 not seconds and code != 124
             ):  # measured nothing, not for lack of time (a failure the log did not name): once more
                 print(f"   {key}: no round measured (exit {code}; log {folder / key}); running it again", flush=True)
                 shutil.move(folder / key, folder / f"{key}-failed")
-                seconds, code, detail = run(folder / key)
+                with PeakMemory() as memory:
+                    seconds, code, detail = run(folder / key)
+            row.update(memory.figures(key))
             row[f"{key}_seconds"] = [round(s, 4) for s in seconds]
             row[f"{key}_s_per_round"] = steady_rounds(seconds)
             row[f"{key}_exit_code"] = code
@@ -280,7 +334,9 @@ class Bench:
                 echo=False,
             )
         seconds, run_dir = fedclip_seconds(folder, rounds)
-        return seconds, code, {"fedclip_run_folder": str(run_dir) if run_dir else None}
+        summary = run_dir / "summary.json" if run_dir else None
+        discovery = json.loads(summary.read_text()).get("discovery_seconds") if summary and summary.is_file() else None
+        return seconds, code, {"fedclip_run_folder": str(run_dir) if run_dir else None, "discovery_s": discovery}
 
     def deployed(self, clients: int, warm: bool = False) -> dict:
         """The deployment setting: one SuperLink and a SuperNode per domain, shared by the three runs;
@@ -361,6 +417,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(rows: list[dict]) -> str:
+    """Discovery seconds and peak memory (MiB) of the floor's one-exchange run and FedCLIP's, per setting."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        "| setting | clients | per round | FedCLIP discovery s | server peak MiB (floor / FedCLIP) "
+        "| largest actor peak MiB (floor / FedCLIP) | actors |",
+        "|---|---:|---|---:|---|---|---:|",
+    ]
+    for r in rows:
+        sampled = "all" if r["fraction"] >= 1 else f"{r['fraction']:.0%} sampled"
+        lines.append(
+            f"| {r['mode']} | {r['clients']:,} | {sampled} | {fmt(r.get('discovery_s'), '.1f')} | "
+            f"{fmt(r.get('floor_1x_server_peak_mib'), '.0f')} / {fmt(r.get('fedclip_server_peak_mib'), '.0f')} | "
+            f"{fmt(r.get('floor_1x_actor_peak_mib'), '.0f')} / {fmt(r.get('fedclip_actor_peak_mib'), '.0f')} | "
+            f"{r.get('fedclip_actors', 0)} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_sizes(text: str) -> list[tuple[int, float]]:
     sizes = []
     for item in filter(None, text.split(",")):
@@ -430,7 +505,8 @@ def main() -> int:
     if args.deployment_warm:
         bench.deployed(len(DOMAINS), warm=True)
     print(
-        f"\n{table(bench.rows)}\n\nseconds per round: mean of rounds 2..R-1; {args.images_per_client} images per "
+        f"\n{table(bench.rows)}\n\n{memory_table(bench.rows)}\n\n"
+        f"seconds per round: mean of rounds 2..R-1; {args.images_per_client} images per "
         f"client; "
         f"total {time.time() - t0:.0f} s; load average now {load_average():.2f} on {os.cpu_count()} CPUs; "
         f"results: {bench.out / 'round_overhead.json'} and .csv"

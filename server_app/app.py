@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -34,6 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     method = load_method(cfg)
     refuse_options(cfg, method)  # every option combination that cannot work stops here (server_app/options.py)
     optimizer = ServerOptimizer.from_config(cfg.strategy)
+    started = time.time()
     try:
         federation = Federation(grid, cfg, run_config)
     except FederationError as err:  # the user still gets a run folder that says why
@@ -60,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         federation.classes,
         federation.fingerprint,
         context.run_id,
+        discovery_seconds=time.time() - started,
     )
     report.traffic.images_encoded += sum(int(m.get(wire.IMAGES_ENCODED, 0)) for m in federation.info.values())
     try:

@@ -85,6 +85,7 @@ class RunReport:
         classes: list[str] | None = None,
         model_fingerprint: str | None = None,
         flwr_run_id: int | None = None,
+        discovery_seconds: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.method = cfg.method.name
@@ -106,6 +107,7 @@ class RunReport:
         self.selection = RoundSelection(self.scores, cfg.selection)  # the others are in summary.json too
         self.start = time.time()
         self.flwr_run_id = flwr_run_id  # `flwr ls` / `flwr log` name a run by it
+        self.discovery_seconds = discovery_seconds  # asking every node which client it holds (they encode then)
         log.info("run folder: %s", self.dir)
         self.tracking = Tracking(
             cfg,
@@ -270,6 +272,7 @@ class RunReport:
             "failed_clients": self.failed,
             "rounds": len(trained),
             "wall_seconds": time.time() - self.start,
+            "discovery_seconds": self.discovery_seconds,
             "seconds_per_round": mean(r["seconds"] for r in trained),
             "trained_parameters": self.trained_parameters,
             "bytes_down_per_client_per_round": round(down),
