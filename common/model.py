@@ -111,5 +111,14 @@ def load_clip(name_or_path: str, device: torch.device, dtype: torch.dtype = torc
         processor = CLIPProcessor.from_pretrained(name_or_path)
     except OSError as err:
         raise model_unavailable(name_or_path, err) from err
-    model.requires_grad_(False).eval().to(device)
+    try:
+        model.requires_grad_(False).eval().to(device)
+    except torch.OutOfMemoryError as err:  # one line a user can act on, not a CUDA allocator dump
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        raise RuntimeError(
+            f"CLIP {name_or_path} ({size:.2f} GiB of weights) does not fit in what is left of {device}'s memory: "
+            "run fewer clients per GPU (simulation: raise client-resources-num-gpus in `flwr run`'s "
+            "--federation-config, docs/scale.md) or use another device (`device`, a SuperNode's --node-config "
+            "device=...)"
+        ) from err
     return model, processor

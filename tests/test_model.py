@@ -44,3 +44,21 @@ def test_prompts_clean_class_names():
         "a picture of a art painting",
         "a picture of a dog",
     ]
+
+
+def test_a_clip_that_does_not_fit_its_device_says_so_in_one_line_naming_what_to_change(tiny_clip, monkeypatch):
+    """Many client actors on one GPU: the one that runs out of memory loading CLIP says what to change, not a CUDA
+    allocator dump (its node's reply carries the line to the server's log)."""
+    from transformers import CLIPModel
+
+    from common.model import load_clip
+
+    def full(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.10 GiB total ...)")
+
+    monkeypatch.setattr(CLIPModel, "to", full)
+    with pytest.raises(RuntimeError) as raised:
+        load_clip(str(tiny_clip), torch.device("cpu"))
+    message = str(raised.value)
+    assert "\n" not in message and f"CLIP {tiny_clip} (" in message and "GiB of weights) does not fit" in message
+    assert "client-resources-num-gpus" in message and "docs/scale.md" in message
