@@ -41,7 +41,8 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
 def run_seed(seed: int, overrides: str, out: Path) -> dict:
     """One in-process run's summary.json; a seed whose run folder in `out` is finished is not run again."""
     folder = out / f"seed{seed}"
-    if not (done := sorted(folder.glob("*/summary.json"))):
+    done = [p for p in sorted(folder.glob("*/summary.json")) if json.loads(p.read_text()).get("status") != "failed"]
+    if not done:
         shutil.rmtree(folder, ignore_errors=True)
         run_overrides = f"{overrides} seed={seed} output_dir={folder}".strip()
         cfg = load_config(run_overrides)

@@ -338,6 +338,8 @@ def main(argv: list[str]) -> int:
                 result = f"held-out {100 * (run.generalization or 0):.2f}%"
                 if run.personalization is not None:
                     result += f", personalization {100 * run.personalization:.2f}%"
+            elif run.status == "failed":  # the app stopped it: its summary.json says why
+                result = f"FAILED ({run.failure['reason']}); log {run.log}"
             else:
                 reason = f"no summary.json (flwr run exit code {code}): {failure_reason(log)}"
                 (run.dir / FAILURE_FILE).write_text(

@@ -53,12 +53,15 @@ def run_dir(out_dir: Path, method: str, held_out: str, seed: int) -> Path:
 
 
 def read_run(out_dir: Path, method: str, held_out: str, seed: int) -> Run:
-    """A run's state from its folder: done if a summary.json exists, failed if failure.json does."""
+    """A run's state from its folder: done if a summary.json exists, failed if it says so or failure.json exists."""
     run = Run(method, held_out, seed, run_dir(out_dir, method, held_out, seed))
     summaries = sorted(run.dir.glob("*/summary.json"))
-    if summaries:
+    summary = json.loads(summaries[-1].read_text()) if summaries else None
+    if summary is not None and summary.get("status") == "failed":  # the app stopped the run, and says why
+        run.status, run.failure = "failed", {"reason": summary["error"], "summary": str(summaries[-1])}
+    elif summary is not None:
         run.status = "done"
-        run.summary = json.loads(summaries[-1].read_text())
+        run.summary = summary
         metrics = summaries[-1].parent / "metrics.jsonl"
         if metrics.is_file():
             run.rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -102,3 +102,17 @@ def test_a_discovery_most_nodes_fail_stops_before_the_first_round_with_a_run_fol
     assert found["status"] == "failed" and found["rounds"] == 0
     assert sorted(found["failed_clients"]["discovery"]) == ["node 100", "node 101", "node 102", "node 104"]
     assert all(MISSING in reason for reason in found["failed_clients"]["discovery"].values())
+
+
+def test_a_sweep_redoes_a_run_the_app_stopped_and_says_why(tmp_path):
+    """A stopped run's folder has a summary.json too (status failed): the sweep counts it failed, never done."""
+    from benchmarks.sweep_report import read_run, run_dir
+    from server_app.report import write_failed_summary
+
+    folder = run_dir(tmp_path, "fedclip", "sketch", 0) / "2026-12-06_12-00-00"
+    folder.mkdir(parents=True)
+    write_failed_summary(folder, FederationError("round 2: 3 of 4 training clients failed"), {"2": {"a": "x"}}, 1)
+    run = read_run(tmp_path, "fedclip", "sketch", 0)
+    assert (
+        run.status == "failed" and run.failure["reason"] == "FederationError: round 2: 3 of 4 training clients failed"
+    )
