@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,8 @@ from torch import nn
 
 from common.features import DomainFeatures
 from common.model import adapter_loss, class_logits
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(
@@ -26,20 +29,39 @@ def make_optimizer(
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimiser's per-parameter state as flat tensors, so a client keeps it between rounds."""
+    """The optimiser's per-parameter state, so a client keeps it between rounds: each kind (AdamW's step, exp_avg,
+    exp_avg_sq) of every parameter in one flat tensor. A few arrays, not one per parameter and kind: Flower decodes
+    each array of a record on its own, and a client's state goes through a record twice a round."""
+    state = optimizer.state_dict()["state"]
+    if not state:
+        return {}
     return {
-        f"{i}.{name}": torch.as_tensor(value)
-        for i, state in optimizer.state_dict()["state"].items()
-        for name, value in state.items()
+        name: torch.cat([torch.as_tensor(state[i][name]).reshape(-1) for i in sorted(state)])
+        for name in sorted(state[min(state)])
     }
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    """Inverse of `optimizer_state`."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+    """Inverse of `optimizer_state`; a state that does not fit these parameters (another configuration, an older
+    format) is left out with a warning: the optimiser starts afresh."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sizes = [p.numel() for p in params]
+    state: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(params))}
+    for name, value in flat.items():
+        if value.numel() == len(params):  # one scalar per parameter (step)
+            parts = [v.reshape(()) for v in value.reshape(-1)]
+        elif value.numel() == sum(sizes):  # one value per weight (the moments)
+            parts = [v.reshape(p.shape) for v, p in zip(value.reshape(-1).split(sizes), params)]
+        else:
+            log.warning(
+                "a kept optimiser state (%s, %d values) does not fit %d parameters: the optimiser starts afresh",
+                name,
+                value.numel(),
+                len(params),
+            )
+            return
+        for i, part in enumerate(parts):
+            state[i][name] = part.clone()
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

@@ -151,3 +151,34 @@ def test_a_site_that_cannot_write_its_folder_goes_on_with_a_warning(tmp_path, ca
         kept_state.save(moments(1), local, KEY, 1)
         assert kept_state.save_site_weights(local, KEY, "prompt", {"ctx": torch.zeros(2)}) is None
     assert "could not save what it keeps" in caplog.text and "could not write its own weights" in caplog.text
+
+
+def test_the_optimiser_state_a_client_keeps_is_three_arrays_and_comes_back_exactly(caplog):
+    """AdamW's state of every parameter in one flat tensor per kind (Flower decodes each array of a record on its own:
+    12 arrays for the adapter's 4 parameters cost 1.7 ms a message); loaded back, the next step is the same to the bit;
+    a state that does not fit (an older format, other parameters) starts the optimiser afresh with a warning."""
+    from common.model import AttentionAdapter
+    from common.train import load_optimizer_state, make_optimizer, optimizer_state
+
+    settings = OmegaConf.create({"lr": 1e-2, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2})
+    torch.manual_seed(0)
+    trained, batch = AttentionAdapter(8), torch.randn(4, 8)
+    optimizer = make_optimizer(trained, settings)
+    for _ in range(3):
+        trained(batch).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    kept = optimizer_state(optimizer)
+    assert sorted(kept) == ["exp_avg", "exp_avg_sq", "step"]
+    restored = AttentionAdapter(8)
+    restored.load_state_dict(trained.state_dict())
+    again = make_optimizer(restored, settings)
+    load_optimizer_state(again, {k: v.clone() for k, v in kept.items()})
+    for model, opt in ((trained, optimizer), (restored, again)):
+        model(batch).square().sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), restored.parameters()))
+    fresh = make_optimizer(AttentionAdapter(8), settings)
+    with caplog.at_level(logging.WARNING):
+        load_optimizer_state(fresh, {"0.exp_avg": torch.zeros(8, 8)})  # the format before
+    assert not fresh.state_dict()["state"] and "the optimiser starts afresh" in caplog.text
