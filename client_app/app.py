@@ -124,8 +124,9 @@ def train(message: Message, context: Context) -> Message:
         )
     t0 = time.time()
     trained, metrics = method.train(local, message.content, context.state, server_round)
-    if key is not None:
-        kept_state.save(context.state, local, key, server_round)
+    if key is not None and kept_state.save(context.state, local, key, server_round):
+        if not local.cfg.training.client_state_in_memory:
+            kept_state.forget(context.state)
     metrics = {
         **metrics,
         "train-seconds": time.time() - t0,
@@ -154,4 +155,6 @@ def evaluate(message: Message, context: Context) -> Message:
     last = server_round == int(local.cfg.training.rounds) and not local.held_out
     if key is not None and last and (weights := method.site_weights(message.content, context.state)) is not None:
         kept_state.save_site_weights(local, key, method.weights_name, weights)
+    if key is not None and not local.cfg.training.client_state_in_memory:
+        kept_state.forget(context.state)  # read from the files it was saved in: nothing changed it
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

@@ -106,16 +106,25 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
     log.info("client %s: restored what it kept after round %d (%s)", local.client, _round_of(path), path)
 
 
-def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> None:
-    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files. A folder the site
-    cannot write to is a warning, never a failed round: the run goes on, without what a restart would need."""
+def forget(state: RecordDict) -> None:
+    """Drop the kept state from Flower's context (training.client_state_in_memory=false): the client's next message
+    reads it back from the files saved."""
+    for name in [*state.array_records, MARK]:
+        if name in state:
+            del state[name]
+
+
+def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> bool:
+    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files; whether they are
+    on disk. A folder the site cannot write to is a warning, never a failed round: the run goes on, without what a
+    restart would need."""
     tensors = {
         f"{name}/{array}": tensor
         for name, record in state.array_records.items()
         for array, tensor in record.to_torch_state_dict().items()
     }
     if not tensors:
-        return
+        return False
     folder = state_folder(local, key)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,6 +146,8 @@ def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> No
             folder,
             err,
         )
+        return False
+    return True
 
 
 def _is_run_key(name: str) -> bool:

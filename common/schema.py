@@ -63,6 +63,7 @@ class Training:
     eps: float = MISSING
     weight_decay: float = MISSING
     loss: str = MISSING
+    client_state_in_memory: bool = MISSING
 
 
 @dataclass
