@@ -5,7 +5,10 @@ Flower keeps a ClientApp's context state for one Flower run, in the SuperNode's 
 resumed run ends elsewhere than the same run uninterrupted. The server names the app's run with a key that survives a
 resume (`run-key` in every train message); after training round r a client writes its state to
 `<output_dir>/clients/<run key>/<client>/state-r<r>.safetensors` (a site's own output folder, never the run's), and a
-client whose Flower state does not hold this run's loads the newest file from before the round it trains. The two
+client whose Flower state does not hold this run's loads the newest file from before the round it trains. By default
+(training.client_state_in_memory false) the state then leaves Flower's context (`forget`): each message reads it from
+the file, so the context, which a simulation keeps for every client in one process and sends to the Ray actor and back
+with every message, stays empty. The two
 newest files are kept: a server that stopped after its clients trained round r, but before it checkpointed it, resumes
 with round r again, which must start from round r-1's state. A site keeps the state of the 16 runs it trained in last.
 A missing file is a fresh start; an unreadable one too, with a warning: it never stops the round.
@@ -107,7 +110,7 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
 
 
 def forget(state: RecordDict) -> None:
-    """Drop the kept state from Flower's context (training.client_state_in_memory=false): the client's next message
+    """Drop the kept state from Flower's context (unless training.client_state_in_memory): the client's next message
     reads it back from the files saved."""
     for name in [*state.array_records, MARK]:
         if name in state:

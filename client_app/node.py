@@ -17,7 +17,7 @@ from flwr.app import Context, Message
 from omegaconf import DictConfig, OmegaConf
 
 from common import wire
-from common.config import CONF_DIR, MACHINE_ENV, config_from_message, select_device
+from common.config import CONF_DIR, MACHINE_ENV, config_from_message, select_device, shared_message_config
 from common.data import dataset_domains
 from common.fingerprint import APP_ROOT, app_code_fingerprint
 from common.local_data import LocalData, client_data
@@ -150,7 +150,10 @@ def local_data(message: Message, context: Context) -> LocalData:
     local = _LOCAL.get(run, {}).get(node)
     if local is None or local.changed():
         try:
-            local = load_local_data(config_from_message(run_config), context.node_config)
+            # a simulation's node (partition-id only) runs the run's configuration as it is: one object for all
+            shared = set(context.node_config) <= {"partition-id", "num-partitions"}
+            cfg = shared_message_config(run_config) if shared else config_from_message(run_config)
+            local = load_local_data(cfg, context.node_config)
             _LOCAL.setdefault(run, {})[node] = local
             while len(_LOCAL) > KEPT:
                 _LOCAL.pop(next(iter(_LOCAL)))  # the oldest run

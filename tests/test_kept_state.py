@@ -185,11 +185,11 @@ def test_the_optimiser_state_a_client_keeps_is_three_arrays_and_comes_back_exact
 
 
 def test_a_client_whose_state_lives_only_in_its_files_ends_as_one_that_keeps_it_in_memory(folder, tiny_clip, tmp_path):
-    """training.client_state_in_memory=false: nothing stays in Flower's context between rounds (in a simulation of
-    10,000 clients, the memory of the process running it), each train message reads the moments back from the file;
-    the run ends with the same weights and accuracies, to the bit."""
-    _, memory = serve(common(folder, tiny_clip, tmp_path, 3), tmp_path / "memory")
-    grid, files = serve(common(folder, tiny_clip, tmp_path, 3, "training.client_state_in_memory=false"), tmp_path / "f")
+    """By default (training.client_state_in_memory=false) nothing stays in Flower's context between rounds (in a
+    simulation of 10,000 clients, the memory of the process running it), each train message reads the moments back
+    from the file; the run ends as one that keeps them in memory too, to the bit."""
+    _, memory = serve(common(folder, tiny_clip, tmp_path, 3, "training.client_state_in_memory=true"), tmp_path / "m")
+    grid, files = serve(common(folder, tiny_clip, tmp_path, 3), tmp_path / "f")
     for key, value in load_checkpoint(memory).arrays.to_torch_state_dict().items():
         np.testing.assert_array_equal(load_checkpoint(files).arrays.to_torch_state_dict()[key].numpy(), value)
     assert evaluations(files) == evaluations(memory)
