@@ -18,19 +18,24 @@ from tests.conftest import write_image_folder
 from tests.inprocess import run_in_process
 
 
-@pytest.fixture
-def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
+def counted_run(tiny_clip, tmp_path, monkeypatch, options: str = "") -> tuple[str, list]:
+    """A run's configuration on a fresh image folder, and the list each build of a client's local data is added to."""
     folder = write_image_folder(tmp_path / "data")
     run_config = message_config(
         load_config(
             f"dataset=folder dataset.root={folder} dataset.held_out=sketch "
-            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"
+            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'} {options}"
         )
     )
     builds = []
     real = client.load_local_data
     monkeypatch.setattr(client, "load_local_data", lambda *a: builds.append(a) or real(*a))
     return run_config, builds
+
+
+@pytest.fixture
+def setup(tiny_clip, tmp_path, monkeypatch) -> tuple[str, list]:
+    return counted_run(tiny_clip, tmp_path, monkeypatch)
 
 
 def message(run_config: str, server_round: int = 1, message_type: str = MessageType.TRAIN) -> Message:
@@ -198,16 +203,7 @@ def test_a_process_keeps_every_client_of_a_run_it_serves(tiny_clip, tmp_path, mo
     """A Ray actor serves many clients in turn: each is built once, not again on every message once more than KEPT
     (the bound on runs) were served (measured: 100 clients on one process rebuilt 600 times in 4 rounds, 60% of the
     round's time)."""
-    folder = write_image_folder(tmp_path / "data")
-    run_config = message_config(
-        load_config(
-            f"dataset=folder dataset.root={folder} dataset.held_out=sketch dataset.clients_per_domain=3 "
-            f"model.name_or_path={tiny_clip} cache_dir={tmp_path / 'cache'}"
-        )
-    )
-    builds = []
-    real = client.load_local_data
-    monkeypatch.setattr(client, "load_local_data", lambda *a: builds.append(a) or real(*a))
+    run_config, builds = counted_run(tiny_clip, tmp_path, monkeypatch, "dataset.clients_per_domain=3")
     clients = 3 * 3
     assert clients > client.KEPT
     for server_round in (1, 2):
