@@ -38,8 +38,9 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     try:
         federation = Federation(grid, cfg, run_config)
-    except FederationError as err:  # the user still gets a run folder that says why
-        write_failed_run(cfg, err, {"discovery": err.failed} if err.failed else {})
+    except FederationError as err:  # nodes failed: a run folder says which and why (a refused app gets none)
+        if err.failed:
+            write_failed_run(cfg, err, {"discovery": err.failed})
         raise
 
     weights = method.initial_weights(cfg, federation.feature_dim)
