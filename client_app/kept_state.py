@@ -93,7 +93,11 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
     path = earlier[-1]
     try:
         tensors = load_file(path)
-        records: dict[str, dict[str, torch.Tensor]] = {}
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            names = json.loads((fh.metadata() or {}).get("records", "[]"))  # an empty record has no tensor to name it
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("its list of records is not a list of names")
+        records: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
         for name, tensor in tensors.items():
             record, _, array = name.partition("/")
             if not record or not array or not torch.isfinite(tensor).all():
@@ -126,14 +130,16 @@ def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> bo
         for name, record in state.array_records.items()
         for array, tensor in record.to_torch_state_dict().items()
     }
-    if not tensors:
+    if not state.array_records:
         return False
     folder = state_folder(local, key)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"state-r{server_round}.safetensors"
         partial = path.with_suffix(".tmp")
-        save_tensors(tensors, partial, {"run-key": key, "client": local.client, "round": str(server_round)})
+        records = json.dumps(sorted(state.array_records))
+        info = {"run-key": key, "client": local.client, "round": str(server_round), "records": records}
+        save_tensors(tensors, partial, info)
         os.replace(partial, path)
         os.utime(folder.parent)  # the run's folder: when this site last trained in it
         for old in _saved(folder)[:-KEPT_FILES]:

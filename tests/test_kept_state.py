@@ -195,3 +195,14 @@ def test_a_client_whose_state_lives_only_in_its_files_ends_as_one_that_keeps_it_
     assert evaluations(files) == evaluations(memory)
     assert all(not context.state.array_records for context in grid.contexts.values())
     assert list((tmp_path / "f" / "clients").glob("*/*/state-r3.safetensors"))  # and yet kept, at the site
+
+
+def test_an_empty_record_comes_back_too(tmp_path):
+    """A method may keep a record with no tensor in it (conditioned_prompt's personal part at rank 0): it has no tensor
+    in the file to name it, and its absence would mean "nothing kept" (the site then wrote no weights of its own)."""
+    local, state = client(tmp_path), moments(1)
+    state["personal"] = ArrayRecord()
+    assert kept_state.save(state, local, KEY, 1)
+    restored = RecordDict()
+    kept_state.restore(restored, local, KEY, 2)
+    assert sorted(restored.array_records) == ["optimizer", "personal"] and not restored["personal"]
