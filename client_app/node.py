@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import wire
 from common.config import CONF_DIR, MACHINE_ENV, config_from_message, select_device, shared_message_config
 from common.data import dataset_domains
-from common.fingerprint import APP_ROOT, app_code_fingerprint
+from common.fingerprint import app_code_fingerprint
 from common.local_data import LocalData, client_data
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def refuse_other_code(run_code: object) -> None:
     own = app_code_fingerprint()
     if run_code != own:
         raise NodeUnusable(
-            f"this node's app code ({own[:12]}, {APP_ROOT}) is not the run's ({str(run_code)[:12]}): install the "
+            f"this node's app code ({own[:12]}) is not the run's ({str(run_code)[:12]}): install the "
             "run's version of the app on this node (on a Ray cluster, on every node the same as where `flwr run` "
             "starts, docs/scale.md)"
         )

@@ -147,7 +147,10 @@ def test_a_node_whose_app_code_is_not_the_runs_refuses_it(setup, code):
         msg.content["config"]["app-code"] = code
     reply = client_app(msg, context())
     assert reply.has_error() and not builds
-    assert f"this node's app code ({app_code_fingerprint()[:12]}" in reply.error.reason
+    assert f"this node's app code ({app_code_fingerprint()[:12]})" in reply.error.reason
+    from common.fingerprint import APP_ROOT
+
+    assert str(APP_ROOT) not in reply.error.reason  # the reply goes to the server: no folder of the site's
     assert f"is not the run's ({str(code)[:12]}): install the run's version" in reply.error.reason
 
 
