@@ -110,7 +110,15 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
         return
     for record, tensors in records.items():
         state[record] = ArrayRecord(tensors)
-    log.info("client %s: restored what it kept after round %d (%s)", local.client, _round_of(path), path)
+    # with the state in files, reading it back is every message's routine; a restart's or a resume's is news
+    routine = not local.cfg.training.client_state_in_memory
+    log.log(
+        logging.DEBUG if routine else logging.INFO,
+        "client %s: restored what it kept after round %d (%s)",
+        local.client,
+        _round_of(path),
+        path,
+    )
 
 
 def forget(state: RecordDict) -> None:

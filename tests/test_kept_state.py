@@ -30,8 +30,8 @@ def folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data"), per_class=6)
 
 
-def client(tmp_path: Path, name: str = "photo") -> LocalData:
-    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+def client(tmp_path: Path, name: str = "photo", in_memory: bool = False) -> LocalData:
+    cfg = OmegaConf.create({"output_dir": str(tmp_path), "training": {"client_state_in_memory": in_memory}})
     return LocalData(cfg, "photo", name, None, None, None, torch.device("cpu"))
 
 
@@ -56,6 +56,16 @@ def test_a_fresh_state_loads_the_newest_file_from_before_the_round(tmp_path):
     other = moments(9)
     kept_state.restore(other, local, uuid.uuid4().hex, 4)  # another run's key: nothing of this one, nor stale arrays
     assert not other.array_records
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_restore_is_news_only_when_the_state_lives_in_memory(in_memory, tmp_path, caplog):
+    """With the state in files every message reads it back: one INFO line a client a message would bury the log."""
+    local = client(tmp_path, in_memory=in_memory)
+    kept_state.save(moments(1), local, KEY, 1)
+    with caplog.at_level(logging.INFO):
+        kept_state.restore(RecordDict(), local, KEY, 2)
+    assert ("restored what it kept after round 1" in caplog.text) == in_memory
 
 
 @pytest.mark.parametrize("damage", [b"not a safetensors file", None])
