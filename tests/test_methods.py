@@ -82,3 +82,5 @@ def test_the_prompt_references_run_with_the_prompt_methods_module(method, tiny_c
     trained = {key.partition("/")[0] for key in rows[1]["train"] if key.endswith("/train-loss")}
     assert trained == ({"art"} if method == "centralized_prompt" else {"art", "photo"})
     assert ("art/personalized-test-acc" in rows[-1]["evaluate"]) == (method == "local_personal_prompt")
+    # a reference keeps no weights at its sites: it has no weights name for predict to read them by
+    assert not list((tmp_path / "out" / "clients").glob("*/*/*_final.safetensors"))

@@ -74,20 +74,20 @@ def test_the_shared_context_is_promptfls_and_only_it_travels(runs):
     assert b["personalization"] != a["personalization"]
 
 
-def site_weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+def site_weights(run: Path, weights_name: str = "prompt") -> dict[str, dict[str, torch.Tensor]]:
     """Each training site's own weights after the run, checked: `fedclip-predict --run <its folder> --which final`
     scores its test split as its own last evaluation did; the held-out site has none."""
     key = json.loads((run / "run.json").read_text())["run_key"]
     last, found = rows_of(run)[-1]["evaluate"], {}
     for client in ("art", "photo"):
         site = run.parent / "clients" / key / client
-        found[client] = load_file(site / "prompt_final.safetensors")
+        found[client] = load_file(site / f"{weights_name}_final.safetensors")
         clf = FedClipClassifier.from_run(site, which="final")
         local = client_data(config_from_file(site / "config.yaml"), client, 0, torch.device("cpu"))
         test = torch.as_tensor(local.split.test)
         accuracy = (clf.logits(local.feats.image[test]).argmax(1) == local.feats.labels[test]).float().mean().item()
         assert accuracy == pytest.approx(last[f"{client}/personalized-test-acc"], abs=1e-6)
-    assert not (run.parent / "clients" / key / "sketch" / "prompt_final.safetensors").exists()
+    assert not (run.parent / "clients" / key / "sketch" / f"{weights_name}_final.safetensors").exists()
     return found
 
 
@@ -98,6 +98,27 @@ def test_the_site_keeps_global_and_personal_and_predict_reproduces_its_personal_
     for weights in site_weights(personal).values():
         assert set(weights) == {CONTEXT, *(SITE_PREFIX + k for k in ("u", "v", "classes"))}
         assert torch.equal(weights[CONTEXT], load_file(personal / "prompt_final.safetensors")[CONTEXT])
+
+
+@pytest.mark.parametrize(
+    "method, weights_name",
+    [
+        ("method=promptfl method.lr=0.05", "prompt"),
+        (PERSONAL_METHOD, "prompt"),
+        ("method=conditioned_prompt method.lr=0.05", "prompt"),
+        ("method=fedclip", "adapter"),
+    ],
+)
+def test_what_a_site_fine_tuned_after_the_last_round_is_its_own_and_predict_reproduces_it(
+    method, weights_name, tiny_clip, data, tmp_path
+):
+    """`personalize_epochs`: the weights a site tuned for its last personalization test are not thrown away; its
+    folder holds them (the server's, the global ones), and predict scores its test split as that test did."""
+    run = run_promptfl(tiny_clip, data, tmp_path, rounds=2, method=f"{method} method.personalize_epochs=2")
+    server = load_file(run / f"{weights_name}_final.safetensors")
+    for weights in site_weights(run, weights_name).values():
+        shared = sorted(set(weights) & set(server))
+        assert shared and any(not torch.equal(weights[name], server[name]) for name in shared)  # tuned at the site
 
 
 def restarted_rows(method: str, tiny_clip: Path, data: Path, tmp_path: Path) -> list[dict]:

@@ -103,8 +103,14 @@ class Method:
 
     def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
         """The weights this client predicts with after the run, from the last global ones it received and what it kept;
-        None: the global ones (the server's run folder has them). The ClientApp writes them to the site's own folder."""
-        return None
+        None: the global ones (the server's run folder has them). The ClientApp writes them to the site's own folder.
+
+        Here: those the run's last evaluation fine-tuned at the site (`keep_fine_tuned`), handed over once."""
+        if FINE_TUNED not in state.array_records:
+            return None
+        weights = state[FINE_TUNED].to_torch_state_dict()
+        del state[FINE_TUNED]
+        return weights
 
     # For fedclip-predict and its export: a classifier is CLIP's logits between the image features, through
     # `image_head`, and the class text features, from `class_text`, given the weights a run saved
@@ -128,6 +134,16 @@ class Method:
         """What the weights are, in a phrase for an export's model card."""
         parameters = sum(t.numel() for t in weights.values())
         return f"The {self.weights_name} that method {self.name} trained ({parameters:,} parameters)"
+
+
+FINE_TUNED = "fine-tuned"  # a client's state, for one message: the weights its last evaluation fine-tuned for it
+
+
+def keep_fine_tuned(local: LocalData, state: RecordDict, server_round: int, weights: dict[str, torch.Tensor]) -> None:
+    """After the run's last round, the weights a client fine-tuned for its own test (`personalize_epochs`) are the ones
+    it predicts with: kept for `site_weights`, not thrown away after the evaluation."""
+    if server_round == int(local.cfg.training.rounds):
+        state[FINE_TUNED] = ArrayRecord({name: t.detach().cpu().contiguous() for name, t in weights.items()})
 
 
 def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:

@@ -45,8 +45,9 @@ class ConditionedPrompt(PersonalPrompt):
         personal_lr: float = 5e-2,
         generator_rank: int = 2,
         generator_lr: float = 2e-1,
+        personalize_epochs: int = 0,
     ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr)
+        super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr, personalize_epochs)
         if generator_rank < 1:
             raise ValueError(f"method.generator_rank must be >= 1, got {generator_rank}")
         self.generator_rank, self.generator_lr = int(generator_rank), float(generator_lr)

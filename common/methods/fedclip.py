@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common import wire
 from common.local_data import LocalData
-from common.methods.base import Method, scores
+from common.methods.base import Method, keep_fine_tuned, scores
 from common.model import AttentionAdapter
 from common.train import evaluate_adapter, load_optimizer_state, make_optimizer, optimizer_state, train_adapter
 from common.transport import decode
@@ -21,7 +21,8 @@ class FedClip(Method):
     """The paper's method, with its reference code's defects fixed (cached features, a kept optimiser, decoupled decay).
 
     `personalize_epochs` > 0: before its personalization test each training client fine-tunes the
-    received adapter this many epochs on its own train split, and reports `personalized-test-acc`.
+    received adapter this many epochs on its own train split, and reports `personalized-test-acc`; the adapter it
+    tuned after the last round is the site's own (its folder, for fedclip-predict).
     """
 
     averages_updates = True
@@ -77,6 +78,7 @@ class FedClip(Method):
             metrics["personalized-test-acc"] = evaluate_adapter(
                 adapter, local.feats, {"test": local.split.test}, local.device
             )["test"][0]
+            keep_fine_tuned(local, state, server_round, adapter.state_dict())
         return metrics
 
     def image_head(self, weights: dict[str, torch.Tensor], feature_dim: int) -> AttentionAdapter:

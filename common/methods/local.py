@@ -9,7 +9,7 @@ personalized prompt (a site with its shared and its personal part, alone).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from omegaconf import DictConfig
 
 from common import wire
@@ -51,6 +51,12 @@ class LocalOnly(Method):
     def aggregate(self, updates: list[Update], combine: Combine) -> None:
         for update in updates:
             self.client_states[update.client] = update.state
+        return None
+
+    def site_weights(self, content: RecordDict, state: RecordDict) -> None:
+        """None: a reference run keeps no weights at the sites (they have no method name to predict with, weights_name
+        is None), and the fine-tuned ones it measures leave the client's state."""
+        super().site_weights(content, state)
         return None
 
 

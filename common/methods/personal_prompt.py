@@ -16,11 +16,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from common import wire
-from common.features import DomainFeatures
 from common.local_data import LocalData
 from common.methods.promptfl import CONTEXT, PromptFL, PromptText
 from common.model import class_logits
-from common.train import evaluate_adapter, load_optimizer_state, optimizer_state, train_epochs
+from common.train import load_optimizer_state, optimizer_state, train_epochs
 from common.transport import decode
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,9 @@ class PersonalPrompt(PromptFL):
         rank: int = 2,
         class_residual: bool = False,
         personal_lr: float = 5e-2,
+        personalize_epochs: int = 0,
     ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs=0)
+        super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs)
         if rank < 0:
             raise ValueError(f"method.rank must be >= 0, got {rank}")
         self.rank, self.class_residual, self.personal_lr = int(rank), bool(class_residual), float(personal_lr)
@@ -121,30 +121,24 @@ class PersonalPrompt(PromptFL):
         state[PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
         return super().train(local, content, state, server_round)  # the shared context, as PromptFL tunes it
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
-        metrics = super().evaluate(local, content, state, server_round, zero_shot)
-        if zero_shot or local.held_out:
-            return metrics
-        received = decode(content[wire.ARRAYS])
+    def own_weights(
+        self, local: LocalData, received: dict[str, torch.Tensor], state: RecordDict
+    ) -> dict[str, torch.Tensor] | None:
+        """The site's context and its personal part, in a site weights file's layout; None before it has one."""
         personal = self.kept_personal(local, state, received[CONTEXT])
         if personal is None:
-            return metrics
-        text = self._text(local)
-        device = text.ids.device
-        with torch.no_grad():
-            ctx = self.site_context(received, state).to(device)
-            features = self.personal_text(text, ctx, {k: v.to(device) for k, v in personal.items()})
-        feats = DomainFeatures(local.feats.image, local.feats.labels, features.cpu(), local.feats.logit_scale, [])
-        metrics["personalized-test-acc"] = evaluate_adapter(None, feats, {"test": local.split.test}, local.device)[
-            "test"
-        ][0]
-        return metrics
+            return None
+        return {CONTEXT: self.site_context(received, state), **{SITE_PREFIX + k: v for k, v in personal.items()}}
+
+    def site_features(self, text: PromptText, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        personal = {k.removeprefix(SITE_PREFIX): v for k, v in weights.items() if k.startswith(SITE_PREFIX)}
+        return self.personal_text(text, weights[CONTEXT], personal)
 
     def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
-        if PERSONAL not in state.array_records:
-            return None
+        """The weights the last evaluation fine-tuned (`personalize_epochs`), or the context with the personal part."""
+        fine_tuned = super().site_weights(content, state)
+        if fine_tuned is not None or PERSONAL not in state.array_records:
+            return fine_tuned
         personal = state[PERSONAL].to_torch_state_dict()
         ctx = self.site_context(decode(content[wire.ARRAYS]), state)
         return {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
@@ -162,7 +156,7 @@ class PersonalPrompt(PromptFL):
         device = next(model.parameters()).device
         text = PromptText(model, processor.tokenizer, classes, prompt, len(ctx))
         with torch.no_grad():
-            return self.personal_text(text, ctx.to(device), {k: v.to(device) for k, v in personal.items()}).cpu()
+            return self.site_features(text, {k: v.to(device) for k, v in weights.items()}).cpu()
 
     def describe(self, weights: dict[str, torch.Tensor]) -> str:
         personal = sum(v.numel() for k, v in weights.items() if k.startswith(SITE_PREFIX))

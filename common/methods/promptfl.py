@@ -8,6 +8,8 @@ The image side is untouched: cached frozen features, as for FedCLIP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +18,7 @@ from transformers.masking_utils import create_causal_mask
 from common import wire
 from common.features import DomainFeatures
 from common.local_data import LocalData
-from common.methods.base import Method, scores
+from common.methods.base import Method, keep_fine_tuned, scores
 from common.model import class_logits, load_clip, model_name_or_path
 from common.train import evaluate_adapter, load_optimizer_state, optimizer_state, train_epochs
 from common.transport import decode
@@ -136,9 +138,12 @@ class PromptFL(Method):
         training: DictConfig,
         generator: torch.Generator,
         state: RecordDict | None,
+        features_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, float]:
-        """Local epochs of prompt tuning on cached image features; returns the tuned context and the mean loss."""
+        """Local epochs of prompt tuning on cached image features; returns the tuned context and the mean loss.
+        `features_of(ctx)`: the class text features the context gives (default `text(ctx)`)."""
         device = text.ids.device
+        features_of = features_of or text
         ctx = ctx.to(device).requires_grad_(True)
         optimizer = torch.optim.AdamW(
             [ctx], lr=self.lr, betas=tuple(training.betas), eps=training.eps, weight_decay=self.weight_decay
@@ -147,7 +152,7 @@ class PromptFL(Method):
             load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
         x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
         loss = train_epochs(
-            lambda batch: class_logits(batch, text(ctx), scale, None), optimizer, x, y, training, generator
+            lambda batch: class_logits(batch, features_of(ctx), scale, None), optimizer, x, y, training, generator
         )
         if state is not None:
             state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
@@ -171,6 +176,9 @@ class PromptFL(Method):
     def evaluate(
         self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
     ) -> dict:
+        """The received context's scores; at a training site also its own prompt's test accuracy
+        (`personalized-test-acc`): the one it keeps (`own_weights`), or with `personalize_epochs` that one (or the
+        received context) tuned locally, which after the last round is the site's to predict with."""
         if zero_shot:
             return scores(local, local.feats, [None])
         text = self._text(local)
@@ -181,30 +189,43 @@ class PromptFL(Method):
             key: sum(m[key] for m in each) / len(each) if key.endswith(("-acc", "-loss")) else value
             for key, value in each[0].items()
         }
-        ctx = received[0][CONTEXT]
-        if self.personalize_epochs > 0 and not local.held_out:
-            personal = OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs})
-            tuned, _ = self._tune(
+        if local.held_out:
+            return metrics
+        own = self.own_weights(local, received[0], state)
+        device = text.ids.device
+        if self.personalize_epochs > 0:
+            own = dict(own or {CONTEXT: received[0][CONTEXT]})
+            fixed = {name: t.to(device) for name, t in own.items() if name != CONTEXT}
+            own[CONTEXT], _ = self._tune(
                 text,
-                ctx,
+                own[CONTEXT],
                 local.feats,
                 torch.as_tensor(local.split.train),
-                personal,
+                OmegaConf.merge(local.cfg.training, {"local_epochs": self.personalize_epochs}),
                 local.generator(server_round, "personalize"),
                 None,
+                lambda ctx: self.site_features(text, {**fixed, CONTEXT: ctx}),
             )
+            keep_fine_tuned(local, state, server_round, own)
+        if own is not None:
             with torch.no_grad():
-                personalized = DomainFeatures(
-                    local.feats.image,
-                    local.feats.labels,
-                    text(tuned.to(text.ids.device)).cpu(),
-                    local.feats.logit_scale,
-                    [],
-                )
-            metrics["personalized-test-acc"] = evaluate_adapter(
-                None, personalized, {"test": local.split.test}, local.device
-            )["test"][0]
+                features = self.site_features(text, {name: t.to(device) for name, t in own.items()}).cpu()
+            feats = DomainFeatures(local.feats.image, local.feats.labels, features, local.feats.logit_scale, [])
+            metrics["personalized-test-acc"] = evaluate_adapter(None, feats, {"test": local.split.test}, local.device)[
+                "test"
+            ][0]
         return metrics
+
+    def own_weights(
+        self, local: LocalData, received: dict[str, torch.Tensor], state: RecordDict
+    ) -> dict[str, torch.Tensor] | None:
+        """The weights a training site predicts with, from the received ones and what it keeps; None: the received
+        context, nothing of its own."""
+        return None
+
+    def site_features(self, text: PromptText, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The class text features [C, d] of a site's weights (`own_weights`' layout)."""
+        return text(weights[CONTEXT])
 
     def received_features(self, local: LocalData, text: PromptText, weights: dict[str, torch.Tensor]) -> DomainFeatures:
         """The client's features with the class text features of received weights (its cached image features)."""
