@@ -538,13 +538,18 @@ def test_promptfl_over_tls(nodes):
 
 
 @pytest.mark.parametrize(
-    "method,sites_keep",
-    [("conditioned_prompt", True), ("two_tower_prompt", False)],  # personal_prompt: the restart test below
+    "method,options,sites_keep",
+    [
+        ("conditioned_prompt", "", True),
+        ("two_tower_prompt", "", False),
+        ("promptfl", "method.personalize_epochs=1", True),  # each site's context, fine-tuned after the last round
+    ],  # personal_prompt: the restart test below
 )
-def test_the_other_prompt_methods_over_tls(nodes, method, sites_keep):
-    """The prompt methods beyond PromptFL across real SuperNodes, one round: each site reports its personalization and,
-    for a method with a part of its own, writes its own weights to its own folder (never the server's)."""
-    log, folder = flwr_run(nodes, f"training.rounds=1 method={method}")
+def test_the_other_prompt_methods_over_tls(nodes, method, options, sites_keep):
+    """The prompt methods beyond PromptFL, and PromptFL fine-tuned at each site, across real SuperNodes, one round: each
+    site reports its personalization and, for a method with a part of its own, writes its own weights to its own
+    folder (never the server's)."""
+    log, folder = flwr_run(nodes, f"training.rounds=1 method={method} {options}")
     assert "Traceback" not in log, log[-4000:]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["method"] == method and summary["rounds"] == 1 and summary["generalization"]["sketch"] is not None
