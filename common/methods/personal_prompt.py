@@ -29,6 +29,16 @@ PERSONAL_OPTIMIZER = "personal-optimizer"
 SITE_PREFIX = "personal/"  # the personal part's tensors in a site's weights file, beside the context
 
 
+def site_file_weights(ctx: torch.Tensor, personal: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A site's context and personal part as its weights file holds them."""
+    return {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
+
+
+def personal_of(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The personal part in a site's weights (empty in the server's, the global context only)."""
+    return {k.removeprefix(SITE_PREFIX): v for k, v in weights.items() if k.startswith(SITE_PREFIX)}
+
+
 class PersonalPrompt(PromptFL):
     """PromptFL's context, shared, and per site a context offset of rank `rank` (0: none) and, with `class_residual`,
     a residual on each class's text feature, tuned at `personal_lr`."""
@@ -128,11 +138,10 @@ class PersonalPrompt(PromptFL):
         personal = self.kept_personal(local, state, received[CONTEXT])
         if personal is None:
             return None
-        return {CONTEXT: self.site_context(received, state), **{SITE_PREFIX + k: v for k, v in personal.items()}}
+        return site_file_weights(self.site_context(received, state), personal)
 
     def site_features(self, text: PromptText, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        personal = {k.removeprefix(SITE_PREFIX): v for k, v in weights.items() if k.startswith(SITE_PREFIX)}
-        return self.personal_text(text, weights[CONTEXT], personal)
+        return self.personal_text(text, weights[CONTEXT], personal_of(weights))
 
     def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
         """The weights the last evaluation fine-tuned (`personalize_epochs`), or the context with the personal part."""
@@ -141,13 +150,13 @@ class PersonalPrompt(PromptFL):
             return fine_tuned
         personal = state[PERSONAL].to_torch_state_dict()
         ctx = self.site_context(decode(content[wire.ARRAYS]), state)
-        return {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
+        return site_file_weights(ctx, personal)
 
     def class_text(
         self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str
     ) -> torch.Tensor:
         """The global context's class features (the server's run folder), or with a site's personal part (its own)."""
-        personal = {k.removeprefix(SITE_PREFIX): v for k, v in weights.items() if k.startswith(SITE_PREFIX)}
+        personal = personal_of(weights)
         if not personal:
             return super().class_text(weights, model, processor, classes, prompt)
         ctx, dim = weights[CONTEXT], int(model.config.projection_dim)
@@ -159,6 +168,6 @@ class PersonalPrompt(PromptFL):
             return self.site_features(text, {k: v.to(device) for k, v in weights.items()}).cpu()
 
     def describe(self, weights: dict[str, torch.Tensor]) -> str:
-        personal = sum(v.numel() for k, v in weights.items() if k.startswith(SITE_PREFIX))
+        personal = sum(v.numel() for v in personal_of(weights).values())
         shared = super().describe({CONTEXT: weights[CONTEXT]})
         return shared + (f" and a site's personal part ({personal:,} parameters)" if personal else "")
