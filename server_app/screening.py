@@ -17,7 +17,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from common import wire
 from common.methods.base import Update
-from common.transport import WIRE_DTYPES, decode_array
+from common.transport import WIRE_DTYPES, array_values, decode_array
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def checked_tensors(
     for key, expected in template.items():
         try:
             # the decoded bytes, not the declared shape
-            array = arrays[key] if isinstance(arrays[key], np.ndarray) else arrays[key].numpy()
+            array = arrays[key] if isinstance(arrays[key], np.ndarray) else array_values(arrays[key])
         except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
             return None, f"{key} cannot be decoded: {err}"
         if array.shape != expected.shape:

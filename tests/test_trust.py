@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common.methods.fedavg import FedAvg
 from common.methods.fedclip import FedClip
 from common.methods.local import Local
-from common.transport import decode, encode
+from common.transport import array_values, decode, encode
 from server_app import screening
 from server_app.aggregation import AGGREGATIONS, aggregate_adapters, min_clients
 from server_app.sampling import sample_clients
@@ -302,6 +302,31 @@ def test_16_bit_round_trip_halves_the_bytes_and_is_within_the_dtypes_rounding(dt
         assert np.all(np.abs(value.numpy() - original[key]) <= rel * np.abs(original[key]))
         expected = torch.from_numpy(original[key]).to(getattr(torch, dtype)).float()
         assert torch.equal(value, expected)  # exactly torch's own rounding
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint16", "float64", "int64", "bool"])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (64, 64), (2, 0, 3), (1, 2, 3)])
+def test_arrays_in_flowers_encoding_are_read_in_place_as_np_load_reads_them(dtype, shape):
+    values = np.asarray(np.random.default_rng(0).normal(size=shape) * 100).astype(dtype)
+    array = Array(values)
+    read = array_values(array)
+    assert read.dtype == values.dtype and read.shape == values.shape and np.array_equal(read, values)
+    assert not read.flags.writeable  # the message's own bytes: nothing may write into them
+
+
+@pytest.mark.parametrize(
+    "declared,values",
+    [
+        ((2, 3), np.arange(6, dtype=np.float32)),  # a declared shape the bytes do not have
+        ((10**12,), np.arange(6, dtype=np.float32)),  # one far larger than the bytes: nothing is allocated for it
+        ((3, 4), np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))),  # not C order
+        ((6,), np.arange(6, dtype=">f4")),  # big-endian
+    ],
+)
+def test_arrays_in_any_other_encoding_are_read_by_np_load(declared, values):
+    array = Array(dtype="float32", shape=declared, stype="numpy.ndarray", data=Array(values).data)
+    read = array_values(array)
+    assert read.shape == values.shape and np.array_equal(read, values)  # what the bytes say, as Flower's np.load
 
 
 def test_server_decodes_16_bit_updates_and_aggregates_in_float32():
