@@ -112,21 +112,19 @@ def train(message: Message, context: Context) -> Message:
         raise RuntimeError(f"domain {local.domain!r} is held out and must never train")
     method, config = method_of(message), message.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])
-    key = kept_state.restored(config, context.state, local, server_round)
+    key, kept = kept_state.restored(config, context.state, local, server_round)
     evaluation = {}
     if wire.EVALUATE_ROUND in config:
         evaluation = method.evaluate(
             local,
             message.content,
-            context.state,
+            kept,
             int(config[wire.EVALUATE_ROUND]),
             bool(config.get(wire.ZERO_SHOT, False)),
         )
     t0 = time.time()
-    trained, metrics = method.train(local, message.content, context.state, server_round)
-    if key is not None and kept_state.save(context.state, local, key, server_round):
-        if not local.cfg.training.client_state_in_memory:
-            kept_state.forget(context.state)
+    trained, metrics = method.train(local, message.content, kept, server_round)
+    kept_state.keep(context.state, local, key, server_round, kept)
     metrics = {
         **metrics,
         "train-seconds": time.time() - t0,
@@ -147,14 +145,10 @@ def evaluate(message: Message, context: Context) -> Message:
         return _unusable(message, err)
     method, config = method_of(message), message.content[wire.CONFIG]
     server_round = int(config.get(wire.SERVER_ROUND, 0))
-    key = kept_state.restored(config, context.state, local, server_round + 1)  # what it kept after this round
-    metrics = method.evaluate(
-        local, message.content, context.state, server_round, bool(config.get(wire.ZERO_SHOT, False))
-    )
+    key, kept = kept_state.restored(config, context.state, local, server_round + 1)  # what it kept after this round
+    metrics = method.evaluate(local, message.content, kept, server_round, bool(config.get(wire.ZERO_SHOT, False)))
     metrics[wire.IMAGES_ENCODED] = int(metrics.get(wire.IMAGES_ENCODED, 0)) + encoded
     last = server_round == int(local.cfg.training.rounds) and not local.held_out
-    if key is not None and last and (weights := method.site_weights(message.content, context.state)) is not None:
+    if key is not None and last and (weights := method.site_weights(message.content, kept)) is not None:
         kept_state.save_site_weights(local, key, method.weights_name, weights)
-    if key is not None and not local.cfg.training.client_state_in_memory:
-        kept_state.forget(context.state)  # read from the files it was saved in: nothing changed it
     return _reply(message, local, {wire.METRICS: MetricRecord(metrics)})

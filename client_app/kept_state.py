@@ -1,17 +1,19 @@
-"""What a client keeps between rounds (its method's state: optimiser moments), saved at the site every round.
+"""What a client keeps between rounds (its method's `Kept`: optimiser moments, a personal part), saved at the site
+every round.
 
 Flower keeps a ClientApp's context state for one Flower run, in the SuperNode's memory: a run resumed with `resume=`
 (a new Flower run) or a SuperNode that restarts starts without it, and training goes on from fresh moments, so the
 resumed run ends elsewhere than the same run uninterrupted. The server names the app's run with a key that survives a
-resume (`run-key` in every train message); after training round r a client writes its state to
-`<output_dir>/clients/<run key>/<client>/state-r<r>.safetensors` (a site's own output folder, never the run's), and a
-client whose Flower state does not hold this run's loads the newest file from before the round it trains. By default
-(training.client_state_in_memory false) the state then leaves Flower's context (`forget`): each message reads it from
-the file, so the context, which a simulation keeps for every client in one process and sends to the Ray actor and back
-with every message, stays empty. The two
-newest files are kept: a server that stopped after its clients trained round r, but before it checkpointed it, resumes
-with round r again, which must start from round r-1's state. A site keeps the state of the 16 runs it trained in last.
-A missing file is a fresh start; an unreadable one too, with a warning: it never stops the round.
+resume (`run-key` in every train message); after training round r a client writes what it keeps to
+`<output_dir>/clients/<run key>/<client>/state-r<r>.safetensors` (a site's own output folder, never the run's), and
+each message reads back the newest file from before its round. By default (training.client_state_in_memory false)
+that is all: Flower's context, which a simulation keeps for every client in one process and sends to the Ray actor and
+back with every message, stays empty, and the tensors never go through Flower's arrays. With
+training.client_state_in_memory the context holds them too (as ArrayRecords, marked with the run key), and a message
+reads them from there. The two newest files are kept: a server that stopped after its clients trained round r, but
+before it checkpointed it, resumes with round r again, which must start from round r-1's state. A site keeps the state
+of the 16 runs it trained in last. A missing file is a fresh start; an unreadable one too, with a warning: it never
+stops the round.
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ import safetensors
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from common import wire
 from common.files import save_tensors
 from common.fingerprint import model_files_fingerprint
 from common.local_data import LocalData
+from common.methods.base import Kept
 from common.model import model_name_or_path
 
 log = logging.getLogger(__name__)
 
-MARK = "kept-state"  # Flower state's ConfigRecord naming the run key its arrays belong to
+MARK = "kept-state"  # in memory: Flower state's ConfigRecord naming the run key its arrays belong to
 KEPT_FILES = 2
 # runs whose state a site keeps: a server sending a new run key with every message cannot fill the site's disk
 KEPT_RUNS = 16
@@ -51,14 +53,46 @@ def run_key(value: object) -> str:
         raise ValueError(f"run-key {str(value)[:40]!r} is not a run key (32 hex digits)") from err
 
 
-def restored(config: ConfigRecord, state: RecordDict, local: LocalData, before_round: int) -> str | None:
-    """The message's run key (None: a server that sends none), with Flower's state restored from the site's files
-    saved before `before_round` if it does not hold this run's."""
+def restored(config: ConfigRecord, state: RecordDict, local: LocalData, before_round: int) -> tuple[str | None, Kept]:
+    """The message's run key (None: a server that sends none, whose client keeps what it keeps in Flower's context
+    `state` only) and what the client kept before `before_round`: from `state` where it holds this run's, else from
+    the site's files."""
     if wire.RUN_KEY not in config:
-        return None
+        return None, in_context(state)
     key = run_key(config[wire.RUN_KEY])
-    restore(state, local, key, before_round)
-    return key
+    mark = state.config_records.get(MARK)
+    if mark is not None and mark.get("run-key") == key:
+        return key, in_context(state)
+    kept = restore(local, key, before_round)
+    if local.cfg.training.client_state_in_memory:
+        _into_context(state, key, kept)
+    return key, kept
+
+
+def in_context(state: RecordDict) -> Kept:
+    """What Flower's context state holds of the client's kept records, as tensors."""
+    return {name: record.to_torch_state_dict() for name, record in state.array_records.items()}
+
+
+def keep(state: RecordDict, local: LocalData, key: str | None, server_round: int, kept: Kept) -> None:
+    """After training `server_round`: save what the client keeps at the site, and in Flower's context `state` only
+    where it lives in memory (training.client_state_in_memory), or where it could not be saved (the run goes on from
+    memory, without what a restart would need)."""
+    saved = key is not None and save(kept, local, key, server_round)
+    _into_context(state, key, kept if local.cfg.training.client_state_in_memory or not saved else None)
+
+
+def _into_context(state: RecordDict, key: str | None, kept: Kept | None) -> None:
+    """Flower's context `state` holding `kept` for the run `key` (None: nothing)."""
+    for name in [*state.array_records, MARK]:
+        if name in state:
+            del state[name]
+    if kept is None:
+        return
+    for name, tensors in kept.items():
+        state[name] = ArrayRecord({array: t.detach().cpu().contiguous() for array, t in tensors.items()})
+    if key is not None:
+        state[MARK] = ConfigRecord({"run-key": key})
 
 
 def state_folder(local: LocalData, key: str) -> Path:
@@ -78,38 +112,29 @@ def _saved(folder: Path) -> list[Path]:
     return sorted(files, key=_round_of)
 
 
-def restore(state: RecordDict, local: LocalData, key: str, server_round: int) -> None:
-    """Unless Flower's state holds this run's kept state already, replace its arrays by the newest saved before
-    `server_round` (none saved: a fresh start)."""
-    mark = state.config_records.get(MARK)
-    if mark is not None and mark.get("run-key") == key:
-        return
-    for name in list(state.array_records):
-        del state[name]
-    state[MARK] = ConfigRecord({"run-key": key})
+def restore(local: LocalData, key: str, server_round: int) -> Kept:
+    """What the client kept in the newest file saved before `server_round` (none saved: a fresh start, nothing)."""
     earlier = [p for p in _saved(state_folder(local, key)) if _round_of(p) < server_round]
     if not earlier:
-        return
+        return {}
     path = earlier[-1]
     try:
-        tensors = load_file(path)
         with safetensors.safe_open(str(path), framework="pt") as fh:
             names = json.loads((fh.metadata() or {}).get("records", "[]"))  # an empty record has no tensor to name it
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open is no Mapping
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise ValueError("its list of records is not a list of names")
-        records: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        kept: Kept = {name: {} for name in names}
         for name, tensor in tensors.items():
             record, _, array = name.partition("/")
             if not record or not array or not torch.isfinite(tensor).all():
                 raise ValueError(f"tensor {name!r} is not a kept state's")
-            records.setdefault(record, {})[array] = tensor
+            kept.setdefault(record, {})[array] = tensor
     except (OSError, ValueError, safetensors.SafetensorError) as err:
         log.warning(
             "client %s: could not read its kept state %s (%s); it goes on from a fresh one", local.client, path, err
         )
-        return
-    for record, tensors in records.items():
-        state[record] = ArrayRecord(tensors)
+        return {}
     # with the state in files, reading it back is every message's routine; a restart's or a resume's is news
     routine = not local.cfg.training.client_state_in_memory
     log.log(
@@ -119,33 +144,24 @@ def restore(state: RecordDict, local: LocalData, key: str, server_round: int) ->
         _round_of(path),
         path,
     )
+    return kept
 
 
-def forget(state: RecordDict) -> None:
-    """Drop the kept state from Flower's context (unless training.client_state_in_memory): the client's next message
-    reads it back from the files saved."""
-    for name in [*state.array_records, MARK]:
-        if name in state:
-            del state[name]
-
-
-def save(state: RecordDict, local: LocalData, key: str, server_round: int) -> bool:
-    """Write the state's arrays as after `server_round`, atomically, and keep the two newest files; whether they are
+def save(kept: Kept, local: LocalData, key: str, server_round: int) -> bool:
+    """Write what the client keeps as after `server_round`, atomically, and keep the two newest files; whether they are
     on disk. A folder the site cannot write to is a warning, never a failed round: the run goes on, without what a
     restart would need."""
-    tensors = {
-        f"{name}/{array}": tensor
-        for name, record in state.array_records.items()
-        for array, tensor in record.to_torch_state_dict().items()
-    }
-    if not state.array_records:
+    if not kept:
         return False
+    tensors = {
+        f"{name}/{array}": tensor.detach().cpu() for name, record in kept.items() for array, tensor in record.items()
+    }
     folder = state_folder(local, key)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"state-r{server_round}.safetensors"
         partial = path.with_suffix(".tmp")
-        records = json.dumps(sorted(state.array_records))
+        records = json.dumps(sorted(kept))
         info = {"run-key": key, "client": local.client, "round": str(server_round), "records": records}
         save_tensors(tensors, partial, info)
         os.replace(partial, path)

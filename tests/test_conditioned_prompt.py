@@ -94,7 +94,7 @@ def test_a_sites_generator_update_gives_the_server_its_image_signature(runs):
     method = ConditionedPrompt(generator_lr=0.2)
     sent = method.initial_weights(local.cfg, local.feats.image.shape[1])
     content = RecordDict({wire.ARRAYS: encode(sent, "float32")})
-    trained, _ = method.train(local, content, RecordDict(), 1)
+    trained, _ = method.train(local, content, {}, 1)
     delta = trained[GENERATOR[0]] - sent[GENERATOR[0]]
     leading = torch.linalg.svd(delta).Vh[0]
     mean = torch.nn.functional.normalize(local.feats.image[local.split.train], dim=-1).mean(0)

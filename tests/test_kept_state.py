@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from omegaconf import OmegaConf
 
 from client_app import kept_state
@@ -35,10 +35,8 @@ def client(tmp_path: Path, name: str = "photo", in_memory: bool = False) -> Loca
     return LocalData(cfg, "photo", name, None, None, None, torch.device("cpu"))
 
 
-def moments(value: float) -> RecordDict:
-    state = RecordDict()
-    state["optimizer"] = ArrayRecord({"0.exp_avg": torch.full((3,), value), "0.step": torch.tensor(float(value))})
-    return state
+def moments(value: float) -> dict[str, dict[str, torch.Tensor]]:
+    return {"optimizer": {"0.exp_avg": torch.full((3,), value), "0.step": torch.tensor(float(value))}}
 
 
 def test_a_fresh_state_loads_the_newest_file_from_before_the_round(tmp_path):
@@ -47,15 +45,35 @@ def test_a_fresh_state_loads_the_newest_file_from_before_the_round(tmp_path):
         kept_state.save(moments(r), local, KEY, r)
     folder = kept_state.state_folder(local, KEY)
     assert sorted(p.name for p in folder.iterdir()) == ["state-r2.safetensors", "state-r3.safetensors"]
-    state = RecordDict()  # a resumed run, or a restarted SuperNode: Flower's state is empty
-    kept_state.restore(state, local, KEY, 3)  # round 3 again (the server had not checkpointed it): round 2's state
-    assert torch.equal(state["optimizer"].to_torch_state_dict()["0.exp_avg"], torch.full((3,), 2.0))
-    state["optimizer"] = ArrayRecord({"0.exp_avg": torch.zeros(3)})
-    kept_state.restore(state, local, KEY, 4)  # Flower's state holds this run's already: left as it is
-    assert torch.equal(state["optimizer"].to_torch_state_dict()["0.exp_avg"], torch.zeros(3))
-    other = moments(9)
-    kept_state.restore(other, local, uuid.uuid4().hex, 4)  # another run's key: nothing of this one, nor stale arrays
-    assert not other.array_records
+    kept = kept_state.restore(local, KEY, 3)  # round 3 again (the server had not checkpointed it): round 2's state
+    assert torch.equal(kept["optimizer"]["0.exp_avg"], torch.full((3,), 2.0))
+    assert kept_state.restore(local, uuid.uuid4().hex, 4) == {}  # another run's key: nothing of this one
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_flowers_context_holds_what_a_client_keeps_only_when_it_lives_in_memory(in_memory, tmp_path):
+    """In files (the default) the context a simulation keeps for every client, and sends to the Ray actor and back with
+    every message, stays empty; in memory the context holds it, marked with the run key, and a message reads it from
+    there (the file is what a restart reads)."""
+    local, state, config = client(tmp_path, in_memory=in_memory), RecordDict(), ConfigRecord({"run-key": KEY})
+    kept_state.keep(state, local, KEY, 1, moments(1))
+    assert bool(state.array_records) == in_memory
+    kept_state.save(moments(7), local, KEY, 1)  # the file now differs from what the context holds
+    key, kept = kept_state.restored(config, state, local, 2)
+    assert key == KEY and torch.equal(kept["optimizer"]["0.exp_avg"], torch.full((3,), 1.0 if in_memory else 7.0))
+    other = RecordDict()
+    kept_state.keep(other, local, KEY, 1, moments(1))
+    _, kept = kept_state.restored(ConfigRecord({"run-key": uuid.uuid4().hex}), other, local, 2)
+    assert kept == {}  # another run's key: nothing of this one, nor of what the context held
+
+
+def test_a_client_that_cannot_save_keeps_it_in_memory(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")
+    local, state = client(tmp_path / "a-file"), RecordDict()
+    with caplog.at_level(logging.WARNING):
+        kept_state.keep(state, local, KEY, 1, moments(1))
+    _, kept = kept_state.restored(ConfigRecord({"run-key": KEY}), state, local, 2)
+    assert torch.equal(kept["optimizer"]["0.exp_avg"], torch.ones(3)) and "could not save" in caplog.text
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -64,7 +82,7 @@ def test_a_restore_is_news_only_when_the_state_lives_in_memory(in_memory, tmp_pa
     local = client(tmp_path, in_memory=in_memory)
     kept_state.save(moments(1), local, KEY, 1)
     with caplog.at_level(logging.INFO):
-        kept_state.restore(RecordDict(), local, KEY, 2)
+        kept_state.restore(local, KEY, 2)
     assert ("restored what it kept after round 1" in caplog.text) == in_memory
 
 
@@ -77,10 +95,9 @@ def test_a_corrupt_file_is_a_fresh_start_with_a_warning(damage, tmp_path, caplog
         kept_state.save(moments(float("nan")), local, KEY, 1)
     else:
         path.write_bytes(damage)
-    state = RecordDict()
     with caplog.at_level(logging.WARNING):
-        kept_state.restore(state, local, KEY, 2)
-    assert not state.array_records and "goes on from a fresh one" in caplog.text
+        assert kept_state.restore(local, KEY, 2) == {}
+    assert "goes on from a fresh one" in caplog.text
 
 
 @pytest.mark.parametrize("key", ["../../etc", "", "0" * 31, f"{KEY}/.."])
@@ -210,9 +227,9 @@ def test_a_client_whose_state_lives_only_in_its_files_ends_as_one_that_keeps_it_
 def test_an_empty_record_comes_back_too(tmp_path):
     """A method may keep a record with no tensor in it (conditioned_prompt's personal part at rank 0): it has no tensor
     in the file to name it, and its absence would mean "nothing kept" (the site then wrote no weights of its own)."""
-    local, state = client(tmp_path), moments(1)
-    state["personal"] = ArrayRecord()
-    assert kept_state.save(state, local, KEY, 1)
-    restored = RecordDict()
-    kept_state.restore(restored, local, KEY, 2)
-    assert sorted(restored.array_records) == ["optimizer", "personal"] and not restored["personal"]
+    local, kept = client(tmp_path), moments(1)
+    kept["personal"] = {}
+    assert kept_state.save(kept, local, KEY, 1)
+    restored = kept_state.restore(local, KEY, 2)
+    assert sorted(restored) == ["optimizer", "personal"] and restored["personal"] == {}
+    assert torch.equal(restored["optimizer"]["0.exp_avg"], torch.ones(3))

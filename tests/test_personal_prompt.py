@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
@@ -147,9 +147,10 @@ def test_a_personal_part_of_another_shape_is_dropped_with_a_warning(runs, caplog
     site_cfg = next((personal.parent / "clients").glob("*/art/config.yaml"))
     local = client_data(config_from_file(site_cfg), "art", 0, torch.device("cpu"))
     method, ctx = PersonalPrompt(class_residual=True), torch.zeros(4, 32)
-    state = RecordDict()
-    state[PERSONAL] = ArrayRecord({"u": torch.zeros(4, 2), "v": torch.zeros(2, 32), "classes": torch.zeros(4, 24)})
-    state[PERSONAL_OPTIMIZER] = ArrayRecord({"0.step": torch.tensor(3.0)})
+    kept = {
+        PERSONAL: {"u": torch.zeros(4, 2), "v": torch.zeros(2, 32), "classes": torch.zeros(4, 24)},
+        PERSONAL_OPTIMIZER: {"0.step": torch.tensor(3.0)},
+    }
     with caplog.at_level(logging.WARNING):
-        assert method.kept_personal(local, state, ctx) is None
-    assert "starts from the global one" in caplog.text and not state.array_records
+        assert method.kept_personal(local, kept, ctx) is None
+    assert "starts from the global one" in caplog.text and not kept

@@ -35,6 +35,10 @@ class Update:
 
 
 Combine = Callable[[list[Update]], dict[str, np.ndarray]]  # the strategy's rule: weighted mean, or a robust one
+# What a client keeps between rounds (an optimiser's moments, a personal part): records of named tensors, which the
+# ClientApp saves at the site after each round it trains and hands back with the client's next message
+# (client_app/kept_state.py). Plain tensors: they never travel, so they never go through Flower's arrays.
+Kept = dict[str, dict[str, torch.Tensor]]
 
 
 class Method:
@@ -85,32 +89,27 @@ class Method:
 
     # On a client
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """Train from the received weights: the trained weights and the metrics (train-loss, num-examples,
         images-encoded).
 
-        `state` is the client's Flower context state, kept between rounds (an optimiser's moments).
+        `kept` is what the client kept from the rounds it trained before (an optimiser's moments); what train leaves
+        in it is kept for the next.
         """
         raise NotImplementedError
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
+    def evaluate(self, local: LocalData, content: RecordDict, kept: Kept, server_round: int, zero_shot: bool) -> dict:
         """Accuracy and loss of the received weights (or of zero-shot CLIP) on the client's val, test and all images;
-        `state` is what the client kept (train's), for a method whose client has a part of its own."""
+        `kept` is what the client kept (train's), for a method whose client has a part of its own."""
         return scores(local, local.feats, [None])
 
-    def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
+    def site_weights(self, content: RecordDict, kept: Kept) -> dict[str, torch.Tensor] | None:
         """The weights this client predicts with after the run, from the last global ones it received and what it kept;
         None: the global ones (the server's run folder has them). The ClientApp writes them to the site's own folder.
 
         Here: those the run's last evaluation fine-tuned at the site (`keep_fine_tuned`), handed over once."""
-        if FINE_TUNED not in state.array_records:
-            return None
-        weights = state[FINE_TUNED].to_torch_state_dict()
-        del state[FINE_TUNED]
-        return weights
+        return kept.pop(FINE_TUNED, None)
 
     # For fedclip-predict and its export: a classifier is CLIP's logits between the image features, through
     # `image_head`, and the class text features, from `class_text`, given the weights a run saved
@@ -136,14 +135,14 @@ class Method:
         return f"The {self.weights_name} that method {self.name} trained ({parameters:,} parameters)"
 
 
-FINE_TUNED = "fine-tuned"  # a client's state, for one message: the weights its last evaluation fine-tuned for it
+FINE_TUNED = "fine-tuned"  # kept for one message: the weights the client's last evaluation fine-tuned for it
 
 
-def keep_fine_tuned(local: LocalData, state: RecordDict, server_round: int, weights: dict[str, torch.Tensor]) -> None:
+def keep_fine_tuned(local: LocalData, kept: Kept, server_round: int, weights: dict[str, torch.Tensor]) -> None:
     """After the run's last round, the weights a client fine-tuned for its own test (`personalize_epochs`) are the ones
     it predicts with: kept for `site_weights`, not thrown away after the evaluation."""
     if server_round == int(local.cfg.training.rounds):
-        state[FINE_TUNED] = ArrayRecord({name: t.detach().cpu().contiguous() for name, t in weights.items()})
+        kept[FINE_TUNED] = {name: t.detach().cpu().contiguous() for name, t in weights.items()}
 
 
 def scores(local: LocalData, feats: DomainFeatures, adapters: list, images_encoded: int = 0) -> dict:

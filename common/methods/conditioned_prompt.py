@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from omegaconf import DictConfig
 
 from common import wire
 from common.local_data import LocalData
+from common.methods.base import Kept
 from common.methods.personal_prompt import PersonalPrompt
 from common.methods.promptfl import CONTEXT
 from common.model import class_logits
@@ -66,20 +67,20 @@ class ConditionedPrompt(PersonalPrompt):
         a, v = (generator[k] for k in GENERATOR)
         return (a @ signature).reshape(n_ctx, -1) @ v
 
-    def site_context(self, received: dict[str, torch.Tensor], state: RecordDict) -> torch.Tensor:
+    def site_context(self, received: dict[str, torch.Tensor], kept: Kept) -> torch.Tensor:
         ctx = received[CONTEXT]
-        signature = state[SIGNATURE].to_torch_state_dict()["mean"]
+        signature = kept[SIGNATURE]["mean"]
         return ctx + self.offset(received, signature.to(ctx.device), len(ctx))
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         received = decode(content[wire.ARRAYS])
         rows = torch.as_tensor(local.split.train)
         feats = local.feats
         mean = F.normalize(feats.image[rows], dim=-1).mean(0) if len(rows) else torch.zeros(feats.image.shape[1])
         signature = F.normalize(mean, dim=0)  # no training image: zeros, no offset
-        state[SIGNATURE] = ArrayRecord({"mean": signature})
+        kept[SIGNATURE] = {"mean": signature}
         text = self._text(local)
         device = text.ids.device
         ctx, signature = received[CONTEXT].to(device), signature.to(device)
@@ -87,8 +88,8 @@ class ConditionedPrompt(PersonalPrompt):
         optimizer = torch.optim.AdamW(
             generator.values(), lr=self.generator_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
         )
-        if GENERATOR_OPTIMIZER in state.array_records:
-            load_optimizer_state(optimizer, state[GENERATOR_OPTIMIZER].to_torch_state_dict())
+        if GENERATOR_OPTIMIZER in kept:
+            load_optimizer_state(optimizer, kept[GENERATOR_OPTIMIZER])
         scale = feats.logit_scale.to(device)
         train_epochs(
             lambda batch: class_logits(batch, text(ctx + self.offset(generator, signature, len(ctx))), scale, None),
@@ -98,8 +99,8 @@ class ConditionedPrompt(PersonalPrompt):
             local.cfg.training,
             local.generator(server_round, "generator"),
         )
-        state[GENERATOR_OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
-        weights, metrics = super().train(local, content, state, server_round)  # the personal part, then the context
+        kept[GENERATOR_OPTIMIZER] = optimizer_state(optimizer)
+        weights, metrics = super().train(local, content, kept, server_round)  # the personal part, then the context
         return {**weights, **{k: t.detach().cpu() for k, t in generator.items()}}, metrics
 
     def describe(self, weights: dict[str, torch.Tensor]) -> str:

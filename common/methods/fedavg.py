@@ -16,7 +16,7 @@ from torch import nn
 from common import wire
 from common.features import DomainFeatures, encode_images, image_batches, images_encoded
 from common.local_data import LocalData
-from common.methods.base import Method, scores
+from common.methods.base import Kept, Method, scores
 from common.model import class_logits, load_clip, model_name_or_path
 from common.sources import ImageSource
 from common.train import make_optimizer
@@ -40,7 +40,7 @@ class FedAvg(Method):
         return encoder_state(model)
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         model, processor = received_encoder(local, content[wire.ARRAYS])
         train_files = file_indices(local, local.split.train)
@@ -59,9 +59,7 @@ class FedAvg(Method):
             wire.IMAGES_ENCODED: len(train_files) * local.cfg.training.local_epochs,
         }
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
+    def evaluate(self, local: LocalData, content: RecordDict, kept: Kept, server_round: int, zero_shot: bool) -> dict:
         """The images encoded again with the received encoder (the text tower is frozen: its prompts stay)."""
         if zero_shot:
             return scores(local, local.feats, [None])

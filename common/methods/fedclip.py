@@ -9,12 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from common import wire
 from common.local_data import LocalData
-from common.methods.base import Method, keep_fine_tuned, scores
+from common.methods.base import Kept, Method, keep_fine_tuned, scores
 from common.model import AttentionAdapter
 from common.train import evaluate_adapter, load_optimizer_state, make_optimizer, optimizer_state, train_adapter
 from common.transport import decode
 
-OPTIMIZER = "optimizer"  # the client's AdamW state in its Flower context, kept between rounds
+OPTIMIZER = "optimizer"  # what the client keeps between rounds: its AdamW state
 
 
 class FedClip(Method):
@@ -40,22 +40,20 @@ class FedClip(Method):
         return local.feats, torch.as_tensor(local.split.train)
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         feats, rows = self.train_rows(local)
         adapter = received_adapter(local, content[wire.ARRAYS])
         optimizer = make_optimizer(adapter, local.cfg.training)
-        if OPTIMIZER in state:
-            load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
+        if OPTIMIZER in kept:
+            load_optimizer_state(optimizer, kept[OPTIMIZER])
         loss = train_adapter(
             adapter, optimizer, feats, rows, local.cfg.training, local.generator(server_round, "train")
         )
-        state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
+        kept[OPTIMIZER] = optimizer_state(optimizer)
         return adapter.state_dict(), {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
+    def evaluate(self, local: LocalData, content: RecordDict, kept: Kept, server_round: int, zero_shot: bool) -> dict:
         """Every adapter the message carries is evaluated and their accuracies averaged (the held-out node of
         method=local
         gets one per client); zero-shot CLIP on round 0."""
@@ -78,7 +76,7 @@ class FedClip(Method):
             metrics["personalized-test-acc"] = evaluate_adapter(
                 adapter, local.feats, {"test": local.split.test}, local.device
             )["test"][0]
-            keep_fine_tuned(local, state, server_round, adapter.state_dict())
+            keep_fine_tuned(local, kept, server_round, adapter.state_dict())
         return metrics
 
     def image_head(self, weights: dict[str, torch.Tensor], feature_dim: int) -> AttentionAdapter:

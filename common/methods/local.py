@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, RecordDict
 from omegaconf import DictConfig
 
 from common import wire
-from common.methods.base import Combine, Method, Update
+from common.methods.base import Combine, Kept, Method, Update
 from common.methods.fedclip import FedClip
 from common.methods.personal_prompt import PersonalPrompt
 from common.methods.promptfl import PromptFL
@@ -53,10 +53,10 @@ class LocalOnly(Method):
             self.client_states[update.client] = update.state
         return None
 
-    def site_weights(self, content: RecordDict, state: RecordDict) -> None:
+    def site_weights(self, content: RecordDict, kept: Kept) -> None:
         """None: a reference run keeps no weights at the sites (they have no method name to predict with, weights_name
         is None), and the fine-tuned ones it measures leave the client's state."""
-        super().site_weights(content, state)
+        super().site_weights(content, kept)
         return None
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from common import wire
 from common.local_data import LocalData
+from common.methods.base import Kept
 from common.methods.promptfl import CONTEXT, PromptFL, PromptText
 from common.model import class_logits
 from common.train import load_optimizer_state, optimizer_state, train_epochs
@@ -77,34 +78,33 @@ class PersonalPrompt(PromptFL):
         features = text(ctx)
         return features + personal["classes"] if "classes" in personal else features
 
-    def kept_personal(self, local: LocalData, state: RecordDict, ctx: torch.Tensor) -> dict | None:
+    def kept_personal(self, local: LocalData, kept: Kept, ctx: torch.Tensor) -> dict | None:
         """The personal part the client keeps; None if it has none yet. One of another shape (a changed CLIP or class
         list, a damaged file) is dropped with a warning: the site starts again from the global context."""
-        if PERSONAL not in state.array_records:
+        if PERSONAL not in kept:
             return None
-        personal = state[PERSONAL].to_torch_state_dict()
+        personal = kept[PERSONAL]
         fresh = self.initial_personal(ctx, len(local.images.classes), local.feats.text.shape[1], torch.Generator())
         if {k: tuple(v.shape) for k, v in personal.items()} != {k: tuple(v.shape) for k, v in fresh.items()}:
             log.warning(
                 "client %s: its personal part does not fit this run's; it starts from the global one", local.client
             )
-            for name in (PERSONAL, PERSONAL_OPTIMIZER):
-                if name in state.array_records:
-                    del state[name]
+            kept.pop(PERSONAL, None)
+            kept.pop(PERSONAL_OPTIMIZER, None)
             return None
         return personal
 
-    def site_context(self, received: dict[str, torch.Tensor], state: RecordDict) -> torch.Tensor:
+    def site_context(self, received: dict[str, torch.Tensor], kept: Kept) -> torch.Tensor:
         """The context the personal part is tuned against and added to: here the received global one."""
         return received[CONTEXT]
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         received = decode(content[wire.ARRAYS])
         text, ctx = self._text(local), received[CONTEXT]
         rows = torch.as_tensor(local.split.train)
-        personal = self.kept_personal(local, state, ctx)
+        personal = self.kept_personal(local, kept, ctx)
         if personal is None:
             personal = self.initial_personal(
                 ctx, len(local.images.classes), local.feats.text.shape[1], local.generator(0, "personal-init")
@@ -115,9 +115,9 @@ class PersonalPrompt(PromptFL):
             optimizer = torch.optim.AdamW(
                 params.values(), lr=self.personal_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
             )
-            if PERSONAL_OPTIMIZER in state.array_records:
-                load_optimizer_state(optimizer, state[PERSONAL_OPTIMIZER].to_torch_state_dict())
-            fixed, feats = self.site_context(received, state).to(device), local.feats
+            if PERSONAL_OPTIMIZER in kept:
+                load_optimizer_state(optimizer, kept[PERSONAL_OPTIMIZER])
+            fixed, feats = self.site_context(received, kept).to(device), local.feats
             scale = feats.logit_scale.to(device)
             train_epochs(
                 lambda batch: class_logits(batch, self.personal_text(text, fixed, params), scale, None),
@@ -127,30 +127,28 @@ class PersonalPrompt(PromptFL):
                 local.cfg.training,
                 local.generator(server_round, "personal"),
             )
-            state[PERSONAL_OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
-        state[PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
-        return super().train(local, content, state, server_round)  # the shared context, as PromptFL tunes it
+            kept[PERSONAL_OPTIMIZER] = optimizer_state(optimizer)
+        kept[PERSONAL] = {k: v.detach().cpu() for k, v in params.items()}
+        return super().train(local, content, kept, server_round)  # the shared context, as PromptFL tunes it
 
     def own_weights(
-        self, local: LocalData, received: dict[str, torch.Tensor], state: RecordDict
+        self, local: LocalData, received: dict[str, torch.Tensor], kept: Kept
     ) -> dict[str, torch.Tensor] | None:
         """The site's context and its personal part, in a site weights file's layout; None before it has one."""
-        personal = self.kept_personal(local, state, received[CONTEXT])
+        personal = self.kept_personal(local, kept, received[CONTEXT])
         if personal is None:
             return None
-        return site_file_weights(self.site_context(received, state), personal)
+        return site_file_weights(self.site_context(received, kept), personal)
 
     def site_features(self, text: PromptText, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.personal_text(text, weights[CONTEXT], personal_of(weights))
 
-    def site_weights(self, content: RecordDict, state: RecordDict) -> dict[str, torch.Tensor] | None:
+    def site_weights(self, content: RecordDict, kept: Kept) -> dict[str, torch.Tensor] | None:
         """The weights the last evaluation fine-tuned (`personalize_epochs`), or the context with the personal part."""
-        fine_tuned = super().site_weights(content, state)
-        if fine_tuned is not None or PERSONAL not in state.array_records:
+        fine_tuned = super().site_weights(content, kept)
+        if fine_tuned is not None or PERSONAL not in kept:
             return fine_tuned
-        personal = state[PERSONAL].to_torch_state_dict()
-        ctx = self.site_context(decode(content[wire.ARRAYS]), state)
-        return site_file_weights(ctx, personal)
+        return site_file_weights(self.site_context(decode(content[wire.ARRAYS]), kept), kept[PERSONAL])
 
     def class_text(
         self, weights: dict[str, torch.Tensor], model, processor, classes: list[str], prompt: str

@@ -11,20 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from omegaconf import DictConfig, OmegaConf
 from transformers.masking_utils import create_causal_mask
 
 from common import wire
 from common.features import DomainFeatures
 from common.local_data import LocalData
-from common.methods.base import Method, keep_fine_tuned, scores
+from common.methods.base import Kept, Method, keep_fine_tuned, scores
 from common.model import class_logits, load_clip, model_name_or_path
 from common.train import evaluate_adapter, load_optimizer_state, optimizer_state, train_epochs
 from common.transport import decode
 
 CONTEXT = "ctx"  # the one tensor that trains and travels: [n_ctx, text width]
-OPTIMIZER = "optimizer"  # the client's AdamW state in its Flower context, kept between rounds
+OPTIMIZER = "optimizer"  # what the client keeps between rounds: its AdamW state
 
 
 class PromptText:
@@ -137,7 +137,7 @@ class PromptFL(Method):
         rows: torch.Tensor,
         training: DictConfig,
         generator: torch.Generator,
-        state: RecordDict | None,
+        kept: Kept | None,
         features_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Local epochs of prompt tuning on cached image features; returns the tuned context and the mean loss.
@@ -148,18 +148,18 @@ class PromptFL(Method):
         optimizer = torch.optim.AdamW(
             [ctx], lr=self.lr, betas=tuple(training.betas), eps=training.eps, weight_decay=self.weight_decay
         )
-        if state is not None and OPTIMIZER in state:
-            load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
+        if kept is not None and OPTIMIZER in kept:
+            load_optimizer_state(optimizer, kept[OPTIMIZER])
         x, y, scale = feats.image[rows].to(device), feats.labels[rows].to(device), feats.logit_scale.to(device)
         loss = train_epochs(
             lambda batch: class_logits(batch, features_of(ctx), scale, None), optimizer, x, y, training, generator
         )
-        if state is not None:
-            state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
+        if kept is not None:
+            kept[OPTIMIZER] = optimizer_state(optimizer)
         return ctx.detach().cpu(), loss
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         rows = torch.as_tensor(local.split.train)
         ctx, loss = self._tune(
@@ -169,13 +169,11 @@ class PromptFL(Method):
             rows,
             local.cfg.training,
             local.generator(server_round, "train"),
-            state,
+            kept,
         )
         return {CONTEXT: ctx}, {wire.TRAIN_LOSS: loss, wire.NUM_EXAMPLES: len(rows), wire.IMAGES_ENCODED: 0}
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
+    def evaluate(self, local: LocalData, content: RecordDict, kept: Kept, server_round: int, zero_shot: bool) -> dict:
         """The received context's scores; at a training site also its own prompt's test accuracy
         (`personalized-test-acc`): the one it keeps (`own_weights`), or with `personalize_epochs` that one (or the
         received context) tuned locally, which after the last round is the site's to predict with."""
@@ -191,7 +189,7 @@ class PromptFL(Method):
         }
         if local.held_out:
             return metrics
-        own = self.own_weights(local, received[0], state)
+        own = self.own_weights(local, received[0], kept)
         device = text.ids.device
         if self.personalize_epochs > 0:
             own = dict(own or {CONTEXT: received[0][CONTEXT]})
@@ -206,7 +204,7 @@ class PromptFL(Method):
                 None,
                 lambda ctx: self.site_features(text, {**fixed, CONTEXT: ctx}),
             )
-            keep_fine_tuned(local, state, server_round, own)
+            keep_fine_tuned(local, kept, server_round, own)
         if own is not None:
             with torch.no_grad():
                 features = self.site_features(text, {name: t.to(device) for name, t in own.items()}).cpu()
@@ -217,7 +215,7 @@ class PromptFL(Method):
         return metrics
 
     def own_weights(
-        self, local: LocalData, received: dict[str, torch.Tensor], state: RecordDict
+        self, local: LocalData, received: dict[str, torch.Tensor], kept: Kept
     ) -> dict[str, torch.Tensor] | None:
         """The weights a training site predicts with, from the received ones and what it keeps; None: the received
         context, nothing of its own."""

@@ -12,12 +12,13 @@ layers and those after run in every training step, so images pass through part o
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from omegaconf import DictConfig
 
 from common import wire
 from common.features import DomainFeatures, image_batches
 from common.local_data import LocalData
+from common.methods.base import Kept
 from common.methods.promptfl import CONTEXT, OPTIMIZER, PromptFL
 from common.model import class_logits, load_clip, model_name_or_path
 from common.train import load_optimizer_state, optimizer_state, train_epochs
@@ -126,7 +127,7 @@ class TwoTowerPrompt(PromptFL):
         return tower, local.computed[key]
 
     def train(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int
+        self, local: LocalData, content: RecordDict, kept: Kept, server_round: int
     ) -> tuple[dict[str, torch.Tensor], dict]:
         text, (tower, hidden) = self._text(local), self._tower(local)
         device, training = text.ids.device, local.cfg.training
@@ -140,8 +141,8 @@ class TwoTowerPrompt(PromptFL):
             eps=training.eps,
             weight_decay=self.weight_decay,
         )
-        if OPTIMIZER in state:
-            load_optimizer_state(optimizer, state[OPTIMIZER].to_torch_state_dict())
+        if OPTIMIZER in kept:
+            load_optimizer_state(optimizer, kept[OPTIMIZER])
         rows = torch.as_tensor(local.split.train)
         scale = local.feats.logit_scale.to(device)
         loss = train_epochs(
@@ -154,7 +155,7 @@ class TwoTowerPrompt(PromptFL):
             training,
             local.generator(server_round, "train"),
         )
-        state[OPTIMIZER] = ArrayRecord(optimizer_state(optimizer))
+        kept[OPTIMIZER] = optimizer_state(optimizer)
         metrics = {
             wire.TRAIN_LOSS: loss,
             wire.NUM_EXAMPLES: len(rows),
@@ -174,10 +175,8 @@ class TwoTowerPrompt(PromptFL):
             ]
         return DomainFeatures(torch.cat(image), feats.labels, feats.text, feats.logit_scale, [])
 
-    def evaluate(
-        self, local: LocalData, content: RecordDict, state: RecordDict, server_round: int, zero_shot: bool
-    ) -> dict:
-        metrics = super().evaluate(local, content, state, server_round, zero_shot)
+    def evaluate(self, local: LocalData, content: RecordDict, kept: Kept, server_round: int, zero_shot: bool) -> dict:
+        metrics = super().evaluate(local, content, kept, server_round, zero_shot)
         if not zero_shot:  # every image through the prompted layers, once for each set of weights received
             metrics[wire.IMAGES_ENCODED] = len(local.feats.labels) * len(content.array_records)
         return metrics
