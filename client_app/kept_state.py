@@ -43,6 +43,7 @@ MARK = "kept-state"  # in memory: Flower state's ConfigRecord naming the run key
 KEPT_FILES = 2
 # runs whose state a site keeps: a server sending a new run key with every message cannot fill the site's disk
 KEPT_RUNS = 16
+_PRUNED: set[Path] = set()  # the run folders for whose first save this process pruned the site's older runs
 
 
 def run_key(value: object) -> str:
@@ -108,8 +109,16 @@ def _round_of(path: Path) -> int:
 
 def _saved(folder: Path) -> list[Path]:
     """The state files in `folder`, oldest round first."""
-    files = [p for p in folder.glob("state-r*.safetensors") if p.stem.removeprefix("state-r").isdigit()]
-    return sorted(files, key=_round_of)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    rounds = [
+        n[len("state-r") : -len(".safetensors")]
+        for n in names
+        if n.startswith("state-r") and n.endswith(".safetensors")
+    ]
+    return [folder / f"state-r{r}.safetensors" for r in sorted(int(r) for r in rounds if r.isdigit())]
 
 
 def restore(local: LocalData, key: str, server_round: int) -> Kept:
@@ -168,9 +177,11 @@ def save(kept: Kept, local: LocalData, key: str, server_round: int) -> bool:
         os.utime(folder.parent)  # the run's folder: when this site last trained in it
         for old in _saved(folder)[:-KEPT_FILES]:
             old.unlink(missing_ok=True)
-        runs = [p for p in folder.parent.parent.iterdir() if p.is_dir() and _is_run_key(p.name)]
-        for old in sorted(runs, key=lambda p: p.stat().st_mtime_ns)[:-KEPT_RUNS]:
-            shutil.rmtree(old, ignore_errors=True)
+        if folder.parent not in _PRUNED:  # a run's first save in this process: a new run may have come
+            runs = [p for p in folder.parent.parent.iterdir() if p.is_dir() and _is_run_key(p.name)]
+            for old in sorted(runs, key=lambda p: p.stat().st_mtime_ns)[:-KEPT_RUNS]:
+                shutil.rmtree(old, ignore_errors=True)
+            _PRUNED.add(folder.parent)
     except OSError as err:
         log.warning(
             "client %s: could not save what it keeps between rounds in %s (%s); a restart would start it afresh. "
