@@ -1,15 +1,17 @@
 """Checkpoint after every round, so a run that stops (server crash, restart) can resume.
 
 `<run folder>/checkpoint.safetensors` holds the global weights (whatever the method trains) and the server
-optimizer's moments; its metadata holds the round, every report row so far (JSON) and what the strategy learnt on
-the way
-(adaptive DP's clipping norm), in one file replaced atomically, so the adapter, the round and that state always agree.
+optimizer's moments; its metadata holds the round, what the strategy learnt on the way (adaptive DP's clipping norm)
+and the length and hash of metrics.jsonl as written up to that round, in one file replaced atomically, so the adapter,
+the round, that state and the report rows always agree. The rows themselves stay in metrics.jsonl: a checkpoint that
+copied them grew with every round (at 1,000 clients a row is about half a megabyte, and every round rewrote them all).
 `resume=<run folder>` starts a new run folder from there: the earlier rows are copied over and training goes on with
 the next round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.files import save_tensors
+from server_app.report import ROWS_FILE
 from server_app.server_optimizer import STATE_PREFIX, ServerOptimizer
 from server_app.weights import weights_path
 
@@ -78,13 +81,15 @@ def save_checkpoint(
     optimizer: ServerOptimizer | None = None,
     strategy_state: Mapping[str, float] | None = None,
 ) -> None:
-    """Write the adapter (and the server optimizer's moments), the rows of every round so far and the strategy's state
-    (the one the next round starts from), replacing the last checkpoint atomically."""
+    """Write the adapter (and the server optimizer's moments), where the rows of every round so far end in
+    metrics.jsonl and the strategy's state (the one the next round starts from), replacing the last checkpoint
+    atomically."""
     path = report.dir / CHECKPOINT
     tmp = path.with_suffix(".tmp")
     meta = {
         "round": str(report.rows[-1]["round"]),
-        "rows": json.dumps(report.rows),
+        "rows-bytes": str(report.rows_bytes),
+        "rows-hash": report.rows_hash.hexdigest(),
         "protocol": json.dumps(protocol(report.cfg)),
         "strategy": json.dumps(dict(strategy_state or {})),
         "run-key": report.run_key,
@@ -105,9 +110,9 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         )
     with safe_open(path, "pt") as fh:
         meta = fh.metadata() or {}
-    if "round" not in meta or "rows" not in meta:
+    if "round" not in meta or ("rows" not in meta and "rows-bytes" not in meta):
         raise ValueError(f"{path} is not a FedCLIP checkpoint (no round/rows metadata)")
-    rows = json.loads(meta["rows"])
+    rows = json.loads(meta["rows"]) if "rows" in meta else checkpointed_rows(path.parent, meta)  # "rows": older ones
     if not rows or rows[-1]["round"] != int(meta["round"]):
         raise ValueError(f"{path} is inconsistent: round {meta['round']} but {len(rows)} report rows")
     tensors = load_file(path)
@@ -122,6 +127,24 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         json.loads(meta.get("strategy", "{}")),
         meta.get("run-key"),
     )
+
+
+def checkpointed_rows(folder: Path, meta: dict[str, str]) -> list[dict]:
+    """The rows of metrics.jsonl up to the checkpoint: its first `rows-bytes` bytes, which must hash as the checkpoint
+    says (rows written after it, a round the server had not checkpointed yet, are left out)."""
+    path = folder / ROWS_FILE
+    try:
+        size = int(meta["rows-bytes"])
+        with open(path, "rb") as fh:
+            written = fh.read(size)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder / CHECKPOINT} names rows that cannot be read from {path}: {err}") from err
+    if len(written) != size or hashlib.blake2b(written, digest_size=16).hexdigest() != meta.get("rows-hash"):
+        raise ValueError(
+            f"{path} is not what the checkpoint was written with (its first {size} bytes differ): "
+            "the report rows of the run were changed or cut; resume from a copy of the run folder as it was"
+        )
+    return [json.loads(line) for line in written.decode().splitlines()]
 
 
 def resume_run(
@@ -164,7 +187,7 @@ def resume_run(
     weights = ArrayRecord({k: ckpt.arrays[k] for k in arrays.keys()})
     # clipping mods (strategy.dp.side=client) refuse a reply whose tensors come in another order than those the
     # client was sent
-    report.rows = ckpt.rows
+    report.append_rows(ckpt.rows)
     if ckpt.run_key:  # the clients find what they kept between rounds under the same key
         report.run_key = ckpt.run_key
         report.write_run_info()
@@ -172,8 +195,6 @@ def resume_run(
         log.warning(
             "resume=%s: an older checkpoint with no run key; the clients' optimiser moments start afresh", folder
         )
-    with open(report.dir / "metrics.jsonl", "w") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in ckpt.rows)
     for row in ckpt.rows:  # the new run folder's TensorBoard and MLflow curves start at round 0 too
         report.tracking.log_round(row)
     for row in ckpt.rows[1:]:  # the best round so far, chosen as add_round chose it

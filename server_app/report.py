@@ -17,6 +17,7 @@ summary.json lists the `incomplete_rounds`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from server_app.weights import KEPT, save_weights, weights_path
 log = logging.getLogger(__name__)
 
 PLOT_FILE = "accuracy.png"
+ROWS_FILE = "metrics.jsonl"  # one JSON row a round, appended as the run goes
 
 
 def last_line(reason: str) -> str:
@@ -103,6 +105,8 @@ class RunReport:
         self.run_info = {"classes": classes, "model_fingerprint": model_fingerprint or None}
         self.write_run_info()
         self.rows: list[dict] = []
+        # metrics.jsonl as written so far: its length and hash, which a checkpoint names instead of copying the rows
+        self.rows_bytes, self.rows_hash = 0, hashlib.blake2b(digest_size=16)
         self.failed: dict[str, dict[str, str]] = {}  # exchange ("3", "last evaluation") -> client -> why it failed
         self.selection = RoundSelection(self.scores, cfg.selection)  # the others are in summary.json too
         self.start = time.time()
@@ -161,9 +165,7 @@ class RunReport:
             "train": dict(train),
             "evaluate": dict(evaluation),
         }
-        self.rows.append(row)
-        with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.append_rows([row])
         self.tracking.log_round(row)
         self.table.add(row)
         if (
@@ -176,6 +178,15 @@ class RunReport:
             )
         if server_round > 0 and self.selection.choose(row) and arrays is not None and self.weights_name:
             save_weights(arrays, self.dir, self.weights_name, "best", server_round, self.method)
+
+    def append_rows(self, rows: list[dict]) -> None:
+        """Rows added to the report and to metrics.jsonl, whose length and hash follow what is written."""
+        lines = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        with open(self.dir / ROWS_FILE, "ab") as fh:
+            fh.write(lines)
+        self.rows += rows
+        self.rows_bytes += len(lines)
+        self.rows_hash.update(lines)
 
     def add_failures(self, exchange: str, failed: dict[str, str]) -> None:
         """Log the clients that failed in a round's exchange, one line for those that failed alike, and keep them

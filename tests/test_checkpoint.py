@@ -282,6 +282,37 @@ def test_resume_refuses_another_protocol(change, message, tmp_path):
         resume_run(str(old.dir), *make_report(tmp_path / "run2", extra=change))
 
 
+def test_a_checkpoint_names_the_rows_and_does_not_grow_with_them(tmp_path):
+    """At 1,000 clients a row is about half a megabyte: a checkpoint that copied every row rewrote them all each round.
+    It holds where metrics.jsonl's rows end and their hash; a round the server had not checkpointed is left out."""
+    report, arrays = make_report(tmp_path / "run1")
+    big = MetricRecord({f"client{c}/{m}-acc": 0.5 for c in range(500) for m in ("val", "test", "all")})
+    sizes = []
+    for r in range(4):
+        report.add_round(r, MetricRecord(), MetricRecord({**evaluation(0.1 * r), **big}), 0.1, arrays)
+        save_checkpoint(report, arrays)
+        sizes.append((report.dir / "checkpoint.safetensors").stat().st_size)
+    assert max(sizes) - min(sizes) <= 16 and (report.dir / "metrics.jsonl").stat().st_size > 4 * 500 * 3 * 20
+    report.add_round(4, MetricRecord(), evaluation(0.9), 0.1, arrays)  # the server stops before its checkpoint
+    ckpt = load_checkpoint(report.dir)
+    assert ckpt.round == 3 and ckpt.rows == report.rows[:4]
+
+
+@pytest.mark.parametrize("damage", ["changed", "cut", "missing"])
+def test_rows_that_are_not_the_checkpoints_are_refused(damage, tmp_path):
+    report, arrays = make_report(tmp_path / "run1")
+    play(report, arrays, 2, [0.1, 0.5, 0.4])
+    rows = report.dir / "metrics.jsonl"
+    if damage == "changed":
+        rows.write_text(rows.read_text().replace('"round": 1', '"round": 7'))
+    elif damage == "cut":
+        rows.write_bytes(rows.read_bytes()[:-10])
+    else:
+        rows.unlink()
+    with pytest.raises(ValueError, match="is not what the checkpoint was written with|cannot be read"):
+        load_checkpoint(report.dir)
+
+
 @pytest.mark.parametrize("meta", [{"method": "fedclip"}, {"round": "1"}, {"rows": "[]"}])
 def test_a_file_without_round_and_rows_is_not_a_checkpoint(meta, tmp_path):
     report, arrays = make_report(tmp_path / "run1")
