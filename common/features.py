@@ -251,6 +251,30 @@ def _save_cached(path: Path, feats: DomainFeatures, meta: dict) -> None:
     tmp.rename(path)
 
 
+def cached_image_tensor(
+    name: str, name_or_path: str, images: ImageSource, cache_dir: Path, dtype: str, compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """A tensor computed from a client's images by the frozen CLIP other than its features (two_tower_prompt's inputs
+    of its first prompted image layer: `name` says which), from the disk cache, else computed and cached. Keyed like
+    the features: the model files, the precision, every image with its label, and `name`; an entry that cannot be read
+    is computed again."""
+    fingerprint = model_files_fingerprint(name_or_path, cache_dir)
+    payload = [FEATURES_VERSION, fingerprint, dtype, images.classes, images.fingerprint(), name]
+    key = hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
+    path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["values"]
+        except (OSError, KeyError, safetensors.SafetensorError) as err:
+            log.warning("unreadable cache entry %s (%s): computing it again", path, err)
+    values = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}")
+    save_tensors({"values": values}, tmp, {"name": name, "domain": images.domain, "model": name_or_path})
+    tmp.rename(path)
+    return values
+
+
 def domain_features(
     name_or_path: str,
     images: ImageSource,

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common.config import config_from_file
 from common.data import domain_folder
 from common.features import encode_prompts
+from common.local_data import client_data
+from common.methods.base import load_method
 from common.methods.promptfl import CONTEXT
 from common.methods.two_tower_prompt import VISION_GATES, VISION_PROMPTS, PromptedImageTower, TwoTowerPrompt
 from common.model import class_prompts, load_clip
@@ -100,3 +104,31 @@ def test_both_towers_train_travel_and_predict_reproduces_the_held_out_accuracy(r
         exported.logits(exported.encode(domain_folder(data, "sketch", clf.classes)).features),
         clf.logits(encoded.features),
     )
+
+
+def test_the_frozen_layers_output_is_kept_in_the_cache_on_disk(run, monkeypatch):
+    """A restarted site, another Ray actor or a later run reads the inputs of the first prompted layer back: no image
+    passes through the frozen layers again, and what it reads is what they compute."""
+    cfg = config_from_file(run / "config.yaml")
+    method = load_method(cfg)
+
+    def computed_again(self, pixels):
+        raise AssertionError("the frozen layers ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PromptedImageTower, "inputs", computed_again)
+        _, kept = method._tower(client_data(cfg, "art", 0, torch.device("cpu")))
+
+    def entries() -> list[Path]:
+        found = []
+        for path in (Path(cfg.cache_dir) / "features").glob("*.safetensors"):
+            with safe_open(str(path), "pt") as fh:
+                if (fh.metadata() or {}).get("name") == "image-layer-0-inputs":
+                    found.append(path)
+        return found
+
+    assert len(entries()) == 3  # one per training client
+    for path in entries():
+        path.unlink()
+    _, fresh = method._tower(client_data(cfg, "art", 0, torch.device("cpu")))
+    assert torch.equal(kept, fresh) and len(entries()) == 1  # computed again, and cached again

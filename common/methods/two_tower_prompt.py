@@ -4,9 +4,10 @@ idea, Khattak et al. 2023: deep prompts in the first layers of both encoders, le
 In each prompted image layer the tokens' attention also reads that layer's prompt tokens, scaled by a gate that
 starts at zero (LLaMA-Adapter's zero-init attention, Zhang et al. 2023), so that untrained prompts give CLIP's
 zero-shot features exactly and training starts from them. The layers before the first prompted one are frozen and
-see no prompt: their output is computed once per image at the site and kept (`LocalData.computed`); the prompted
-layers and those after run in every training step, so images pass through part of the encoder again each epoch
-(counted in images-encoded). Everything shared (context, image prompts, gates) is averaged, as PromptFL's context is.
+see no prompt: their output is computed once per image at the site, kept with the client's data (`LocalData.computed`)
+and in the feature cache on disk (a restarted site, another Ray actor, a later run read it back); the prompted layers
+and those after run in every training step, so images pass through part of the encoder again each epoch (counted in
+images-encoded). Everything shared (context, image prompts, gates) is averaged, as PromptFL's context is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.app import RecordDict
 from omegaconf import DictConfig
 
 from common import wire
-from common.features import DomainFeatures, image_batches
+from common.features import DomainFeatures, cached_image_tensor, image_batches
 from common.local_data import LocalData
 from common.methods.base import Kept
 from common.methods.promptfl import CONTEXT, OPTIMIZER, PromptFL
@@ -108,16 +109,27 @@ class TwoTowerPrompt(PromptFL):
 
     def _tower(self, local: LocalData) -> tuple[PromptedImageTower, torch.Tensor]:
         """The prompted tower and the frozen inputs of its first prompted layer for each of the client's images (in the
-        order of its cached features), computed on first use and kept with the client's data."""
+        order of its cached features), computed on first use and kept with the client's data and in the cache."""
         model, processor = local.clip_model()
         tower = PromptedImageTower(model, self.vision_first, self.vision_depth)
         key = ("two-tower-inputs", self.vision_first)
-        if key not in local.computed:
+
+        def compute() -> torch.Tensor:
             dtype = next(model.parameters()).dtype
             batches = image_batches(
                 processor, local.images, range(len(local.images)), local.cfg.training.batch_size, local.device, dtype
             )
-            hidden = torch.cat([tower.inputs(pixels).cpu() for pixels, _ in batches])
+            return torch.cat([tower.inputs(pixels).cpu() for pixels, _ in batches])
+
+        if key not in local.computed:
+            hidden = cached_image_tensor(
+                f"image-layer-{self.vision_first}-inputs",
+                model_name_or_path(local.cfg),
+                local.images,
+                local.cfg.cache_dir,
+                local.cfg.model.dtype,
+                compute,
+            )
             if len(hidden) != len(local.feats.labels):
                 raise RuntimeError(
                     f"client {local.client}: {len(hidden)} images readable now, {len(local.feats.labels)} when its "
