@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -265,9 +266,16 @@ class Cluster:
             last = now
         return last
 
-    def flwr_run(self, command: str, name: str, timeout: float = RUN_TIMEOUT) -> tuple[str, Path | None]:
+    def flwr_run(
+        self,
+        command: str,
+        name: str,
+        timeout: float = RUN_TIMEOUT,
+        while_running: Callable[[Path], None] | None = None,
+    ) -> tuple[str, Path | None]:
         """A docs/scale.md `flwr run` in the head's namespaces, with a private FLWR_HOME and output folder; every
-        process it left (its SuperLink, a local Ray) is stopped after. Returns the log and the run folder (or None)."""
+        process it left (its SuperLink, a local Ray) is stopped after. `while_running(output folder)` is called once
+        the run started. Returns the log and the run folder (or None)."""
         folder = self.tmp / name
         home = folder / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -282,6 +290,8 @@ class Cluster:
                 start_new_session=True,
             )
             try:
+                if while_running is not None:
+                    while_running(folder)
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"flwr run ({name}) still running after {timeout} s:\n{log.read_text()[-6000:]}")
@@ -484,3 +494,31 @@ def test_worker_without_the_app_fails_the_run(cluster):
     [job] = new_jobs(before, after)
     failed_on = {node: n for (j, node, outcome), n in after.items() if j == job and outcome == "failed"}
     assert set(failed_on) == {WORKER_IP}, after
+
+
+def test_a_worker_lost_mid_run_stops_the_run_naming_its_clients(cluster):
+    """The worker node dies once the run has written its first row (every process in its namespace killed). Flower
+    turns Ray's ActorDiedError for each message the dead actor was given into an error reply, and its actor pool keeps
+    giving the dead actor messages, which fail at once (tried with strategy.min_train_fraction=0: 7 of 8 clients failed
+    in each later round). So the round loses most of its training clients, and the run stops there with an error that
+    names them and Ray's reason; summary.json says failed and lists them. Runs last: the cluster has no worker after
+    it."""
+
+    def kill_the_worker(folder: Path) -> None:
+        deadline = time.time() + RUN_TIMEOUT
+        while not any(p.stat().st_size for p in folder.glob("*/metrics.jsonl")):
+            assert time.time() < deadline, "the run wrote no row"
+            time.sleep(0.2)
+        kill_pids(cluster.pids(NAMESPACES["worker"]))
+
+    log, folder = cluster.flwr_run(COMMANDS["run"], "lost-worker", while_running=kill_the_worker)
+    summary = summary_of(folder, log)
+    assert cluster.alive_nodes() == [HEAD_IP]
+    assert summary.get("status") == "failed", json.dumps(summary, indent=1)[:4000]
+    assert "training clients failed" in summary["error"] and "min_train_fraction" in summary["error"], summary
+    failed = summary.get("failed_clients")
+    assert isinstance(failed, dict) and failed, json.dumps(summary, indent=1)[:4000]
+    reasons = {name: reason for clients in failed.values() for name, reason in clients.items()}
+    assert all("ray.exceptions.ActorDiedError" in reason for reason in reasons.values()), reasons
+    for name in reasons:
+        assert name in log, f"the log does not name the failed client {name}"
