@@ -510,6 +510,24 @@ def test_secure_aggregation_in_compose(demo):
     print(f"SecAgg+ in compose: {SECAGG_ROUNDS} rounds in {wall:.0f} s; rounds 1..{SECAGG_ROUNDS}: {per_round} s")
 
 
+def test_each_site_keeps_the_prompt_it_fine_tuned_in_compose(demo):
+    """PromptFL with method.personalize_epochs=1: after the last round each training site writes the prompt it
+    fine-tuned to its own outputs volume, for fedclip-predict; the held-out site writes none, and the server's run
+    folder holds no site's."""
+    summary, folder, log, wall = demo.fedclip_run(
+        "method=promptfl method.personalize_epochs=1 training.rounds=2", "fine-tuned"
+    )
+    assert "Traceback" not in log and summary.get("status", "completed") == "completed", log[-4000:]
+    key = json.loads((folder / "run.json").read_text())["run_key"]
+    for site in SITES:
+        found = demo.compose(
+            "exec", "-T", f"clientapp-{site}", "sh", "-c", f"ls /outputs/clients/{key}/*/ 2>/dev/null || true"
+        )
+        assert ("prompt_final.safetensors" in found.stdout) == (site != "sketch"), f"{site}: {found.stdout}"
+    assert not list(folder.rglob("clients")), "a site's own weights reached the server's run folder"
+    print(f"fine-tuned at each site in compose: 2 rounds, `flwr run` {wall:.0f} s")
+
+
 def test_a_changed_app_is_refused_in_compose(demo, tmp_path):
     """This app with one line added to its ClientApp (it writes a marker file when imported): every site refuses it
     before any
