@@ -100,8 +100,16 @@ class DomainFeatures:
 
 def features_key(model_fingerprint: str, images: ImageSource, prompts: list[str], dtype: str) -> str:
     """The cache key of one client's features: model, precision, prompts and every image with its label."""
-    payload = [FEATURES_VERSION, model_fingerprint, dtype, prompts, images.classes, images.fingerprint()]
-    return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
+    return _cache_key(model_fingerprint, dtype, prompts, images.classes, images.fingerprint())
+
+
+def _cache_key(*parts: object) -> str:
+    """A cache entry's name: the hash of what it was computed from (and of FEATURES_VERSION)."""
+    return hashlib.blake2b(json.dumps([FEATURES_VERSION, *parts]).encode(), digest_size=16).hexdigest()
+
+
+def _cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
 
 
 def _decoded(images: ImageSource, rows: list[int]) -> list[torch.Tensor | None]:
@@ -259,9 +267,7 @@ def cached_image_tensor(
     the features: the model files, the precision, every image with its label, and `name`; an entry that cannot be read
     is computed again."""
     fingerprint = model_files_fingerprint(name_or_path, cache_dir)
-    payload = [FEATURES_VERSION, fingerprint, dtype, images.classes, images.fingerprint(), name]
-    key = hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
-    path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
+    path = _cache_path(cache_dir, _cache_key(fingerprint, dtype, images.classes, images.fingerprint(), name))
     if path.exists():
         try:
             return load_file(path)["values"]
@@ -290,7 +296,7 @@ def domain_features(
     key = features_key(fingerprint, images, prompts, dtype)
     if key in _MEMORY:
         return _MEMORY[key]
-    path = Path(cache_dir).expanduser() / "features" / f"{key}.safetensors"
+    path = _cache_path(cache_dir, key)
     feats = _load_cached(path) if path.exists() else None
     if feats is not None:
         log.debug("[%s] reusing cached features of %d images (%s)", images.domain, len(feats.labels), path)
