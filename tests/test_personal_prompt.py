@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
@@ -44,17 +45,48 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_an_untrained_personal_part_gives_zero_shot_clip_exactly(tiny_clip):
+@pytest.mark.parametrize("blend_images", [None, 30.0])
+def test_an_untrained_personal_part_gives_zero_shot_clip_exactly(tiny_clip, blend_images):
+    """Untrained, the personal part changes nothing; with `blend_images` the site's own context (untrained: the global
+    one) blended in at any weight leaves every class feature's direction, and so every logit, CLIP's zero-shot."""
     model, processor = load_clip(str(tiny_clip), torch.device("cpu"))
-    method = PersonalPrompt(class_residual=True)
+    method = PersonalPrompt(class_residual=True, blend_images=blend_images)
     text = method.prompt_text(model, processor.tokenizer, list(CLASSES), "a picture of a {}")
     ctx = text.initial_context("phrase")
     personal = method.initial_personal(ctx, len(CLASSES), model.config.projection_dim, torch.Generator().manual_seed(0))
-    assert set(personal) == {"u", "v", "classes"}
+    assert set(personal) == {"u", "v", "classes"} | ({"own", "blend"} if blend_images is not None else set())
+    if blend_images is not None:
+        personal["blend"] = torch.tensor([0.4])
     weights = {CONTEXT: ctx, **{SITE_PREFIX + k: v for k, v in personal.items()}}
     features = method.class_text(weights, model, processor, list(CLASSES), "a picture of a {}")
     zero_shot = encode_prompts(model, processor, class_prompts(list(CLASSES), "a picture of a {}"), torch.device("cpu"))
+    if blend_images is not None:
+        features, zero_shot = F.normalize(features, dim=-1), F.normalize(zero_shot, dim=-1)
     torch.testing.assert_close(features, zero_shot, rtol=0, atol=1e-6)
+
+
+def test_a_blend_of_zero_images_is_each_sites_local_only_prompt_and_predict_reproduces_any_blend(
+    tiny_clip, data, tmp_path
+):
+    """`blend_images=0` weights the site's own context 1: its personalization test is local_prompt's (the same
+    context, tuned alone) to the bit, every round. With a blend in between,
+    the site's folder holds both contexts and the weight, and predict scores its test split as its last test did."""
+    local = run_promptfl(tiny_clip, data, tmp_path / "local", method="method=local_prompt method.lr=0.05")
+    own = run_promptfl(
+        tiny_clip,
+        data,
+        tmp_path / "own",
+        method="method=personal_prompt method.lr=0.05 method.rank=0 method.blend_images=0",
+    )
+    for a, b in zip(rows_of(local)[1:], rows_of(own)[1:], strict=True):
+        for client in ("art", "photo"):
+            assert b["evaluate"][f"{client}/personalized-test-acc"] == a["evaluate"][f"{client}/test-acc"]
+    blended = run_promptfl(
+        tiny_clip, data, tmp_path / "blend", method="method=personal_prompt method.lr=0.05 method.blend_images=30"
+    )
+    for weights in site_weights(blended).values():
+        assert {SITE_PREFIX + "own", SITE_PREFIX + "blend"} <= set(weights)
+        assert 0 < weights[SITE_PREFIX + "blend"].item() < 1
 
 
 def test_the_shared_context_is_promptfls_and_only_it_travels(runs):

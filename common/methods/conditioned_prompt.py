@@ -47,8 +47,11 @@ class ConditionedPrompt(PersonalPrompt):
         generator_rank: int = 2,
         generator_lr: float = 2e-1,
         personalize_epochs: int = 0,
+        blend_images: float | None = None,
     ) -> None:
-        super().__init__(name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr, personalize_epochs)
+        super().__init__(
+            name, init, n_ctx, lr, weight_decay, rank, class_residual, personal_lr, personalize_epochs, blend_images
+        )
         if generator_rank < 1:
             raise ValueError(f"method.generator_rank must be >= 1, got {generator_rank}")
         self.generator_rank, self.generator_lr = int(generator_rank), float(generator_lr)

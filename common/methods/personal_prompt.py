@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from common import wire
 from common.local_data import LocalData
 from common.methods.base import Kept
-from common.methods.promptfl import CONTEXT, PromptFL, PromptText
+from common.methods.promptfl import CONTEXT, OPTIMIZER, PromptFL, PromptText
 from common.model import class_logits
 from common.train import load_optimizer_state, optimizer_state, train_epochs
 from common.transport import decode
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PERSONAL = "personal"  # the client's state: its personal part, "u" [n_ctx, rank], "v" [rank, width], "classes" [C, d]
 PERSONAL_OPTIMIZER = "personal-optimizer"
+OWN_OPTIMIZER = "own-optimizer"  # the AdamW moments of the site's own context (blend_images)
 SITE_PREFIX = "personal/"  # the personal part's tensors in a site's weights file, beside the context
 
 
@@ -42,7 +44,8 @@ def personal_of(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class PersonalPrompt(PromptFL):
     """PromptFL's context, shared, and per site a context offset of rank `rank` (0: none) and, with `class_residual`,
-    a residual on each class's text feature, tuned at `personal_lr`."""
+    a residual on each class's text feature, tuned at `personal_lr`; with `blend_images` (None: none), a context of
+    the site's own blended in."""
 
     def __init__(
         self,
@@ -55,11 +58,15 @@ class PersonalPrompt(PromptFL):
         class_residual: bool = False,
         personal_lr: float = 5e-2,
         personalize_epochs: int = 0,
+        blend_images: float | None = None,
     ) -> None:
         super().__init__(name, init, n_ctx, lr, weight_decay, personalize_epochs)
         if rank < 0:
             raise ValueError(f"method.rank must be >= 0, got {rank}")
+        if blend_images is not None and not blend_images >= 0:
+            raise ValueError(f"method.blend_images must be null or >= 0, got {blend_images}")
         self.rank, self.class_residual, self.personal_lr = int(rank), bool(class_residual), float(personal_lr)
+        self.blend_images = None if blend_images is None else float(blend_images)
 
     def initial_personal(self, ctx: torch.Tensor, classes: int, dim: int, generator: torch.Generator) -> dict:
         """A personal part that changes nothing (u = 0, residual 0): untrained, the site's prompt is the global one."""
@@ -69,6 +76,8 @@ class PersonalPrompt(PromptFL):
             personal["v"] = torch.randn(self.rank, ctx.shape[1], generator=generator) * 0.02
         if self.class_residual:
             personal["classes"] = torch.zeros(classes, dim)
+        if self.blend_images is not None:
+            personal["own"], personal["blend"] = ctx.clone(), torch.zeros(1)
         return personal
 
     def personal_text(self, text: PromptText, ctx: torch.Tensor, personal: dict) -> torch.Tensor:
@@ -76,7 +85,12 @@ class PersonalPrompt(PromptFL):
         if "u" in personal:
             ctx = ctx + personal["u"] @ personal["v"]
         features = text(ctx)
-        return features + personal["classes"] if "classes" in personal else features
+        if "classes" in personal:
+            features = features + personal["classes"]
+        if "own" not in personal:
+            return features
+        blend = personal["blend"].to(features.dtype)
+        return (1 - blend) * F.normalize(features, dim=-1) + blend * F.normalize(text(personal["own"]), dim=-1)
 
     def kept_personal(self, local: LocalData, kept: Kept, ctx: torch.Tensor) -> dict | None:
         """The personal part the client keeps; None if it has none yet. One of another shape (a changed CLIP or class
@@ -91,6 +105,7 @@ class PersonalPrompt(PromptFL):
             )
             kept.pop(PERSONAL, None)
             kept.pop(PERSONAL_OPTIMIZER, None)
+            kept.pop(OWN_OPTIMIZER, None)
             return None
         return personal
 
@@ -110,7 +125,15 @@ class PersonalPrompt(PromptFL):
                 ctx, len(local.images.classes), local.feats.text.shape[1], local.generator(0, "personal-init")
             )
         device = text.ids.device
-        params = {k: v.to(device).requires_grad_(True) for k, v in sorted(personal.items())}
+        own = {k: personal[k] for k in ("own", "blend") if k in personal}
+        if own:  # the site's own context, tuned alone as local_prompt tunes it (its moments kept apart)
+            moments = {OPTIMIZER: kept[OWN_OPTIMIZER]} if OWN_OPTIMIZER in kept else {}
+            own["own"], _ = self._tune(
+                text, own["own"], local.feats, rows, local.cfg.training, local.generator(server_round, "train"), moments
+            )
+            kept[OWN_OPTIMIZER] = moments[OPTIMIZER]
+            own["blend"] = torch.tensor([len(rows) / (len(rows) + self.blend_images)]) if len(rows) else torch.zeros(1)
+        params = {k: v.to(device).requires_grad_(True) for k, v in sorted(personal.items()) if k not in own}
         if params:
             optimizer = torch.optim.AdamW(
                 params.values(), lr=self.personal_lr, betas=tuple(local.cfg.training.betas), eps=local.cfg.training.eps
@@ -128,7 +151,7 @@ class PersonalPrompt(PromptFL):
                 local.generator(server_round, "personal"),
             )
             kept[PERSONAL_OPTIMIZER] = optimizer_state(optimizer)
-        kept[PERSONAL] = {k: v.detach().cpu() for k, v in params.items()}
+        kept[PERSONAL] = {**{k: v.detach().cpu() for k, v in params.items()}, **own}
         return super().train(local, content, kept, server_round)  # the shared context, as PromptFL tunes it
 
     def own_weights(
