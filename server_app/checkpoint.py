@@ -191,6 +191,18 @@ def resume_run(
     if ckpt.run_key:  # the clients find what they kept between rounds under the same key
         report.run_key = ckpt.run_key
         report.write_run_info()
+        before = Path(folder).expanduser().resolve().parent
+        if before != Path(str(report.cfg.output_dir)).expanduser().resolve():
+            log.warning(
+                "resume=%s: that run wrote under %s, this one under output_dir=%s; the nodes of Flower's simulation "
+                "keep what they kept between rounds under the run's output_dir (clients/<run key>/), so theirs "
+                "start afresh: resume with output_dir=%s to keep them (a deployment's sites keep theirs under their "
+                "own output-dir, whatever the run's)",
+                folder,
+                before,
+                report.cfg.output_dir,
+                before,
+            )
     else:
         log.warning(
             "resume=%s: an older checkpoint with no run key; the clients' optimiser moments start afresh", folder

@@ -81,6 +81,22 @@ def test_resume_goes_on_from_the_checkpoint(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
 
 
+def test_resume_from_another_output_folder_warns_that_simulated_clients_start_afresh(tmp_path, caplog):
+    """A simulation's clients keep their state under the run's output_dir: a resume that writes elsewhere says so,
+    naming the folder to resume with; one that writes beside the resumed run says nothing."""
+    old, arrays = make_report(tmp_path / "runs")
+    play(old, arrays, 1, [0.1, 0.5])
+    elsewhere, fresh = make_report(tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING):
+        resume_run(str(old.dir), elsewhere, fresh)
+    assert f"resume with output_dir={tmp_path / 'runs'} to keep them" in caplog.text
+    caplog.clear()
+    beside, fresh = make_report(tmp_path / "runs")
+    with caplog.at_level(logging.WARNING):
+        resume_run(str(old.dir), beside, fresh)
+    assert "start afresh" not in caplog.text
+
+
 def test_resume_refuses_what_does_not_fit(tmp_path):
     old, arrays = make_report(tmp_path / "run1")
     play(old, arrays, 1, [0.1, 0.2])

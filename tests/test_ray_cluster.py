@@ -64,7 +64,8 @@ def documented_commands() -> dict[str, str]:
     kinds = {
         "head": lambda b: "ray start --head" in b,
         "worker": lambda b: "ray start --address" in b,
-        "run": lambda b: 'RAY_ADDRESS="$HEAD_IP:6379" flwr run' in b,
+        "run": lambda b: 'RAY_ADDRESS="$HEAD_IP:6379" flwr run' in b and "resume=" not in b,
+        "resume": lambda b: 'RAY_ADDRESS="$HEAD_IP:6379" flwr run' in b and "resume=$RUN_FOLDER" in b,
         "local": lambda b: "RAY_ADDRESS=local flwr run" in b,
         "tasks": lambda b: "GetTaskEvents" in b,
     }
@@ -272,15 +273,16 @@ class Cluster:
         name: str,
         timeout: float = RUN_TIMEOUT,
         while_running: Callable[[Path], None] | None = None,
+        **env: str,
     ) -> tuple[str, Path | None]:
         """A docs/scale.md `flwr run` in the head's namespaces, with a private FLWR_HOME and output folder; every
         process it left (its SuperLink, a local Ray) is stopped after. `while_running(output folder)` is called once
-        the run started. Returns the log and the run folder (or None)."""
+        the run started; `env`: more of its environment. Returns the log and the run folder (or None)."""
         folder = self.tmp / name
         home = folder / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         log = folder / "flwr.log"
-        env = dict(self.env, HEAD_IP=HEAD_IP, FLWR_HOME=str(home), FEDCLIP_OUTPUTS=str(folder))
+        env = dict(self.env, **env, HEAD_IP=HEAD_IP, FLWR_HOME=str(home), FEDCLIP_OUTPUTS=str(folder))
         with open(log, "w") as fh:
             proc = subprocess.Popen(
                 [*self.enter("head"), "bash", "-euo", "pipefail", "-c", f"cd {shlex.quote(str(REPO))}\n{command}"],
@@ -496,13 +498,10 @@ def test_worker_without_the_app_fails_the_run(cluster):
     assert set(failed_on) == {WORKER_IP}, after
 
 
-def test_a_worker_lost_mid_run_stops_the_run_naming_its_clients(cluster):
-    """The worker node dies once the run has written its first row (every process in its namespace killed). Flower
-    turns Ray's ActorDiedError for each message the dead actor was given into an error reply, and its actor pool keeps
-    giving the dead actor messages, which fail at once (tried with strategy.min_train_fraction=0: 7 of 8 clients failed
-    in each later round). So the round loses most of its training clients, and the run stops there with an error that
-    names them and Ray's reason; summary.json says failed and lists them. Runs last: the cluster has no worker after
-    it."""
+@pytest.fixture(scope="module")
+def lost_worker_run(cluster) -> tuple[str, Path | None]:
+    """docs/scale.md's run, with the worker node killed (every process in its namespace) once the run has written its
+    first row. The tests that use it run last: the cluster has no worker after it."""
 
     def kill_the_worker(folder: Path) -> None:
         deadline = time.time() + RUN_TIMEOUT
@@ -511,7 +510,16 @@ def test_a_worker_lost_mid_run_stops_the_run_naming_its_clients(cluster):
             time.sleep(0.2)
         kill_pids(cluster.pids(NAMESPACES["worker"]))
 
-    log, folder = cluster.flwr_run(COMMANDS["run"], "lost-worker", while_running=kill_the_worker)
+    return cluster.flwr_run(COMMANDS["run"], "lost-worker", while_running=kill_the_worker)
+
+
+def test_a_worker_lost_mid_run_stops_the_run_naming_its_clients(cluster, lost_worker_run):
+    """The worker node dies once the run has written its first row. Flower turns Ray's ActorDiedError for each message
+    the dead actor was given into an error reply, and its actor pool keeps giving the dead actor messages, which fail
+    at once (tried with strategy.min_train_fraction=0: 7 of 8 clients failed in each later round). So the round loses
+    most of its training clients, and the run stops there with an error that names them and Ray's reason; summary.json
+    says failed and lists them."""
+    log, folder = lost_worker_run
     summary = summary_of(folder, log)
     assert cluster.alive_nodes() == [HEAD_IP]
     assert summary.get("status") == "failed", json.dumps(summary, indent=1)[:4000]
@@ -522,3 +530,28 @@ def test_a_worker_lost_mid_run_stops_the_run_naming_its_clients(cluster):
     assert all("ray.exceptions.ActorDiedError" in reason for reason in reasons.values()), reasons
     for name in reasons:
         assert name in log, f"the log does not name the failed client {name}"
+
+
+def test_the_run_resumed_on_the_nodes_left_ends_as_the_run_uninterrupted(cluster, cluster_run, lost_worker_run):
+    """docs/scale.md's resume, on the head alone after the worker died: a new actor pool on the live node goes on from
+    the failed run's last checkpoint, keeps its rows, and ends with the adapter of the same run on both nodes
+    uninterrupted, to the bit (the clients' optimiser moments come back from their sites' folders, whichever node
+    wrote them)."""
+    _, cluster_folder, cluster_summary, _ = cluster_run
+    _, lost = lost_worker_run
+    finished = [json.loads(line)["round"] for line in (lost / "metrics.jsonl").read_text().splitlines()]
+    assert finished and max(finished) < 3, finished
+    before = cluster.tasks()
+    # the same outputs folder as the failed run's: the sites' folders (their kept state) are under it
+    log, folder = cluster.flwr_run(COMMANDS["resume"], "lost-worker", RUN_FOLDER=str(lost))
+    assert folder != lost
+    summary = summary_of(folder, log)
+    assert summary.get("status", "completed") == "completed", excerpt(log)
+    assert f"going on with round {max(finished) + 1}" in log, excerpt(log)
+    rows = [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3], rows
+    after = cluster.settled_tasks()
+    [job] = new_jobs(before, after)
+    assert {(node, outcome) for (j, node, outcome), n in after.items() if j == job and n} == {(HEAD_IP, "ok")}, after
+    assert {k: summary[k] for k in ACCURACY_KEYS} == {k: cluster_summary[k] for k in ACCURACY_KEYS}
+    assert tensors_of(folder / "adapter_final.safetensors") == tensors_of(cluster_folder / "adapter_final.safetensors")
