@@ -541,6 +541,7 @@ def test_promptfl_over_tls(nodes):
     "method,options,sites_keep",
     [
         ("conditioned_prompt", "", True),
+        ("clustered_prompt", "", True),  # each site's cluster context
         ("two_tower_prompt", "", False),
         ("promptfl", "method.personalize_epochs=1", True),  # each site's context, fine-tuned after the last round
     ],  # personal_prompt: the restart test below

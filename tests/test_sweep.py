@@ -251,7 +251,7 @@ def test_sweep_runs_the_personal_and_two_tower_prompt_methods_through_flwr_run(t
     """The prompt methods added after PromptFL in one sweep of real `flwr run` simulations (Ray): each run completes,
     evaluates the held-out domain and reports each training domain's personalization."""
     monkeypatch.setenv("FEDCLIP_CACHE", demo_cache)
-    out, methods = tmp_path / "sweep", ["personal_prompt", "conditioned_prompt", "two_tower_prompt"]
+    out, methods = tmp_path / "sweep", ["personal_prompt", "conditioned_prompt", "clustered_prompt", "two_tower_prompt"]
     assert (
         sweep_main(
             [
