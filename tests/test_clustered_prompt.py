@@ -18,9 +18,8 @@ from common.methods.promptfl import CONTEXT
 from common.model import class_prompts, load_clip
 from server_app.aggregation import aggregate_adapters
 from server_app.options import refuse_options
-from tests.test_personal_prompt import restarted_rows, rows_of, site_weights
+from tests.test_personal_prompt import beside_promptfl, restarted_rows, rows_of, site_weights
 from tests.test_predict import CLASSES, write_coloured_folder
-from tests.test_promptfl import run_promptfl
 
 CLUSTERED = "method=clustered_prompt method.lr=0.05 method.clusters=2"
 
@@ -32,10 +31,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
-    """The same 3-round run with method=promptfl and with method=clustered_prompt (same seed and shared options)."""
-    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
-    clustered = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("clustered"), method=CLUSTERED)
-    return promptfl, clustered
+    return beside_promptfl(CLUSTERED, tiny_clip, data, tmp_path_factory)
 
 
 def test_untrained_every_cluster_context_gives_zero_shot_clip_exactly(tiny_clip):

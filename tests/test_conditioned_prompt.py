@@ -19,9 +19,8 @@ from common.methods.conditioned_prompt import GENERATOR, ConditionedPrompt
 from common.methods.promptfl import CONTEXT
 from common.model import class_prompts, load_clip
 from common.transport import encode
-from tests.test_personal_prompt import restarted_rows, rows_of, site_weights
+from tests.test_personal_prompt import beside_promptfl, restarted_rows, rows_of, site_weights
 from tests.test_predict import CLASSES, write_coloured_folder
-from tests.test_promptfl import run_promptfl
 
 CONDITIONED = "method=conditioned_prompt method.lr=0.05 method.generator_lr=0.2 method.rank=2"
 
@@ -33,10 +32,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
-    """The same 3-round run with method=promptfl and with method=conditioned_prompt (same seed and shared options)."""
-    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
-    conditioned = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("conditioned"), method=CONDITIONED)
-    return promptfl, conditioned
+    return beside_promptfl(CONDITIONED, tiny_clip, data, tmp_path_factory)
 
 
 def test_an_untrained_generator_gives_zero_shot_clip_exactly(tiny_clip):

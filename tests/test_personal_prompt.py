@@ -33,12 +33,15 @@ def data(tmp_path_factory) -> Path:
     return write_coloured_folder(tmp_path_factory.mktemp("data"))
 
 
+def beside_promptfl(method: str, tiny_clip: Path, data: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """The same 3-round run with method=promptfl and with `method` (same seed, same shared options)."""
+    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
+    return promptfl, run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("method"), method=method)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_clip, data, tmp_path_factory) -> tuple[Path, Path]:
-    """The same 3-round run with method=promptfl and with method=personal_prompt (same seed, same shared options)."""
-    promptfl = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("promptfl"))
-    personal = run_promptfl(tiny_clip, data, tmp_path_factory.mktemp("personal"), method=PERSONAL_METHOD)
-    return promptfl, personal
+    return beside_promptfl(PERSONAL_METHOD, tiny_clip, data, tmp_path_factory)
 
 
 def rows_of(run: Path) -> list[dict]:
