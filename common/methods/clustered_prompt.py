@@ -2,12 +2,13 @@
 whose images look alike, so that a site with a few images gets the prompt of all the sites of its kind.
 
 A site's signature is the mean of its training images' normalized features, each less its class's text feature (what
-is left is mostly the style; `signature_of`). Its cluster is the nearest of K shared keys (cosine); it tunes that cluster's context on its train split and sends it, with its
-signature in that cluster's key row and a one-hot of its cluster. The server averages each cluster's context and key
-over that cluster's members only (federated k-means on the signatures, one Lloyd step a round; IFCA's clustered
-federated learning, Ghosh et al. 2020, with the assignment by signature instead of by loss). Round 1 has no keys yet:
-every site tunes cluster 0, and the server takes as keys K of the sites' signatures, each the farthest from those
-already taken (deterministic, in client order), and gives every cluster round 1's mean context.
+is left is mostly the style; `signature_of`). Its cluster is the nearest of K shared keys (cosine); it tunes that
+cluster's context on its train split and sends it, with its signature in that cluster's key row and a one-hot of its
+cluster. The server averages each cluster's context and key over that cluster's members only (federated k-means on the
+signatures, one Lloyd step a round; IFCA's clustered federated learning, Ghosh et al. 2020, with the assignment by
+signature instead of by loss). Round 1 has no keys yet: every site tunes cluster 0, and the server takes as keys K of
+the sites' signatures, each the farthest from those already taken (deterministic, in client order), and gives every
+cluster round 1's mean context.
 
 The global context trains exactly as PromptFL's, so the held-out accuracy is PromptFL's; a new site predicts with it
 (the server's run folder). A training site predicts with its cluster's context, in PromptFL's layout (its folder).
