@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,34 @@ def test_a_cluster_without_members_stays_as_it_was():
     merged = method.aggregate(updates, mean)
     np.testing.assert_allclose(merged[CLUSTERS][:, 0, 0], [5.0, 7.0])
     np.testing.assert_allclose(merged[KEYS][1], [0.0, 1.0])
+
+
+def refusing_below_three(updates: list[Update]) -> dict[str, np.ndarray]:
+    """A rule that refuses fewer than 3 updates, as bulyan refuses fewer than 4f + 3."""
+    if len(updates) < 3:
+        raise ValueError("needs 3 updates")
+    return mean(updates)
+
+
+def trimmed_mean(updates: list[Update]) -> dict[str, np.ndarray]:
+    """trimmed_mean cutting one update from each end of every coordinate: NaN with 2."""
+    return aggregate_adapters([u.state for u in updates], [1.0] * len(updates), "trimmed_mean", 1)
+
+
+@pytest.mark.parametrize("rule", [trimmed_mean, refusing_below_three])
+def test_a_cluster_too_small_for_the_robust_rule_stays_as_it_was(rule, caplog):
+    """A cluster with fewer members than the strategy's rule needs keeps what it had (as its non-members sent it
+    back), with a warning, and never a NaN."""
+    method = ClusteredPrompt(clusters=2)
+    updates = [update(f"s{i}", 0, [0.0, 1.0], 1.0 + i, True) for i in range(3)]
+    updates += [update("a", 1, [1.0, 0.0], 4.0, True), update("b", 1, [1.0, 0.0], 6.0, True)]
+    for u in updates[:3]:
+        u.state[CLUSTERS][1], u.state[KEYS][1] = 7.0, [1.0, 0.0]
+    with caplog.at_level(logging.WARNING):
+        merged = method.aggregate(updates, rule)
+    assert all(np.isfinite(v).all() for v in merged.values())
+    assert merged[CLUSTERS][1, 0, 0] == 7.0 and merged[CLUSTERS][0, 0, 0] == 2.0
+    assert "cluster 1: the rule cannot combine its 2 update(s)" in caplog.text
 
 
 def test_the_global_context_is_promptfls_and_each_site_predicts_with_its_clusters(runs):

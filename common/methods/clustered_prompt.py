@@ -149,11 +149,17 @@ class ClusteredPrompt(PromptFL):
                 Update(u.client, {"ctx": u.state[CLUSTERS][k], "key": u.state[KEYS][k]}, u.num_examples) for u in own
             ]
             try:
-                combined = combine(rows)
-            except ValueError as err:  # a robust rule that needs more updates than this cluster has
+                combined, why = combine(rows), "the result is not finite"
+            except ValueError as err:
+                combined, why = None, str(err)
+            if combined is None or not all(np.isfinite(v).all() for v in combined.values()):
+                # a robust rule that needs more updates than this cluster has (trimmed_mean gives NaN, bulyan refuses)
                 log.warning(
-                    "cluster %d: its %d update(s) cannot be combined (%s); it stays as it was", k, len(own), err
+                    "cluster %d: the rule cannot combine its %d update(s) (%s); it stays as it was", k, len(own), why
                 )
+                other = next((u for u, m in zip(updates, members) if m[k] <= 0.5), None)  # sent it as received
+                if other is not None:
+                    ctx[k], keys[k] = other.state[CLUSTERS][k], other.state[KEYS][k]
                 continue
             ctx[k], keys[k] = combined["ctx"], combined["key"]
         shares = members.sum(0) / max(len(updates), 1)
