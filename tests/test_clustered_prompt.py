@@ -11,10 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import load_config
+from common.config import config_from_file, load_config
 from common.features import encode_prompts
+from common.local_data import client_data
 from common.methods.base import Update, load_method
-from common.methods.clustered_prompt import CLUSTERS, KEYS, MEMBERS, ClusteredPrompt, nearest_cluster
+from common.methods.clustered_prompt import (
+    CLUSTER,
+    CLUSTER_OPTIMIZER,
+    CLUSTERS,
+    KEYS,
+    MEMBERS,
+    ClusteredPrompt,
+    nearest_cluster,
+)
 from common.methods.promptfl import CONTEXT
 from common.model import class_prompts, load_clip
 from server_app.aggregation import aggregate_adapters
@@ -143,3 +152,26 @@ def test_secagg_is_refused_it_needs_each_sites_cluster():
     cfg = load_config("method=clustered_prompt strategy.secagg.enabled=true")
     with pytest.raises(ValueError, match="method=clustered_prompt's are not"):
         refuse_options(cfg, load_method(cfg))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"index": torch.tensor([0, 1]), "signature": torch.zeros(24)},  # the tiny CLIP's features: 24
+        {"index": torch.tensor([5]), "signature": torch.zeros(24)},
+        {"index": torch.tensor([0]), "signature": torch.zeros(7)},
+        {"signature": torch.zeros(24)},
+    ],
+)
+def test_a_kept_cluster_that_does_not_fit_is_dropped_with_a_warning(runs, record, caplog):
+    """A damaged or stale kept cluster (read from the site's file) never fails the round: it is dropped with its
+    optimiser's moments, and the site starts afresh."""
+    _, clustered = runs
+    site_cfg = next((clustered.parent / "clients").glob("*/art/config.yaml"))
+    local = client_data(config_from_file(site_cfg), "art", 0, torch.device("cpu"))
+    kept = {CLUSTER: record, CLUSTER_OPTIMIZER: {"0.step": torch.tensor(3.0)}}
+    with caplog.at_level(logging.WARNING):
+        assert ClusteredPrompt(clusters=2).kept_cluster(local, kept) is None
+    assert "its kept cluster does not fit" in caplog.text and not kept
+    fitting = {CLUSTER: {"index": torch.tensor([1]), "signature": torch.zeros(local.feats.image.shape[1])}}
+    assert ClusteredPrompt(clusters=2).kept_cluster(local, fitting) is fitting[CLUSTER]

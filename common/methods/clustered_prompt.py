@@ -106,7 +106,8 @@ class ClusteredPrompt(PromptFL):
         signature = signature_of(local)
         chosen = nearest_cluster(received[KEYS], signature)
         index = 0 if chosen is None else chosen
-        if CLUSTER in kept and int(kept[CLUSTER]["index"]) != index:
+        record = self.kept_cluster(local, kept)
+        if record is not None and int(record["index"]) != index:
             kept.pop(CLUSTER_OPTIMIZER, None)  # another cluster's context: its moments do not apply
         moments = {OPTIMIZER: kept[CLUSTER_OPTIMIZER]} if CLUSTER_OPTIMIZER in kept else {}
         tuned, _ = self._tune(
@@ -126,6 +127,26 @@ class ClusteredPrompt(PromptFL):
             sent[MEMBERS][index] = 1.0
         weights, metrics = super().train(local, content, kept, server_round)  # the global context, as PromptFL's
         return {**weights, **sent}, metrics
+
+    def kept_cluster(self, local: LocalData, kept: Kept) -> dict[str, torch.Tensor] | None:
+        """The cluster the client kept (its index and signature), or None. One that does not fit this run (a damaged
+        file, another CLIP or K) is dropped with its optimiser's moments and a warning: the site starts afresh."""
+        record = kept.get(CLUSTER)
+        if record is None:
+            return None
+        index, signature = record.get("index"), record.get("signature")
+        if (
+            index is None
+            or index.numel() != 1
+            or not 0 <= int(index) < self.clusters
+            or signature is None
+            or tuple(signature.shape) != (local.feats.image.shape[1],)
+        ):
+            log.warning("client %s: its kept cluster does not fit this run's; it starts afresh", local.client)
+            kept.pop(CLUSTER, None)
+            kept.pop(CLUSTER_OPTIMIZER, None)
+            return None
+        return record
 
     def aggregate(self, updates: list[Update], combine: Combine) -> dict[str, np.ndarray] | None:
         """The global context by the strategy's rule over every update; each cluster's context and key by it over the
@@ -177,8 +198,11 @@ class ClusteredPrompt(PromptFL):
         fine_tuned = super().site_weights(content, kept)
         if fine_tuned is not None or CLUSTER not in kept:
             return fine_tuned
-        received = decode(content[wire.ARRAYS])
-        chosen = nearest_cluster(received[KEYS], kept[CLUSTER]["signature"])
+        received, signature = decode(content[wire.ARRAYS]), kept[CLUSTER].get("signature")
+        if signature is None or tuple(signature.shape) != (received[KEYS].shape[1],):
+            log.warning("the kept cluster does not fit this run's: no weights of the site's own")
+            return None
+        chosen = nearest_cluster(received[KEYS], signature)
         return None if chosen is None else {CONTEXT: received[CLUSTERS][chosen]}
 
     def describe(self, weights: dict[str, torch.Tensor]) -> str:

@@ -89,7 +89,7 @@ class PersonalPrompt(PromptFL):
             features = features + personal["classes"]
         if "own" not in personal:
             return features
-        blend = personal["blend"].to(features.dtype)
+        blend = personal["blend"].to(features.dtype).clamp(0, 1)  # a damaged site file cannot extrapolate
         return (1 - blend) * F.normalize(features, dim=-1) + blend * F.normalize(text(personal["own"]), dim=-1)
 
     def kept_personal(self, local: LocalData, kept: Kept, ctx: torch.Tensor) -> dict | None:
