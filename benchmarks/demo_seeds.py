@@ -38,11 +38,21 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def finished_summary(out: Path, seed: int) -> dict | None:
+    """The summary.json of a seed's last finished run in `out`; None if it has none."""
+    done = [
+        p
+        for p in sorted((out / f"seed{seed}").glob("*/summary.json"))
+        if json.loads(p.read_text()).get("status") != "failed"
+    ]
+    return json.loads(done[-1].read_text()) if done else None
+
+
 def run_seed(seed: int, overrides: str, out: Path) -> dict:
     """One in-process run's summary.json; a seed whose run folder in `out` is finished is not run again."""
     folder = out / f"seed{seed}"
-    done = [p for p in sorted(folder.glob("*/summary.json")) if json.loads(p.read_text()).get("status") != "failed"]
-    if not done:
+    summary = finished_summary(out, seed)
+    if summary is None:
         shutil.rmtree(folder, ignore_errors=True)
         run_overrides = f"{overrides} seed={seed} output_dir={folder}".strip()
         cfg = load_config(run_overrides)
@@ -52,8 +62,8 @@ def run_seed(seed: int, overrides: str, out: Path) -> dict:
             run_overrides,
             len(dataset_domains(cfg)) * int(cfg.dataset.get("clients_per_domain", 1)),
         )
-        done = sorted(folder.glob("*/summary.json"))
-    return json.loads(done[-1].read_text())
+        summary = json.loads(sorted(folder.glob("*/summary.json"))[-1].read_text())
+    return summary
 
 
 def main(argv: list[str]) -> int:

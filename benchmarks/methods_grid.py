@@ -31,6 +31,11 @@ def setting_overrides(setting: str) -> str:
     return f"dataset.clients_per_domain={int(clients)}" + (" dataset.partition=dirichlet" if dirichlet else "")
 
 
+def config_folder(out: Path, setting: str, label: str) -> Path:
+    """Where a configuration's runs of one setting are (a folder per seed)."""
+    return out.resolve() / setting / label.replace(" ", "").replace("+", "_")
+
+
 def gains(summaries: list[dict], rule: str) -> tuple[list[float], list[float]]:
     """Held-out and personalization gains over zero-shot (points), per seed, at the round `rule` chooses."""
     held, pers = [], []
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> int:
     results = {}
     for setting in args.settings:
         for label, overrides in configs.items():
-            folder = args.out.resolve() / setting / label.replace(" ", "").replace("+", "_")
+            folder = config_folder(args.out, setting, label)
             runs = [
                 run_seed(seed, f"{args.overrides} {setting_overrides(setting)} {overrides}", folder)
                 for seed in args.seeds
