@@ -32,19 +32,33 @@ from common.model import class_logits
 from server_app.selection import SELECTIONS
 
 
-def style_oracle(seed: int, setting: str, overrides: str = "") -> tuple[float, float]:
-    """Zero-shot's and the style-pooled context's personalization accuracy (0-1) for one seed and setting."""
+def style_oracle(seed: int, setting: str, overrides: str = "", others: float = 0.0) -> tuple[float, float]:
+    """Zero-shot's and the style-pooled context's personalization accuracy (0-1) for one seed and setting; `others`:
+    the share of each other training style's train images pooled in too (seeded), 0 for the style's own alone."""
     cfg = load_config(f"{overrides} seed={seed} {setting_overrides(setting)} method=promptfl")
     method, k = load_method(cfg), int(cfg.dataset.clients_per_domain)
     training = OmegaConf.merge(cfg.training, {"local_epochs": cfg.training.rounds})
+    styles = {
+        domain: [client_data(cfg, domain, shard, torch.device("cpu")) for shard in range(k)]
+        for domain in dataset_domains(cfg)
+        if domain != cfg.dataset.held_out
+    }
+    train = {
+        domain: (
+            torch.cat([d.feats.image[d.split.train] for d in sites]),
+            torch.cat([d.feats.labels[d.split.train] for d in sites]),
+        )
+        for domain, sites in styles.items()
+    }
     zero_shot, pooled = [], []
-    for domain in dataset_domains(cfg):
-        if domain == cfg.dataset.held_out:
-            continue
-        sites = [client_data(cfg, domain, shard, torch.device("cpu")) for shard in range(k)]
-        train = [(d.feats.image[d.split.train], d.feats.labels[d.split.train]) for d in sites]
+    for domain, sites in styles.items():
+        parts = [train[domain]]
+        for other, (x, y) in train.items():
+            if other != domain and others > 0:
+                keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: round(others * len(y))]
+                parts.append((x[keep], y[keep]))
         pool = DomainFeatures(
-            torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), None, sites[0].feats.logit_scale, []
+            torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), None, sites[0].feats.logit_scale, []
         )
         text = method._text(sites[0])
         ctx, _ = method._tune(
@@ -83,6 +97,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overrides", default="", help="Hydra overrides (the grid's --overrides)")
     parser.add_argument("--grid", type=Path, help="a methods_grid --out folder with runs of the same seeds")
     parser.add_argument("--labels", nargs="*", default=[], help="the grid's configurations to pair with the bound")
+    parser.add_argument(
+        "--others", type=float, default=0.0, help="the share of every other style's train images pooled in (0 to 1)"
+    )
     parser.add_argument("--selection", default="last", choices=SELECTIONS, help="the round of the grid's runs")
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
@@ -91,7 +108,7 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|")
     bound = {}
     for setting in args.settings:
-        accs = [style_oracle(seed, setting, args.overrides) for seed in args.seeds]
+        accs = [style_oracle(seed, setting, args.overrides, args.others) for seed in args.seeds]
         bound[setting] = [100 * (pooled - zero) for zero, pooled in accs]
         zero = 100 * sum(z for z, _ in accs) / len(accs)
         print(f"| {setting} | {zero:.2f} | {cell(bound[setting])} |", flush=True)
