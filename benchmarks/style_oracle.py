@@ -104,6 +104,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("a confidence interval needs at least 2 seeds")
+    if not 0 <= args.others <= 1:
+        parser.error(f"--others is a share of each other style's images, from 0 to 1; got {args.others}")
     print("| clients a domain | zero-shot pers. | style-pooled context: personalization gain |")
     print("|---|---|---|")
     bound = {}

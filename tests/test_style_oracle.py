@@ -38,3 +38,7 @@ def test_the_bounds_zero_shot_is_the_runs_and_pairs_with_a_grid(tiny_clip, data,
 
     with pytest.raises(SystemExit, match=r"no finished run of seed\(s\) \[2\]"):
         main(["--seeds", "1", "2", "--settings", "2", "--overrides", overrides, "--grid", str(grid), "--labels", "P"])
+
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "1", "--others", "1.5"])
+    assert "--others is a share" in capsys.readouterr().err
