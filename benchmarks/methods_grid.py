@@ -12,17 +12,21 @@ reused, so an interrupted grid resumes), so every configuration sees the same sp
 summary.json holds what each selection rule (`selection`: val_mean, val_pooled, last) would have chosen, so one run
 gives every rule's gains: the first table uses the rule given by --selection, the second compares the rules.
 Seconds per round are the run's own (in process, no SuperLink): compare them within one grid, run alone.
+The first table is also written to `<out>/grid.csv` (for a spreadsheet), and every run's summary to `<out>/grid.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
 
 from benchmarks.demo_seeds import confidence_interval, run_seed
 from server_app.selection import SELECTIONS
+
+ENDS = ("", "_low", "_high")  # a gain's mean and its 95% interval, in grid.csv's column names
 
 
 def setting_overrides(setting: str) -> str:
@@ -94,6 +98,7 @@ def main(argv: list[str]) -> int:
         "| seconds/round | bytes/client/round | parameters sent |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    table = []
     for (setting, label), runs in results.items():
         held, pers = gains(runs, args.selection)
         first = runs[0]["selections"][args.selection]
@@ -104,6 +109,18 @@ def main(argv: list[str]) -> int:
         print(
             f"| {setting} | {label} | {zero} | {cell(held)} | {cell(pers)} | {seconds:.2f} | {sent / 1024:,.1f} KiB "
             f"| {runs[0]['trained_parameters']:,} |"
+        )
+        table.append(
+            {
+                "setting": setting,
+                "configuration": label,
+                "seeds": " ".join(map(str, args.seeds)),
+                **{f"held_out_gain{end}": f"{v:.4f}" for end, v in zip(ENDS, confidence_interval(held))},
+                **{f"personalization_gain{end}": f"{v:.4f}" for end, v in zip(ENDS, confidence_interval(pers))},
+                "seconds_per_round": f"{seconds:.4f}",
+                "bytes_per_client_per_round": f"{sent:.0f}",
+                "parameters_sent": runs[0]["trained_parameters"],
+            }
         )
 
     print("\nThe selection rules compared on the same runs (held-out gain / personalization gain; mean best round):\n")
@@ -128,6 +145,10 @@ def main(argv: list[str]) -> int:
                     held = [x - y for x, y in zip(held_a, held_b)]
                     pers = [x - y for x, y in zip(pers_a, pers_b)]
                     print(f"| {setting} | {a} - {b} | {cell(held)} | {cell(pers)} |")
+    with open(args.out / "grid.csv", "w", newline="") as fh:  # the first table, for a spreadsheet
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
     (args.out / "grid.json").write_text(
         json.dumps({f"{s}|{lab}": runs for (s, lab), runs in results.items()}, indent=1)
     )
