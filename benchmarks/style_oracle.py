@@ -15,6 +15,7 @@ settings, each label's gain is paired with the bound's, seed by seed. Needs ever
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -90,6 +91,22 @@ def style_oracle(seed: int, setting: str, overrides: str = "", others: float = 0
     return sum(zero_shot) / len(zero_shot), sum(pooled) / len(pooled)
 
 
+def grid_gains(grid: Path, settings: list[str], labels: list[str], seeds: list[int], rule: str) -> dict:
+    """Each (setting, label)'s personalization gains per seed, from a methods_grid folder's finished runs."""
+    found = {}
+    for setting in settings:
+        for label in labels:
+            folder = config_folder(grid, setting, label)
+            runs = [finished_summary(folder, seed) for seed in seeds]
+            if None in runs:
+                missing = [seed for seed, run in zip(seeds, runs) if run is None]
+                raise SystemExit(
+                    f"{folder} has no finished run of seed(s) {missing}: run benchmarks.methods_grid first"
+                )
+            found[(setting, label)] = gains(runs, rule)[1]
+    return found
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -101,34 +118,44 @@ def main(argv: list[str]) -> int:
         "--others", type=float, default=0.0, help="the share of every other style's train images pooled in (0 to 1)"
     )
     parser.add_argument("--selection", default="last", choices=SELECTIONS, help="the round of the grid's runs")
+    parser.add_argument("--csv", type=Path, help="also write each seed's accuracies and gain here")
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("a confidence interval needs at least 2 seeds")
     if not 0 <= args.others <= 1:
         parser.error(f"--others is a share of each other style's images, from 0 to 1; got {args.others}")
+    if args.labels and not args.grid:
+        parser.error("--labels names configurations of a grid: give its folder with --grid")
+    paired = grid_gains(args.grid, args.settings, args.labels, args.seeds, args.selection) if args.grid else {}
     print("| clients a domain | zero-shot pers. | style-pooled context: personalization gain |")
     print("|---|---|---|")
-    bound = {}
+    bound, rows = {}, []
     for setting in args.settings:
         accs = [style_oracle(seed, setting, args.overrides, args.others) for seed in args.seeds]
         bound[setting] = [100 * (pooled - zero) for zero, pooled in accs]
         zero = 100 * sum(z for z, _ in accs) / len(accs)
         print(f"| {setting} | {zero:.2f} | {cell(bound[setting])} |", flush=True)
-    if args.grid and args.labels:
+        rows += [
+            {
+                "setting": setting,
+                "seed": seed,
+                "others": args.others,
+                "zero_shot": f"{z:.6f}",
+                "style_pooled": f"{p:.6f}",
+            }
+            for seed, (z, p) in zip(args.seeds, accs)
+        ]
+    if paired:
         print("\n| clients a domain | configuration | its personalization gain | it - style-pooled |")
         print("|---|---|---|---|")
-        for setting in args.settings:
-            for label in args.labels:
-                folder = config_folder(args.grid, setting, label)
-                runs = [finished_summary(folder, seed) for seed in args.seeds]
-                if None in runs:
-                    missing = [seed for seed, run in zip(args.seeds, runs) if run is None]
-                    raise SystemExit(
-                        f"{folder} has no finished run of seed(s) {missing}: run benchmarks.methods_grid first"
-                    )
-                _, pers = gains(runs, args.selection)
-                difference = [a - b for a, b in zip(pers, bound[setting])]
-                print(f"| {setting} | {label} | {cell(pers)} | {cell(difference)} |")
+        for (setting, label), pers in paired.items():
+            difference = [a - b for a, b in zip(pers, bound[setting])]
+            print(f"| {setting} | {label} | {cell(pers)} | {cell(difference)} |")
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return 0
 
 

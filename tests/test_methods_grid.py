@@ -11,7 +11,7 @@ import pytest
 from benchmarks import methods_grid
 from benchmarks.demo_seeds import confidence_interval, run_seed
 from benchmarks.methods_grid import config_folder, gains
-from benchmarks.style_oracle import main, style_oracle
+from benchmarks.style_oracle import main
 from tests.test_predict import write_coloured_folder
 
 
@@ -66,22 +66,23 @@ def test_the_grids_csv_holds_its_runs_gains(grid, capsys):
 
 def test_the_bounds_zero_shot_is_the_runs_and_pairs_with_a_grid(grid, capsys):
     folder, overrides, runs = grid
-    for seed, run in zip((0, 1), runs):
-        zero_shot, pooled = style_oracle(seed, "2", overrides)
-        # the same sites' test splits, the same pooling by domain: zero-shot to the last digit
-        assert zero_shot == pytest.approx(run["selections"]["last"]["zero_shot_train_domains_mean"], abs=1e-6)
-        assert 0 <= pooled <= 1
-
-    assert (
-        main(["--seeds", "0", "1", "--settings", "2", "--overrides", overrides, "--grid", str(folder), "--labels", "P"])
-        == 0
-    )
+    table = folder / "oracle.csv"
+    argv = ["--seeds", "0", "1", "--settings", "2", "--overrides", overrides, "--grid", str(folder), "--labels", "P"]
+    assert main([*argv, "--csv", str(table)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[1].startswith("| 2 | P | ")
+    written = list(csv.DictReader(open(table)))
+    assert [(r["setting"], r["seed"]) for r in written] == [("2", "0"), ("2", "1")]
+    for row, run in zip(written, runs):  # the same sites' test splits, the same pooling by domain: to the last digit
+        assert 0 <= float(row["style_pooled"]) <= 1
+        assert float(row["zero_shot"]) == pytest.approx(
+            run["selections"]["last"]["zero_shot_train_domains_mean"], abs=1e-6
+        )
 
     with pytest.raises(SystemExit, match=r"no finished run of seed\(s\) \[2\]"):
         main(["--seeds", "1", "2", "--settings", "2", "--overrides", overrides, "--grid", str(folder), "--labels", "P"])
 
-    with pytest.raises(SystemExit):
-        main(["--seeds", "0", "1", "--others", "1.5"])
-    assert "--others is a share" in capsys.readouterr().err
+    for bad, says in ((["--others", "1.5"], "--others is a share"), (["--labels", "P"], "give its folder with --grid")):
+        with pytest.raises(SystemExit):
+            main(["--seeds", "0", "1", *bad])
+        assert says in capsys.readouterr().err
