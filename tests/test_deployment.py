@@ -11,6 +11,7 @@ do not collide. Every SuperNode holds only its own domain's folder (a link to th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -350,21 +352,32 @@ def stream_run(
         stderr=subprocess.STDOUT,
         text=True,
         cwd=dep.tmp,
+        start_new_session=True,  # its own process group, which the deadline kills whole
     )
-    lines, deadline = [], time.time() + timeout
+    lines, expired = [], threading.Event()
+
+    def expire() -> None:
+        """The deadline, kept when the stream falls silent too (a run waiting for a reply that never comes)."""
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
     try:
         for line in proc.stdout:
             lines.append(line)
             if on_line is not None:
                 on_line(line)
-            if time.time() > deadline:
-                raise TimeoutError(f"flwr run took over {timeout} s:\n{''.join(lines[-80:])}")
     finally:
+        timer.cancel()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
     log = "".join(lines)
     (dep.tmp / f"flwr-run-{len(list(dep.tmp.glob('flwr-run-*.log')))}.log").write_text(log)
+    if expired.is_set():
+        raise TimeoutError(f"flwr run took over {timeout} s:\n{''.join(lines[-80:])}")
     return log, sorted(p.parent for p in set((dep.tmp / "outputs").glob("*/config.yaml")) - before)
 
 
